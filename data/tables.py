@@ -154,12 +154,13 @@ def _coerce(values: pd.Series, dtype: str) -> tuple[pd.Series, np.ndarray]:
     if dtype == "time":
         if pd.api.types.is_datetime64_any_dtype(values):
             return _epoch_seconds(values), none
-        numeric = pd.to_numeric(values, errors="coerce")
-        if not numeric.isna().any():
-            return numeric.astype("int64"), none
-        parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-        bad = parsed.isna().to_numpy()
-        return (_epoch_seconds(parsed) if not bad.any() else values), bad
+        seconds = pd.to_numeric(values, errors="coerce")
+        text = seconds.isna()
+        if text.any():
+            parsed = pd.to_datetime(values[text].astype(str), errors="coerce", utc=True, format="ISO8601")
+            seconds[text] = _epoch_seconds(parsed)
+        bad = seconds.isna().to_numpy()
+        return (seconds.astype("int64") if not bad.any() else values), bad
     if dtype == "bool":
         if pd.api.types.is_bool_dtype(values):
             return values, none

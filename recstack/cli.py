@@ -1,0 +1,117 @@
+"""The `recstack` command line. Each subcommand parses its arguments and calls one package."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recstack import __version__
+
+SOURCES = ("ml-100k", "movielens", "obd", "synthetic", "files")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except (ValueError, FileExistsError, FileNotFoundError) as e:
+        # DataError is a ValueError: bad input is reported, not dumped as a traceback
+        print(f"recstack: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recstack", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"recstack {__version__}")
+    commands = parser.add_subparsers(title="commands")
+
+    data = commands.add_parser("data", help="prepare and inspect canonical datasets")
+    data_commands = data.add_subparsers(title="data commands")
+
+    prep = data_commands.add_parser("prepare", help="build a canonical dataset directory")
+    prep.add_argument("--dataset", required=True, choices=SOURCES)
+    prep.add_argument("--out", required=True, type=Path, help="dataset directory to create")
+    prep.add_argument("--split", default="random", choices=("random", "temporal", "leave-last"))
+    prep.add_argument("--seed", type=int, default=2020)
+    prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    synth = prep.add_argument_group("synthetic")
+    synth.add_argument("--users", type=int, default=1000)
+    synth.add_argument("--items", type=int, default=500)
+    synth.add_argument("--interactions", type=int, default=20000)
+    raw = prep.add_argument_group("movielens / files")
+    raw.add_argument("--path", type=Path, help="raw MovieLens file or folder; interactions file for 'files'")
+    raw.add_argument("--users-file", type=Path, help="'files': users table (CSV/TSV/parquet)")
+    raw.add_argument("--items-file", type=Path, help="'files': items table (CSV/TSV/parquet)")
+    raw.add_argument("--map", nargs="*", default=[], metavar="NAME=COLUMN",
+                     help="'files': canonical column name = column in the files")
+    raw.add_argument("--mapping-file", type=Path, help="'files': YAML mapping of the same form")
+    obd = prep.add_argument_group("obd")
+    obd.add_argument("--policy", default="random")
+    obd.add_argument("--campaign", default="all")
+    prep.set_defaults(run=_prepare)
+
+    stats = data_commands.add_parser("stats", help="print a dataset's statistics")
+    stats.add_argument("path", type=Path)
+    stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    stats.set_defaults(run=_stats)
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from data.prepare import prepare
+    from data.stats import dataset_stats, format_stats
+
+    ds = _load(args)
+    out = prepare(ds, args.out, split=args.split, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    print(format_stats(dataset_stats(out)))
+    return 0
+
+
+def _load(args: argparse.Namespace):
+    if args.dataset == "ml-100k":
+        from data.movielens import load_ml100k
+
+        return load_ml100k()
+    if args.dataset == "movielens":
+        from data.movielens import load_movielens
+
+        return load_movielens(_need(args.path, "--path"))
+    if args.dataset == "obd":
+        from data.obd import load_obd
+
+        return load_obd(policy=args.policy, campaign=args.campaign)
+    if args.dataset == "synthetic":
+        from data.synthetic import SyntheticConfig, generate
+
+        return generate(SyntheticConfig(users=args.users, items=args.items,
+                                        interactions=args.interactions, seed=args.seed))
+    from data.files import load_files, load_mapping_file, parse_mapping
+
+    mapping = load_mapping_file(args.mapping_file) if args.mapping_file else {}
+    mapping.update(parse_mapping(args.map))
+    return load_files(_need(args.path, "--path"), users=args.users_file, items=args.items_file, mapping=mapping)
+
+
+def _need(value, flag: str):
+    if value is None:
+        raise ValueError(f"{flag} is required for this dataset")
+    return value
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from data.stats import dataset_stats, format_stats
+
+    stats = dataset_stats(args.path)
+    print(json.dumps(stats) if args.json else format_stats(stats))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

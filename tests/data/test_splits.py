@@ -1,0 +1,71 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from data.splits import TEST, TRAIN, VALID, split_interactions
+
+
+@pytest.fixture(scope="module")
+def interactions():
+    rng = np.random.default_rng(0)
+    n = 5000
+    return pd.DataFrame({
+        "user_id": rng.integers(0, 200, n),
+        "item_id": rng.integers(0, 300, n),
+        "timestamp": rng.integers(0, 1000, n),  # many ties on purpose
+    })
+
+
+def _parts(df, codes):
+    return [df[codes == c] for c in (TRAIN, VALID, TEST)]
+
+
+@pytest.mark.parametrize("method", ["random", "temporal", "leave-last"])
+def test_split_is_deterministic_by_seed_and_covers_every_row(interactions, method):
+    a = split_interactions(interactions, method, seed=1)
+    assert np.array_equal(a, split_interactions(interactions, method, seed=1))
+    assert not np.array_equal(a, split_interactions(interactions, method, seed=2))
+    assert set(np.unique(a)) == {TRAIN, VALID, TEST}
+
+
+@pytest.mark.parametrize("method", ["random", "temporal", "leave-last"])
+def test_no_test_interaction_leaks_into_train(interactions, method):
+    df = interactions.reset_index().rename(columns={"index": "row"})
+    train, valid, test = _parts(df, split_interactions(df, method, seed=3))
+    assert set(train["row"]).isdisjoint(test["row"])
+    assert set(train["row"]).isdisjoint(valid["row"])
+    assert set(valid["row"]).isdisjoint(test["row"])
+    if method == "temporal":
+        assert train["timestamp"].max() <= valid["timestamp"].min()
+        assert valid["timestamp"].max() <= test["timestamp"].min()
+    if method == "leave-last":
+        last_train = train.groupby("user_id")["timestamp"].max()
+        first_test = test.groupby("user_id")["timestamp"].min()
+        assert (last_train.reindex(first_test.index) <= first_test).all()
+
+
+def test_temporal_fractions_are_exact(interactions):
+    codes = split_interactions(interactions, "temporal", seed=0, valid=0.1, test=0.2)
+    assert np.bincount(codes).tolist() == [3500, 500, 1000]
+
+
+def test_random_split_is_per_user_80_10_10():
+    df = pd.DataFrame({"user_id": np.repeat([1, 2], [10, 25]), "timestamp": 0})
+    codes = split_interactions(df, "random", seed=0)
+    per_user = pd.crosstab(df["user_id"], codes)
+    assert per_user.loc[1].tolist() == [8, 1, 1]
+    assert per_user.loc[2].tolist() == [21, 2, 2]
+
+
+def test_leave_last_takes_the_latest_and_keeps_short_users_in_train():
+    df = pd.DataFrame({"user_id": [1, 1, 1, 1, 2, 2], "timestamp": [4, 1, 3, 2, 5, 6]})
+    codes = split_interactions(df, "leave-last", seed=0)
+    assert codes.tolist() == [TEST, TRAIN, VALID, TRAIN, TRAIN, TRAIN]
+
+
+def test_bad_method_and_fractions():
+    df = pd.DataFrame({"user_id": [1], "timestamp": [0]})
+    with pytest.raises(ValueError, match="'weekly' is not one of"):
+        split_interactions(df, "weekly", seed=0)
+    with pytest.raises(ValueError, match="valid=0.6 and test=0.5"):
+        split_interactions(df, "random", seed=0, valid=0.6, test=0.5)
