@@ -1,0 +1,1 @@
+"""See README.md: this package is not built yet."""

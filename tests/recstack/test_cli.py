@@ -1,0 +1,91 @@
+"""The command line as a user runs it: a subprocess, its exit code, its output and its files."""
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+
+def recstack(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "recstack", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd)
+
+
+def test_version():
+    out = recstack("--version")
+    assert out.returncode == 0 and out.stdout.startswith("recstack ")
+
+
+def test_prepare_synthetic_then_stats(tmp_path):
+    out = recstack("data", "prepare", "--dataset", "synthetic", "--users", 200, "--items", 100,
+                   "--interactions", 3000, "--seed", 7, "--split", "temporal", "--out", tmp_path / "syn")
+    assert out.returncode == 0, out.stderr
+    for name in ("interactions.parquet", "users.parquet", "items.parquet", "schema.json", "encoders.json",
+                 "ground_truth.npz", "split/train.parquet", "split/valid.parquet", "split/test.parquet"):
+        assert (tmp_path / "syn" / name).is_file(), name
+    stats = json.loads(recstack("data", "stats", tmp_path / "syn", "--json").stdout)
+    assert (stats["interactions"], stats["users"], stats["items"]) == (3000, 200, 100)
+    assert stats["train_rows"] + stats["valid_rows"] + stats["test_rows"] == 3000
+    schema = json.loads((tmp_path / "syn" / "schema.json").read_text())
+    assert schema["split"] == {"method": "temporal", "seed": 7}
+    assert all("embedding_dim" in f for f in schema["features"] if f["kind"] != "numerical")
+
+
+def test_prepare_refuses_to_overwrite_without_the_flag(tmp_path):
+    args = ["data", "prepare", "--dataset", "synthetic", "--users", 50, "--items", 40,
+            "--interactions", 500, "--out", tmp_path / "syn"]
+    assert recstack(*args).returncode == 0
+    again = recstack(*args)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert recstack(*args, "--overwrite").returncode == 0
+
+
+def test_ml100k_statistics(tmp_path):
+    out = recstack("data", "prepare", "--dataset", "ml-100k", "--out", tmp_path / "ml")
+    assert out.returncode == 0, out.stderr
+    stats = json.loads(recstack("data", "stats", tmp_path / "ml", "--json").stdout)
+    assert (stats["interactions"], stats["users"], stats["items"]) == (100_000, 943, 1682)
+    assert "100,000" in out.stdout and "1,682" in out.stdout
+
+
+def test_obd_random_all_keeps_propensities(tmp_path):
+    out = recstack("data", "prepare", "--dataset", "obd", "--out", tmp_path / "obd")
+    assert out.returncode == 0, out.stderr
+    inter = pd.read_parquet(tmp_path / "obd" / "interactions.parquet")
+    assert len(inter) == 10_000
+    assert inter["propensity"].between(0, 1, inclusive="right").all()
+
+
+GOOD = "uid,sku,ts,clicked\n1,10,100,1\n2,11,200,0\n3,10,300,1\n"
+BAD_INPUTS = {
+    "missing column": ("uid,sku,clicked\n1,10,1\n", "missing column", "ts"),
+    "wrong dtype": ("uid,sku,ts,clicked\n1,10,100,1\n2,11,yesterday,0\n", "wrong dtype", "yesterday"),
+    "null id": ("uid,sku,ts,clicked\n1,10,100,1\n,11,200,0\n", "null id", "user_id"),
+    "empty file": ("", "empty file", "log.csv"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_interactions_file_fails_cleanly(tmp_path, case):
+    content, expected, detail = BAD_INPUTS[case]
+    (tmp_path / "log.csv").write_text(content)
+    out = recstack("data", "prepare", "--dataset", "files", "--path", tmp_path / "log.csv",
+                   "--map", "user_id=uid", "item_id=sku", "timestamp=ts", "label=clicked", "--out", tmp_path / "ds")
+    assert out.returncode == 2
+    assert "log.csv" in out.stderr and expected in out.stderr and detail in out.stderr
+    assert "Traceback" not in out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.csv"]
+
+
+def test_duplicate_item_ids_fail_cleanly(tmp_path):
+    (tmp_path / "log.csv").write_text(GOOD)
+    (tmp_path / "items.csv").write_text("sku,category\n10,shoes\n11,hats\n10,socks\n")
+    out = recstack("data", "prepare", "--dataset", "files", "--path", tmp_path / "log.csv",
+                   "--items-file", tmp_path / "items.csv", "--map", "user_id=uid", "item_id=sku",
+                   "timestamp=ts", "label=clicked", "--out", tmp_path / "ds")
+    assert out.returncode == 2
+    assert "items.csv" in out.stderr and "'item_id' has duplicate ids in 2 rows" in out.stderr
+    assert "socks" in out.stderr
+    assert not (tmp_path / "ds").exists()
