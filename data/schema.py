@@ -52,9 +52,9 @@ class FeatureSpec:
 
     @property
     def num_embeddings(self) -> int | None:
-        """Rows of its embedding table, once fitted."""
+        """Rows of its embedding table, once fitted; a bucket id of 0 means a missing number."""
         if self.kind == "numerical":
-            return self.buckets
+            return self.buckets + 1 if self.buckets else None
         return self.hash_buckets or self.vocab_size
 
 
