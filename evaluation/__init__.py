@@ -1,0 +1,1 @@
+"""Offline evaluation: click-through and retrieval metrics (see README.md)."""
