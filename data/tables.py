@@ -125,7 +125,8 @@ _EXPECTED = {
 def _null_mask(values: pd.Series) -> np.ndarray:
     if values.dtype == object:
         # list cells are not null even when empty; pd.isna on them would test elements
-        return np.fromiter((v is None or (isinstance(v, float) and np.isnan(v)) for v in values), bool, len(values))
+        cells = (not isinstance(v, list | tuple | np.ndarray) and pd.isna(v) for v in values)
+        return np.fromiter(cells, bool, len(values))
     return values.isna().to_numpy()
 
 
