@@ -42,6 +42,18 @@ class Batch:
     dense: torch.Tensor
     labels: torch.Tensor | None
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on ``device``; Lightning moves batches with this method."""
+        labels = None if self.labels is None else self.labels.to(device, non_blocking=non_blocking)
+        return Batch(
+            self.sparse.to(device, non_blocking=non_blocking),
+            self.dense.to(device, non_blocking=non_blocking),
+            labels,
+        )
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
 
 class CategoricalEncoder:
     """Vocabulary lookup: known values -> 1..V (descending train count, then value), others -> 0."""
@@ -257,14 +269,20 @@ class FeatureEncoder:
         encoders = {n: _encoder_from_dict(e) for n, e in d["encoders"].items()}
         return cls(Schema.from_dict(d["schema"]), encoders)
 
-    def encode(self, frame: pd.DataFrame) -> Batch:
-        """A joined frame of B rows (every feature column; sequences as lists) -> a `Batch`."""
-        missing = [n for n in self._schema.names if n not in frame.columns]
+    def encode(self, frame: pd.DataFrame, names: list[str] | None = None) -> Batch:
+        """A joined frame of B rows (sequences as lists) -> a `Batch` of the features ``names``
+        (default: all), keyed and ordered as in the schema."""
+        wanted = self._schema.names if names is None else names
+        unknown = sorted(set(wanted) - set(self._schema.names))
+        if unknown:
+            raise ValueError(f"features {unknown} are not in schema {self._schema.name!r}; it has {self._schema.names}")
+        features = [f for f in self._schema.features if f.name in wanted]
+        missing = [f.name for f in features if f.name not in frame.columns]
         if missing:
             raise ValueError(f"frame lacks feature columns {missing}; it has {list(frame.columns)}")
         n_rows = len(frame)
         ids, lengths, dense = [], [], []
-        for f in self._schema.features:
+        for f in features:
             encoder, column = self._encoders[f.name], frame[f.name]
             if f.kind == "numerical":
                 dense.append(encoder.standardise(column))
@@ -278,7 +296,7 @@ class FeatureEncoder:
             ids.append(values)
             lengths.append(counts)
         sparse = KeyedJaggedTensor(
-            keys=self.sparse_keys,
+            keys=[f.name for f in features if f.sparse],
             values=torch.from_numpy(np.concatenate(ids) if ids else np.zeros(0, np.int64)),
             lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
             stride=n_rows,

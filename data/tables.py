@@ -144,9 +144,9 @@ def _coerce(values: pd.Series, dtype: str) -> tuple[pd.Series, np.ndarray]:
             return values.astype(str), bad
         return values, ~none
     if dtype in ("int", "float"):
-        if pd.api.types.is_bool_dtype(values):
-            return values, ~none
         numeric = pd.to_numeric(values, errors="coerce")
+        if pd.api.types.is_bool_dtype(numeric):
+            numeric = numeric.astype("int64")  # True/False count as 1/0
         bad = numeric.isna().to_numpy()
         if dtype == "int":
             bad |= (numeric != np.floor(numeric)).to_numpy()
