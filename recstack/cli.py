@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--split", default="random", choices=("random", "temporal", "leave-last"))
     prep.add_argument("--seed", type=int, default=2020)
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    prep.add_argument("--positive-rating", type=float, metavar="R", help="label = rating >= R (click-through task)")
     synth = prep.add_argument_group("synthetic")
     synth.add_argument("--users", type=int, default=1000)
     synth.add_argument("--items", type=int, default=500)
@@ -60,7 +61,45 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("path", type=Path)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(run=_stats)
+
+    train = commands.add_parser("train", help="train a retrieval model or a ranker")
+    train_commands = train.add_subparsers(title="train commands")
+    retrieval = train_commands.add_parser("retrieval", help="two-tower retrieval")
+    ranker = train_commands.add_parser("ranker", help="DeepFM, DLRM or linear ranker")
+    ranker.add_argument("--model", required=True, choices=("deepfm", "dlrm", "linear"))
+    for sub, run in ((retrieval, _train_retrieval), (ranker, _train_ranker)):
+        sub.add_argument("--data", required=True, type=Path, help="canonical dataset directory")
+        sub.add_argument("--out", required=True, type=Path, help="run directory (resumed if it has a checkpoint)")
+        sub.add_argument("--config", type=Path, help="YAML run config (see configs/)")
+        sub.add_argument("--max-epochs", type=int)
+        sub.add_argument("--batch-size", type=int)
+        sub.add_argument("--seed", type=int)
+        sub.add_argument("--devices", type=int)
+        sub.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
+        sub.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
+        sub.set_defaults(run=run)
     return parser
+
+
+def _train_config(args: argparse.Namespace):
+    from training.train import load_config
+
+    return load_config(args.config, max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
+                       devices=args.devices, accelerator=args.accelerator, strategy=args.strategy)
+
+
+def _train_retrieval(args: argparse.Namespace) -> int:
+    from training.train import train_retrieval
+
+    print(json.dumps(train_retrieval(args.data, args.out, _train_config(args))))
+    return 0
+
+
+def _train_ranker(args: argparse.Namespace) -> int:
+    from training.train import train_ranker
+
+    print(json.dumps(train_ranker(args.model, args.data, args.out, _train_config(args))))
+    return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
@@ -68,7 +107,8 @@ def _prepare(args: argparse.Namespace) -> int:
     from data.stats import dataset_stats, format_stats
 
     ds = _load(args)
-    out = prepare(ds, args.out, split=args.split, seed=args.seed, overwrite=args.overwrite)
+    out = prepare(ds, args.out, split=args.split, seed=args.seed, overwrite=args.overwrite,
+                  positive_rating=args.positive_rating)
     print(f"wrote {out}")
     print(format_stats(dataset_stats(out)))
     return 0

@@ -1,0 +1,197 @@
+"""DataModules over a canonical dataset directory: rows are encoded batch by batch with the
+dataset's fitted `FeatureEncoder`, the same code that encodes online requests.
+
+- `RankingDataModule`: labelled interaction rows of each split part.
+- `RetrievalDataModule`: the train part's positive rows as (query, item) batches, and one
+  evaluation query per user for full-corpus ranking on valid and test.
+
+Recent-item sequences come from train rows only, so no valid or test item leaks into a
+query, whatever the split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from data.dataset import read_dataset, read_part
+from data.encoders import Batch, FeatureEncoder, join_features, recent_items
+from data.schema import FeatureSpec
+
+
+class EncodedRows(Dataset):
+    """Rows of a joined frame, encoded a whole batch at a time (``__getitems__``).
+
+    Each item is a tuple: one `Batch` per feature group in ``groups``, then the row positions (B,).
+    """
+
+    def __init__(self, frame: pd.DataFrame, encoder: FeatureEncoder, groups: list[list[str]]) -> None:
+        self.frame = frame.reset_index(drop=True)
+        self.encoder = encoder
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getitems__(self, rows: list[int]) -> tuple:
+        chunk = self.frame.iloc[rows]
+        return (*(self.encoder.encode(chunk, names) for names in self.groups), torch.as_tensor(rows))
+
+    def __getitem__(self, row: int) -> tuple:
+        return self.__getitems__([row])
+
+
+def _as_is(batch):
+    return batch
+
+
+class _EncodedDataModule(L.LightningDataModule):
+    """Loads the dataset and encoder; loaders shuffle by (seed, epoch) so that a resumed run sees
+    the same order as an uninterrupted one, on one device or several."""
+
+    def __init__(self, data_dir: Path, batch_size: int = 1024, seed: int = 0, eval_batch_size: int = 4096) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.encoder = FeatureEncoder.load(self.data_dir / "encoders.json")
+        self.schema = self.encoder.schema
+
+    def _loader(self, rows: EncodedRows, train: bool) -> DataLoader:
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=train, seed=self.seed)
+        size = self.batch_size // world if train else self.eval_batch_size
+        return DataLoader(rows, batch_size=size, sampler=sampler, collate_fn=_as_is)
+
+
+class RankingDataModule(_EncodedDataModule):
+    """Labelled rows of train/valid/test; ``batch_size`` is the global batch over all devices."""
+
+    def __init__(self, data_dir: Path, features: list[str], batch_size: int = 1024, seed: int = 0) -> None:
+        super().__init__(data_dir, batch_size, seed)
+        self.features = features
+
+    def setup(self, stage: str | None = None) -> None:
+        ds = read_dataset(self.data_dir, tables=("users", "items"))
+        self.parts = {
+            part: EncodedRows(join_features(read_part(self.data_dir, part), ds.users, ds.items), self.encoder,
+                              [self.features])
+            for part in ("train", "valid", "test")
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.parts["train"], train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.parts["valid"], train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.parts["test"], train=False)
+
+
+@dataclass
+class EvalQueries:
+    """One query per user: ``rows`` encodes them; per user, item positions (into the corpus) to
+    exclude (already seen) and the relevant ones."""
+
+    rows: EncodedRows
+    exclude: list[np.ndarray]
+    relevant: list[np.ndarray]
+
+
+class RetrievalDataModule(_EncodedDataModule):
+    """Positive train rows as (query batch, item batch, rows); the item corpus; eval queries."""
+
+    def __init__(self, data_dir: Path, query_features: list[str], item_features: list[str],
+                 batch_size: int = 1024, seed: int = 0) -> None:
+        super().__init__(data_dir, batch_size, seed)
+        self.query_features = query_features
+        self.item_features = item_features
+
+    def setup(self, stage: str | None = None) -> None:
+        ds = read_dataset(self.data_dir, tables=("users", "items"))
+        parts = {p: read_part(self.data_dir, p) for p in ("train", "valid", "test")}
+        train = parts["train"][parts["train"][self.schema.label] > 0]
+        sequences = [f for f in self.schema.features if f.kind == "sequence" and f.name in self.query_features]
+        train = _with_sequences(train, train, sequences)
+        self.items = ds.items.reset_index(drop=True)
+        self.corpus = EncodedRows(self.items, self.encoder, [self.item_features])
+        self.train_rows = EncodedRows(join_features(train, ds.users, ds.items), self.encoder,
+                                      [self.query_features, self.item_features])
+        position = pd.Index(self.items["item_id"])
+        seen = {"valid": [parts["train"]], "test": [parts["train"], parts["valid"]]}
+        self.queries = {
+            part: _eval_queries(parts[part], pd.concat(seen[part]), train, ds.users, position, sequences,
+                                self.encoder, self.query_features)
+            for part in ("valid", "test")
+        }
+        self.item_log_q = _log_popularity(self.encoder.encode(train, ["item_id"]).sparse["item_id"].values(),
+                                          self.schema.feature("item_id").num_embeddings)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_rows, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.queries["valid"].rows, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.queries["test"].rows, train=False)
+
+    def corpus_batches(self) -> list[Batch]:
+        """The whole item corpus in item-table order, in eval-sized batches."""
+        n = len(self.corpus)
+        return [self.corpus.__getitems__(list(range(s, min(s + self.eval_batch_size, n))))[0]
+                for s in range(0, n, self.eval_batch_size)]
+
+
+def _with_sequences(rows: pd.DataFrame, history: pd.DataFrame, sequences: list[FeatureSpec]) -> pd.DataFrame:
+    """``rows`` (a subset of ``history``) with each sequence column: the user's earlier items."""
+    if not sequences:
+        return rows
+    longest = max(f.max_len for f in sequences)
+    before = recent_items(history, longest)
+    out = rows.copy()
+    for f in sequences:
+        out[f.name] = before.loc[rows.index].map(lambda items, n=f.max_len: items[-n:])
+    return out
+
+
+def _eval_queries(part: pd.DataFrame, seen: pd.DataFrame, train: pd.DataFrame, users: pd.DataFrame,
+                  position: pd.Index, sequences: list[FeatureSpec], encoder: FeatureEncoder,
+                  features: list[str]) -> EvalQueries:
+    """Users with a positive in ``part``; each query's history is the user's latest train items."""
+    positives = part[part[encoder.schema.label] > 0]
+    user_ids = np.sort(positives["user_id"].unique())
+    frame = users.set_index("user_id").loc[user_ids].reset_index()
+    if sequences:
+        ordered = train.sort_values(["user_id", "timestamp"], kind="stable")
+        history = ordered.groupby("user_id")["item_id"].agg(list)
+        for f in sequences:
+            frame[f.name] = [history.get(u, [])[-f.max_len:] for u in user_ids]
+    for name in features:  # request context is unknown for an offline query: OOV / missing
+        if name not in frame.columns:
+            frame[name] = np.nan
+    return EvalQueries(
+        rows=EncodedRows(frame, encoder, [features]),
+        exclude=_positions_per_user(seen, user_ids, position),
+        relevant=_positions_per_user(positives, user_ids, position),
+    )
+
+
+def _positions_per_user(rows: pd.DataFrame, user_ids: np.ndarray, position: pd.Index) -> list[np.ndarray]:
+    grouped = rows.assign(pos=position.get_indexer(rows["item_id"])).groupby("user_id")["pos"].unique()
+    return [np.asarray(grouped.get(u, []), dtype=np.int64) for u in user_ids]
+
+
+def _log_popularity(encoded_ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+    """log q per encoded item id: its share of train positives (unseen ids get the rarest share)."""
+    counts = torch.bincount(encoded_ids, minlength=num_embeddings).float().clamp(min=1)
+    return torch.log(counts / counts.sum())

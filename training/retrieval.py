@@ -1,0 +1,99 @@
+"""Two-tower retrieval: a thin LightningModule that owns the sampled-softmax loss, the optimizer
+and full-corpus evaluation.
+
+Validation ranks every item in the corpus for one query per user, removes the items the user
+already interacted with, and reports Recall/NDCG/MRR/Hit/Precision@K from
+`evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+
+from data.encoders import Batch
+from evaluation import metrics
+from models.two_tower import TwoTower, TwoTowerConfig, sampled_softmax_loss
+
+
+class RetrievalModule(L.LightningModule):
+    """Trains a `TwoTower` on (query batch, item batch) pairs of positives.
+
+    ``negatives`` extra items per step are drawn uniformly from the corpus (mixed negative
+    sampling); ``logq`` subtracts each in-batch item's log popularity from its logit.
+    """
+
+    def __init__(self, config: TwoTowerConfig, lr: float = 1e-3, temperature: float = 0.05,
+                 logq: bool = True, negatives: int = 0, k: int = 10) -> None:
+        super().__init__()
+        if k < 1 or negatives < 0:
+            raise ValueError(f"k = {k} and negatives = {negatives}; expected k >= 1 and negatives >= 0")
+        self.model = TwoTower(config)
+        self.item_id = config.item_id
+        self.lr = lr
+        self.temperature = temperature
+        self.logq = logq
+        self.negatives = negatives
+        self.k = k
+        self._item_emb: torch.Tensor | None = None
+
+    def forward(self, query: Batch) -> torch.Tensor:
+        """Query embeddings (B, D)."""
+        return self.model.query_tower(query.dense, query.sparse)
+
+    def embed_items(self, items: Batch) -> torch.Tensor:
+        """Item embeddings (B, D)."""
+        return self.model.item_tower(items.dense, items.sparse)
+
+    def training_step(self, step: tuple, _: int) -> torch.Tensor:
+        query, items, _rows = step
+        item_ids = items.sparse[self.item_id].values()  # (B,) encoded ids, one per row
+        log_q = self._log_q()[item_ids] if self.logq else None
+        extra, extra_log_q = None, None
+        if self.negatives:
+            data = self.trainer.datamodule
+            drawn = torch.randint(len(data.corpus), (self.negatives,)).tolist()
+            extra = self.embed_items(data.corpus.__getitems__(drawn)[0].to(self.device))
+            # uniform draws: q = 1 / corpus size for each
+            extra_log_q = torch.full((self.negatives,), -np.log(len(data.corpus)), device=self.device) \
+                if self.logq else None
+        loss = sampled_softmax_loss(self(query), self.embed_items(items), log_q, self.temperature,
+                                    extra, extra_log_q, item_ids)
+        self.log("train_loss", loss, batch_size=len(query), prog_bar=True)
+        return loss
+
+    def _log_q(self) -> torch.Tensor:
+        log_q = self.trainer.datamodule.item_log_q
+        if log_q.device != self.device:
+            self.trainer.datamodule.item_log_q = log_q = log_q.to(self.device)
+        return log_q
+
+    def on_validation_epoch_start(self) -> None:
+        self._item_emb = self._corpus_embeddings()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    @torch.no_grad()
+    def _corpus_embeddings(self) -> torch.Tensor:
+        return torch.cat([self.embed_items(b.to(self.device)) for b in self.trainer.datamodule.corpus_batches()])
+
+    def validation_step(self, step: tuple, _: int) -> None:
+        self._evaluate(step, "valid", "val")
+
+    def test_step(self, step: tuple, _: int) -> None:
+        self._evaluate(step, "test", "test")
+
+    def _evaluate(self, step: tuple, part: str, prefix: str) -> None:
+        query, rows = step
+        queries = self.trainer.datamodule.queries[part]
+        rows = rows.tolist()
+        scores = (self(query) @ self._item_emb.T).float().cpu().numpy()  # (B, I)
+        topk = metrics.topk_from_scores(scores, self.k, exclude=[queries.exclude[r] for r in rows])
+        per_user = metrics.per_user_retrieval_metrics(topk, [queries.relevant[r] for r in rows], self.k)
+        for name, values in per_user.items():
+            self.log(f"{prefix}_{name}", float(np.nanmean(values)), batch_size=len(rows), sync_dist=True,
+                     prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
