@@ -56,6 +56,17 @@ def test_hand_built_batch():
     assert torch.equal(batch.labels, torch.tensor([1.0, 0.0, 1.0]))
 
 
+def test_encoding_a_subset_keeps_schema_order():
+    encoder = FeatureEncoder.fit(SCHEMA, TRAIN, USERS, ITEMS)
+    batch = encoder.encode(tiny_frame()[["price", "item_id", "label"]], ["price", "item_id"])
+    assert batch.sparse.keys() == ["item_id", "price"]
+    assert batch.sparse.values().tolist() == [1, 0, 3, 2, 2, 0]
+    assert torch.equal(batch.dense, torch.tensor([[1.0], [98.0], [0.0]]))
+    assert len(batch.to("cpu")) == 3
+    with pytest.raises(ValueError, match=r"features \['colour'\] are not in schema 'tiny'"):
+        encoder.encode(tiny_frame(), ["colour"])
+
+
 def test_schema_sizes_filled():
     encoder = FeatureEncoder.fit(SCHEMA, TRAIN, USERS, ITEMS)
     schema = encoder.schema
