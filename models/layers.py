@@ -97,11 +97,13 @@ class SparseArch(nn.Module):
                 "(set the model config's embedding_dim)"
             )
         self.ebc = EmbeddingBagCollection(tables)
+        self.feature_names = list(dims)
         self.num_features = len(dims)
         self.embedding_dim = next(iter(dims.values()))
 
     def forward(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        return self.ebc(sparse).values().reshape(-1, self.num_features, self.embedding_dim)  # (B, F, D)
+        pooled = self.ebc(sparse).to_dict()  # by name: a sharded collection returns its tables grouped by rank
+        return torch.stack([pooled[name] for name in self.feature_names], dim=1)  # (B, F, D)
 
 
 def check_config(

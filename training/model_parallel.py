@@ -6,9 +6,11 @@ while the dense arches are replicated on every rank and trained through DMP's DD
 plain SGD. `train_model_parallel` runs it on one machine with `torch.multiprocessing.spawn`;
 `train_single_process` is the same training on one process, the reference it must match.
 
-    rank r: rows [r B/W, (r+1) B/W) of each global batch of B rows
-      dense  -> DenseArch (replica)                       -> (B/W, D) --\\
-      sparse -> input all-to-all -> tables on this rank -> output all-to-all -> (B/W, F, D) -> ...
+    rank r of W takes rows [r B/W, (r+1) B/W) of every global batch of B rows:
+      dense (B/W, n_dense) -> DenseArch replica -> (B/W, D)
+      sparse KJT (B/W rows) -> all-to-all: each table's owner gets its ids from every rank (B rows)
+                            -> pooled there -> all-to-all back -> (B/W, F, D)
+      -> InteractionArch, OverArch replicas -> logits (B/W,)
 
 Gradient scaling. Every rank's loss is the mean over its own B/W rows, so its gradients are W times
 too large for the global batch mean. DDP averages the dense gradients over the W ranks, which
@@ -28,8 +30,9 @@ its own rows of every global batch:
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
         --master_addr=HOST0 --master_port=29500 train.py        # on HOST0; node_rank=1 on the other
 
-For tables too large for one host's memory, build the DLRM under ``torch.device("meta")``: DMP
-then allocates and initialises only this rank's tables.
+torchrun also sets LOCAL_WORLD_SIZE, which the planner reads to tell fast intra-host links from the
+network. Each process builds the whole DLRM in host memory before `shard_dlrm` moves its own tables
+to its device, so the tables must fit a host's RAM once per process, but not one GPU.
 """
 
 import os
@@ -45,10 +48,12 @@ import torch.multiprocessing as mp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.comm_ops import set_gradient_division
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -80,17 +85,21 @@ def shard_dlrm(model: DLRM, lr: float, device: torch.device) -> tuple[Distribute
     Returns the DMP model, whose tables step by SGD(lr) inside ``backward()``, and the SGD(lr) for
     its dense parameters. The sharded model starts from ``model``'s weights.
     """
-    initial = {name: t for name, t in model.state_dict().items() if not t.is_meta}
+    initial = model.state_dict()
     apply_optimizer_in_backward(torch.optim.SGD, model.sparse_arch.parameters(), {"lr": lr})
     set_gradient_division(True)  # table gradients / W, see the module docstring
-    ebc = model.sparse_arch.ebc
     constraints = {
         table.name: ParameterConstraints(
             sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=[EmbeddingComputeKernel.FUSED.value]
         )
-        for table in ebc.embedding_bag_configs()
+        for table in model.sparse_arch.ebc.embedding_bag_configs()
     }
-    planner = EmbeddingShardingPlanner(Topology(dist.get_world_size(), device.type), constraints=constraints)
+    world_size = dist.get_world_size()
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world_size, local_world_size=get_local_size(world_size)),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+    planner = EmbeddingShardingPlanner(topology, constraints=constraints)
     sharders = [EmbeddingBagCollectionSharder()]
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
     sharded = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
@@ -107,6 +116,8 @@ def train_model_parallel(config: DLRMConfig, batches: list[Batch], lr: float, se
     """
     for i, batch in enumerate(batches):
         rows = batch.dense.shape[0]
+        if batch.labels is None:
+            raise ValueError(f"batch {i} has labels=None; expected (B,) float labels to train on")
         if rows % run.world_size:
             raise ValueError(
                 f"batch {i} has {rows} rows; expected a multiple of world_size={run.world_size} "
@@ -140,7 +151,7 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     sparse = batch.sparse
     rows = sparse.stride()
     lengths = sparse.lengths().view(len(sparse.keys()), rows)  # (F, B)
-    offsets = sparse.offsets()  # (F B + 1,)
+    offsets = sparse.offsets().tolist()  # F B + 1 positions in values
     values = [sparse.values()[offsets[f * rows + start] : offsets[f * rows + stop]] for f in range(lengths.shape[0])]
     kjt = KeyedJaggedTensor(
         keys=sparse.keys(),
@@ -186,8 +197,6 @@ def _train_rank(
 def _load_full_state_dict(model: DistributedModelParallel, state_dict: dict[str, torch.Tensor]) -> None:
     """Copies an unsharded state dict into ``model``, each rank into its own shards of each table."""
     for name, tensor in model.state_dict().items():
-        if name not in state_dict:
-            continue
         if isinstance(tensor, ShardedTensor):
             for shard in tensor.local_shards():
                 (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
@@ -197,7 +206,7 @@ def _load_full_state_dict(model: DistributedModelParallel, state_dict: dict[str,
 
 
 def _gather_state_dict(model: DistributedModelParallel, device: torch.device) -> dict[str, torch.Tensor]:
-    """The unsharded state dict on rank 0 (CPU tensors); every rank must call it."""
+    """The unsharded state dict, on CPU, complete on rank 0 only; every rank must call it."""
     full = {}
     for name, tensor in model.state_dict().items():
         if isinstance(tensor, ShardedTensor):
