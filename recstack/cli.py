@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--max-epochs", type=int)
         sub.add_argument("--batch-size", type=int)
         sub.add_argument("--seed", type=int)
-        sub.add_argument("--devices", type=int)
+        sub.add_argument("--devices", type=int, help="devices per node")
+        sub.add_argument("--num-nodes", type=int, help="nodes, each started with the same command (e.g. by torchrun)")
         sub.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
         sub.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
         sub.set_defaults(run=run)
@@ -85,7 +86,8 @@ def _train_config(args: argparse.Namespace):
     from training.train import load_config
 
     return load_config(args.config, max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
-                       devices=args.devices, accelerator=args.accelerator, strategy=args.strategy)
+                       devices=args.devices, num_nodes=args.num_nodes, accelerator=args.accelerator,
+                       strategy=args.strategy)
 
 
 def _train_retrieval(args: argparse.Namespace) -> int:

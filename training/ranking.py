@@ -8,6 +8,7 @@ probabilities.
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,19 +20,16 @@ from models.deepfm import DeepFM, DeepFMConfig
 from models.dlrm import DLRM, DLRMConfig
 from models.linear import LinearConfig, LinearModel
 
-RANKERS = ("deepfm", "dlrm", "linear")
+RANKERS = {"deepfm": (DeepFM, DeepFMConfig), "dlrm": (DLRM, DLRMConfig), "linear": (LinearModel, LinearConfig)}
 
 
 def build_ranker(name: str, features: list[FeatureSpec], dense_dim: int, options: dict) -> nn.Module:
-    """A ranker over ``features`` (sparse ones embedded) and ``dense_dim`` dense columns."""
-    features = tuple(f for f in features if f.sparse)
-    if name == "deepfm":
-        return DeepFM(DeepFMConfig(features, dense_dim, **options))
-    if name == "dlrm":
-        return DLRM(DLRMConfig(features, dense_dim, **options))
-    if name == "linear":
-        return LinearModel(LinearConfig(features, dense_dim, **options))
-    raise ValueError(f"ranker {name!r} is not one of {RANKERS}")
+    """A ranker over ``features`` (sparse ones embedded) and ``dense_dim`` dense columns;
+    ``options`` are its config's other fields."""
+    if name not in RANKERS:
+        raise ValueError(f"ranker {name!r} is not one of {tuple(RANKERS)}")
+    model, config = RANKERS[name]
+    return model(config(tuple(f for f in features if f.sparse), dense_dim, **options))
 
 
 class RankingModule(L.LightningModule):
@@ -42,7 +40,7 @@ class RankingModule(L.LightningModule):
         self.model = model
         self.lr = lr
         self.weight_decay = weight_decay
-        self._outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # probs, labels, rows
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Click probabilities (B,)."""
@@ -55,7 +53,8 @@ class RankingModule(L.LightningModule):
         return loss
 
     def validation_step(self, step: tuple, _: int) -> None:
-        self._outputs.append((self(step[0]).float(), step[0].labels))
+        batch, rows = step
+        self._outputs.append((self(batch).float(), batch.labels, rows))
 
     test_step = validation_step
 
@@ -66,12 +65,14 @@ class RankingModule(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, prefix: str) -> None:
-        """AUC is not a mean over batches: every rank's predictions are gathered first."""
-        probs = torch.cat([p for p, _ in self._outputs])
-        labels = torch.cat([y for _, y in self._outputs])
+        """AUC is not a mean over batches: every rank's predictions are gathered first. The
+        distributed sampler repeats a few rows to give each rank as many; each row counts once."""
+        probs, labels, rows = (torch.cat(parts) for parts in zip(*self._outputs, strict=True))
         self._outputs.clear()
         if self.trainer.world_size > 1:
-            probs, labels = self.all_gather(probs).flatten(), self.all_gather(labels).flatten()
+            probs, labels, rows = (self.all_gather(t).flatten() for t in (probs, labels, rows))
+            _, first = np.unique(rows.cpu().numpy(), return_index=True)
+            probs, labels = probs[first], labels[first]
         values = {
             "auc": metrics.auc(labels, probs),
             "logloss": metrics.log_loss(labels, probs),

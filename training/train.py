@@ -4,11 +4,13 @@ A run directory holds `run.json` (the resolved config, enough to rebuild the mod
 `checkpoints/` (`best.ckpt` on the validation metric, `last.ckpt` for resuming), CSV and
 TensorBoard logs, and `metrics.json` (validation and test metrics of the best checkpoint).
 Starting a run in a directory with `checkpoints/last.ckpt` resumes it: the data order is a
-function of (seed, epoch), so a resumed run ends where an uninterrupted one would.
+function of (seed, epoch) and sampled negatives of (seed, step), so a resumed run ends where an
+uninterrupted one would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,12 +19,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.encoders import FeatureEncoder
+from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
 from training.data import RankingDataModule, RetrievalDataModule
-from training.ranking import RankingModule, build_ranker
+from training.ranking import RANKERS, RankingModule, build_ranker
 from training.retrieval import RetrievalModule
 
 
@@ -36,10 +39,19 @@ class TrainOptions(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     patience: int = Field(3, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     accelerator: str = "auto"
     devices: int = Field(1, ge=1)
+    num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
+
+    @model_validator(mode="after")
+    def _batch_splits_over_devices(self) -> TrainOptions:
+        world = self.devices * self.num_nodes
+        if self.batch_size % world:
+            raise ValueError(f"batch_size = {self.batch_size} is the global batch; expected a multiple of "
+                             f"devices * num_nodes = {world}")
+        return self
 
 
 class LossOptions(_Strict):
@@ -64,17 +76,24 @@ class RunConfig(_Strict):
 
 def load_config(path: Path | None, **overrides) -> RunConfig:
     """The YAML file at ``path`` (or defaults) with ``train`` fields overridden where not None."""
-    raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from e
     config = RunConfig.model_validate(raw or {})
     changed = {k: v for k, v in overrides.items() if v is not None}
-    return config.model_copy(update={"train": config.train.model_copy(update=changed)})
+    # validated again: model_copy(update=...) would take the overrides unchecked
+    return config.model_copy(update={"train": TrainOptions.model_validate({**config.train.model_dump(), **changed})})
 
 
 def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dict:
     """Trains DeepFM, DLRM or the linear model on a dataset's labelled rows."""
+    if name not in RANKERS:
+        raise ValueError(f"ranker {name!r} is not one of {tuple(RANKERS)}")
+    _check_model_options(RANKERS[name][1], config.model)
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
     names = config.features or [f.name for f in schema.features if f.kind != "sequence"]
-    features = [schema.feature(n) for n in names]
+    features = _features(schema, names, "features")
     dense_dim = sum(f.kind == "numerical" for f in features)
     L.seed_everything(config.train.seed, workers=True)
     module = RankingModule(build_ranker(name, features, dense_dim, config.model), config.train.lr,
@@ -88,7 +107,8 @@ def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict:
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
     query = config.query_features or [f.name for f in schema.features if f.table == "users" or f.kind == "sequence"]
     items = config.item_features or [f.name for f in schema.features if f.table == "items"]
-    specs = [schema.feature(n) for n in query], [schema.feature(n) for n in items]
+    specs = _features(schema, query, "query_features"), _features(schema, items, "item_features")
+    _check_model_options(TwoTowerConfig, config.model)
     tower = TwoTowerConfig(
         tuple(specs[0]), tuple(specs[1]),
         query_dense_dim=sum(f.kind == "numerical" for f in specs[0]),
@@ -102,6 +122,26 @@ def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict:
     return _fit(module, data, out, config, monitor=f"val_ndcg@{loss.k}", run={"task": "retrieval"})
 
 
+# Model config fields that come from the dataset's schema, not from the YAML ``model`` section.
+_FROM_DATA = {"features", "dense_dim", "query_features", "item_features", "query_dense_dim", "item_dense_dim"}
+
+
+def _check_model_options(config_class: type, options: dict) -> None:
+    """Each key of the YAML ``model`` section must be a field of the model's config."""
+    fields = [f.name for f in dataclasses.fields(config_class) if f.name not in _FROM_DATA]
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"model options {unknown} are not fields of {config_class.__name__}; "
+                         f"expected some of {fields}")
+
+
+def _features(schema: Schema, names: list[str], key: str) -> list[FeatureSpec]:
+    unknown = [n for n in names if n not in schema.names]
+    if unknown:
+        raise ValueError(f"{key} {unknown} are not features of dataset {schema.name!r}; it has {schema.names}")
+    return [schema.feature(n) for n in names]
+
+
 def _fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, config: RunConfig, monitor: str,
          run: dict) -> dict:
     out = Path(out)
@@ -113,6 +153,7 @@ def _fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, conf
         max_epochs=opts.max_epochs,
         accelerator=opts.accelerator,
         devices=opts.devices,
+        num_nodes=opts.num_nodes,
         strategy=opts.strategy,
         precision="bf16-mixed" if gpu else "32-true",
         callbacks=[best, EarlyStopping(monitor, mode="max", patience=opts.patience)],
