@@ -3,7 +3,8 @@ and full-corpus evaluation.
 
 Validation ranks every item in the corpus for one query per user, removes the items the user
 already interacted with, and reports Recall/NDCG/MRR/Hit/Precision@K from
-`evaluation.metrics`.
+`evaluation.metrics`. `evaluate_rankings` is that step on its own, so that the baselines in
+`training.baselines` are measured by the same code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from data.encoders import Batch
 from evaluation import metrics
 from models.two_tower import TwoTower, TwoTowerConfig, sampled_softmax_loss
+from training.data import EvalQueries
 
 
 class RetrievalModule(L.LightningModule):
@@ -53,7 +55,10 @@ class RetrievalModule(L.LightningModule):
         extra, extra_log_q = None, None
         if self.negatives:
             data = self.trainer.datamodule
-            drawn = torch.randint(len(data.corpus), (self.negatives,)).tolist()
+            # a function of (seed, step, rank), not of the global RNG, so a resumed run draws what
+            # an uninterrupted one would
+            rng = np.random.default_rng([data.seed, self.global_step, self.global_rank])
+            drawn = rng.integers(len(data.corpus), size=self.negatives).tolist()
             extra = self.embed_items(data.corpus.__getitems__(drawn)[0].to(self.device))
             # uniform draws: q = 1 / corpus size for each
             extra_log_q = torch.full((self.negatives,), -np.log(len(data.corpus)), device=self.device) \
@@ -86,14 +91,27 @@ class RetrievalModule(L.LightningModule):
 
     def _evaluate(self, step: tuple, part: str, prefix: str) -> None:
         query, rows = step
-        queries = self.trainer.datamodule.queries[part]
-        rows = rows.tolist()
-        scores = (self(query) @ self._item_emb.T).float().cpu().numpy()  # (B, I)
-        topk = metrics.topk_from_scores(scores, self.k, exclude=[queries.exclude[r] for r in rows])
-        per_user = metrics.per_user_retrieval_metrics(topk, [queries.relevant[r] for r in rows], self.k)
-        for name, values in per_user.items():
-            self.log(f"{prefix}_{name}", float(np.nanmean(values)), batch_size=len(rows), sync_dist=True,
+        scores = self(query) @ self._item_emb.T  # (B, I)
+        results = evaluate_rankings(scores, self.trainer.datamodule.queries[part], rows.tolist(), self.k)
+        for name, value in results.items():
+            self.log(f"{prefix}_{name}", value, batch_size=len(rows), sync_dist=True,
                      prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def evaluate_rankings(scores: torch.Tensor | np.ndarray, queries: EvalQueries, rows: list[int],
+                      k: int) -> dict[str, float]:
+    """Recall/NDCG/MRR/Hit/Precision@k of the eval queries ``rows``, each averaged over those queries.
+
+    ``scores`` (len(rows), I) holds each query's score for every item of the corpus, in corpus
+    order; the query's excluded (already seen) items are removed before the top k are taken.
+    Every eval query has a relevant item, so a mean over a batch weighted by its size is the
+    mean over all queries.
+    """
+    if hasattr(scores, "detach"):
+        scores = scores.detach().float().cpu().numpy()
+    topk = metrics.topk_from_scores(scores, k, exclude=[queries.exclude[r] for r in rows])
+    per_user = metrics.per_user_retrieval_metrics(topk, [queries.relevant[r] for r in rows], k)
+    return {name: float(values.mean()) for name, values in per_user.items()}
