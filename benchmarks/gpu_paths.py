@@ -22,13 +22,13 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from report import finish
 from torch import nn
 from torchrec import KeyedJaggedTensor
 from train_throughput import describe_machine, format_machine
@@ -215,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = judge(checks)
     result = {"machine": describe_machine(devices[-1]), "items": args.items, "queries": args.queries,
               "checks": checks, "verdicts": verdicts, "passed": all(verdicts.values())}
-    print(format_table(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-    return 0 if result["passed"] else 1
+    return finish(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

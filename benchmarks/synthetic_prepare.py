@@ -12,9 +12,7 @@ whole pipeline is from pure I/O. The run passes when prepare stays under 120 s a
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow
+from report import describe_machine, finish
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"users": 100_000, "items": 1_000_000, "interactions": 10_000_000}
@@ -62,22 +60,6 @@ def time_parquet_floor(rows: int, path: Path) -> float:
     start = time.perf_counter()
     frame.to_parquet(path, index=False)
     return time.perf_counter() - start
-
-
-def describe_machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cores": os.cpu_count(),
-        "memory_gib": round(memory, 1),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pandas": pd.__version__,
-        "pyarrow": pyarrow.__version__,
-        "load_average_1min": os.getloadavg()[0],
-    }
 
 
 def format_table(result: dict) -> str:
@@ -126,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "targets": {"seconds": TARGET_SECONDS, "gib": TARGET_GIB},
         "passed": prepare["prepare_s"] < TARGET_SECONDS and prepare["peak_rss_gib"] < TARGET_GIB,
     }
-    print(format_table(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-    return 0 if result["passed"] else 1
+    return finish(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":

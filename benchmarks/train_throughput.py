@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import logging
 import statistics
 import time
@@ -42,11 +41,12 @@ from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
-import synthetic_prepare
+import report
 import torch
 import torch.nn.functional as F
 import torchrec
 from lightning.fabric.utilities.warnings import PossibleUserWarning
+from report import finish
 from torch.utils.data import DataLoader
 from torchrec import KeyedJaggedTensor
 
@@ -227,9 +227,9 @@ def compare(work: Workload, device: torch.device, steps: int, repeats: int, seed
 
 
 def describe_machine(device: torch.device) -> dict:
-    """`synthetic_prepare.describe_machine` with the torch stack and the GPU."""
+    """`report.describe_machine` with the torch stack and the GPU."""
     return {
-        **synthetic_prepare.describe_machine(),
+        **report.describe_machine(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "lightning": L.__version__,
@@ -299,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = [compare(work, device, args.steps, args.repeats, args.seed) for work in workloads]
     result = {"machine": machine, "device": device.type, "steps": args.steps, "repeats": args.repeats,
               "configs": configs, "passed": all(c["passed"] for c in configs)}
-    print(format_table(result))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.json}")
-    return 0 if result["passed"] else 1
+    return finish(result, format_table(result), args.json)
 
 
 if __name__ == "__main__":
