@@ -27,13 +27,14 @@ class RetrievalModule(L.LightningModule):
     """
 
     def __init__(self, config: TwoTowerConfig, lr: float = 1e-3, temperature: float = 0.05,
-                 logq: bool = True, negatives: int = 0, k: int = 10) -> None:
+                 logq: bool = True, negatives: int = 0, k: int = 10, weight_decay: float = 0.0) -> None:
         super().__init__()
         if k < 1 or negatives < 0:
             raise ValueError(f"k = {k} and negatives = {negatives}; expected k >= 1 and negatives >= 0")
         self.model = TwoTower(config)
         self.item_id = config.item_id
         self.lr = lr
+        self.weight_decay = weight_decay
         self.temperature = temperature
         self.logq = logq
         self.negatives = negatives
@@ -98,7 +99,7 @@ class RetrievalModule(L.LightningModule):
                      prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
 def evaluate_rankings(scores: torch.Tensor | np.ndarray, queries: EvalQueries, rows: list[int],

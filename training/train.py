@@ -99,7 +99,7 @@ def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dic
     module = RankingModule(build_ranker(name, features, dense_dim, config.model), config.train.lr,
                            config.train.weight_decay)
     data = RankingDataModule(data_dir, names, config.train.batch_size, config.train.seed)
-    return _fit(module, data, out, config, monitor="val_auc", run={"task": "ranker", "model": name})
+    return fit(module, data, out, config, monitor="val_auc", run={"task": "ranker", "model": name})
 
 
 def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict:
@@ -117,9 +117,10 @@ def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict:
     )
     L.seed_everything(config.train.seed, workers=True)
     loss = config.loss
-    module = RetrievalModule(tower, config.train.lr, loss.temperature, loss.logq, loss.negatives, loss.k)
+    module = RetrievalModule(tower, config.train.lr, loss.temperature, loss.logq, loss.negatives, loss.k,
+                             config.train.weight_decay)
     data = RetrievalDataModule(data_dir, query, items, config.train.batch_size, config.train.seed)
-    return _fit(module, data, out, config, monitor=f"val_ndcg@{loss.k}", run={"task": "retrieval"})
+    return fit(module, data, out, config, monitor=f"val_ndcg@{loss.k}", run={"task": "retrieval"})
 
 
 # Model config fields that come from the dataset's schema, not from the YAML ``model`` section.
@@ -142,8 +143,9 @@ def _features(schema: Schema, names: list[str], key: str) -> list[FeatureSpec]:
     return [schema.feature(n) for n in names]
 
 
-def _fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, config: RunConfig, monitor: str,
+def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, config: RunConfig, monitor: str,
          run: dict) -> dict:
+    """Fits ``module`` (resuming from ``out``), then validates and tests its best checkpoint."""
     out = Path(out)
     opts = config.train
     gpu = opts.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
