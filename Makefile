@@ -18,9 +18,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
+# MovieLens-100K: prepare and print its statistics, then train and evaluate two-tower retrieval.
 demo: install
 	$(BIN)/recstack data prepare --dataset ml-100k --out $(OUT)/ml-100k --overwrite
-	$(BIN)/recstack data stats $(OUT)/ml-100k
+	rm -rf $(OUT)/two-tower
+	$(BIN)/recstack train retrieval --data $(OUT)/ml-100k --out $(OUT)/two-tower \
+		--config configs/ml100k_retrieval.yaml --accelerator cpu
 
 test: install
 	$(BIN)/ruff check .
