@@ -165,7 +165,7 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
     )
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps({**run, "data": str(data.data_dir), **config.model_dump()},
+        (out / "run.json").write_text(json.dumps({**run, "data": str(data.data_dir), "config": config.model_dump()},
                                                  indent=2))
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None)
