@@ -173,7 +173,7 @@ def test_train_prints_the_metrics_it_writes(task, reference_runs):
     assert set(printed) == {*METRICS[task], "best_epoch", "epochs"}
     assert printed["epochs"] == EPOCHS and 0 <= printed["best_epoch"] < EPOCHS
     assert {p.name for p in (run.out / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
-    assert json.loads((run.out / "run.json").read_text())["train"]["max_epochs"] == EPOCHS
+    assert json.loads((run.out / "run.json").read_text())["config"]["train"]["max_epochs"] == EPOCHS
 
 
 def test_ranker_learns(reference_runs):
