@@ -22,7 +22,7 @@ import torch
 from data.encoders import Batch
 from models.mf import MatrixFactorization, bpr_loss
 from training.data import RetrievalDataModule
-from training.retrieval import evaluate_rankings
+from training.retrieval import FullCorpusEvaluation, evaluate_rankings
 from training.train import RunConfig, fit
 
 
@@ -40,7 +40,7 @@ def evaluate_popularity(data: RetrievalDataModule, part: str, k: int = 10) -> di
     return evaluate_rankings(np.broadcast_to(popularity, (len(rows), len(popularity))), queries, rows, k)
 
 
-class BPRModule(L.LightningModule):
+class BPRModule(FullCorpusEvaluation):
     """Trains a `MatrixFactorization` with the BPR loss on a `RetrievalDataModule` whose query
     features are ``["user_id"]`` and item features ``["item_id"]``.
 
@@ -94,18 +94,8 @@ class BPRModule(L.LightningModule):
             redraw = self.seen[users, items]
         return items
 
-    def validation_step(self, step: tuple, _: int) -> None:
-        self._evaluate(step, "valid", "val")
-
-    def test_step(self, step: tuple, _: int) -> None:
-        self._evaluate(step, "test", "test")
-
-    def _evaluate(self, step: tuple, part: str, prefix: str) -> None:
-        query, rows = step
-        results = evaluate_rankings(self(query), self.trainer.datamodule.queries[part], rows.tolist(), self.k)
-        for name, value in results.items():
-            self.log(f"{prefix}_{name}", value, batch_size=len(rows), sync_dist=True,
-                     prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
+    def corpus_scores(self, query: Batch) -> torch.Tensor:
+        return self(query)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)

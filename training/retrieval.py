@@ -19,7 +19,30 @@ from models.two_tower import TwoTower, TwoTowerConfig, sampled_softmax_loss
 from training.data import EvalQueries
 
 
-class RetrievalModule(L.LightningModule):
+class FullCorpusEvaluation(L.LightningModule):
+    """Validation and test by `evaluate_rankings` of ``corpus_scores``; subclasses set ``k``."""
+
+    k: int
+
+    def corpus_scores(self, query: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validation_step(self, step: tuple, _: int) -> None:
+        self._evaluate(step, "valid", "val")
+
+    def test_step(self, step: tuple, _: int) -> None:
+        self._evaluate(step, "test", "test")
+
+    def _evaluate(self, step: tuple, part: str, prefix: str) -> None:
+        query, rows = step
+        results = evaluate_rankings(self.corpus_scores(query), self.trainer.datamodule.queries[part],
+                                    rows.tolist(), self.k)
+        for name, value in results.items():
+            self.log(f"{prefix}_{name}", value, batch_size=len(rows), sync_dist=True,
+                     prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
+
+
+class RetrievalModule(FullCorpusEvaluation):
     """Trains a `TwoTower` on (query batch, item batch) pairs of positives.
 
     ``negatives`` extra items per step are drawn uniformly from the corpus (mixed negative
@@ -84,19 +107,9 @@ class RetrievalModule(L.LightningModule):
     def _corpus_embeddings(self) -> torch.Tensor:
         return torch.cat([self.embed_items(b.to(self.device)) for b in self.trainer.datamodule.corpus_batches()])
 
-    def validation_step(self, step: tuple, _: int) -> None:
-        self._evaluate(step, "valid", "val")
-
-    def test_step(self, step: tuple, _: int) -> None:
-        self._evaluate(step, "test", "test")
-
-    def _evaluate(self, step: tuple, part: str, prefix: str) -> None:
-        query, rows = step
-        scores = self(query) @ self._item_emb.T  # (B, I)
-        results = evaluate_rankings(scores, self.trainer.datamodule.queries[part], rows.tolist(), self.k)
-        for name, value in results.items():
-            self.log(f"{prefix}_{name}", value, batch_size=len(rows), sync_dist=True,
-                     prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
+    def corpus_scores(self, query: Batch) -> torch.Tensor:
+        """Each query's score for every corpus item: (B, I)."""
+        return self(query) @ self._item_emb.T
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
