@@ -47,7 +47,7 @@ class EncodedRows(Dataset):
         return self.__getitems__([row])
 
 
-def _as_is(batch):
+def as_is(batch):
     return batch
 
 
@@ -69,7 +69,7 @@ class _EncodedDataModule(L.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=train, seed=self.seed)
         size = self.batch_size // world if train else self.eval_batch_size
-        return DataLoader(rows, batch_size=size, sampler=sampler, collate_fn=_as_is)
+        return DataLoader(rows, batch_size=size, sampler=sampler, collate_fn=as_is)
 
 
 class RankingDataModule(_EncodedDataModule):

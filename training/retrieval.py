@@ -72,6 +72,11 @@ class RetrievalModule(FullCorpusEvaluation):
         """Item embeddings (B, D)."""
         return self.model.item_tower(items.dense, items.sparse)
 
+    def predict_step(self, step: tuple, _: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(item embeddings (B, D), row positions (B,)) of a batch of item rows."""
+        items, rows = step
+        return self.embed_items(items), rows
+
     def training_step(self, step: tuple, _: int) -> torch.Tensor:
         query, items, _rows = step
         item_ids = items.sparse[self.item_id].values()  # (B,) encoded ids, one per row

@@ -88,16 +88,9 @@ def load_config(path: Path | None, **overrides) -> RunConfig:
 
 def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dict:
     """Trains DeepFM, DLRM or the linear model on a dataset's labelled rows."""
-    if name not in RANKERS:
-        raise ValueError(f"ranker {name!r} is not one of {tuple(RANKERS)}")
-    _check_model_options(RANKERS[name][1], config.model)
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
-    names = config.features or [f.name for f in schema.features if f.kind != "sequence"]
-    features = _features(schema, names, "features")
-    dense_dim = sum(f.kind == "numerical" for f in features)
     L.seed_everything(config.train.seed, workers=True)
-    module = RankingModule(build_ranker(name, features, dense_dim, config.model), config.train.lr,
-                           config.train.weight_decay)
+    module, names = build_ranking_module(name, schema, config)
     data = RankingDataModule(data_dir, names, config.train.batch_size, config.train.seed)
     return fit(module, data, out, config, monitor="val_auc", run={"task": "ranker", "model": name})
 
@@ -105,6 +98,26 @@ def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dic
 def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict:
     """Trains the two-tower model; selection is on validation NDCG@K over the full corpus."""
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
+    L.seed_everything(config.train.seed, workers=True)
+    module, query, items = build_retrieval_module(schema, config)
+    data = RetrievalDataModule(data_dir, query, items, config.train.batch_size, config.train.seed)
+    return fit(module, data, out, config, monitor=f"val_ndcg@{config.loss.k}", run={"task": "retrieval"})
+
+
+def build_ranking_module(name: str, schema: Schema, config: RunConfig) -> tuple[RankingModule, list[str]]:
+    """The untrained module of ranker ``name`` and the feature names it reads."""
+    if name not in RANKERS:
+        raise ValueError(f"ranker {name!r} is not one of {tuple(RANKERS)}")
+    _check_model_options(RANKERS[name][1], config.model)
+    names = config.features or [f.name for f in schema.features if f.kind != "sequence"]
+    features = _features(schema, names, "features")
+    dense_dim = sum(f.kind == "numerical" for f in features)
+    model = build_ranker(name, features, dense_dim, config.model)
+    return RankingModule(model, config.train.lr, config.train.weight_decay), names
+
+
+def build_retrieval_module(schema: Schema, config: RunConfig) -> tuple[RetrievalModule, list[str], list[str]]:
+    """The untrained two-tower module and the query and item feature names it reads."""
     query = config.query_features or [f.name for f in schema.features if f.table == "users" or f.kind == "sequence"]
     items = config.item_features or [f.name for f in schema.features if f.table == "items"]
     specs = _features(schema, query, "query_features"), _features(schema, items, "item_features")
@@ -115,12 +128,10 @@ def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict:
         item_dense_dim=sum(f.kind == "numerical" for f in specs[1]),
         **config.model,
     )
-    L.seed_everything(config.train.seed, workers=True)
     loss = config.loss
     module = RetrievalModule(tower, config.train.lr, loss.temperature, loss.logq, loss.negatives, loss.k,
                              config.train.weight_decay)
-    data = RetrievalDataModule(data_dir, query, items, config.train.batch_size, config.train.seed)
-    return fit(module, data, out, config, monitor=f"val_ndcg@{loss.k}", run={"task": "retrieval"})
+    return module, query, items
 
 
 # Model config fields that come from the dataset's schema, not from the YAML ``model`` section.

@@ -1,0 +1,190 @@
+"""Trained runs -> serving artefacts: TorchScript models behind a padded tensor interface, and
+item embeddings as parquet shards written by Lightning ``predict`` (on any number of devices).
+
+Start with `export_models`, which the refresh job calls. Every exported model takes the same
+three tensors, because Triton cannot carry a `KeyedJaggedTensor`:
+
+- ``dense``   (B, n_dense) float32, the numerical features in schema order;
+- ``ids``     (B, F, L) int64, sparse feature f of row b in ``ids[b, f, :lengths[b, f]]``;
+- ``lengths`` (B, F) int64.
+
+`pad_batch` turns an encoded `Batch` into them. Rankers return click probabilities (B,); the
+query tower returns embeddings (B, D). Beside each ``<name>.pt`` a ``<name>.json`` names the
+features (in ``ids`` order), the dense columns and the output, and ``encoders.json`` is the
+dataset's fitted encoder, so a server turns raw feature rows into these tensors with the code
+that trained the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import nn
+from torch.utils.data import DataLoader
+from torchrec import KeyedJaggedTensor
+
+from data.encoders import Batch, FeatureEncoder
+from training.data import EncodedRows, as_is
+from training.train import RunConfig, build_ranking_module, build_retrieval_module
+
+
+class PaddedInput(nn.Module):
+    """Runs a (dense, KJT) model on padded id tensors; see the module docstring for shapes."""
+
+    def __init__(self, model: nn.Module, keys: list[str], probabilities: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.keys = keys
+        self.probabilities = probabilities
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        b, f, width = ids.shape
+        if f != len(self.keys):
+            raise ValueError(f"ids has {f} features; expected {len(self.keys)}")
+        key_major = lengths.transpose(0, 1).reshape(-1)  # (F * B,): KJT lengths, feature by feature
+        mask = torch.arange(width, device=ids.device).unsqueeze(0) < key_major.unsqueeze(1)  # (F * B, L)
+        values = ids.transpose(0, 1).reshape(f * b, width)[mask]
+        out = self.model(dense, KeyedJaggedTensor(keys=self.keys, values=values, lengths=key_major.int(), stride=b))
+        return torch.sigmoid(out) if self.probabilities else out
+
+
+def pad_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch`` as (dense (B, n), ids (B, F, L), lengths (B, F)); L is the longest feature, at least 1."""
+    sparse, n = batch.sparse, len(batch)
+    lengths = sparse.lengths().long()  # (F * B,) key-major
+    f = len(sparse.keys())
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    rows = torch.repeat_interleave(torch.arange(f * n), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(len(rows)) - starts[rows]
+    ids = torch.zeros(f * n, width, dtype=torch.int64)
+    ids[rows, positions] = sparse.values().long()
+    return batch.dense, ids.view(f, n, width).transpose(0, 1).contiguous(), lengths.view(f, n).T.contiguous()
+
+
+@dataclass
+class TrainedRun:
+    """A training run's best checkpoint, loaded: the module, its ``run.json``, the dataset's encoder,
+    and the feature names it reads (rankers: ``features``; two-tower: ``query`` and ``items``)."""
+
+    directory: Path
+    module: L.LightningModule
+    run: dict
+    encoder: FeatureEncoder
+    features: dict[str, list[str]]
+
+    @property
+    def version(self) -> str:
+        """``<run name>@<first 12 hex digits of the best checkpoint's sha256>``."""
+        digest = hashlib.sha256((self.directory / "checkpoints" / "best.ckpt").read_bytes()).hexdigest()
+        return f"{self.directory.name}@{digest[:12]}"
+
+
+def load_run(run_dir: Path) -> TrainedRun:
+    """The best checkpoint of the training run in ``run_dir``."""
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoints" / "best.ckpt"
+    if not checkpoint.is_file():
+        raise ValueError(f"{run_dir}: no checkpoints/best.ckpt; expected a finished training run")
+    run = json.loads((run_dir / "run.json").read_text())
+    encoder = FeatureEncoder.load(Path(run["data"]) / "encoders.json")
+    config = RunConfig.model_validate(run["config"])
+    if run["task"] == "retrieval":
+        module, query, items = build_retrieval_module(encoder.schema, config)
+        features = {"query": query, "items": items}
+    else:
+        module, names = build_ranking_module(run["model"], encoder.schema, config)
+        features = {"features": names}
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    return TrainedRun(run_dir, module.eval(), run, encoder, features)
+
+
+def export_models(runs: dict[str, Path], out: Path) -> dict[str, dict]:
+    """Scripts each run's model into ``out``: the query tower of a retrieval run, else the ranker.
+
+    ``runs`` maps an export name (e.g. "deepfm") to a run directory. Returns each name's
+    interface, also written to ``out/<name>.json``.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    exported = {}
+    for name, run_dir in runs.items():
+        trained = load_run(run_dir)
+        ranker = trained.run["task"] == "ranker"
+        model = trained.module.model if ranker else trained.module.model.query_tower
+        names = trained.features["features" if ranker else "query"]
+        features = [f for f in trained.encoder.schema.features if f.name in names]
+        keys = [f.name for f in features if f.sparse]
+        torch.jit.script(PaddedInput(model, keys, probabilities=ranker)).save(str(out / f"{name}.pt"))
+        exported[name] = {
+            "task": trained.run["task"], "model": trained.run.get("model", "two_tower"), "version": trained.version,
+            "features": [f.name for f in features], "sparse": keys,
+            "dense": [f.name for f in features if f.kind == "numerical"],
+            "output": "probability" if ranker else "embedding",
+        }
+        (out / f"{name}.json").write_text(json.dumps(exported[name], indent=2))
+        shutil.copyfile(Path(trained.run["data"]) / "encoders.json", out / "encoders.json")
+    return exported
+
+
+class EmbeddingShardWriter(BasePredictionWriter):
+    """Writes each predicted batch to ``out/part-<rank>-<batch>.parquet``: item_id, vector, model_version."""
+
+    def __init__(self, out: Path, item_ids: np.ndarray, version: str) -> None:
+        super().__init__(write_interval="batch")
+        self.out, self.item_ids, self.version = Path(out), item_ids, version
+
+    def write_on_batch_end(self, trainer: L.Trainer, module: L.LightningModule, prediction: tuple, batch_indices,
+                           batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        vectors, rows = (t.float().cpu().numpy() for t in prediction)
+        table = pa.table({
+            "item_id": self.item_ids[rows.astype(np.int64)],
+            "vector": pa.FixedSizeListArray.from_arrays(vectors.ravel(), vectors.shape[1]),
+            "model_version": pa.array([self.version] * len(rows)),
+        })
+        pq.write_table(table, self.out / f"part-{trainer.global_rank:03d}-{batch_idx:06d}.parquet")
+
+
+def export_item_embeddings(trained: TrainedRun, items: pd.DataFrame, out: Path, batch_size: int = 8192,
+                           accelerator: str = "cpu", devices: int = 1) -> None:
+    """Embeds the rows of ``items`` (the item table's columns) with the item tower into shards in ``out``.
+
+    Each device predicts its share of the rows (Lightning's distributed predict sampler never
+    repeats a row) and writes its own shards.
+    """
+    if trained.run["task"] != "retrieval":
+        raise ValueError(f"{trained.directory} is a {trained.run['task']} run; item embeddings need a retrieval run")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = EncodedRows(items, trained.encoder, [trained.features["items"]])
+    writer = EmbeddingShardWriter(out, items["item_id"].to_numpy(np.int64), trained.version)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, callbacks=[writer], logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(rows, batch_size=batch_size, collate_fn=as_is)
+    trainer.predict(trained.module, loader, return_predictions=False)
+
+
+def read_item_embeddings(directory: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(item ids (N,) int64, vectors (N, D) float32, model version) from the shards in ``directory``."""
+    shards = sorted(Path(directory).glob("part-*.parquet"))
+    if not shards:
+        raise ValueError(f"{directory}: no embedding shards (part-*.parquet)")
+    table = pa.concat_tables(pq.read_table(s) for s in shards)
+    vectors = table.column("vector").combine_chunks()
+    dim = vectors.type.list_size
+    versions = set(table.column("model_version").unique().to_pylist())
+    if len(versions) != 1:
+        raise ValueError(f"{directory}: shards come from several models {sorted(versions)}; expected one")
+    return (table.column("item_id").to_numpy(), vectors.flatten().to_numpy().reshape(-1, dim), versions.pop())
+
