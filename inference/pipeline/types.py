@@ -1,0 +1,59 @@
+"""What travels between pipeline stages: one `Query` per request and columnar `Candidates`.
+
+Candidates are arrays, never one Python object per item: stage code works on whole columns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Query:
+    """A request: who asks (``user_id`` None for an anonymous visitor), request-time ``context``
+    features (e.g. hour, weekday, device), the session's recent items (oldest first) and how many
+    items to return."""
+
+    user_id: int | None
+    context: dict[str, object] = field(default_factory=dict)
+    recent_items: tuple[int, ...] = ()
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"Query.k = {self.k}; expected at least 1")
+
+
+@dataclass
+class Candidates:
+    """N candidates as aligned columns.
+
+    ``item_ids`` (N,) int64; ``sources`` (N,) the name of the source that proposed each item;
+    ``scores`` (N,) float32, the latest stage's score; ``features`` N rows (index 0..N-1) holding,
+    once hydrated, every column a scorer reads: the user's, the item's and the request context's.
+    """
+
+    item_ids: np.ndarray
+    sources: np.ndarray
+    scores: np.ndarray
+    features: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.item_ids)
+        lengths = {"sources": len(self.sources), "scores": len(self.scores)}
+        if self.features is not None:
+            lengths["features"] = len(self.features)
+        wrong = {k: v for k, v in lengths.items() if v != n}
+        if wrong:
+            raise ValueError(f"Candidates columns {wrong} differ in length from item_ids ({n})")
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def take(self, positions: np.ndarray) -> Candidates:
+        """The candidates at ``positions`` (an int array or a boolean mask), in that order."""
+        features = None if self.features is None else self.features.iloc[positions].reset_index(drop=True)
+        return Candidates(self.item_ids[positions], self.sources[positions], self.scores[positions], features)
