@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from recstack import __version__
+from recstack import __version__, triton_cli
 
 SOURCES = ("ml-100k", "movielens", "obd", "synthetic", "files")
 
@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
         sub.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
         sub.set_defaults(run=run)
+
+    triton_cli.add_commands(commands)
     return parser
 
 
