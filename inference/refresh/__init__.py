@@ -1,0 +1,1 @@
+"""Offline refresh: candidate pools, static rules, versioned artefacts and their atomic publish."""

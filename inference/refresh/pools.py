@@ -1,0 +1,399 @@
+"""Candidate pools that the refresh job builds offline and writes into the store.
+
+Every builder returns a pool: one long frame with columns ``list`` (str), ``item_id``
+(int64) and ``score`` (float32), each list's rows in rank order (best first). The lists:
+
+    popular        time-decayed interaction counts             build_popular
+    trending       recent rate over baseline rate, smoothed    build_trending
+    new            items first seen lately, newest first       build_new_items
+    editorial      a hand-made CSV list                        read_editorial
+    similar:{id}   item-to-item from embeddings                build_similar_items
+                   or, without embeddings, from co-occurrence  build_cooccurrence_similar
+    user:{id}      per-user retrieval minus seen items         build_user_lists
+
+The builders count every interaction row they are given, so the job decides what counts
+(e.g. positive labels only). Builders that take ``now`` ignore rows after it: a refresh as
+of a past time sees only its past. Every builder takes ``eligible``, the item ids that passed the static
+rules (`inference.refresh.rules.apply_rules`), or None for every item; ineligible items
+are dropped before the top k is taken, so a list stays full while enough eligible items
+exist. Ties rank the smaller item id first.
+
+A ``search`` is the index's search (`inference.index.ItemIndex.search`):
+``search(queries (B, D) float32, k) -> (ids (B, k') int64, scores (B, k'))``, best first,
+``k' <= k``. Fewer than k results for a row (``k' < k``, or ids of -1 padding the row, as
+raw FAISS does) mean the index has no more for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+POOL_COLUMNS = ("list", "item_id", "score")
+MAX_HISTORY = 100  # most recent distinct items per user in co-occurrence counts
+PAIR_BUDGET = 1 << 24  # co-occurring pairs per block in build_cooccurrence_similar: bounds memory to ~1 GB
+
+
+def build_popular(interactions: pd.DataFrame, now: int, half_life_s: float, k: int,
+                  eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "popular" list: ``score = sum over the item's rows of 0.5 ** ((now - timestamp) / half_life_s)``."""
+    _check_positive("half_life_s", half_life_s)
+    _check_count("k", k)
+    item, timestamp = _past_events(interactions, now)
+    ids, inverse = np.unique(item, return_inverse=True)
+    score = np.bincount(inverse, weights=0.5 ** ((now - timestamp) / half_life_s), minlength=len(ids))
+    return _top("popular", ids, score, k, eligible)
+
+
+def build_trending(interactions: pd.DataFrame, now: int, recent_s: float, baseline_s: float, k: int,
+                   prior: float = 5.0, eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "trending" list: items whose rate in the recent window rises above their baseline rate.
+
+    The recent window is ``(now - recent_s, now]`` and the baseline window the ``baseline_s``
+    seconds before it. Per item, with ``recent`` and ``baseline`` the row counts in each:
+
+        expected = baseline * recent_s / baseline_s        # the baseline rate over the recent window
+        score    = (recent + prior) / (expected + prior)
+
+    ``prior`` pseudo-events pull both counts toward a ratio of 1, so one recent event on an
+    empty baseline scores (1 + prior) / prior (1.2 with the default), far below a real spike.
+    Only rising items (score > 1) are listed.
+    """
+    _check_positive("recent_s", recent_s)
+    _check_positive("baseline_s", baseline_s)
+    _check_positive("prior", prior)
+    _check_count("k", k)
+    item, timestamp = _past_events(interactions, now)
+    in_window = timestamp > now - recent_s - baseline_s
+    item, is_recent = item[in_window], timestamp[in_window] > now - recent_s
+    ids, inverse = np.unique(item, return_inverse=True)
+    recent = np.bincount(inverse, weights=is_recent, minlength=len(ids))
+    baseline = np.bincount(inverse, weights=~is_recent, minlength=len(ids))
+    score = (recent + prior) / (baseline * recent_s / baseline_s + prior)
+    rising = score > 1
+    return _top("trending", ids[rising], score[rising], k, eligible)
+
+
+def build_new_items(item_ids: np.ndarray, first_seen: np.ndarray, now: int, max_age_s: float, k: int,
+                    eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "new" list: items with ``0 <= now - first_seen <= max_age_s``, newest first.
+
+    ``first_seen`` (N,) holds each item's first appearance in int seconds: its ``created_at``
+    or its first interaction, whichever the caller chooses. ``score = 1 - age / max_age_s``.
+    """
+    _check_positive("max_age_s", max_age_s)
+    _check_count("k", k)
+    ids = _check_ids("item_ids", item_ids)
+    first_seen = np.asarray(first_seen)
+    if first_seen.shape != ids.shape:
+        raise ValueError(f"first_seen has shape {first_seen.shape}; expected one timestamp per item, {ids.shape}")
+    if not np.issubdtype(first_seen.dtype, np.number):
+        raise ValueError(f"first_seen must hold timestamps in seconds, got dtype {first_seen.dtype}")
+    missing = np.isnan(first_seen.astype(np.float64))
+    if missing.any():
+        raise ValueError(f"first_seen is missing for {int(missing.sum())} items, e.g. {ids[missing][:5].tolist()}")
+    age = now - first_seen.astype(np.float64)
+    new = (age >= 0) & (age <= max_age_s)
+    return _top("new", ids[new], 1 - age[new] / max_age_s, k, eligible)
+
+
+def read_editorial(path: Path, known_item_ids: np.ndarray, eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "editorial" list from a CSV file, one item a line under a header:
+
+        item_id,score
+        42,0.9
+        17,0.8
+
+    ``score`` is optional. With it, items rank by score (file order breaks ties); without
+    it, the file order is the rank and ``score = 1 - position / items``. Blank lines are
+    skipped. An empty file, a bad header, a malformed row, a repeated id or an id missing
+    from ``known_item_ids`` raises ValueError naming the file and the line.
+    """
+    path = Path(path)
+    header, lines, rows = _read_csv(path)
+    if header is None:
+        raise ValueError(f"{path}: empty editorial file; expected a header 'item_id[,score]' and one item a line")
+    if not rows:
+        raise ValueError(f"{path}, line {lines[0]}: a header but no items")
+    ids = np.empty(len(rows), dtype=np.int64)
+    scores = np.empty(len(rows), dtype=np.float64)
+    first_line: dict[int, int] = {}
+    for i, (line, fields) in enumerate(zip(lines[1:], rows, strict=True)):
+        if len(fields) != len(header):
+            raise ValueError(f"{path}, line {line}: expected {len(header)} fields ({','.join(header)}), "
+                             f"got {len(fields)}: {','.join(fields)!r}")
+        record = dict(zip(header, fields, strict=True))
+        try:
+            ids[i] = int(record["item_id"])
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: item_id {record['item_id']!r} is not an integer") from None
+        if ids[i] in first_line:
+            raise ValueError(f"{path}, line {line}: item_id {ids[i]} repeats line {first_line[ids[i]]}")
+        first_line[ids[i]] = line
+        try:
+            scores[i] = float(record["score"]) if "score" in record else 1 - i / len(rows)
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: score {record['score']!r} is not a number") from None
+        if not math.isfinite(scores[i]):
+            raise ValueError(f"{path}, line {line}: score {record['score']!r} is not a finite number")
+    unknown = ~np.isin(ids, np.asarray(known_item_ids))
+    if unknown.any():
+        first = int(np.argmax(unknown))
+        raise ValueError(f"{path}, line {lines[1 + first]}: item_id {ids[first]} is not a known item "
+                         f"({int(unknown.sum())} unknown in all)")
+    order = np.argsort(-scores, kind="stable")
+    ids, scores = ids[order], scores[order]
+    keep = _is_eligible(ids, eligible)
+    return _pool(np.full(int(keep.sum()), "editorial", dtype=object), ids[keep], scores[keep])
+
+
+def build_similar_items(item_ids: np.ndarray, item_vectors: np.ndarray, search: Search, k: int,
+                        eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
+    """Lists "similar:{id}": each item's k nearest items in ``search``'s index, itself excluded.
+
+    ``item_vectors`` (N, D) are the embeddings of ``item_ids`` (N,), used as the queries; the
+    index is searched ``batch_size`` items at a time. Every item gets a list, eligible or not
+    (a user may have just seen an item that is now blocked); only its contents are filtered.
+    """
+    _check_count("k", k)
+    _check_count("batch_size", batch_size)
+    ids = _check_ids("item_ids", item_ids)
+    vectors = _check_vectors("item_vectors", item_vectors, len(ids))
+    rows, found, scores = _search_lists(search, vectors, k, np.arange(len(ids)), ids, eligible, batch_size)
+    return _pool(_names("similar:", ids)[rows], found, scores)
+
+
+def build_cooccurrence_similar(interactions: pd.DataFrame, k: int, max_history: int = MAX_HISTORY,
+                               eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """Lists "similar:{id}" from shared users, the fallback when items have no embeddings.
+
+    Each user's history is their ``max_history`` most recent distinct items, which bounds
+    the cost at ``users * max_history**2`` pairs. For items i != j the score is the cosine of
+    their binary user columns,
+
+        score(i, j) = users(i and j) / sqrt(users(i) * users(j)),
+
+    from ``X^T X`` over the sparse user x item matrix X, computed for blocks of items i so
+    that at most ``PAIR_BUDGET`` pairs are held at once. Item i's list holds the k best j
+    with at least one shared user.
+    """
+    _check_columns(interactions, ("user_id", "item_id", "timestamp"), "interactions")
+    _check_count("k", k)
+    _check_count("max_history", max_history)
+    latest = (interactions[["user_id", "item_id", "timestamp"]]
+              .sort_values("timestamp", ascending=False, kind="stable")
+              .drop_duplicates(["user_id", "item_id"]))
+    latest = latest[latest.groupby("user_id", sort=False).cumcount().to_numpy() < max_history]
+    items, item = np.unique(latest["item_id"].to_numpy(), return_inverse=True)
+    users, user = np.unique(latest["user_id"].to_numpy(), return_inverse=True)
+    n_users, n_items = len(users), len(items)
+    degree = np.bincount(item, minlength=n_items)  # users per item
+    by_item = np.argsort(item, kind="stable")
+    item_start = np.concatenate([[0], np.cumsum(degree)])  # item i's rows are by_item[item_start[i]:item_start[i+1]]
+    cost = np.concatenate([[0], np.cumsum(np.bincount(item, weights=np.bincount(user)[user], minlength=n_items))])
+    eligible_item = _is_eligible(items, eligible)
+    names = _names("similar:", items)
+    x = _csr(user, item, (n_users, n_items))
+    parts = []
+    start = 0
+    while start < n_items:
+        stop = max(start + 1, int(np.searchsorted(cost, cost[start] + PAIR_BUDGET, side="right")) - 1)
+        rows = by_item[item_start[start]:item_start[stop]]
+        counts = _csr(item[rows] - start, user[rows], (stop - start, n_users)) @ x  # (stop - start, n_items)
+        anchor = start + np.repeat(np.arange(stop - start), np.diff(counts.crow_indices().numpy()))
+        other = counts.col_indices().numpy()
+        keep = (other != anchor) & eligible_item[other]
+        anchor, other = anchor[keep], other[keep]
+        score = counts.values().numpy()[keep] / np.sqrt(degree[anchor] * degree[other].astype(np.float64))
+        order = np.lexsort((other, -score, anchor))
+        anchor, other, score = anchor[order], other[order], score[order]
+        best = np.arange(len(anchor)) - np.searchsorted(anchor, anchor) < k
+        parts.append(_pool(names[anchor[best]], items[other[best]], score[best]))
+        start = stop
+    return pd.concat(parts, ignore_index=True) if parts else _pool(np.array([], dtype=object), [], [])
+
+
+def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Search, seen: pd.DataFrame, n: int,
+                     eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
+    """Lists "user:{id}": each user's n best unseen items from ``search``'s index.
+
+    ``user_vectors`` (U, D) are the query-tower embeddings of ``user_ids`` (U,); ``seen`` has
+    ``user_id`` and ``item_id`` columns. Every list holds n items unless the index runs out
+    of unseen eligible ones (see `_search_lists` for how it over-fetches).
+    """
+    _check_columns(seen, ("user_id", "item_id"), "seen")
+    _check_count("n", n)
+    _check_count("batch_size", batch_size)
+    ids = _check_ids("user_ids", user_ids)
+    vectors = _check_vectors("user_vectors", user_vectors, len(ids))
+    sorter = np.argsort(ids)
+    seen_user = seen["user_id"].to_numpy()
+    known = np.isin(seen_user, ids)
+    row = sorter[np.searchsorted(ids, seen_user[known], sorter=sorter)]
+    rows, found, scores = _search_lists(search, vectors, n, row, seen["item_id"].to_numpy()[known], eligible,
+                                        batch_size)
+    return _pool(_names("user:", ids)[rows], found, scores)
+
+
+def _search_lists(search: Search, queries: np.ndarray, n: int, excluded_rows: np.ndarray,
+                  excluded_items: np.ndarray, eligible: np.ndarray | None,
+                  batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first n results per query row that are eligible and not excluded for that row.
+
+    Rows are searched in batches of similar exclusion counts with ``k = n + the batch's most
+    exclusions``; a row still short of n after filtering (ineligible results) is searched
+    again with k doubled until it has n or the index returns fewer than k (it has no more).
+    Returns rows, ids, scores: long arrays, rows ascending, each row's results in rank order.
+    """
+    # hash lookups (pd.Index): ~10x faster than binary search over a million ids
+    excluded_ids = pd.Index(np.unique(excluded_items))
+    width = max(len(excluded_ids), 1)
+    keys = np.unique(excluded_rows.astype(np.int64) * width + _lookup(excluded_ids, excluded_items))
+    need = n + np.bincount(keys // width, minlength=len(queries))
+    keys = pd.Index(keys)  # one key per distinct (row, excluded item) pair
+    eligible_ids = None if eligible is None else pd.Index(np.unique(eligible))
+    order = np.argsort(need, kind="stable")
+    parts = []
+    for lo in range(0, len(order), batch_size):
+        rows = order[lo:lo + batch_size]
+        k = int(need[rows].max())
+        while len(rows):
+            ids, scores = _call_search(search, queries[rows], k)
+            code = _lookup(excluded_ids, ids)  # -1 where no row excludes the id
+            excluded = (code >= 0) & (_lookup(keys, rows[:, None] * width + code) >= 0)
+            valid = (ids >= 0) & ~excluded
+            if eligible_ids is not None:
+                valid &= _lookup(eligible_ids, ids) >= 0
+            taken = valid & (np.cumsum(valid, axis=1) <= n)
+            done = (taken.sum(axis=1) == n) | (ids.shape[1] < k) | (ids < 0).any(axis=1)
+            r, c = np.nonzero(taken[done])
+            parts.append((rows[done][r], ids[done][r, c], scores[done][r, c]))
+            rows, k = rows[~done], 2 * k
+    if not parts:
+        return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([], dtype=np.float32)
+    rows, ids, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
+    by_row = np.argsort(rows, kind="stable")
+    return rows[by_row], ids[by_row], scores[by_row]
+
+
+def _call_search(search: Search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, scores = search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    ids, scores = np.asarray(ids), np.asarray(scores)
+    if ids.ndim != 2 or ids.shape != scores.shape or len(ids) != len(queries) or ids.shape[1] > k:
+        raise ValueError(f"search returned ids {ids.shape} and scores {scores.shape} for {len(queries)} queries "
+                         f"and k={k}; expected ({len(queries)}, at most {k}) each")
+    return ids.astype(np.int64, copy=False), scores
+
+
+def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    """A float32 CSR matrix of ones at the distinct (rows, cols) pairs."""
+    order = np.lexsort((cols, rows))
+    crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(cols[order].astype(np.int64)),
+                                       torch.ones(len(rows)), shape, check_invariants=False)
+
+
+def _top(name: str, ids: np.ndarray, scores: np.ndarray, k: int, eligible: np.ndarray | None) -> pd.DataFrame:
+    keep = _is_eligible(ids, eligible)
+    ids, scores = ids[keep], scores[keep]
+    order = np.lexsort((ids, -scores))[:k]
+    return _pool(np.full(len(order), name, dtype=object), ids[order], scores[order])
+
+
+def _pool(lists: np.ndarray, item_ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"list": lists, "item_id": np.asarray(item_ids, dtype=np.int64),
+                         "score": np.asarray(scores, dtype=np.float32)})
+
+
+def _names(prefix: str, ids: np.ndarray) -> np.ndarray:
+    return (prefix + pd.Series(ids).astype(str)).to_numpy(dtype=object)
+
+
+def _is_eligible(ids: np.ndarray, eligible: np.ndarray | None) -> np.ndarray:
+    return np.ones(np.shape(ids), dtype=bool) if eligible is None else np.isin(ids, eligible)
+
+
+def _lookup(index: pd.Index, values: np.ndarray) -> np.ndarray:
+    """Position of each value in the unique ``index``, -1 where absent; same shape as values."""
+    return index.get_indexer(values.ravel()).reshape(values.shape)
+
+
+def _past_events(interactions: pd.DataFrame, now: int) -> tuple[np.ndarray, np.ndarray]:
+    """item_id and timestamp (float64) of the rows at or before now."""
+    _check_columns(interactions, ("item_id", "timestamp"), "interactions")
+    timestamp = interactions["timestamp"].to_numpy()
+    if not np.issubdtype(timestamp.dtype, np.number):
+        raise ValueError(f"interactions column 'timestamp' must hold seconds, got dtype {timestamp.dtype}")
+    past = timestamp <= now
+    return interactions["item_id"].to_numpy()[past], timestamp[past].astype(np.float64)
+
+
+def _read_csv(path: Path) -> tuple[list[str] | None, list[int], list[list[str]]]:
+    """Header, line numbers (header first) and data rows of a CSV file; blank lines skipped."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such editorial file")
+    header, lines, rows = None, [], []
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            for fields in reader:
+                fields = [field.strip() for field in fields]
+                if len(fields) <= 1 and not any(fields):
+                    continue
+                lines.append(reader.line_num)
+                if header is None:
+                    header = fields
+                    if sorted(header) not in (["item_id"], ["item_id", "score"]):
+                        raise ValueError(f"{path}, line {reader.line_num}: header {','.join(header)!r}; "
+                                         "expected 'item_id' or 'item_id,score'")
+                else:
+                    rows.append(fields)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}, line {reader.line_num}: not readable as CSV: {e}") from e
+    return header, lines, rows
+
+
+def _check_columns(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
+    if not isinstance(frame, pd.DataFrame):
+        raise ValueError(f"{what} must be a pandas DataFrame, got {type(frame).__name__}")
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{what} is missing column {missing[0]!r}; it has {list(frame.columns)}")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value <= 0:
+        raise ValueError(f"{name} must be an integer > 0, got {value!r}")
+
+
+def _check_ids(name: str, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+        raise ValueError(f"{name} must be a 1-d integer array, got shape {ids.shape} and dtype {ids.dtype}")
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"{name} repeats ids, e.g. {unique[counts > 1][:5].tolist()}")
+    return ids.astype(np.int64, copy=False)
+
+
+def _check_vectors(name: str, vectors: np.ndarray, rows: int) -> np.ndarray:
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or len(vectors) != rows:
+        raise ValueError(f"{name} has shape {vectors.shape}; expected ({rows}, D), one row per id")
+    return vectors

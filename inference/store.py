@@ -1,0 +1,447 @@
+"""The online store: user features, item features and candidate lists of one artefact version.
+
+The offline refresh job calls `write_snapshot` to put three parquet files into a version
+directory. The request handler reads them through the `Store` interface, from one of two backends:
+
+    EmbeddedStore   the snapshot loaded into this process (the default; no server)
+    RedisStore      the snapshot in a Redis server shared by stateless request handlers,
+                    copied there by `load_snapshot_into_redis`, removed by `delete_version`
+
+Start reading at `Store`. In Redis every key carries its version (``recstack:v0007:item:42``),
+so loading a new version never disturbs readers of the old one, and ``recstack:v0007:complete``
+is written last: a version without it is refused. Every Redis failure surfaces as
+`StoreUnavailable`, after at most the configured timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+ID_COLUMNS = {"users": "user_id", "items": "item_id"}
+LIST_COLUMNS = ("list", "item_id", "score")
+VERSION = re.compile(r"[A-Za-z0-9._-]+")
+WRITE_BATCH = 5_000  # keys per MSET, UNLINK or SCAN step when loading or deleting a version
+# put_list writes only into a complete version, so it cannot bring back a deleted one
+PUT_IF_COMPLETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class StoreError(Exception):
+    """The store cannot answer: the version is missing or incomplete, or the server failed."""
+
+
+class StoreUnavailable(StoreError):
+    """The Redis server refused, failed or did not answer within the timeout."""
+
+
+@dataclass(frozen=True)
+class ItemRows:
+    """Features of N requested items; row i belongs to ``item_ids[i]``.
+
+    ``item_ids`` (N,) int64 as requested, duplicates kept; ``found`` (N,) bool; ``features``
+    N rows, one column per item feature. Rows where ``found`` is False hold missing values
+    (NA, NaN or None).
+    """
+
+    item_ids: np.ndarray
+    found: np.ndarray
+    features: pd.DataFrame
+
+
+class Store(ABC):
+    """One snapshot version, as the request handler reads it."""
+
+    version: str
+
+    @abstractmethod
+    def user_features(self, user_id: int) -> dict | None:
+        """The user's features by column name (``user_id`` left out), or None for an unknown user."""
+
+    @abstractmethod
+    def item_features(self, item_ids: np.ndarray) -> ItemRows:
+        """(N,) integer item ids -> their features, aligned with the request."""
+
+    @abstractmethod
+    def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """A candidate list in rank order: read-only (L,) int64 item ids and (L,) float32 scores.
+
+        An unknown list is empty (L = 0).
+        """
+
+    @abstractmethod
+    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
+        """Adds or replaces a list: (L,) integer item ids in rank order, (L,) scores kept as float32."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Releases what the store holds; it is unusable afterwards."""
+
+
+def write_snapshot(directory: Path, users: pd.DataFrame, items: pd.DataFrame, lists: pd.DataFrame) -> None:
+    """Writes ``users.parquet``, ``items.parquet`` and ``lists.parquet`` into an existing directory.
+
+    ``users`` and ``items`` hold one row per ``user_id`` / ``item_id`` and at least one feature
+    column of int, float, bool or str values, or lists of them; integers are stored as int64,
+    and NaN as a missing value. ``lists`` is long: ``list`` (the name), ``item_id`` and
+    ``score`` (stored as float32), in rank order within each list; other columns are not kept.
+    Everything is checked before any file is written.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"snapshot directory {directory} does not exist; the caller creates it")
+    tables = {
+        "users": _feature_table(users, "users"),
+        "items": _feature_table(items, "items"),
+        "lists": _list_table(lists),
+    }
+    for name, table in tables.items():
+        pq.write_table(table, directory / f"{name}.parquet")
+
+
+class EmbeddedStore(Store):
+    """A snapshot held in this process: ids sorted once, looked up with `np.searchsorted`.
+
+    `put_list` changes this process's copy only; the snapshot files and other processes keep the old list.
+    """
+
+    def __init__(self, version: str, users: pa.Table, items: pa.Table, lists: pa.Table) -> None:
+        self.version = _check_version(version)
+        self._user_ids, self._users = _sort_by_id(users, "user_id")
+        self._item_ids, self._items = _sort_by_id(items, "item_id")
+        self._lists = _split_lists(lists)
+
+    @classmethod
+    def open(cls, directory: Path, version: str) -> EmbeddedStore:
+        """Loads the snapshot that `write_snapshot` wrote into ``directory``."""
+        directory = Path(directory)
+        tables = [pq.read_table(directory / f"{name}.parquet") for name in ("users", "items", "lists")]
+        return cls(version, *tables)
+
+    def user_features(self, user_id: int) -> dict | None:
+        user_id = operator.index(user_id)
+        pos = int(self._user_ids.searchsorted(user_id))
+        if pos == len(self._user_ids) or self._user_ids[pos] != user_id:
+            return None
+        return self._users.slice(pos, 1).to_pylist()[0]
+
+    def item_features(self, item_ids: np.ndarray) -> ItemRows:
+        ids = _check_ids(item_ids)
+        pos = self._item_ids.searchsorted(ids)
+        found = pos < len(self._item_ids)
+        found[found] = self._item_ids[pos[found]] == ids[found]
+        rows = self._items.take(pa.array(np.where(found, pos, 0), mask=~found))  # null index -> null row
+        return ItemRows(ids, found, _to_frame(rows))
+
+    def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._lists.get(name, _EMPTY_LIST)
+
+    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
+        ids, scores = (_read_only(np.array(a)) for a in _check_list(name, item_ids, scores))
+        self._lists[name] = (ids, scores)
+
+    def close(self) -> None:
+        """Nothing to release: the snapshot goes with the store object."""
+
+
+class RedisStore(Store):
+    """One complete version in a Redis server shared by request handlers.
+
+    Each call is one round trip that also checks the version's ``complete`` key, so a version
+    deleted while in use raises `StoreError` instead of answering "unknown". Any Redis failure
+    raises `StoreUnavailable` after at most ``timeout_s``, or twice that when the call must first
+    connect to a host that drops packets; nothing is retried.
+    """
+
+    def __init__(self, host: str, port: int, version: str, timeout_s: float = 0.1) -> None:
+        self.version = _check_version(version)
+        self._where = f"{host}:{port}"
+        self._client = _connect(host, port, timeout_s)
+        self._put_if_complete = self._client.register_script(PUT_IF_COMPLETE)
+        users, items = self._read(
+            "open", ("GET", _key(version, "schema", "user")), ("GET", _key(version, "schema", "item"))
+        )
+        self._user_schema = pa.ipc.read_schema(pa.py_buffer(users))
+        self._item_schema = pa.ipc.read_schema(pa.py_buffer(items))
+
+    def user_features(self, user_id: int) -> dict | None:
+        (value,) = self._read("user_features", ("GET", _key(self.version, "user", operator.index(user_id))))
+        return None if value is None else dict(zip(self._user_schema.names, json.loads(value), strict=True))
+
+    def item_features(self, item_ids: np.ndarray) -> ItemRows:
+        ids = _check_ids(item_ids)
+        prefix = _key(self.version, "item", "").encode()
+        keys = [prefix + b"%d" % i for i in ids.tolist()]  # bytes keys: redis-py encodes str keys slowly
+        (values,) = self._read("item_features", ("MGET", *keys)) if keys else ([],)
+        missing = [None] * len(self._item_schema)
+        decoded = json.loads(b"[" + b",".join(value or b"null" for value in values) + b"]")  # one call, not N
+        rows = [missing if row is None else row for row in decoded]
+        columns = list(zip(*rows, strict=True)) or [()] * len(self._item_schema)
+        arrays = [pa.array(column, type=field.type) for column, field in zip(columns, self._item_schema, strict=True)]
+        table = pa.Table.from_arrays(arrays, schema=self._item_schema)
+        found = np.array([value is not None for value in values], dtype=bool)
+        return ItemRows(ids, found, _to_frame(table))
+
+    def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        (value,) = self._read("get_list", ("GET", _key(self.version, "list", name)))
+        return _EMPTY_LIST if value is None else _unpack_list(value)
+
+    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
+        packed = _pack_list(*_check_list(name, item_ids, scores))
+        with _failures(self._where, "put_list", self.version):
+            written = self._put_if_complete(
+                keys=[_key(self.version, "complete"), _key(self.version, "list", name)], args=[packed]
+            )
+        if not written:
+            raise _incomplete(self._where, self.version)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _read(self, operation: str, *commands: tuple) -> list:
+        """Runs the commands and the ``complete`` check in one MULTI/EXEC, so they see one state."""
+        with _failures(self._where, operation, self.version):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.exists(_key(self.version, "complete"))
+            for command in commands:
+                pipe.execute_command(*command)
+            complete, *results = pipe.execute()
+        if not complete:
+            raise _incomplete(self._where, self.version)
+        return results
+
+
+def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str, timeout_s: float = 5.0) -> None:
+    """Copies the snapshot in ``directory`` into Redis as ``version``, marking it complete last.
+
+    Leftovers of an earlier load that never completed are removed first; a version that is
+    already complete is refused (`delete_version` it to load it again).
+    """
+    version = _check_version(version)
+    directory = Path(directory)
+    users, items, lists = (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items", "lists"))
+    where = f"{host}:{port}"
+    with _connect(host, port, timeout_s) as client, _failures(where, "load_snapshot_into_redis", version):
+        if client.exists(_key(version, "complete")):
+            raise StoreError(f"version {version!r} is already complete in redis at {where}; delete_version it first")
+        _delete_keys(client, version)
+        for kind, table in (("user", users), ("item", items)):
+            ids, features = table[f"{kind}_id"], table.drop_columns([f"{kind}_id"])
+            _write(client, _feature_values(version, kind, ids, features))
+            client.set(_key(version, "schema", kind), features.schema.serialize().to_pybytes())
+        lists = _split_lists(lists)
+        _write(client, ((_key(version, "list", name), _pack_list(*pair)) for name, pair in lists.items()))
+        client.set(_key(version, "complete"), 1)
+
+
+def delete_version(host: str, port: int, version: str, timeout_s: float = 5.0) -> None:
+    """Removes every key of ``version`` from Redis; its ``complete`` key goes first, so readers stop at once."""
+    version = _check_version(version)
+    with _connect(host, port, timeout_s) as client, _failures(f"{host}:{port}", "delete_version", version):
+        client.delete(_key(version, "complete"))
+        _delete_keys(client, version)
+
+
+def _feature_table(frame: pd.DataFrame, table: str) -> pa.Table:
+    id_column = ID_COLUMNS[table]
+    if id_column not in frame.columns:
+        raise ValueError(f"{table}: missing id column {id_column!r}; it has {list(frame.columns)}")
+    ids = frame[id_column]
+    if ids.isna().any():
+        raise ValueError(
+            f"{table}: column {id_column!r} has null ids at rows {np.flatnonzero(ids.isna())[:5].tolist()}"
+        )
+    if not pd.api.types.is_integer_dtype(ids):
+        raise ValueError(f"{table}: column {id_column!r} has dtype {ids.dtype}; expected integer ids")
+    duplicates = ids[ids.duplicated()].unique()
+    if len(duplicates):
+        raise ValueError(f"{table}: column {id_column!r} has duplicate ids {duplicates[:5].tolist()}")
+    if len(frame.columns) == 1:
+        raise ValueError(f"{table}: no feature columns besides {id_column!r}; expected at least one")
+    return pa.table({name: _feature_column(frame[name], table, name) for name in frame.columns})
+
+
+def _feature_column(values: pd.Series, table: str, name: str) -> pa.Array:
+    expected = "expected int, float, bool or str values, or lists of them"
+    try:
+        array = pa.array(values, from_pandas=True)
+    except pa.ArrowException as e:
+        raise ValueError(f"{table}: column {name!r} cannot be stored ({e}); {expected}") from e
+    is_list = pa.types.is_list(array.type) or pa.types.is_large_list(array.type)
+    value_type = array.type.value_type if is_list else array.type
+    if pa.types.is_integer(value_type):
+        value_type = pa.int64()
+    elif pa.types.is_large_string(value_type):
+        value_type = pa.string()
+    elif not (pa.types.is_floating(value_type) or pa.types.is_boolean(value_type) or pa.types.is_string(value_type)):
+        raise ValueError(f"{table}: column {name!r} has type {array.type}; {expected}")
+    try:
+        return array.cast(pa.list_(value_type) if is_list else value_type)
+    except pa.ArrowException as e:  # an unsigned id past int64
+        raise ValueError(f"{table}: column {name!r} does not fit {value_type} ({e})") from e
+
+
+def _list_table(lists: pd.DataFrame) -> pa.Table:
+    missing = [column for column in LIST_COLUMNS if column not in lists.columns]
+    if missing:
+        raise ValueError(f"lists: missing column {missing[0]!r}; it has {list(lists.columns)}")
+    for column in LIST_COLUMNS:
+        if lists[column].isna().any():
+            rows = np.flatnonzero(lists[column].isna())[:5].tolist()
+            raise ValueError(f"lists: column {column!r} has null values at rows {rows}")
+    if pd.api.types.infer_dtype(lists["list"]) not in ("string", "empty"):
+        raise ValueError(f"lists: column 'list' holds {pd.api.types.infer_dtype(lists['list'])}; expected str names")
+    if not pd.api.types.is_integer_dtype(lists["item_id"]):
+        raise ValueError(f"lists: column 'item_id' has dtype {lists['item_id'].dtype}; expected integer ids")
+    if not pd.api.types.is_numeric_dtype(lists["score"]):
+        raise ValueError(f"lists: column 'score' has dtype {lists['score'].dtype}; expected numbers")
+    return pa.table(
+        {
+            "list": pa.array(lists["list"], pa.string()),
+            "item_id": pa.array(lists["item_id"].to_numpy(np.int64)),
+            "score": pa.array(lists["score"].to_numpy(np.float32)),
+        }
+    )
+
+
+def _sort_by_id(table: pa.Table, id_column: str) -> tuple[np.ndarray, pa.Table]:
+    """A feature table -> its (N,) sorted int64 ids and its feature columns in that order."""
+    table = table.sort_by(id_column).combine_chunks()
+    return table[id_column].to_numpy(), table.drop_columns([id_column])
+
+
+def _split_lists(lists: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The long list table -> name: (read-only int64 ids, float32 scores), rank order kept."""
+    codes, names = pd.factorize(lists["list"].to_numpy())
+    order = np.argsort(codes, kind="stable")  # groups each list's rows, keeping their order
+    ids = _read_only(lists["item_id"].to_numpy()[order])
+    scores = _read_only(lists["score"].to_numpy()[order])
+    ends = np.cumsum(np.bincount(codes, minlength=len(names)))
+    starts = ends - np.bincount(codes, minlength=len(names))
+    return {name: (ids[s:e], scores[s:e]) for name, s, e in zip(names, starts, ends, strict=True)}
+
+
+def _to_frame(table: pa.Table) -> pd.DataFrame:
+    """Arrow rows -> pandas, column by column: `pa.Table.to_pandas` costs ~0.3 ms per call on its own.
+
+    Int and bool columns become nullable pandas arrays, so null rows do not turn them into floats.
+    """
+    columns = {}
+    for name, column in zip(table.column_names, table.columns, strict=True):
+        if pa.types.is_integer(column.type) or pa.types.is_boolean(column.type):
+            is_bool = pa.types.is_boolean(column.type)
+            values = column.fill_null(False if is_bool else 0).to_numpy()
+            array_type = pd.arrays.BooleanArray if is_bool else pd.arrays.IntegerArray
+            columns[name] = array_type(values, column.is_null().to_numpy())
+        else:
+            columns[name] = column.to_numpy(zero_copy_only=False)  # null -> NaN for floats, None otherwise
+    return pd.DataFrame(columns, copy=False)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+_EMPTY_LIST = (_read_only(np.zeros(0, np.int64)), _read_only(np.zeros(0, np.float32)))
+
+
+def _check_version(version: str) -> str:
+    if not isinstance(version, str) or not VERSION.fullmatch(version):
+        raise ValueError(f"version {version!r}: expected letters, digits, '.', '_' or '-' (it names Redis keys)")
+    return version
+
+
+def _check_ids(item_ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(item_ids)
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"item_ids of shape {ids.shape} and dtype {ids.dtype}: expected a 1-D integer array")
+    return ids.astype(np.int64, copy=False)
+
+
+def _check_list(name: str, item_ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"list name {name!r}: expected a non-empty str")
+    ids = _check_ids(item_ids)
+    scores = np.asarray(scores)
+    if scores.shape != ids.shape:
+        raise ValueError(f"list {name!r}: {len(ids)} item ids but scores of shape {scores.shape}; expected one per id")
+    return ids, scores.astype(np.float32)
+
+
+def _key(version: str, *parts: object) -> str:
+    return ":".join(["recstack", version, *map(str, parts)])
+
+
+def _pack_list(ids: np.ndarray, scores: np.ndarray) -> bytes:
+    """(L,) ids and (L,) scores -> 8L little-endian int64 bytes, then 4L float32 bytes."""
+    return ids.astype("<i8").tobytes() + scores.astype("<f4").tobytes()
+
+
+def _unpack_list(packed: bytes) -> tuple[np.ndarray, np.ndarray]:
+    n = len(packed) // 12
+    ids = np.frombuffer(packed, "<i8", n).astype(np.int64, copy=False)
+    scores = np.frombuffer(packed, "<f4", n, offset=8 * n).astype(np.float32, copy=False)
+    return ids, scores
+
+
+def _connect(host: str, port: int, timeout_s: float) -> redis.Redis:
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
+    # no retries: each would add up to another timeout_s to what the caller waits
+    retry = Retry(NoBackoff(), 0)
+    return redis.Redis(host, port, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=retry)
+
+
+@contextmanager
+def _failures(where: str, operation: str, version: str) -> Iterator[None]:
+    """Turns any Redis error into `StoreUnavailable` naming the server and the operation."""
+    try:
+        yield
+    except redis.RedisError as e:
+        message = f"redis at {where} failed during {operation} (version {version!r}): {type(e).__name__}: {e}"
+        raise StoreUnavailable(message) from e
+
+
+def _incomplete(where: str, version: str) -> StoreError:
+    return StoreError(
+        f"version {version!r} is not complete in redis at {where} (no key {_key(version, 'complete')!r}): "
+        "load it with load_snapshot_into_redis, or it was deleted"
+    )
+
+
+def _feature_values(version: str, kind: str, ids: pa.ChunkedArray, features: pa.Table) -> Iterator[tuple[str, str]]:
+    """One key per row, its features as a JSON list in schema order (JSON round-trips floats exactly)."""
+    rows = zip(*(column.to_pylist() for column in features.columns), strict=True)
+    for row_id, row in zip(ids.to_pylist(), rows, strict=True):
+        yield _key(version, kind, row_id), json.dumps(row, separators=(",", ":"))
+
+
+def _write(client: redis.Redis, pairs: Iterable[tuple[str, str | bytes]]) -> None:
+    pairs = iter(pairs)
+    while batch := dict(islice(pairs, WRITE_BATCH)):
+        client.mset(batch)
+
+
+def _delete_keys(client: redis.Redis, version: str) -> None:
+    keys = client.scan_iter(match=_key(version, "*"), count=WRITE_BATCH)
+    while batch := list(islice(keys, WRITE_BATCH)):
+        client.unlink(*batch)

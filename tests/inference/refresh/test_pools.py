@@ -1,0 +1,323 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from inference.refresh import pools
+from inference.refresh.pools import (
+    POOL_COLUMNS,
+    build_cooccurrence_similar,
+    build_new_items,
+    build_popular,
+    build_similar_items,
+    build_trending,
+    build_user_lists,
+    read_editorial,
+)
+
+NOW = 1_700_000_000
+HOUR, DAY = 3600, 86_400
+
+
+class BruteForce:
+    """Exact inner-product search over (ids, vectors); records (queries, k) of each call.
+
+    Past the catalogue it returns min(k, N) columns, like `inference.index`, or with ``pad``
+    k columns padded with id -1, like raw FAISS.
+    """
+
+    def __init__(self, ids: np.ndarray, vectors: np.ndarray, pad: bool = False):
+        self.ids, self.vectors, self.pad, self.calls = ids, vectors, pad, []
+
+    def __call__(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append((len(queries), k))
+        scores = queries @ self.vectors.T  # (B, N)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        width = k if self.pad else order.shape[1]
+        ids = np.full((len(queries), width), -1, dtype=np.int64)
+        out = np.full((len(queries), width), -np.inf, dtype=np.float32)
+        ids[:, :order.shape[1]] = self.ids[order]
+        out[:, :order.shape[1]] = np.take_along_axis(scores, order, axis=1)
+        return ids, out
+
+
+def _lists(pool: pd.DataFrame) -> dict[str, list[int]]:
+    return {name: group["item_id"].tolist() for name, group in pool.groupby("list", sort=False)}
+
+
+def _check_pool(pool: pd.DataFrame) -> None:
+    assert tuple(pool.columns) == POOL_COLUMNS
+    assert pool["item_id"].dtype == np.int64 and pool["score"].dtype == np.float32
+    assert not pool.duplicated(["list", "item_id"]).any()
+
+
+def _events(item_ids, timestamps) -> pd.DataFrame:
+    n = len(item_ids)
+    return pd.DataFrame(
+        {
+            "user_id": np.arange(n),
+            "item_id": np.asarray(item_ids, dtype=np.int64),
+            "timestamp": np.asarray(timestamps, dtype=np.int64),
+            "label": np.ones(n, np.float32),
+        }
+    )
+
+
+def test_popular_decay_halves_a_count_after_each_half_life():
+    h = 6 * HOUR
+    events = _events([1, 2, 3, 3, 4, 5], [NOW, NOW - h, NOW - 2 * h, NOW - 2 * h, NOW - 3 * h, NOW + 60])
+    pool = build_popular(events, NOW, h, k=10)
+    _check_pool(pool)
+    assert pool["list"].eq("popular").all()
+    # item 5 is after now: ignored; 2 and 3 tie at 0.5 and the smaller id ranks first
+    assert pool["item_id"].tolist() == [1, 2, 3, 4]
+    assert pool["score"].tolist() == [1.0, 0.5, 0.5, 0.125]
+    assert build_popular(events, NOW, h, k=2)["item_id"].tolist() == [1, 2]
+
+
+def test_popular_matches_a_pandas_reference():
+    rng = np.random.default_rng(0)
+    events = _events(rng.integers(0, 300, 5000), NOW - rng.integers(0, 30 * DAY, 5000))
+    half_life = 3 * DAY
+    reference = (
+        events.assign(w=0.5 ** ((NOW - events["timestamp"]) / half_life))
+        .groupby("item_id")["w"]
+        .sum()
+        .sort_values(ascending=False)
+        .head(20)
+    )
+    pool = build_popular(events, NOW, half_life, k=20)
+    assert pool["item_id"].tolist() == reference.index.tolist()
+    np.testing.assert_allclose(pool["score"], reference.to_numpy(), rtol=1e-6)
+
+
+def test_trending_ranks_a_planted_spike_first():
+    rng = np.random.default_rng(1)
+    # 100 items with a steady ~10 events a day over 29 days, item 7 with 60 extra in the last day,
+    # item 500 with a single event and nothing before it
+    steady = rng.integers(0, 100, 29_000)
+    steady_ts = NOW - rng.integers(0, 29 * DAY, 29_000)
+    items = np.concatenate([steady, np.full(60, 7), [500]])
+    times = np.concatenate([steady_ts, NOW - rng.integers(0, DAY, 60), [NOW - HOUR]])
+    pool = build_trending(_events(items, times), NOW, recent_s=DAY, baseline_s=28 * DAY, k=5)
+    _check_pool(pool)
+    assert pool["item_id"].iloc[0] == 7
+    assert pool["score"].iloc[0] > 3
+    assert (pool["score"] > 1).all() and pool["list"].eq("trending").all()
+    # the lone event scores (1 + prior) / prior and stays far below the spike
+    lone = build_trending(_events([500], [NOW - HOUR]), NOW, recent_s=DAY, baseline_s=28 * DAY, k=5)
+    assert lone["score"].tolist() == [np.float32(6 / 5)]
+
+
+def test_trending_score_follows_the_documented_formula():
+    # item 1: 3 recent, 8 baseline over a baseline 4x the recent window -> (3+2)/(8/4+2) = 1.25
+    # item 2: 1 recent, 8 baseline -> (1+2)/(2+2) < 1, not rising; item 3: only older than both windows
+    recent, baseline, older = NOW - HOUR, NOW - 2 * DAY, NOW - 6 * DAY
+    events = _events(
+        [1] * 3 + [1] * 8 + [2] + [2] * 8 + [3] * 5,
+        [recent] * 3 + [baseline] * 8 + [recent] + [baseline] * 8 + [older] * 5,
+    )
+    pool = build_trending(events, NOW, recent_s=DAY, baseline_s=4 * DAY, k=5, prior=2.0)
+    assert pool["item_id"].tolist() == [1]
+    assert pool["score"].tolist() == [np.float32(1.25)]
+
+
+def test_new_items_newest_first_within_max_age():
+    ids = np.array([10, 11, 12, 13, 14, 15])
+    first_seen = NOW - np.array([5, 100, 50, 101, -10, 50])
+    pool = build_new_items(ids, first_seen, NOW, max_age_s=100, k=10)
+    _check_pool(pool)
+    # 13 is one second too old, 14 is not out yet; 12 and 15 tie on age
+    assert pool["item_id"].tolist() == [10, 12, 15, 11]
+    np.testing.assert_allclose(pool["score"], [0.95, 0.5, 0.5, 0.0])
+    assert build_new_items(ids, first_seen, NOW, max_age_s=100, k=2)["item_id"].tolist() == [10, 12]
+    with pytest.raises(ValueError, match=r"first_seen is missing for 1 items, e.g. \[11\]"):
+        build_new_items(ids, np.where(ids == 11, np.nan, first_seen), NOW, 100, k=2)
+    with pytest.raises(ValueError, match="first_seen has shape"):
+        build_new_items(ids, first_seen[:3], NOW, 100, k=2)
+
+
+def test_similar_items_exclude_self_and_match_brute_force():
+    rng = np.random.default_rng(2)
+    ids = rng.permutation(10_000)[:300].astype(np.int64)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    search = BruteForce(ids, vectors)
+    pool = build_similar_items(ids, vectors, search, k=5, batch_size=64)
+    _check_pool(pool)
+    sims = vectors @ vectors.T
+    np.fill_diagonal(sims, -np.inf)
+    expected = {f"similar:{i}": ids[np.argsort(-row)[:5]].tolist() for i, row in zip(ids, sims, strict=True)}
+    assert _lists(pool) == expected
+    assert list(_lists(pool)) == [f"similar:{i}" for i in ids]  # lists follow item_ids
+    np.testing.assert_allclose(pool["score"], np.sort(sims, axis=1)[:, ::-1][:, :5].ravel(), rtol=1e-5)
+    assert max(b for b, _ in search.calls) <= 64
+
+
+def test_user_lists_exclude_seen_items_and_still_hold_n():
+    rng = np.random.default_rng(3)
+    item_ids = np.arange(100, 400, dtype=np.int64)
+    items = rng.standard_normal((300, 8)).astype(np.float32)
+    user_ids = np.arange(50, dtype=np.int64) * 7
+    users = rng.standard_normal((50, 8)).astype(np.float32)
+    # each user has seen a varying number of their own best items, so a plain top-n would be all seen
+    best = np.argsort(-(users @ items.T), axis=1)
+    seen = pd.DataFrame(
+        [(u, item_ids[j]) for u, row, m in zip(user_ids, best, rng.integers(0, 40, 50), strict=True) for j in row[:m]]
+        + [(9999, 100)],
+        columns=["user_id", "item_id"],
+    )
+    search = BruteForce(item_ids, items)
+    pool = build_user_lists(user_ids, users, search, seen, n=10, batch_size=16)
+    _check_pool(pool)
+    lists = _lists(pool)
+    assert list(lists) == [f"user:{u}" for u in user_ids]
+    for u, row in zip(user_ids, best, strict=True):
+        seen_by_u = set(seen.loc[seen["user_id"] == u, "item_id"])
+        reference = [i for i in item_ids[row] if i not in seen_by_u][:10]
+        assert lists[f"user:{u}"] == reference
+    assert max(b for b, _ in search.calls) <= 16
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_user_lists_refetch_past_ineligible_items_and_stop_when_the_index_runs_out(pad):
+    rng = np.random.default_rng(4)
+    item_ids = np.arange(200, dtype=np.int64)
+    items = rng.standard_normal((200, 4)).astype(np.float32)
+    users = rng.standard_normal((3, 4)).astype(np.float32)
+    eligible = item_ids[item_ids % 10 == 0]  # 20 items
+    # user 2 has seen all but 3 eligible items
+    seen = pd.DataFrame({"user_id": 2, "item_id": eligible[3:]})
+    search = BruteForce(item_ids, items, pad)
+    pool = build_user_lists(np.arange(3), users, search, seen, n=8, eligible=eligible)
+    lists = _lists(pool)
+    order = np.argsort(-(users @ items.T), axis=1)
+    for u in (0, 1):
+        assert lists[f"user:{u}"] == [i for i in item_ids[order[u]] if i % 10 == 0][:8]
+    assert sorted(lists["user:2"]) == eligible[:3].tolist()
+    assert max(k for _, k in search.calls) >= 200  # it doubled k until the index ran out
+
+
+def test_cooccurrence_finds_a_planted_pair():
+    rng = np.random.default_rng(5)
+    background = pd.DataFrame({"user_id": rng.integers(0, 400, 3000), "item_id": rng.integers(0, 200, 3000)})
+    pair_users = np.arange(1000, 1030)
+    planted = pd.DataFrame({"user_id": np.repeat(pair_users, 2), "item_id": np.tile([500, 501], 30)})
+    noise = pd.DataFrame({"user_id": pair_users, "item_id": rng.integers(0, 200, 30)})
+    events = pd.concat([background, planted, noise], ignore_index=True)
+    events["timestamp"] = np.arange(len(events))
+    pool = build_cooccurrence_similar(events, k=5)
+    _check_pool(pool)
+    lists = _lists(pool)
+    assert lists["similar:500"][0] == 501 and lists["similar:501"][0] == 500
+    assert pool.loc[pool["list"] == "similar:500", "score"].iloc[0] == 1.0
+
+
+def _dense_cosine_reference(events: pd.DataFrame, k: int) -> dict[str, list[int]]:
+    x = pd.crosstab(events["user_id"], events["item_id"]).clip(upper=1)
+    ids, m = x.columns.to_numpy(), x.to_numpy(dtype=np.float64)
+    counts = m.T @ m
+    norm = np.sqrt(np.outer(m.sum(0), m.sum(0)))
+    cosine = np.where(counts > 0, counts / norm, -1.0)
+    np.fill_diagonal(cosine, -1.0)
+    out = {}
+    for i, row in zip(ids, cosine, strict=True):
+        order = np.lexsort((ids, -row))
+        out[f"similar:{i}"] = [ids[j] for j in order[:k] if row[j] > 0]
+    return {name: items for name, items in out.items() if items}
+
+
+def test_cooccurrence_matches_dense_cosine_in_small_blocks(monkeypatch):
+    rng = np.random.default_rng(6)
+    events = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 60, 600),
+            "item_id": rng.integers(0, 80, 600) * 3,
+            "timestamp": rng.integers(0, 1000, 600),
+        }
+    )
+    reference = _dense_cosine_reference(events, k=4)
+    assert _lists(build_cooccurrence_similar(events, k=4)) == reference
+    monkeypatch.setattr(pools, "PAIR_BUDGET", 50)  # many blocks of a few items each
+    shapes = []
+    csr = pools._csr
+    monkeypatch.setattr(pools, "_csr", lambda rows, cols, shape: shapes.append(shape) or csr(rows, cols, shape))
+    assert _lists(build_cooccurrence_similar(events, k=4)) == reference
+    blocks = [rows for rows, _ in shapes[1:]]  # shapes[0] is the user x item matrix, then (block items, users)
+    assert len(blocks) > 10 and sum(blocks) == events["item_id"].nunique()
+
+
+def test_cooccurrence_keeps_only_each_users_recent_history():
+    # user 0 saw 1, then 2, then 3: with a history of 2, item 1 shares no user with 2 or 3
+    events = pd.DataFrame({"user_id": [0, 0, 0, 1, 1], "item_id": [1, 2, 3, 1, 4], "timestamp": [1, 2, 3, 1, 2]})
+    assert _lists(build_cooccurrence_similar(events, k=5, max_history=2)) == {
+        "similar:1": [4],
+        "similar:2": [3],
+        "similar:3": [2],
+        "similar:4": [1],
+    }
+    assert _lists(build_cooccurrence_similar(events, k=5))["similar:1"] == [2, 3, 4]
+
+
+def _write(tmp_path, text: str, name: str = "editorial.csv"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_editorial_keeps_file_order_or_score_order(tmp_path):
+    known = np.arange(100)
+    pool = read_editorial(_write(tmp_path, "item_id\n42\n\n7\n13\n"), known)
+    _check_pool(pool)
+    assert pool["item_id"].tolist() == [42, 7, 13] and pool["list"].eq("editorial").all()
+    np.testing.assert_allclose(pool["score"], [1, 2 / 3, 1 / 3])
+    scored = read_editorial(_write(tmp_path, "item_id,score\n42,0.5\n7,0.9\n13,0.5\n"), known, eligible=[7, 42])
+    assert scored["item_id"].tolist() == [7, 42] and scored["score"].tolist() == [np.float32(0.9), 0.5]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty editorial file"),
+        ("item_id\n", "line 1: a header but no items"),
+        ("id,score\n1,2\n", "line 1: header 'id,score'"),
+        ("item_id\n1\n\nabc\n", "line 4: item_id 'abc' is not an integer"),
+        ("item_id\n1\n2\n3\n99999\n", "line 5: item_id 99999 is not a known item"),
+        ("item_id,score\n1,0.5\n2\n", r"line 3: expected 2 fields \(item_id,score\), got 1"),
+        ("item_id,score\n1,high\n", "line 2: score 'high' is not a number"),
+        ("item_id,score\n1,nan\n", "line 2: score 'nan' is not a finite number"),
+        ("item_id\n5\n6\n5\n", "line 4: item_id 5 repeats line 2"),
+    ],
+)
+def test_editorial_errors_name_the_file_and_line(tmp_path, text, message):
+    path = _write(tmp_path, text)
+    with pytest.raises(ValueError, match=message) as e:
+        read_editorial(path, np.arange(100))
+    assert str(e.value).startswith(str(path))
+
+
+def test_bad_arguments_name_the_value():
+    events = _events([1, 2], [NOW, NOW])
+    with pytest.raises(ValueError, match="k must be an integer > 0, got 0"):
+        build_popular(events, NOW, 10.0, k=0)
+    with pytest.raises(ValueError, match="half_life_s must be > 0, got 0"):
+        build_popular(events, NOW, 0, k=5)
+    with pytest.raises(ValueError, match="baseline_s must be > 0, got -1"):
+        build_trending(events, NOW, 10, -1, k=5)
+    with pytest.raises(ValueError, match="interactions is missing column 'timestamp'"):
+        build_popular(events.drop(columns="timestamp"), NOW, 10.0, k=5)
+    with pytest.raises(ValueError, match="interactions is missing column 'user_id'"):
+        build_cooccurrence_similar(events.drop(columns="user_id"), k=5)
+    with pytest.raises(ValueError, match="max_age_s must be > 0"):
+        build_new_items(np.array([1]), np.array([NOW]), NOW, 0, k=5)
+    vectors = np.ones((2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"item_ids repeats ids, e.g. \[4\]"):
+        build_similar_items(np.array([4, 4]), vectors, BruteForce(np.array([1, 2]), vectors), k=1)
+    with pytest.raises(ValueError, match=r"user_vectors has shape \(2, 3\); expected \(3, D\)"):
+        build_user_lists(np.arange(3), vectors, BruteForce(np.array([1, 2]), vectors), events, n=1)
+    with pytest.raises(ValueError, match="seen is missing column 'item_id'"):
+        build_user_lists(np.arange(2), vectors, BruteForce(np.array([1, 2]), vectors), events[["user_id"]], n=1)
+
+    def wide_search(queries, k):
+        return np.zeros((len(queries), k + 1), dtype=np.int64), np.zeros((len(queries), k + 1), dtype=np.float32)
+
+    with pytest.raises(ValueError, match=r"search returned ids \(2, 3\) .* expected \(2, at most 2\)"):
+        build_similar_items(np.array([1, 2]), vectors, wide_search, k=1)

@@ -1,0 +1,406 @@
+"""The online store: one set of behaviour tests run against both backends, then Redis versions and failures."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+
+from inference.store import (
+    EmbeddedStore,
+    RedisStore,
+    StoreError,
+    StoreUnavailable,
+    delete_version,
+    load_snapshot_into_redis,
+    write_snapshot,
+)
+
+FAILURE_TIMEOUT_S = 0.3
+MARGIN_S = 0.5  # scheduling slack on a shared 2-core machine
+BIG_ID = 2**40
+
+
+def make_users() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": np.array([42, 7, 1_000_000_007], dtype=np.int64),
+            "age": [31, 25, 60],
+            "country": ["fr", "de", "日本"],
+            "activity": [0.1, 2.5, np.nan],
+            "weight": np.array([0.3, 1.0, -2.5], dtype=np.float32),
+            "recent": [[5, 3], [], [1]],
+            "premium": [True, False, True],
+        }
+    )
+
+
+def make_items(title_suffix: str = "") -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "item_id": np.array([10, 3, 5, 8, 1, BIG_ID], dtype=np.int64),
+            "genres": [[1, 4], [2], [], [0, 1, 2], [7], [3]],
+            "title": [f"{t}{title_suffix}" for t in ("Heat", "Alien", "Fargo", "Brazil", "Up", "Big")],
+            "price": np.array([9.99, 0.1, 3.5, 12.0, 1e-8, 7.25], dtype=np.float32),
+            "year": pd.array([1995, 1979, None, 1985, 2009, 1988], dtype="Int64"),
+            "available": [True, True, False, True, False, True],
+        }
+    )
+
+
+def make_lists(popular: tuple[int, ...] = (3, 10, 5)) -> pd.DataFrame:
+    rows = [("popular", item, score) for item, score in zip(popular, (0.9, 0.5, 0.1), strict=True)]
+    rows += [("similar:3", 5, 2.0), ("user:42", 1, -1.5), ("similar:3", 8, 1.0)]  # lists interleave
+    return pd.DataFrame(rows, columns=["list", "item_id", "score"])
+
+
+@pytest.fixture
+def snapshot_dir(tmp_path):
+    directory = tmp_path / "v1"
+    directory.mkdir()
+    write_snapshot(directory, make_users(), make_items(), make_lists())
+    return directory
+
+
+@pytest.fixture(params=["embedded", "redis"])
+def open_store(request):
+    """Opens snapshots as stores of one backend; the Redis one loads them into a private server first."""
+    opened = []
+
+    def open_(directory, version: str):
+        if request.param == "embedded":
+            store = EmbeddedStore.open(directory, version)
+        else:
+            server = request.getfixturevalue("redis_server")
+            load_snapshot_into_redis(directory, server.host, server.port, version)
+            store = RedisStore(server.host, server.port, version, timeout_s=2.0)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(open_store, snapshot_dir):
+    return open_store(snapshot_dir, "v1")
+
+
+def assert_rows_match(rows, items: pd.DataFrame, requested: np.ndarray) -> None:
+    """Checks item rows against pandas' own lookup of the same ids."""
+    reference = items.set_index("item_id").reindex(requested)
+    np.testing.assert_array_equal(rows.item_ids, requested)
+    np.testing.assert_array_equal(rows.found, np.isin(requested, items["item_id"]))
+    assert list(rows.features.columns) == list(reference.columns)
+    assert len(rows.features) == len(requested)
+    for column in reference.columns:
+        for i, (got, want) in enumerate(zip(rows.features[column], reference[column], strict=True)):
+            if not rows.found[i]:
+                assert got is None or pd.isna(got), (column, i, got)
+            elif isinstance(want, list):
+                np.testing.assert_array_equal(got, want)
+                assert np.asarray(got).dtype == np.int64
+            elif pd.isna(want):
+                assert pd.isna(got), (column, i, got)
+            else:
+                assert got == want, (column, i, got, want)
+
+
+def test_version(store):
+    assert store.version == "v1"
+
+
+def test_user_features_round_trip_with_types(store):
+    expected = {
+        "age": 31,
+        "country": "fr",
+        "activity": 0.1,
+        "weight": float(np.float32(0.3)),
+        "recent": [5, 3],
+        "premium": True,
+    }
+    got = store.user_features(np.int64(42))
+    assert got == expected
+    assert {k: type(v) for k, v in got.items()} == {k: type(v) for k, v in expected.items()}
+    assert store.user_features(1_000_000_007)["activity"] is None  # NaN is stored as missing
+    assert store.user_features(1_000_000_007)["country"] == "日本"
+    assert store.user_features(7)["recent"] == []
+
+
+def test_unknown_user_is_none(store):
+    assert store.user_features(8) is None
+    assert store.user_features(-1) is None
+
+
+def test_item_features_align_with_request(store):
+    requested = np.array([5, 999, 3, 5, BIG_ID, -1, 10, 0, BIG_ID + 1], dtype=np.int64)
+    rows = store.item_features(requested)
+    assert rows.found.tolist() == [True, False, True, True, True, False, True, False, False]
+    assert_rows_match(rows, make_items(), requested)
+    assert rows.features["title"].tolist()[:4] == ["Fargo", None, "Alien", "Fargo"]
+    dtypes = rows.features.dtypes.astype(str).to_dict()
+    assert dtypes == {
+        "genres": "object",
+        "title": "object",
+        "price": "float32",
+        "year": "Int64",
+        "available": "boolean",
+    }
+    assert rows.features["price"].iloc[0] == np.float32(3.5)
+    assert pd.isna(rows.features["year"].iloc[0])  # a known item with a missing value, unlike row 1
+
+
+def test_item_features_of_no_ids(store):
+    rows = store.item_features(np.zeros(0, dtype=np.int32))
+    assert rows.item_ids.dtype == np.int64 and rows.found.shape == (0,)
+    assert list(rows.features.columns) == ["genres", "title", "price", "year", "available"]
+    assert len(rows.features) == 0
+
+
+def test_item_features_match_pandas_on_a_random_catalogue(tmp_path, open_store):
+    rng = np.random.default_rng(0)
+    n = 2_000
+    items = pd.DataFrame(
+        {
+            "item_id": rng.choice(10 * n, n, replace=False).astype(np.int64),
+            "genres": [rng.integers(0, 19, rng.integers(0, 4)).tolist() for _ in range(n)],
+            "title": [f"t{i}" for i in range(n)],
+            "price": rng.random(n).astype(np.float32),
+            "year": pd.array(rng.integers(1920, 2020, n), dtype="Int64"),
+            "available": rng.random(n) < 0.5,
+        }
+    )
+    directory = tmp_path / "random"
+    directory.mkdir()
+    write_snapshot(directory, make_users(), items, make_lists())
+    requested = rng.integers(0, 10 * n, 3_000)
+    rows = open_store(directory, "random").item_features(requested)
+    assert 0 < rows.found.sum() < len(requested)
+    assert_rows_match(rows, items, requested)
+
+
+def test_lists_in_rank_order(store):
+    ids, scores = store.get_list("popular")
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(ids, [3, 10, 5])
+    np.testing.assert_array_equal(scores, np.float32([0.9, 0.5, 0.1]))
+    ids, scores = store.get_list("similar:3")
+    np.testing.assert_array_equal(ids, [5, 8])
+    np.testing.assert_array_equal(scores, np.float32([2.0, 1.0]))
+    with pytest.raises(ValueError, match="read-only"):
+        ids[0] = 99
+
+
+def test_unknown_list_is_empty(store):
+    ids, scores = store.get_list("trending")
+    assert ids.shape == scores.shape == (0,)
+    assert ids.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_put_list_then_get_list(store):
+    new_ids = np.array([BIG_ID, 1, 8], dtype=np.int64)
+    new_scores = np.array([3.0, 2.0, 0.1], dtype=np.float64)
+    store.put_list("popular", new_ids, new_scores)
+    store.put_list("editorial", np.array([10], dtype=np.int32), np.array([1.0]))
+    new_ids[0] = 0  # the store keeps its own copy
+    ids, scores = store.get_list("popular")
+    np.testing.assert_array_equal(ids, [BIG_ID, 1, 8])
+    np.testing.assert_array_equal(scores, np.float32([3.0, 2.0, 0.1]))
+    assert scores.dtype == np.float32
+    np.testing.assert_array_equal(store.get_list("editorial")[0], [10])
+    np.testing.assert_array_equal(store.get_list("similar:3")[0], [5, 8])  # other lists untouched
+
+
+def test_bad_requests_raise(store):
+    with pytest.raises(ValueError, match="expected a 1-D integer array"):
+        store.item_features(np.array([1.0, 2.0]))
+    with pytest.raises(ValueError, match="expected a 1-D integer array"):
+        store.item_features(np.array([[1, 2]]))
+    with pytest.raises(ValueError, match="expected one per id"):
+        store.put_list("popular", np.array([1, 2]), np.array([1.0]))
+    with pytest.raises(ValueError, match="non-empty str"):
+        store.put_list("", np.array([1]), np.array([1.0]))
+    with pytest.raises(TypeError):
+        store.user_features(4.5)
+
+
+def test_embedded_put_list_stays_in_memory(snapshot_dir):
+    store = EmbeddedStore.open(snapshot_dir, "v1")
+    store.put_list("popular", np.array([1], dtype=np.int64), np.array([1.0]))
+    np.testing.assert_array_equal(EmbeddedStore.open(snapshot_dir, "v1").get_list("popular")[0], [3, 10, 5])
+
+
+# Snapshot validation
+
+
+@pytest.mark.parametrize(
+    ("table", "frame", "message"),
+    [
+        ("users", make_users().drop(columns="user_id"), r"users: missing id column 'user_id'"),
+        (
+            "items",
+            pd.concat([make_items(), make_items().iloc[[1]]]),
+            r"items: column 'item_id' has duplicate ids \[3\]",
+        ),
+        (
+            "items",
+            make_items().astype({"item_id": "Int64"}).replace({3: None}),
+            r"items: column 'item_id' has null ids",
+        ),
+        (
+            "users",
+            make_users().astype({"user_id": float}),
+            r"users: column 'user_id' has dtype float64; expected integer",
+        ),
+        ("users", make_users()[["user_id"]], r"users: no feature columns besides 'user_id'"),
+        ("items", make_items().assign(added=pd.Timestamp("2024-01-01")), r"items: column 'added' has type timestamp"),
+        ("items", make_items().assign(mixed=[1, "a", 2, 3, 4, 5]), r"items: column 'mixed' cannot be stored"),
+        ("lists", make_lists().drop(columns="score"), r"lists: missing column 'score'"),
+        ("lists", make_lists().replace({"popular": None}), r"lists: column 'list' has null values at rows \[0, 1, 2\]"),
+        ("lists", make_lists().astype({"item_id": float}), r"lists: column 'item_id' has dtype float64"),
+        ("lists", make_lists().replace({"popular": 7}), r"lists: column 'list' holds mixed-integer; expected str"),
+    ],
+)
+def test_write_snapshot_rejects_bad_tables(tmp_path, table, frame, message):
+    tables = {"users": make_users(), "items": make_items(), "lists": make_lists(), table: frame}
+    with pytest.raises(ValueError, match=message):
+        write_snapshot(tmp_path, **tables)
+    assert list(tmp_path.iterdir()) == []  # nothing written when any table is bad
+
+
+def test_bad_version_and_missing_directory_raise(tmp_path, snapshot_dir):
+    with pytest.raises(ValueError, match="version 'v:1'"):
+        EmbeddedStore.open(snapshot_dir, "v:1")
+    with pytest.raises(ValueError, match="does not exist"):
+        write_snapshot(tmp_path / "absent", make_users(), make_items(), make_lists())
+    with pytest.raises(ValueError, match="timeout_s=0"):
+        RedisStore("127.0.0.1", 1, "v1", timeout_s=0)
+
+
+# Redis versions
+
+
+def redis_keys(server, version: str) -> list[bytes]:
+    with redis.Redis(server.host, server.port) as client:
+        return list(client.scan_iter(match=f"recstack:{version}:*"))
+
+
+def test_redis_refuses_an_incomplete_version(redis_server, snapshot_dir):
+    host, port = redis_server.host, redis_server.port
+    message = r"version 'v1' is not complete in redis at .* \(no key 'recstack:v1:complete'\)"
+    with pytest.raises(StoreError, match=message):
+        RedisStore(host, port, "v1")
+    load_snapshot_into_redis(snapshot_dir, host, port, "v1")
+    with redis.Redis(host, port) as client:
+        client.delete("recstack:v1:complete")  # as if the load had crashed before its last write
+    with pytest.raises(StoreError, match="not complete"):
+        RedisStore(host, port, "v1")
+
+
+def test_redis_reload_clears_leftovers_and_refuses_a_complete_version(redis_server, snapshot_dir):
+    host, port = redis_server.host, redis_server.port
+    with redis.Redis(host, port) as client:
+        client.set("recstack:v1:item:12345", "[]")  # left by a crashed load
+    load_snapshot_into_redis(snapshot_dir, host, port, "v1")
+    assert b"recstack:v1:item:12345" not in redis_keys(redis_server, "v1")
+    assert not RedisStore(host, port, "v1").item_features(np.array([12345])).found[0]
+    with pytest.raises(StoreError, match="already complete"):
+        load_snapshot_into_redis(snapshot_dir, host, port, "v1")
+
+
+def test_redis_versions_side_by_side_and_delete(redis_server, snapshot_dir, tmp_path):
+    host, port = redis_server.host, redis_server.port
+    v2_dir = tmp_path / "v2"
+    v2_dir.mkdir()
+    write_snapshot(v2_dir, make_users().iloc[:1], make_items(" II"), make_lists(popular=(8, 1, BIG_ID)))
+    load_snapshot_into_redis(snapshot_dir, host, port, "v1")
+    v1 = RedisStore(host, port, "v1")
+    load_snapshot_into_redis(v2_dir, host, port, "v2")  # while v1 is open
+    v2 = RedisStore(host, port, "v2")
+
+    assert v1.item_features(np.array([3])).features["title"].tolist() == ["Alien"]
+    assert v2.item_features(np.array([3])).features["title"].tolist() == ["Alien II"]
+    assert v1.user_features(7) is not None and v2.user_features(7) is None
+    np.testing.assert_array_equal(v2.get_list("popular")[0], [8, 1, BIG_ID])
+    v2.put_list("similar:3", np.array([1]), np.array([1.0]))
+    np.testing.assert_array_equal(v1.get_list("popular")[0], [3, 10, 5])
+    np.testing.assert_array_equal(v1.get_list("similar:3")[0], [5, 8])
+
+    delete_version(host, port, "v1")
+    assert redis_keys(redis_server, "v1") == []
+    for call in (lambda: v1.get_list("popular"), lambda: v1.user_features(42), lambda: v1.item_features(np.array([3]))):
+        with pytest.raises(StoreError, match="not complete"):
+            call()
+    with pytest.raises(StoreError, match="not complete"):
+        v1.put_list("popular", np.array([1]), np.array([1.0]))
+    assert redis_keys(redis_server, "v1") == []  # put_list did not bring the version back
+    with pytest.raises(StoreError, match="not complete"):
+        RedisStore(host, port, "v1")
+    assert v2.item_features(np.array([3])).features["title"].tolist() == ["Alien II"]
+    v1.close()
+    v2.close()
+
+
+# Redis failures
+
+
+def calls(store):
+    """Each store call with its operation name, the way the error must report it."""
+    return [
+        ("user_features", lambda: store.user_features(42)),
+        ("item_features", lambda: store.item_features(np.array([3, 5]))),
+        ("get_list", lambda: store.get_list("popular")),
+        ("put_list", lambda: store.put_list("popular", np.array([1]), np.array([1.0]))),
+    ]
+
+
+def assert_unavailable_in_time(call, operation: str, where: str, at_least_s: float = 0.0) -> None:
+    start = time.monotonic()
+    with pytest.raises(StoreUnavailable) as raised:
+        call()
+    elapsed = time.monotonic() - start
+    assert at_least_s <= elapsed < FAILURE_TIMEOUT_S + MARGIN_S, (operation, elapsed)
+    assert where in str(raised.value) and operation in str(raised.value)
+
+
+def test_redis_killed_server_raises_store_unavailable(redis_server, snapshot_dir):
+    host, port = redis_server.host, redis_server.port
+    where = f"{host}:{port}"
+    load_snapshot_into_redis(snapshot_dir, host, port, "v1")
+    store = RedisStore(host, port, "v1", timeout_s=FAILURE_TIMEOUT_S)
+    assert store.user_features(42)["age"] == 31
+    os.kill(redis_server.process.pid, signal.SIGKILL)
+    redis_server.process.wait()
+    for operation, call in calls(store):
+        assert_unavailable_in_time(call, operation, where)
+    assert_unavailable_in_time(lambda: RedisStore(host, port, "v1", timeout_s=FAILURE_TIMEOUT_S), "open", where)
+    assert_unavailable_in_time(
+        lambda: delete_version(host, port, "v1", timeout_s=FAILURE_TIMEOUT_S), "delete_version", where
+    )
+    assert_unavailable_in_time(
+        lambda: load_snapshot_into_redis(snapshot_dir, host, port, "v2", timeout_s=FAILURE_TIMEOUT_S),
+        "load_snapshot_into_redis",
+        where,
+    )
+    store.close()
+
+
+def test_redis_paused_server_times_out_then_recovers(redis_server, snapshot_dir):
+    host, port = redis_server.host, redis_server.port
+    where = f"{host}:{port}"
+    load_snapshot_into_redis(snapshot_dir, host, port, "v1")
+    store = RedisStore(host, port, "v1", timeout_s=FAILURE_TIMEOUT_S)
+    assert store.get_list("popular")[0].tolist() == [3, 10, 5]
+    os.kill(redis_server.process.pid, signal.SIGSTOP)
+    try:
+        for operation, call in calls(store):
+            assert_unavailable_in_time(call, operation, where, at_least_s=0.9 * FAILURE_TIMEOUT_S)
+    finally:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+    assert store.user_features(42)["age"] == 31
+    np.testing.assert_array_equal(store.item_features(np.array([3, 999])).found, [True, False])
+    store.close()
