@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from recstack import __version__, triton_cli
+from recstack import __version__, refresh_cli, triton_cli
 
 SOURCES = ("ml-100k", "movielens", "obd", "synthetic", "files")
 
@@ -80,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
         sub.set_defaults(run=run)
 
+    refresh_cli.add_commands(commands)
     triton_cli.add_commands(commands)
     return parser
 

@@ -1,0 +1,387 @@
+"""The refresh job behind `recstack refresh`: one new artefact version, built and published.
+
+A version holds, under its directory (see `artifacts`):
+
+    models/       TorchScript query tower and rankers, their interfaces, encoders.json
+    embeddings/   item vectors as parquet shards, and catalogue.parquet (item_id, feature_hash)
+    index/        the FAISS item index over the eligible items
+    store/        the store snapshot: users, items, and every candidate list
+    manifest.json lineage, counts, index recall, when each part was built, checksums
+
+`refresh` runs the steps in order: `export_step`, `index_step`, `pools_step`, `store_step`,
+then `publish_step`, which verifies checksums and smoke-tests the version before the pointer
+switch. A failure or a kill at any step leaves the previous version published.
+
+An items table may carry ``created_at`` (the "new" list ranks by it; otherwise by first
+interaction) and ``removed_at`` (an item removed at or before ``now`` leaves the index and
+every list; negative means never).
+
+A full refresh rebuilds everything. An incremental one starts from the published version: it
+re-embeds only new items and items whose features changed, removes deleted and now
+ineligible items from the index, and rebuilds each candidate list whose cadence is due
+(``cadence_s`` per list kind), carrying the others over without the removed items. When the
+models changed since that version, it does a full refresh instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from data.dataset import read_dataset
+from data.encoders import recent_items
+from inference.export import (
+    TrainedRun,
+    export_item_embeddings,
+    export_models,
+    load_run,
+    read_item_embeddings,
+    run_version,
+    write_embedding_shard,
+)
+from inference.index import build_index_with_recall, choose_params, load_index, measure_recall, save_index
+from inference.refresh import pools
+from inference.refresh.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
+from inference.refresh.rules import Rules, apply_rules, load_rules
+from inference.store import EmbeddedStore, write_snapshot
+
+log = logging.getLogger(__name__)
+
+LIST_KINDS = ("popular", "trending", "new", "editorial", "similar", "user")
+SHARD_ROWS = 262_144  # rows per embedding shard an incremental refresh writes
+RECALL_QUERIES = 200  # query-tower outputs the index's recall is measured on
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PoolOptions(_Strict):
+    popular_k: int = Field(500, ge=1)
+    half_life_s: float = Field(7 * 86400, gt=0)
+    trending_k: int = Field(200, ge=1)
+    trending_recent_s: float = Field(86400, gt=0)
+    trending_baseline_s: float = Field(30 * 86400, gt=0)
+    new_k: int = Field(200, ge=1)
+    new_max_age_s: float = Field(30 * 86400, gt=0)
+    similar_k: int = Field(50, ge=1)
+    similar_items: int = Field(10_000, ge=0)  # lists for this many of the most popular items
+    user_n: int = Field(100, ge=1)
+    editorial: Path | None = None  # CSV: item_id,score
+
+
+class RefreshConfig(_Strict):
+    """A YAML refresh config (see configs/refresh.yaml); every field has a default."""
+
+    retrieval: str = "two_tower"  # run directory under --models with the two-tower model
+    rankers: list[str] = ["deepfm", "dlrm", "linear"]  # ranker run directories under --models
+    target_recall: float = Field(0.95, gt=0, le=1)
+    index: dict = {}  # IndexParams fields overriding what choose_params picks
+    pools: PoolOptions = PoolOptions()
+    rules: list[dict] = []  # static eligibility rules, as in a rules file (inference.refresh.rules)
+    cadence_s: dict[str, float] = {kind: 0 for kind in LIST_KINDS}  # rebuild a list kind when older
+    retention: int = Field(5, ge=1)
+    accelerator: str = "cpu"
+    devices: int = Field(1, ge=1)
+
+
+def load_refresh_config(path: Path | None) -> RefreshConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) if path else {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {e}") from e
+    config = RefreshConfig.model_validate(raw or {})
+    unknown = sorted(set(config.cadence_s) - set(LIST_KINDS))
+    if unknown:
+        raise ValueError(f"{path}: cadence_s names {unknown}; expected list kinds {LIST_KINDS}")
+    return config
+
+
+@dataclass
+class Inputs:
+    """What one refresh reads: the dataset, the trained runs, the config, and the parent version."""
+
+    data_dir: Path
+    interactions: pd.DataFrame  # positive rows only
+    users: pd.DataFrame
+    items: pd.DataFrame
+    retrieval: TrainedRun
+    rankers: dict[str, Path]
+    config: RefreshConfig
+    rules: Rules
+    now: int
+    parent: Path | None  # the published version an incremental refresh starts from
+
+
+def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig, incremental: bool = False,
+            now: int | None = None) -> dict:
+    """Builds and publishes a new version under ``root``; returns its manifest."""
+    inputs = read_inputs(data_dir, models_dir, root, config, incremental, now)
+    artifacts = ArtifactRoot(root)
+    started = time.time()
+    with artifacts.build() as (version, staging):
+        manifest = {"version": version, "parent": inputs.parent.name if inputs.parent else None,
+                    "mode": "incremental" if inputs.parent else "full", "created_at": started,
+                    "now": inputs.now, "data": str(Path(data_dir).resolve())}
+        manifest["models"] = export_step(inputs, staging)
+        manifest["catalogue"], eligible, delta = embeddings_step(inputs, staging)
+        manifest["index"] = index_step(inputs, staging, delta)
+        manifest["lists"], lists = pools_step(inputs, staging, eligible, started)
+        store_step(inputs, staging, lists)
+        manifest["seconds"] = round(time.time() - started, 3)
+        manifest = write_manifest(staging, manifest)
+    publish_step(artifacts, version)
+    artifacts.prune(config.retention)
+    return manifest
+
+
+def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig, incremental: bool,
+                now: int | None) -> Inputs:
+    """Reads and checks everything before any file is written."""
+    dataset = read_dataset(data_dir)
+    label = dataset.schema.label
+    positives = dataset.interactions
+    if label in positives.columns:
+        positives = positives[positives[label] > 0]
+    runs = {name: Path(models_dir) / name for name in [config.retrieval, *config.rankers]}
+    missing = [str(p) for p in runs.values() if not (p / "run.json").is_file()]
+    if missing:
+        raise ValueError(f"--models {models_dir}: no training run in {missing}")
+    retrieval = load_run(runs[config.retrieval])
+    parent = None
+    if incremental:
+        current = ArtifactRoot(root).current()
+        if current is None:
+            log.warning("no published version under %s: doing a full refresh", root)
+        else:
+            parent = ArtifactRoot(root).path(current)
+            versions = {name: run_version(path) for name, path in runs.items()}
+            if read_manifest(parent)["models"] != versions:
+                log.warning("models changed since %s: doing a full refresh", current)
+                parent = None
+    return Inputs(Path(data_dir), positives, dataset.users, dataset.items, retrieval,
+                  {n: runs[n] for n in config.rankers}, config, load_rules({"rules": config.rules}),
+                  int(positives["timestamp"].max()) if now is None else now, parent)
+
+
+def export_step(inputs: Inputs, staging: Path) -> dict[str, str]:
+    """TorchScript query tower and rankers into ``models/`` (hard links when unchanged); their versions."""
+    runs = {"query_tower": inputs.retrieval.directory, **inputs.rankers}
+    if inputs.parent is not None:
+        for path in (inputs.parent / "models").iterdir():
+            link_or_copy(path, staging / "models" / path.name)
+    else:
+        export_models(runs, staging / "models")
+    return {inputs.config.retrieval: inputs.retrieval.version,
+            **{name: run_version(path) for name, path in inputs.rankers.items()}}
+
+
+@dataclass
+class Delta:
+    """An incremental refresh's change to the index: ids to remove, then ids and vectors (N, D) to add."""
+
+    removed: np.ndarray
+    added: np.ndarray
+    vectors: np.ndarray
+
+
+def embeddings_step(inputs: Inputs, staging: Path) -> tuple[dict, np.ndarray, Delta | None]:
+    """Item vectors of the eligible items into ``embeddings/``: all of them, or, incrementally, the
+    parent's vectors with new and changed items re-embedded. Returns (counts, eligible ids, the
+    delta for the parent's index, None in a full refresh)."""
+    eligible, removed = apply_rules(_live_items(inputs), inputs.rules)
+    items = inputs.items[inputs.items["item_id"].isin(eligible)]
+    hashes = _feature_hashes(items)
+    out, counts = staging / "embeddings", {"items": len(items), "ineligible": len(removed)}
+    export = {"accelerator": inputs.config.accelerator, "devices": inputs.config.devices}
+    if inputs.parent is None:
+        export_item_embeddings(inputs.retrieval, items, out, **export)
+        hashes.to_parquet(out / "catalogue.parquet", index=False)
+        return counts, eligible, None
+    old = pd.read_parquet(inputs.parent / "embeddings" / "catalogue.parquet")
+    unchanged = hashes.merge(old, on=["item_id", "feature_hash"])["item_id"].to_numpy()
+    stale = ~hashes["item_id"].isin(unchanged).to_numpy()  # new, or features changed
+    old_ids, old_vectors, version = read_item_embeddings(inputs.parent / "embeddings")
+    keep = np.isin(old_ids, unchanged)
+    new_ids, new_vectors = np.zeros(0, np.int64), np.zeros((0, old_vectors.shape[1]), np.float32)
+    if stale.any():
+        delta_dir = staging / "delta"
+        export_item_embeddings(inputs.retrieval, items[stale], delta_dir, **export)
+        new_ids, new_vectors, _ = read_item_embeddings(delta_dir)
+        shutil.rmtree(delta_dir)
+    ids, vectors = np.concatenate([old_ids[keep], new_ids]), np.concatenate([old_vectors[keep], new_vectors])
+    out.mkdir()
+    for shard, start in enumerate(range(0, len(ids), SHARD_ROWS)):
+        write_embedding_shard(out / f"part-000-{shard:06d}.parquet", ids[start:start + SHARD_ROWS],
+                              vectors[start:start + SHARD_ROWS], version)
+    hashes.to_parquet(out / "catalogue.parquet", index=False)
+    counts.update(reembedded=int(stale.sum()), new=int((~hashes["item_id"].isin(old["item_id"])).sum()),
+                  dropped=int((~np.isin(old_ids, ids)).sum()))
+    return counts, eligible, Delta(old_ids[~keep], new_ids, new_vectors)
+
+
+def index_step(inputs: Inputs, staging: Path, delta: Delta | None) -> dict:
+    """The item index into ``index/``: built from the embeddings, or the parent's index with the
+    delta applied; its info, with recall against exact search on query-tower outputs."""
+    ids, vectors, _ = read_item_embeddings(staging / "embeddings")
+    queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])
+    if delta is None:
+        params = choose_params(len(ids), vectors.shape[1], inputs.config.target_recall)
+        index = build_index_with_recall(ids, vectors, dataclasses.replace(params, **inputs.config.index), queries)
+    else:
+        index = load_index(inputs.parent / "index")
+        index.remove(delta.removed)
+        index.add(delta.added, delta.vectors)
+        index.recall = measure_recall(index, ids, vectors, queries)
+    save_index(index, staging / "index")
+    return index.info()
+
+
+def pools_step(inputs: Inputs, staging: Path, eligible: np.ndarray, started: float) -> tuple[dict, pd.DataFrame]:
+    """Every candidate list, each kind rebuilt when its cadence is due (always in a full refresh) and
+    otherwise carried over from the parent without ineligible items; ({kind: built_at, rows}, lists)."""
+    parent_lists = parent_built = None
+    if inputs.parent is not None:
+        parent_lists = pd.read_parquet(inputs.parent / "store" / "lists.parquet")
+        parent_built = read_manifest(inputs.parent)["lists"]
+    built, frames = {}, []
+    for kind in LIST_KINDS:
+        due = parent_lists is None or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0)
+        if due:
+            frame, built_at = _build_list(kind, inputs, staging, eligible), started
+        else:
+            kind_rows = parent_lists["list"].str.partition(":")[0] == kind
+            frame = parent_lists[kind_rows & parent_lists["item_id"].isin(eligible)]
+            built_at = parent_built[kind]["built_at"]
+        built[kind] = {"built_at": built_at, "rows": len(frame), "rebuilt": due}
+        frames.append(frame)
+    return built, pd.concat(frames, ignore_index=True)
+
+
+def store_step(inputs: Inputs, staging: Path, lists: pd.DataFrame) -> None:
+    """The store snapshot into ``store/``: user and item features, and the lists."""
+    (staging / "store").mkdir()
+    write_snapshot(staging / "store", inputs.users, inputs.items, lists)
+
+
+def publish_step(artifacts: ArtifactRoot, version: str) -> None:
+    artifacts.publish(version, smoke=open_version)
+
+
+@dataclass
+class ServingVersion:
+    """What a server needs from one version, loaded."""
+
+    directory: Path
+    manifest: dict
+    store: EmbeddedStore
+    index: object  # inference.index.ItemIndex
+    query_tower: torch.jit.ScriptModule
+
+
+def open_version(directory: Path) -> ServingVersion:
+    """Loads a version and runs a smoke query (an item's neighbours, the popular list); raises if
+    anything is missing or answers nothing. `LiveArtifacts` uses it as its loader."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    store = EmbeddedStore.open(directory / "store", manifest["version"])
+    index = load_index(directory / "index")
+    query_tower = torch.jit.load(str(directory / "models" / "query_tower.pt"))
+    ids, vectors, _ = read_item_embeddings(directory / "embeddings")
+    found, _ = index.search(vectors[:1], 10)
+    if found.shape[1] == 0:
+        raise ValueError(f"{directory}: smoke query found no items in the index")
+    if len(store.get_list("popular")[0]) == 0:
+        raise ValueError(f"{directory}: smoke query found an empty popular list")
+    return ServingVersion(directory, manifest, store, index, query_tower)
+
+
+def _build_list(kind: str, inputs: Inputs, staging: Path, eligible: np.ndarray) -> pd.DataFrame:
+    opts, rows, now = inputs.config.pools, inputs.interactions, inputs.now
+    if kind == "popular":
+        return pools.build_popular(rows, now, opts.half_life_s, opts.popular_k, eligible)
+    if kind == "trending":
+        return pools.build_trending(rows, now, opts.trending_recent_s, opts.trending_baseline_s, opts.trending_k,
+                                    eligible=eligible)
+    if kind == "new":
+        if "created_at" in inputs.items.columns:
+            first_seen = inputs.items.set_index("item_id")["created_at"]
+        else:
+            first_seen = rows.groupby("item_id")["timestamp"].min()
+        return pools.build_new_items(first_seen.index.to_numpy(), first_seen.to_numpy(), now, opts.new_max_age_s,
+                                     opts.new_k, eligible)
+    if kind == "editorial":
+        if opts.editorial is None:
+            return pd.DataFrame({"list": pd.Series(dtype=str), "item_id": pd.Series(dtype=np.int64),
+                                 "score": pd.Series(dtype=np.float32)})
+        return pools.read_editorial(opts.editorial, inputs.items["item_id"].to_numpy(), eligible)
+    index = load_index(staging / "index")
+    if kind == "similar":
+        ids, vectors, _ = read_item_embeddings(staging / "embeddings")
+        hot = pools.build_popular(rows, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
+        chosen = np.isin(ids, hot)
+        return pools.build_similar_items(ids[chosen], vectors[chosen], index.search, opts.similar_k, eligible)
+    users = inputs.users["user_id"].to_numpy()
+    return pools.build_user_lists(users, _user_vectors(inputs, users), index.search, rows, opts.user_n, eligible)
+
+
+def _live_items(inputs: Inputs) -> pd.DataFrame:
+    """The catalogue as of ``now``: items with a ``removed_at`` at or before it are gone (a negative
+    ``removed_at`` means never removed)."""
+    if "removed_at" not in inputs.items.columns:
+        return inputs.items
+    removed_at = inputs.items["removed_at"]
+    return inputs.items[(removed_at < 0) | (removed_at > inputs.now)]
+
+
+def _user_vectors(inputs: Inputs, user_ids: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Query-tower embeddings (U, D) of ``user_ids`` as of now: their features and latest items."""
+    trained = inputs.retrieval
+    names = trained.features["query"]
+    users = inputs.users.set_index("user_id").loc[user_ids].reset_index()
+    sequences = [f for f in trained.encoder.schema.features if f.kind == "sequence" and f.name in names]
+    for f in sequences:
+        users[f.name] = _latest_items(inputs.interactions, user_ids, f.max_len)
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(users), batch_size):
+            out.append(trained.module(trained.encoder.encode(users.iloc[start:start + batch_size], names)))
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+def _latest_items(interactions: pd.DataFrame, user_ids: np.ndarray, max_len: int) -> list[list[int]]:
+    """Each user's most recent ``max_len`` items, oldest first: `recent_items` of a probe row after all."""
+    probe = pd.DataFrame({"user_id": user_ids, "item_id": -1, "timestamp": np.iinfo(np.int64).max})
+    rows = pd.concat([interactions[["user_id", "item_id", "timestamp"]], probe], ignore_index=True)
+    return recent_items(rows, max_len).iloc[len(interactions):].tolist()
+
+
+def _feature_hashes(items: pd.DataFrame) -> pd.DataFrame:
+    """(item_id, feature_hash): a hash of each item's feature values, to find changed items."""
+    features = items.drop(columns="item_id").astype(str)
+    return pd.DataFrame({"item_id": items["item_id"].to_numpy(),
+                         "feature_hash": pd.util.hash_pandas_object(features, index=False).to_numpy()})
+
+
+def describe(root: Path) -> list[dict]:
+    """One row per complete version: name, published or not, mode, created time, items, index recall."""
+    artifacts = ArtifactRoot(root)
+    current = artifacts.current()
+    rows = []
+    for version in artifacts.versions():
+        manifest = read_manifest(artifacts.path(version))
+        rows.append({"version": version, "current": version == current, "mode": manifest.get("mode"),
+                     "created_at": manifest.get("created_at"), "items": manifest.get("catalogue", {}).get("items"),
+                     **{k: v for k, v in (manifest.get("index", {}).get("recall") or {}).items()}})
+    return rows
+

@@ -1,0 +1,222 @@
+"""The refresh job on the tiny dataset: a full version that serves, rules everywhere, incremental
+refresh against a full rebuild, cadence, and faults (a failure at each step, SIGKILL at random
+points, corrupt files): the published version is always a complete one that loads."""
+
+import multiprocessing
+import random
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data.dataset import read_dataset
+from inference.export import read_item_embeddings
+from inference.refresh import job
+from inference.refresh.artifacts import ArtifactRoot, LiveArtifacts, verify_version
+from inference.refresh.job import RefreshConfig, load_refresh_config, open_version, refresh
+
+CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
+
+
+@pytest.fixture(scope="module")
+def models_dir(trained_runs):
+    return trained_runs["two_tower"].parent
+
+
+@pytest.fixture
+def data_copy(tiny_dataset, tmp_path):
+    return shutil.copytree(tiny_dataset, tmp_path / "data")
+
+
+def positives(data_dir):
+    rows = read_dataset(data_dir, tables=("interactions",)).interactions
+    return rows[rows["label"] > 0]
+
+
+def lists_of(version_dir):
+    return pd.read_parquet(version_dir / "store" / "lists.parquet")
+
+
+def test_full_refresh_publishes_a_version_that_serves(tiny_dataset, models_dir, tmp_path):
+    manifest = refresh(tiny_dataset, models_dir, tmp_path, CONFIG)
+    root = ArtifactRoot(tmp_path)
+    assert root.current() == "v0001" and manifest["mode"] == "full"
+    assert verify_version(root.path("v0001"))["files"] == manifest["files"]
+    served = open_version(root.path("v0001"))
+    items = read_dataset(tiny_dataset, tables=("items",)).items
+    live = items[(items["removed_at"] < 0) | (items["removed_at"] > manifest["now"])]
+    assert len(served.index) == len(live) == manifest["catalogue"]["items"]
+    assert manifest["index"]["recall"]["recall@10"] == 1.0  # flat at this size
+    lists = lists_of(root.path("v0001"))
+    kinds = set(lists["list"].str.partition(":")[0])
+    assert {"popular", "trending", "new", "similar", "user"} <= kinds
+    assert set(lists["item_id"]) <= set(live["item_id"])  # removed items are in no list
+
+    # user lists hold n unseen items each
+    user_lists = lists[lists["list"].str.startswith("user:")]
+    seen = positives(tiny_dataset)
+    seen_pairs = set(zip("user:" + seen["user_id"].astype(str), seen["item_id"], strict=True))
+    assert not any((name, item) in seen_pairs for name, item in zip(user_lists["list"], user_lists["item_id"],
+                                                                       strict=True))
+    assert user_lists.groupby("list").size().eq(20).all()
+
+    # the published query tower and index answer a query
+    tower = served.query_tower
+    assert tower is not None and served.store.get_list("popular")[0].size > 0
+
+
+def test_rules_remove_items_from_the_index_and_every_list(tiny_dataset, models_dir, tmp_path):
+    config = CONFIG.model_copy(update={"rules": [{"name": "in_stock", "column": "available", "equals": True}]})
+    refresh(tiny_dataset, models_dir, tmp_path, config)
+    version = ArtifactRoot(tmp_path).path("v0001")
+    items = read_dataset(tiny_dataset, tables=("items",)).items
+    blocked = set(items.loc[~items["available"], "item_id"])
+    assert blocked
+    ids, _, _ = read_item_embeddings(version / "embeddings")
+    assert not blocked & set(ids)
+    assert not blocked & set(lists_of(version)["item_id"])
+
+
+def change_catalogue(data_dir, now):
+    """Changes 3 items' prices, adds 2 items (copies of others, new ids) and removes 2 items."""
+    items = pd.read_parquet(data_dir / "items.parquet")
+    live = items.index[items["removed_at"] < 0]
+    items.loc[live[:3], "price"] += 10
+    items.loc[live[3:5], "removed_at"] = now - 1
+    added = items.loc[live[5:7]].assign(item_id=[10_000, 10_001])
+    pd.concat([items, added], ignore_index=True).to_parquet(data_dir / "items.parquet", index=False)
+    return set(items.loc[live[:3], "item_id"]), {10_000, 10_001}, set(items.loc[live[3:5], "item_id"])
+
+
+def test_incremental_refresh_equals_a_full_rebuild(data_copy, models_dir, tmp_path):
+    config = CONFIG.model_copy(update={"cadence_s": {"user": 1e9, "similar": 1e9}})
+    first = refresh(data_copy, models_dir, tmp_path / "inc", config)
+    changed, added, removed = change_catalogue(data_copy, first["now"])
+    inc = refresh(data_copy, models_dir, tmp_path / "inc", config, incremental=True)
+    full = refresh(data_copy, models_dir, tmp_path / "full", config)
+    assert inc["mode"] == "incremental" and inc["parent"] == "v0001"
+    assert inc["catalogue"]["reembedded"] == 5 and inc["catalogue"]["new"] == 2
+    assert inc["catalogue"]["dropped"] == 2
+
+    inc_dir, full_dir = ArtifactRoot(tmp_path / "inc").path("v0002"), ArtifactRoot(tmp_path / "full").path("v0001")
+    inc_ids, inc_vectors, _ = read_item_embeddings(inc_dir / "embeddings")
+    full_ids, full_vectors, _ = read_item_embeddings(full_dir / "embeddings")
+    assert sorted(inc_ids) == sorted(full_ids) and added <= set(inc_ids) and not removed & set(inc_ids)
+    np.testing.assert_allclose(inc_vectors[np.argsort(inc_ids)], full_vectors[np.argsort(full_ids)], atol=1e-6)
+
+    # the same searches, and changed items' new vectors (the price feeds the item tower)
+    old_ids, old_vectors, _ = read_item_embeddings(ArtifactRoot(tmp_path / "inc").path("v0001") / "embeddings")
+    changed_pos = np.isin(old_ids, list(changed))
+    new_of_changed = inc_vectors[np.isin(inc_ids, list(changed))]
+    assert not np.allclose(np.sort(old_vectors[changed_pos], axis=0), np.sort(new_of_changed, axis=0))
+    inc_served, full_served = open_version(inc_dir), open_version(full_dir)
+    queries = full_vectors[:50]
+    assert np.array_equal(inc_served.index.search(queries, 20)[0], full_served.index.search(queries, 20)[0])
+    assert inc["index"]["recall"] == pytest.approx(full["index"]["recall"], abs=0.01)
+
+    # cadence: user and similar lists carried over (minus removed items), the rest rebuilt
+    assert not inc["lists"]["user"]["rebuilt"] and inc["lists"]["popular"]["rebuilt"]
+    assert inc["lists"]["user"]["built_at"] == first["lists"]["user"]["built_at"]
+    assert not removed & set(lists_of(inc_dir)["item_id"])
+
+
+def test_changed_models_make_an_incremental_refresh_full(tiny_dataset, models_dir, tmp_path):
+    models = shutil.copytree(models_dir, tmp_path / "models")
+    refresh(tiny_dataset, models, tmp_path / "art", CONFIG)
+    checkpoint = models / "deepfm" / "checkpoints" / "best.ckpt"
+    state = torch.load(checkpoint, weights_only=False)
+    state["epoch"] += 1
+    torch.save(state, checkpoint)
+    assert refresh(tiny_dataset, models, tmp_path / "art", CONFIG, incremental=True)["mode"] == "full"
+
+
+STEPS = ["export_step", "embeddings_step", "index_step", "pools_step", "store_step", "publish_step"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_failure_at_each_step_keeps_the_previous_version(step, tiny_dataset, models_dir, tmp_path, monkeypatch):
+    refresh(tiny_dataset, models_dir, tmp_path, CONFIG)
+    original = getattr(job, step)
+
+    def fail_midway(*args, **kwargs):
+        if step != "publish_step":  # the step does its work, then the machine dies
+            original(*args, **kwargs)
+        raise OSError(f"disk full during {step}")
+
+    monkeypatch.setattr(job, step, fail_midway)
+    with pytest.raises(OSError, match=step):
+        refresh(tiny_dataset, models_dir, tmp_path, CONFIG, incremental=True)
+    assert_previous_serves(tmp_path, "v0001")
+    monkeypatch.undo()
+    refresh(tiny_dataset, models_dir, tmp_path, CONFIG, incremental=True)
+    assert ArtifactRoot(tmp_path).current() != "v0001"
+
+
+def assert_previous_serves(root_dir, expected=None):
+    root = ArtifactRoot(root_dir)
+    current = root.current()
+    assert current is not None and (expected is None or current == expected)
+    verify_version(root.path(current))
+    open_version(root.path(current))
+    assert not current.startswith(".staging")
+
+
+def test_sigkill_at_random_points_never_publishes_a_partial_version(tiny_dataset, models_dir, tmp_path):
+    # children forked from a server that imported the job but ran nothing (forking this process,
+    # whose torch thread pools are running, can deadlock): each run is all refresh work
+    fork = multiprocessing.get_context("forkserver")
+    fork.set_forkserver_preload(["inference.refresh.job"])
+
+    def run() -> multiprocessing.Process:
+        process = fork.Process(target=refresh, args=(tiny_dataset, models_dir, tmp_path, CONFIG), daemon=True)
+        process.start()
+        return process
+
+    run().join()  # starts the server
+    started = time.monotonic()
+    run().join()
+    whole = time.monotonic() - started
+    assert ArtifactRoot(tmp_path).current() == "v0002"
+    rng = random.Random(0)
+    published = 0
+    for _ in range(20):
+        before = ArtifactRoot(tmp_path).current()
+        process = run()
+        time.sleep(rng.uniform(0, 1.1) * whole)
+        process.kill()  # SIGKILL
+        process.join()
+        after = ArtifactRoot(tmp_path).current()
+        assert after in (before, ArtifactRoot(tmp_path).versions()[-1])
+        assert_previous_serves(tmp_path)
+        published += after != before
+    assert published <= 15, f"{published} of 20 runs finished before their kill; the kills missed the work"
+
+
+def test_corrupt_files_in_a_new_version_are_refused_and_the_old_keeps_serving(tiny_dataset, models_dir, tmp_path):
+    refresh(tiny_dataset, models_dir, tmp_path, CONFIG)
+    live = LiveArtifacts(tmp_path, open_version)
+    for damaged in ("index/index.faiss", "embeddings/part-000-000000.parquet"):
+        manifest = refresh(tiny_dataset, models_dir, tmp_path, CONFIG, incremental=True)
+        path = ArtifactRoot(tmp_path).path(manifest["version"]) / damaged
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+        assert not live.refresh()
+        assert live.version == "v0001" and f"checksum mismatch in {damaged}" in live.refused[manifest["version"]]
+        assert live.state.store.get_list("popular")[0].size > 0
+
+
+def test_config_errors_name_the_field(tmp_path):
+    path = tmp_path / "refresh.yaml"
+    path.write_text("pools: {user_n: 0}\n")
+    with pytest.raises(ValueError, match="user_n"):
+        load_refresh_config(path)
+    path.write_text("cadence_s: {hourly: 5}\n")
+    with pytest.raises(ValueError, match="hourly"):
+        load_refresh_config(path)
+    path.write_text("retension: 3\n")
+    with pytest.raises(ValueError, match="retension"):
+        load_refresh_config(path)
