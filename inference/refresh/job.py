@@ -8,8 +8,8 @@ A version holds, under its directory (see `artifacts`):
     store/        the store snapshot: users, items, and every candidate list
     manifest.json lineage, counts, index recall, when each part was built, checksums
 
-`refresh` runs the steps in order: `export_step`, `index_step`, `pools_step`, `store_step`,
-then `publish_step`, which verifies checksums and smoke-tests the version before the pointer
+`refresh` runs the steps in order: `export_step`, `embeddings_step`, `index_step`,
+`pools_step`, `store_step`, then `publish_step`, which verifies checksums and smoke-tests the version before the pointer
 switch. A failure or a kill at any step leaves the previous version published.
 
 An items table may carry ``created_at`` (the "new" list ranks by it; otherwise by first
@@ -29,6 +29,8 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,17 +134,36 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
     with artifacts.build() as (version, staging):
         manifest = {"version": version, "parent": inputs.parent.name if inputs.parent else None,
                     "mode": "incremental" if inputs.parent else "full", "created_at": started,
-                    "now": inputs.now, "data": str(Path(data_dir).resolve())}
-        manifest["models"] = export_step(inputs, staging)
-        manifest["catalogue"], eligible, delta = embeddings_step(inputs, staging)
-        manifest["index"] = index_step(inputs, staging, delta)
-        manifest["lists"], lists = pools_step(inputs, staging, eligible, started)
-        store_step(inputs, staging, lists)
+                    "now": inputs.now, "data": str(Path(data_dir).resolve()), "step_seconds": {}}
+        timer = _StepTimer(manifest["step_seconds"])
+        with timer("export"):
+            manifest["models"] = export_step(inputs, staging)
+        with timer("embeddings"):
+            manifest["catalogue"], eligible, delta = embeddings_step(inputs, staging)
+        with timer("index"):
+            manifest["index"] = index_step(inputs, staging, delta)
+        with timer("pools"):
+            manifest["lists"], lists = pools_step(inputs, staging, eligible, started)
+        with timer("store"):
+            store_step(inputs, staging, lists)
         manifest["seconds"] = round(time.time() - started, 3)
         manifest = write_manifest(staging, manifest)
     publish_step(artifacts, version)
     artifacts.prune(config.retention)
     return manifest
+
+
+class _StepTimer:
+    """``with timer(name):`` records the block's wall seconds under ``name``."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
 def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig, incremental: bool,
@@ -254,14 +275,19 @@ def pools_step(inputs: Inputs, staging: Path, eligible: np.ndarray, started: flo
     if inputs.parent is not None:
         parent_lists = pd.read_parquet(inputs.parent / "store" / "lists.parquet")
         parent_built = read_manifest(inputs.parent)["lists"]
+    if parent_lists is not None:  # each row's list kind, via the few distinct list names
+        names = parent_lists["list"].astype("category")
+        kind_of_name = np.array([name.partition(":")[0] for name in names.cat.categories])
+        kinds = kind_of_name[names.cat.codes.to_numpy()]
+        parent_lists = parent_lists[np.isin(parent_lists["item_id"].to_numpy(), eligible)]
+        kinds = kinds[parent_lists.index.to_numpy()]
     built, frames = {}, []
     for kind in LIST_KINDS:
         due = parent_lists is None or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0)
         if due:
             frame, built_at = _build_list(kind, inputs, staging, eligible), started
         else:
-            kind_rows = parent_lists["list"].str.partition(":")[0] == kind
-            frame = parent_lists[kind_rows & parent_lists["item_id"].isin(eligible)]
+            frame = parent_lists[kinds == kind]
             built_at = parent_built[kind]["built_at"]
         built[kind] = {"built_at": built_at, "rows": len(frame), "rebuilt": due}
         frames.append(frame)
@@ -290,15 +316,14 @@ class ServingVersion:
 
 
 def open_version(directory: Path) -> ServingVersion:
-    """Loads a version and runs a smoke query (an item's neighbours, the popular list); raises if
-    anything is missing or answers nothing. `LiveArtifacts` uses it as its loader."""
+    """Loads a version and runs a smoke query (the index's neighbours of a query, the popular list);
+    raises if anything is missing or answers nothing. `LiveArtifacts` uses it as its loader."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     store = EmbeddedStore.open(directory / "store", manifest["version"])
     index = load_index(directory / "index")
     query_tower = torch.jit.load(str(directory / "models" / "query_tower.pt"))
-    ids, vectors, _ = read_item_embeddings(directory / "embeddings")
-    found, _ = index.search(vectors[:1], 10)
+    found, _ = index.search(np.eye(1, index.dim, dtype=np.float32), 10)
     if found.shape[1] == 0:
         raise ValueError(f"{directory}: smoke query found no items in the index")
     if len(store.get_list("popular")[0]) == 0:
@@ -362,8 +387,9 @@ def _user_vectors(inputs: Inputs, user_ids: np.ndarray, batch_size: int = 4096) 
 def _latest_items(interactions: pd.DataFrame, user_ids: np.ndarray, max_len: int) -> list[list[int]]:
     """Each user's most recent ``max_len`` items, oldest first: `recent_items` of a probe row after all."""
     probe = pd.DataFrame({"user_id": user_ids, "item_id": -1, "timestamp": np.iinfo(np.int64).max})
-    rows = pd.concat([interactions[["user_id", "item_id", "timestamp"]], probe], ignore_index=True)
-    return recent_items(rows, max_len).iloc[len(interactions):].tolist()
+    theirs = interactions[interactions["user_id"].isin(user_ids)]
+    rows = pd.concat([theirs[["user_id", "item_id", "timestamp"]], probe], ignore_index=True)
+    return recent_items(rows, max_len).iloc[len(theirs):].tolist()
 
 
 def _feature_hashes(items: pd.DataFrame) -> pd.DataFrame:
