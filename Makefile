@@ -5,9 +5,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= out
 
-.PHONY: install demo test clean
+.PHONY: install redis demo test clean
 
-install: $(STAMP)
+install: $(STAMP) redis
+
+# The store's tests start their own Redis; Debian's redis-server is installed when missing
+# (as root through apt-get, otherwise through sudo). See README.md, "Redis".
+redis:
+	@command -v redis-server >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; } || { \
+		echo "redis-server is missing and could not be installed: run 'sudo apt-get install redis-server'" >&2; \
+		exit 1; }
 
 # torch first so pip takes the local CPU wheel; torchrec and fbgemm-gpu-cpu without their
 # dependency metadata (it asks for CUDA fbgemm); then the project, pinned by constraints.txt.

@@ -86,9 +86,13 @@ class TrainedRun:
 
     @property
     def version(self) -> str:
-        """``<run name>@<first 12 hex digits of the best checkpoint's sha256>``."""
-        digest = hashlib.sha256((self.directory / "checkpoints" / "best.ckpt").read_bytes()).hexdigest()
-        return f"{self.directory.name}@{digest[:12]}"
+        return run_version(self.directory)
+
+
+def run_version(run_dir: Path) -> str:
+    """``<run name>@<first 12 hex digits of the best checkpoint's sha256>``."""
+    digest = hashlib.sha256((Path(run_dir) / "checkpoints" / "best.ckpt").read_bytes()).hexdigest()
+    return f"{Path(run_dir).name}@{digest[:12]}"
 
 
 def load_run(run_dir: Path) -> TrainedRun:
@@ -148,20 +152,27 @@ class EmbeddingShardWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer: L.Trainer, module: L.LightningModule, prediction: tuple, batch_indices,
                            batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         vectors, rows = (t.float().cpu().numpy() for t in prediction)
-        table = pa.table({
-            "item_id": self.item_ids[rows.astype(np.int64)],
-            "vector": pa.FixedSizeListArray.from_arrays(vectors.ravel(), vectors.shape[1]),
-            "model_version": pa.array([self.version] * len(rows)),
-        })
-        pq.write_table(table, self.out / f"part-{trainer.global_rank:03d}-{batch_idx:06d}.parquet")
+        write_embedding_shard(self.out / f"part-{trainer.global_rank:03d}-{batch_idx:06d}.parquet",
+                              self.item_ids[rows.astype(np.int64)], vectors, self.version)
+
+
+def write_embedding_shard(path: Path, ids: np.ndarray, vectors: np.ndarray, version: str) -> None:
+    """One shard: item_id (N,), vector (N, D) as fixed-size lists of float32, model_version."""
+    flat = np.ascontiguousarray(vectors, np.float32).ravel()
+    pq.write_table(pa.table({
+        "item_id": ids,
+        "vector": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]),
+        "model_version": pa.array([version] * len(ids)),
+    }), path)
 
 
 def export_item_embeddings(trained: TrainedRun, items: pd.DataFrame, out: Path, batch_size: int = 8192,
                            accelerator: str = "cpu", devices: int = 1) -> None:
     """Embeds the rows of ``items`` (the item table's columns) with the item tower into shards in ``out``.
 
-    Each device predicts its share of the rows (Lightning's distributed predict sampler never
-    repeats a row) and writes its own shards.
+    With ``devices`` > 1 Lightning spawns one process per device (``ddp_spawn``, so this works
+    inside any caller); each predicts its share of the rows (the distributed predict sampler
+    never repeats a row) and writes its own shards.
     """
     if trained.run["task"] != "retrieval":
         raise ValueError(f"{trained.directory} is a {trained.run['task']} run; item embeddings need a retrieval run")
@@ -169,8 +180,8 @@ def export_item_embeddings(trained: TrainedRun, items: pd.DataFrame, out: Path, 
     out.mkdir(parents=True, exist_ok=True)
     rows = EncodedRows(items, trained.encoder, [trained.features["items"]])
     writer = EmbeddingShardWriter(out, items["item_id"].to_numpy(np.int64), trained.version)
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, callbacks=[writer], logger=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                        callbacks=[writer], logger=False, enable_progress_bar=False, enable_model_summary=False)
     loader = DataLoader(rows, batch_size=batch_size, collate_fn=as_is)
     trainer.predict(trained.module, loader, return_predictions=False)
 

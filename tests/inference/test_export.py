@@ -59,11 +59,14 @@ def test_scripted_query_tower_equals_eager(exported, trained_runs, tiny_dataset)
     assert scripted.shape == (50, 16) and torch.allclose(scripted, eager, atol=1e-6)
 
 
-def test_item_embedding_shards_equal_the_item_tower(trained_runs, tiny_dataset, tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_item_embedding_shards_equal_the_item_tower(devices, trained_runs, tiny_dataset, tmp_path):
     trained = load_run(trained_runs["two_tower"])
     items = read_dataset(tiny_dataset, tables=("items",)).items
-    export_item_embeddings(trained, items, tmp_path, batch_size=64)
-    assert len(list(tmp_path.glob("part-*.parquet"))) == -(-len(items) // 64)
+    export_item_embeddings(trained, items, tmp_path, batch_size=64, devices=devices)
+    shards = sorted(p.name for p in tmp_path.glob("part-*.parquet"))
+    assert len(shards) == devices * -(-len(items) // (64 * devices))
+    assert {name.split("-")[1] for name in shards} == {f"{rank:03d}" for rank in range(devices)}
     ids, vectors, version = read_item_embeddings(tmp_path)
     assert sorted(ids) == sorted(items["item_id"]) and version == trained.version
     order = np.argsort(ids)
