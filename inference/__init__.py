@@ -1,1 +1,1 @@
-"""See README.md: this package is not built yet."""
+"""After training: export, item index, online store, offline refresh, Triton, request pipeline (README.md)."""
