@@ -51,7 +51,14 @@ from inference.export import (
     run_version,
     write_embedding_shard,
 )
-from inference.index import build_index_with_recall, choose_params, load_index, measure_recall, save_index
+from inference.index import (
+    ItemIndex,
+    build_index_with_recall,
+    choose_params,
+    load_index,
+    measure_recall,
+    save_index,
+)
 from inference.refresh import pools
 from inference.refresh.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
 from inference.refresh.rules import Rules, apply_rules, load_rules
@@ -139,11 +146,13 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
         with timer("export"):
             manifest["models"] = export_step(inputs, staging)
         with timer("embeddings"):
-            manifest["catalogue"], eligible, delta = embeddings_step(inputs, staging)
+            catalogue = embeddings_step(inputs, staging)
+            manifest["catalogue"] = catalogue.counts
         with timer("index"):
-            manifest["index"] = index_step(inputs, staging, delta)
+            index = index_step(inputs, staging, catalogue)
+            manifest["index"] = index.info()
         with timer("pools"):
-            manifest["lists"], lists = pools_step(inputs, staging, eligible, started)
+            manifest["lists"], lists = pools_step(inputs, catalogue, index, started)
         with timer("store"):
             store_step(inputs, staging, lists)
         manifest["seconds"] = round(time.time() - started, 3)
@@ -216,10 +225,20 @@ class Delta:
     vectors: np.ndarray
 
 
-def embeddings_step(inputs: Inputs, staging: Path) -> tuple[dict, np.ndarray, Delta | None]:
+@dataclass
+class Catalogue:
+    """The eligible items of a version with their vectors (N, D), and the change from the parent's."""
+
+    ids: np.ndarray
+    vectors: np.ndarray
+    eligible: np.ndarray
+    counts: dict
+    delta: Delta | None  # None in a full refresh
+
+
+def embeddings_step(inputs: Inputs, staging: Path) -> Catalogue:
     """Item vectors of the eligible items into ``embeddings/``: all of them, or, incrementally, the
-    parent's vectors with new and changed items re-embedded. Returns (counts, eligible ids, the
-    delta for the parent's index, None in a full refresh)."""
+    parent's vectors with new and changed items re-embedded."""
     eligible, removed = apply_rules(_live_items(inputs), inputs.rules)
     items = inputs.items[inputs.items["item_id"].isin(eligible)]
     hashes = _feature_hashes(items)
@@ -228,7 +247,8 @@ def embeddings_step(inputs: Inputs, staging: Path) -> tuple[dict, np.ndarray, De
     if inputs.parent is None:
         export_item_embeddings(inputs.retrieval, items, out, **export)
         hashes.to_parquet(out / "catalogue.parquet", index=False)
-        return counts, eligible, None
+        ids, vectors, _ = read_item_embeddings(out)
+        return Catalogue(ids, vectors, eligible, counts, None)
     old = pd.read_parquet(inputs.parent / "embeddings" / "catalogue.parquet")
     unchanged = hashes.merge(old, on=["item_id", "feature_hash"])["item_id"].to_numpy()
     stale = ~hashes["item_id"].isin(unchanged).to_numpy()  # new, or features changed
@@ -248,13 +268,13 @@ def embeddings_step(inputs: Inputs, staging: Path) -> tuple[dict, np.ndarray, De
     hashes.to_parquet(out / "catalogue.parquet", index=False)
     counts.update(reembedded=int(stale.sum()), new=int((~hashes["item_id"].isin(old["item_id"])).sum()),
                   dropped=int((~np.isin(old_ids, ids)).sum()))
-    return counts, eligible, Delta(old_ids[~keep], new_ids, new_vectors)
+    return Catalogue(ids, vectors, eligible, counts, Delta(old_ids[~keep], new_ids, new_vectors))
 
 
-def index_step(inputs: Inputs, staging: Path, delta: Delta | None) -> dict:
+def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex:
     """The item index into ``index/``: built from the embeddings, or the parent's index with the
-    delta applied; its info, with recall against exact search on query-tower outputs."""
-    ids, vectors, _ = read_item_embeddings(staging / "embeddings")
+    delta applied; its recall against exact search is measured on query-tower outputs."""
+    ids, vectors, delta = catalogue.ids, catalogue.vectors, catalogue.delta
     queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])
     if delta is None:
         params = choose_params(len(ids), vectors.shape[1], inputs.config.target_recall)
@@ -265,10 +285,10 @@ def index_step(inputs: Inputs, staging: Path, delta: Delta | None) -> dict:
         index.add(delta.added, delta.vectors)
         index.recall = measure_recall(index, ids, vectors, queries)
     save_index(index, staging / "index")
-    return index.info()
+    return index
 
 
-def pools_step(inputs: Inputs, staging: Path, eligible: np.ndarray, started: float) -> tuple[dict, pd.DataFrame]:
+def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex, started: float) -> tuple[dict, pd.DataFrame]:
     """Every candidate list, each kind rebuilt when its cadence is due (always in a full refresh) and
     otherwise carried over from the parent without ineligible items; ({kind: built_at, rows}, lists)."""
     parent_lists = parent_built = None
@@ -279,13 +299,13 @@ def pools_step(inputs: Inputs, staging: Path, eligible: np.ndarray, started: flo
         names = parent_lists["list"].astype("category")
         kind_of_name = np.array([name.partition(":")[0] for name in names.cat.categories])
         kinds = kind_of_name[names.cat.codes.to_numpy()]
-        parent_lists = parent_lists[np.isin(parent_lists["item_id"].to_numpy(), eligible)]
+        parent_lists = parent_lists[np.isin(parent_lists["item_id"].to_numpy(), catalogue.eligible)]
         kinds = kinds[parent_lists.index.to_numpy()]
     built, frames = {}, []
     for kind in LIST_KINDS:
         due = parent_lists is None or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0)
         if due:
-            frame, built_at = _build_list(kind, inputs, staging, eligible), started
+            frame, built_at = _build_list(kind, inputs, catalogue, index), started
         else:
             frame = parent_lists[kinds == kind]
             built_at = parent_built[kind]["built_at"]
@@ -311,7 +331,7 @@ class ServingVersion:
     directory: Path
     manifest: dict
     store: EmbeddedStore
-    index: object  # inference.index.ItemIndex
+    index: ItemIndex
     query_tower: torch.jit.ScriptModule
 
 
@@ -331,8 +351,8 @@ def open_version(directory: Path) -> ServingVersion:
     return ServingVersion(directory, manifest, store, index, query_tower)
 
 
-def _build_list(kind: str, inputs: Inputs, staging: Path, eligible: np.ndarray) -> pd.DataFrame:
-    opts, rows, now = inputs.config.pools, inputs.interactions, inputs.now
+def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemIndex) -> pd.DataFrame:
+    opts, rows, now, eligible = inputs.config.pools, inputs.interactions, inputs.now, catalogue.eligible
     if kind == "popular":
         return pools.build_popular(rows, now, opts.half_life_s, opts.popular_k, eligible)
     if kind == "trending":
@@ -350,12 +370,11 @@ def _build_list(kind: str, inputs: Inputs, staging: Path, eligible: np.ndarray) 
             return pd.DataFrame({"list": pd.Series(dtype=str), "item_id": pd.Series(dtype=np.int64),
                                  "score": pd.Series(dtype=np.float32)})
         return pools.read_editorial(opts.editorial, inputs.items["item_id"].to_numpy(), eligible)
-    index = load_index(staging / "index")
     if kind == "similar":
-        ids, vectors, _ = read_item_embeddings(staging / "embeddings")
         hot = pools.build_popular(rows, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
-        chosen = np.isin(ids, hot)
-        return pools.build_similar_items(ids[chosen], vectors[chosen], index.search, opts.similar_k, eligible)
+        chosen = np.isin(catalogue.ids, hot)
+        return pools.build_similar_items(catalogue.ids[chosen], catalogue.vectors[chosen], index.search,
+                                         opts.similar_k, eligible)
     users = inputs.users["user_id"].to_numpy()
     return pools.build_user_lists(users, _user_vectors(inputs, users), index.search, rows, opts.user_n, eligible)
 
@@ -394,7 +413,9 @@ def _latest_items(interactions: pd.DataFrame, user_ids: np.ndarray, max_len: int
 
 def _feature_hashes(items: pd.DataFrame) -> pd.DataFrame:
     """(item_id, feature_hash): a hash of each item's feature values, to find changed items."""
-    features = items.drop(columns="item_id").astype(str)
+    features = items.drop(columns="item_id")
+    lists = [c for c in features.columns if features[c].dtype == object]  # may hold lists: hash their text
+    features = features.astype({c: str for c in lists})
     return pd.DataFrame({"item_id": items["item_id"].to_numpy(),
                          "feature_hash": pd.util.hash_pandas_object(features, index=False).to_numpy()})
 
