@@ -1,0 +1,450 @@
+"""The item index: top-k item search by inner product over item vectors, keyed by int64 item ids.
+
+Start with `choose_params` (which index a catalogue needs for a target recall), then `build_index`
+and `ItemIndex.search`. Kinds: exact ``flat``, and the approximate ``ivf_flat`` (the default above
+`EXACT_BELOW` items), ``ivf_pq`` (compressed codes) and ``hnsw`` (a graph). Metric ``ip`` scores by
+inner product; ``cosine`` normalises item and query vectors first.
+
+Backends, one search API: FAISS on a GPU when FAISS sees one (the CPU index stays the master copy,
+so it is what `save_index` writes), FAISS on the CPU otherwise, and, for ``flat``, exact search
+with torch on "cuda" when present or the CPU. A refresh job replaces re-embedded items with
+`ItemIndex.remove` then `ItemIndex.add`, checks the index with `measure_recall` (or builds with
+`build_index_with_recall`) and writes `ItemIndex.info` into its manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+
+KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
+METRICS = ("ip", "cosine")
+BACKENDS = ("auto", "faiss", "torch")
+EXACT_BELOW = 20_000  # catalogues smaller than this are searched exactly: a flat scan is already fast
+RECALL_K = 100  # choose_params aims at recall@100
+MIN_NPROBE = 16
+TUNING_FIELDS = {
+    "flat": (),
+    "ivf_flat": ("nlist", "nprobe"),
+    "ivf_pq": ("nlist", "nprobe", "pq_m", "pq_bits"),
+    "hnsw": ("hnsw_m", "ef_search", "ef_construction"),
+}
+GPU_MAX_K = 2048  # FAISS GPU indexes answer k <= 2048; larger k is searched on the CPU copy
+SCORE_BUDGET = 2**25  # floats of (queries x items) scores held at once by exact search
+FAISS_CLASSES = {"flat": faiss.IndexFlat, "ivf_flat": faiss.IndexIVFFlat, "ivf_pq": faiss.IndexIVFPQ,
+                 "hnsw": faiss.IndexHNSWFlat}
+INDEX_FILE, LABELS_FILE, INFO_FILE = "index.faiss", "labels.npz", "index.json"
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """What to build. Fields the kind does not use are None; change one with `dataclasses.replace`.
+
+    nlist: IVF lists (k-means centroids); nprobe: lists scanned per query. hnsw_m: graph links per
+    node; ef_search / ef_construction: candidate-list sizes while searching / building. pq_m: PQ
+    sub-vectors per item (dim must be a multiple); pq_bits: bits per sub-vector code.
+    """
+
+    kind: str
+    metric: str = "ip"
+    nlist: int | None = None
+    nprobe: int | None = None
+    hnsw_m: int | None = None
+    ef_search: int | None = None
+    ef_construction: int | None = None
+    pq_m: int | None = None
+    pq_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind = {self.kind!r}; expected one of {KINDS}")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric = {self.metric!r}; expected one of {METRICS}")
+        for field in ("nlist", "nprobe", "hnsw_m", "ef_search", "ef_construction", "pq_m", "pq_bits"):
+            value = getattr(self, field)
+            if field not in TUNING_FIELDS[self.kind]:
+                if value is not None:
+                    raise ValueError(f"{field} = {value!r}, but kind {self.kind!r} does not use it; expected None")
+            elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} = {value!r}; kind {self.kind!r} needs a positive int")
+        if self.nprobe is not None and self.nprobe > self.nlist:
+            raise ValueError(f"nprobe = {self.nprobe}; expected at most nlist = {self.nlist}")
+        if self.pq_bits is not None and self.pq_bits > 16:
+            raise ValueError(f"pq_bits = {self.pq_bits}; expected at most 16")
+
+
+def choose_params(num_items: int, dim: int, target_recall: float = 0.95, kind: str | None = None,
+                  metric: str = "ip") -> IndexParams:
+    """The index for ``num_items`` vectors of ``dim`` dims that should reach ``target_recall`` at k = 100.
+
+    Without ``kind``: ``flat`` below `EXACT_BELOW` items or for a target of 1, else ``ivf_flat``
+    (it supports removal and addition). IVF: nlist the power of two nearest 4 sqrt(N), at most N / 39
+    (39 training points per list); nprobe scans 1.6 / (1 - target) times the lists the top 100 would
+    fill (32x at 0.95), and at least `MIN_NPROBE` lists. HNSW: M 32, ef_search 8 / (1 - target).
+    IVF-PQ: as IVF, with 8-bit codes of 2-dim sub-vectors where dim allows; the compression caps
+    its recall whatever nprobe. These rules were calibrated with `benchmarks/index.py` (clustered
+    unit vectors, 100k and 1M items); where neighbourhoods are sparser (there, at 20k-50k items)
+    IVF falls short of the target, so check a build with `measure_recall`. Override a field with
+    ``dataclasses.replace(params, nprobe=64)``; `build_index` checks the result.
+    """
+    if isinstance(num_items, bool) or not isinstance(num_items, int) or num_items < 1:
+        raise ValueError(f"num_items = {num_items!r}; expected a positive int")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim = {dim!r}; expected a positive int")
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall = {target_recall!r}; expected a value in (0, 1]")
+    if kind is None:
+        kind = "flat" if num_items < EXACT_BELOW or target_recall == 1 else "ivf_flat"
+    elif kind != "flat" and target_recall == 1:
+        raise ValueError(f"target_recall = 1 needs exact search; kind {kind!r} is approximate, expected 'flat'")
+    misses = max(1 - target_recall, 1e-3)  # the work to find the top 100 grows about as 1 / miss rate
+    if kind in ("ivf_flat", "ivf_pq"):
+        nlist = min(2 ** round(math.log2(4 * math.sqrt(num_items))), max(1, num_items // 39))
+        lists_for_top_k = RECALL_K * nlist / num_items  # lists the top 100 would fill, packed together
+        nprobe = min(nlist, max(MIN_NPROBE, math.ceil(1.6 * lists_for_top_k / misses)))
+        if kind == "ivf_flat":
+            params = IndexParams(kind, metric, nlist=nlist, nprobe=nprobe)
+        else:
+            pq_m = max(m for m in range(1, max(1, dim // 2) + 1) if dim % m == 0)
+            params = IndexParams(kind, metric, nlist=nlist, nprobe=nprobe, pq_m=pq_m, pq_bits=8)
+    elif kind == "hnsw":
+        params = IndexParams(kind, metric, hnsw_m=32, ef_search=math.ceil(8 / misses), ef_construction=80)
+    else:
+        params = IndexParams(kind, metric)
+    check_params_fit(params, num_items, dim)
+    return params
+
+
+def check_params_fit(params: IndexParams, num_items: int, dim: int) -> None:
+    """Raises ValueError when ``params`` cannot index ``num_items`` vectors of ``dim`` dims."""
+    if params.nlist is not None and params.nlist > num_items:
+        raise ValueError(f"nlist = {params.nlist}; expected at most the {num_items} items it is trained on")
+    if params.pq_m is not None and dim % params.pq_m:
+        raise ValueError(f"pq_m = {params.pq_m}; expected a divisor of dim = {dim}")
+    if params.pq_bits is not None and num_items < 2**params.pq_bits:
+        raise ValueError(f"pq_bits = {params.pq_bits} needs at least {2**params.pq_bits} items to train; "
+                         f"got {num_items}")
+
+
+class ItemIndex:
+    """Live items' vectors, searchable by inner product; built by `build_index` or `load_index`.
+
+    Each added vector gets a label, its row in ``self._ids`` (label -> item id), which is what FAISS
+    stores. Flat indexes compact rows on removal (labels stay row numbers); IVF lists drop removed
+    labels; HNSW cannot delete, so its removed labels stay in the graph, ``self._live`` marks them
+    dead and search excludes them. ``recall`` is what `measure_recall` last found for this index;
+    `add` and `remove` reset it to None.
+    """
+
+    def __init__(self, params: IndexParams, dim: int, backend: str, store: faiss.Index | torch.Tensor,
+                 ids: np.ndarray, live: np.ndarray) -> None:
+        self.params, self.dim, self.backend = params, dim, backend
+        self._store = store  # a CPU FAISS index, or (labels, D) item vectors for torch
+        self._ids, self._live = ids, live  # (labels,) int64 item ids, (labels,) bool
+        self._changed()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def info(self) -> dict:
+        """What a manifest records: kind, metric, params, items, dim, backend and the last measured recall."""
+        return {"kind": self.params.kind, "metric": self.params.metric, "params": asdict(self.params),
+                "items": len(self), "dim": self.dim, "backend": self.backend, "recall": self.recall}
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids (Q, k') and scores (Q, k') of each query's best k' = min(k, len(self)) items, best first.
+
+        ``queries`` is (Q, D). A row an approximate index fills with fewer than k' hits (FAISS pads
+        with -1) is searched again over every live item: all IVF lists, or HNSW's flat storage.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k = {k!r}; expected a positive int")
+        queries = self._prepare(queries, "queries")
+        k = min(k, len(self))
+        if k == 0:
+            return np.empty((len(queries), 0), np.int64), np.empty((len(queries), 0), np.float32)
+        if isinstance(self._store, torch.Tensor):
+            scores, labels = self._search_torch(queries, k)
+        else:
+            params = None if self._selector is None else faiss.SearchParametersHNSW(
+                sel=self._selector, efSearch=self.params.ef_search)
+            scores, labels = self._searcher(k).search(queries, k, params=params)
+            short = (labels < 0).any(axis=1)
+            if short.any():
+                scores[short], labels[short] = self._search_every_item(queries[short], k)
+        return self._ids[labels], scores
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Adds items: ``ids`` (N,) int64 not live in the index, ``vectors`` (N, D)."""
+        ids = _check_ids(ids)
+        vectors = self._prepare(vectors, "vectors")
+        if len(ids) != len(vectors):
+            raise ValueError(f"ids has {len(ids)} rows but vectors has {len(vectors)}; expected one vector per id")
+        clash = ids[np.isin(ids, self._ids[self._live])]
+        if clash.size:
+            raise ValueError(f"ids {clash[:10].tolist()} are already in the index; remove them before adding again")
+        labels = np.arange(len(self._ids), len(self._ids) + len(ids), dtype=np.int64)
+        if isinstance(self._store, torch.Tensor):
+            self._store = torch.cat([self._store, torch.from_numpy(vectors).to(self._store.device)])
+        elif self.params.kind in ("ivf_flat", "ivf_pq"):
+            self._store.add_with_ids(vectors, labels)
+        else:
+            self._store.add(vectors)  # flat and HNSW number rows in order, so each row's label is its row
+        self._ids = np.concatenate([self._ids, ids])
+        self._live = np.concatenate([self._live, np.ones(len(ids), bool)])
+        self._changed()
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Removes the items ``ids`` (N,) int64; every id must be live in the index."""
+        ids = _check_ids(ids)
+        labels = np.flatnonzero(self._live & np.isin(self._ids, ids))
+        missing = np.setdiff1d(ids, self._ids[labels])
+        if missing.size:
+            raise ValueError(f"ids {missing[:10].tolist()} are not in the index; expected ids of live items")
+        if self.params.kind == "flat":
+            if isinstance(self._store, torch.Tensor):
+                keep = np.ones(len(self._ids), bool)
+                keep[labels] = False
+                self._store = self._store[torch.from_numpy(keep).to(self._store.device)]
+            else:
+                self._store.remove_ids(faiss.IDSelectorBatch(labels))  # shifts later rows up, as np.delete does
+            self._ids, self._live = np.delete(self._ids, labels), np.delete(self._live, labels)
+        else:
+            if self.params.kind != "hnsw":
+                self._store.remove_ids(faiss.IDSelectorBatch(labels))
+            self._live[labels] = False
+        self._changed()
+
+    def _to_faiss(self) -> faiss.Index:
+        """The CPU FAISS index (for torch, a flat index of its vectors), whose labels index ``self._ids``."""
+        if isinstance(self._store, torch.Tensor):
+            flat = faiss.IndexFlatIP(self.dim)
+            flat.add(self._store.cpu().numpy())
+            return flat
+        return self._store
+
+    def _changed(self) -> None:
+        """Recomputes what search reads on every call, after the items changed; forgets the recall."""
+        self._count = int(self._live.sum())
+        self._selector = None  # HNSW's live labels, while some are dead; the bitmap is kept alive with it
+        if self.params.kind == "hnsw" and self._count < len(self._live):
+            self._selector = faiss.IDSelectorBitmap(np.packbits(self._live, bitorder="little"))
+        self._gpu: tuple[faiss.StandardGpuResources, faiss.Index] | None = None
+        self.recall: dict[str, float] | None = None
+
+    def _prepare(self, vectors: np.ndarray, what: str) -> np.ndarray:
+        """``vectors`` as C-contiguous float32 (N, D), checked finite and, for cosine, normalised."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"{what} has shape {vectors.shape}; expected (N, {self.dim})")
+        bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+        if bad.size:
+            raise ValueError(f"{what} rows {bad[:10].tolist()} hold NaN or inf; expected finite values")
+        if self.params.metric == "cosine":
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)  # (N, 1)
+            zero = np.flatnonzero(norms[:, 0] == 0)
+            if zero.size:
+                raise ValueError(f"{what} rows {zero[:10].tolist()} are zero; cosine needs non-zero vectors")
+            vectors = vectors / norms
+        return vectors
+
+    def _searcher(self, k: int) -> faiss.Index:
+        """The GPU copy when there is one and it can answer k, else the CPU index."""
+        if self.backend != "faiss-gpu" or k > GPU_MAX_K:
+            return self._store
+        if self._gpu is None:  # copied again after every add or remove: the CPU index is the master
+            resources = faiss.StandardGpuResources()
+            self._gpu = (resources, faiss.index_cpu_to_gpu(resources, 0, self._store))
+        return self._gpu[1]
+
+    def _search_every_item(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and labels (Q, k) from every live item: IVF over all its lists, HNSW over its flat storage."""
+        if self.params.kind == "hnsw":
+            storage = faiss.downcast_index(self._store.storage)
+            return storage.search(queries, k, params=faiss.SearchParameters(sel=self._selector))
+        return self._store.search(queries, k, params=faiss.SearchParametersIVF(nprobe=self.params.nlist))
+
+    def _search_torch(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        items = self._store  # (N, D)
+        rows = max(1, SCORE_BUDGET // len(items))
+        scores, labels = [], []
+        for chunk in torch.from_numpy(queries).to(items.device).split(rows):
+            top = torch.topk(chunk @ items.T, k, dim=1)  # scores (rows, N)
+            scores.append(top.values.cpu())
+            labels.append(top.indices.cpu())
+        return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+
+
+def build_index(ids: np.ndarray, vectors: np.ndarray, params: IndexParams, backend: str = "auto",
+                seed: int = 0) -> ItemIndex:
+    """An index of ``vectors`` (N, D) float32 keyed by ``ids`` (N,) int64 (any distinct values).
+
+    ``backend``: "faiss", "torch" (``flat`` only) or "auto" (FAISS, except ``flat`` with torch when
+    torch sees CUDA and FAISS no GPU). ``seed`` fixes IVF's k-means. Training uses at most 64
+    vectors per IVF list, a seeded sample.
+    """
+    ids = _check_ids(ids)
+    vectors = np.asarray(vectors)
+    if vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise ValueError(f"vectors has shape {vectors.shape}; expected (N, D) with D >= 1")
+    if len(ids) == 0:
+        raise ValueError("ids and vectors are empty; expected at least one item")
+    check_params_fit(params, len(ids), vectors.shape[1])
+    index = _empty_index(params, vectors.shape[1], _resolve_backend(backend, params.kind))
+    if params.kind in ("ivf_flat", "ivf_pq"):
+        index._store.cp.seed = seed
+        index._store.cp.max_points_per_centroid = 64
+        if params.kind == "ivf_pq":
+            index._store.pq.cp.seed = seed
+        index._store.train(index._prepare(vectors, "vectors"))
+    index.add(ids, vectors)
+    return index
+
+
+def build_index_with_recall(ids: np.ndarray, vectors: np.ndarray, params: IndexParams, queries: np.ndarray,
+                            backend: str = "auto", seed: int = 0) -> ItemIndex:
+    """`build_index`, then `measure_recall` on ``queries`` (Q, D) (e.g. a sample of query-tower outputs)."""
+    index = build_index(ids, vectors, params, backend, seed)
+    index.recall = measure_recall(index, ids, vectors, queries)
+    return index
+
+
+def search_exact(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int,
+                 metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force numpy top-k: item ids (Q, k') and scores (Q, k'), best first, k' = min(k, N)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric = {metric!r}; expected one of {METRICS}")
+    vectors = np.asarray(vectors, dtype=np.float32)  # (N, D)
+    queries = np.asarray(queries, dtype=np.float32)  # (Q, D)
+    if metric == "cosine":
+        vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    k = min(k, len(vectors))
+    found_ids, found_scores = [], []
+    for chunk in np.array_split(queries, max(1, len(queries) * len(vectors) // SCORE_BUDGET)):
+        scores = chunk @ vectors.T  # (rows, N)
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        found_ids.append(np.asarray(ids)[np.take_along_axis(top, order, axis=1)])
+        found_scores.append(np.take_along_axis(top_scores, order, axis=1))
+    return np.concatenate(found_ids), np.concatenate(found_scores)
+
+
+def measure_recall(index: ItemIndex, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
+                   ks: tuple[int, ...] = (10, 100)) -> dict[str, float]:
+    """Mean share of each query's exact top-k (`search_exact` over ``ids``, ``vectors`` (N, D)) that
+    ``index`` returns in its top-k, for each k in ``ks``: {"recall@10": ..., "recall@100": ...}.
+
+    ``ids`` and ``vectors`` must be the index's live items; k is capped at their number.
+    """
+    if len(ids) != len(index) or len(vectors) != len(index):
+        raise ValueError(f"ids has {len(ids)} and vectors {len(vectors)} rows; expected the index's {len(index)} items")
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks = {ks!r}; expected positive ints")
+    exact, _ = search_exact(ids, vectors, queries, max(ks), index.params.metric)
+    found, _ = index.search(queries, max(ks))
+    recall = {}
+    for k in ks:
+        top = min(k, len(index))
+        hits = [len(np.intersect1d(f[:top], e[:top])) for f, e in zip(found, exact, strict=True)]
+        recall[f"recall@{k}"] = float(np.mean(hits) / top)
+    return recall
+
+
+def save_index(index: ItemIndex, directory: str | Path) -> None:
+    """Writes ``index`` into ``directory``: the CPU FAISS index, its labels' ids and live flags, and params."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    faiss.write_index(index._to_faiss(), str(directory / INDEX_FILE))
+    np.savez(directory / LABELS_FILE, ids=index._ids, live=index._live)
+    info = {"params": asdict(index.params), "dim": index.dim, "recall": index.recall}
+    (directory / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def load_index(directory: str | Path, backend: str = "auto") -> ItemIndex:
+    """The index `save_index` wrote into ``directory``; ValueError names a file that is unreadable or inconsistent."""
+    directory = Path(directory)
+    path = directory / INFO_FILE
+    try:
+        info = json.loads(path.read_text())
+        params, dim = IndexParams(**info["params"]), int(info["dim"])
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a saved index description: {err}") from err
+    path = directory / LABELS_FILE
+    try:
+        with np.load(path) as labels:
+            ids, live = labels["ids"], labels["live"]
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path} is not a saved label table: {err}") from err
+    if ids.dtype != np.int64 or live.dtype != bool or ids.shape != live.shape or ids.ndim != 1:
+        raise ValueError(f"{path} holds ids {ids.dtype} {ids.shape} and live {live.dtype} {live.shape}; "
+                         "expected int64 and bool of one length")
+    path = directory / INDEX_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        store = faiss.read_index(str(path))
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a readable FAISS index: {err}") from err
+    expected = len(ids) if params.kind == "hnsw" else int(live.sum())
+    if store.d != dim or store.ntotal != expected:
+        raise ValueError(f"{path} holds {store.ntotal} vectors of {store.d} dims; "
+                         f"expected {expected} of {dim} dims from {directory / LABELS_FILE}")
+    if not isinstance(store, FAISS_CLASSES[params.kind]) or store.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise ValueError(f"{path} holds a {type(store).__name__} with metric {store.metric_type}; expected "
+                         f"{FAISS_CLASSES[params.kind].__name__} by inner product for kind {params.kind!r}")
+    backend = _resolve_backend(backend, params.kind)
+    if backend.startswith("torch"):
+        store = torch.from_numpy(store.reconstruct_n(0, store.ntotal)).to(backend.removeprefix("torch-"))
+    index = ItemIndex(params, dim, backend, store, ids, live)
+    index.recall = info.get("recall")
+    return index
+
+
+def _check_ids(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+        raise ValueError(f"ids has shape {ids.shape} and dtype {ids.dtype}; expected (N,) integers")
+    ids = ids.astype(np.int64)
+    unique, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"ids {unique[counts > 1][:10].tolist()} appear more than once; expected distinct ids")
+    return ids
+
+
+def _resolve_backend(backend: str, kind: str) -> str:
+    """One of "faiss-gpu", "faiss-cpu", "torch-cuda", "torch-cpu" for ``backend`` and ``kind``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}; expected one of {BACKENDS}")
+    faiss_gpu = faiss.get_num_gpus() > 0 and kind != "hnsw"  # FAISS has no GPU HNSW
+    if backend == "torch" and kind != "flat":
+        raise ValueError(f"backend 'torch' searches exactly; kind = {kind!r}, expected 'flat'")
+    if backend == "torch" or (backend == "auto" and kind == "flat" and not faiss_gpu and torch.cuda.is_available()):
+        return "torch-cuda" if torch.cuda.is_available() else "torch-cpu"
+    return "faiss-gpu" if faiss_gpu else "faiss-cpu"
+
+
+def _empty_index(params: IndexParams, dim: int, backend: str) -> ItemIndex:
+    if backend.startswith("torch"):
+        store = torch.empty((0, dim), dtype=torch.float32, device=backend.removeprefix("torch-"))
+    else:
+        description = {
+            "flat": "Flat",
+            "ivf_flat": f"IVF{params.nlist},Flat",
+            "ivf_pq": f"IVF{params.nlist},PQ{params.pq_m}x{params.pq_bits}np",
+            "hnsw": f"HNSW{params.hnsw_m},Flat",
+        }[params.kind]
+        store = faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
+        if params.kind in ("ivf_flat", "ivf_pq"):
+            store.nprobe = params.nprobe
+        elif params.kind == "hnsw":
+            store.hnsw.efConstruction, store.hnsw.efSearch = params.ef_construction, params.ef_search
+    return ItemIndex(params, dim, backend, store, np.empty(0, np.int64), np.empty(0, bool))
