@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import faiss
@@ -36,6 +36,8 @@ TUNING_FIELDS = {
     "ivf_pq": ("nlist", "nprobe", "pq_m", "pq_bits"),
     "hnsw": ("hnsw_m", "ef_search", "ef_construction"),
 }
+SEARCH_FIELD = {"ivf_flat": "nprobe", "ivf_pq": "nprobe", "hnsw": "ef_search"}  # what `tune_search` widens
+MAX_EF_SEARCH = 4096
 GPU_MAX_K = 2048  # FAISS GPU indexes answer k <= 2048; larger k is searched on the CPU copy
 SCORE_BUDGET = 2**25  # floats of (queries x items) scores held at once by exact search
 FAISS_CLASSES = {"flat": faiss.IndexFlat, "ivf_flat": faiss.IndexIVFFlat, "ivf_pq": faiss.IndexIVFPQ,
@@ -222,6 +224,18 @@ class ItemIndex:
             self._live[labels] = False
         self._changed()
 
+    def set_search(self, value: int) -> None:
+        """Sets what search scans: nprobe for IVF kinds, ef_search for HNSW (other kinds have nothing)."""
+        field = SEARCH_FIELD.get(self.params.kind)
+        if field is None:
+            raise ValueError(f"kind {self.params.kind!r} is exact; it has no search breadth to set")
+        self.params = replace(self.params, **{field: value})  # validates, e.g. nprobe <= nlist
+        if isinstance(self._store, faiss.Index) and field == "nprobe":
+            self._store.nprobe = value
+        elif isinstance(self._store, faiss.Index):
+            self._store.hnsw.efSearch = value
+        self._gpu = None  # the GPU copy holds the old nprobe
+
     def _to_faiss(self) -> faiss.Index:
         """The CPU FAISS index (for torch, a flat index of its vectors), whose labels index ``self._ids``."""
         if isinstance(self._store, torch.Tensor):
@@ -318,24 +332,17 @@ def build_index_with_recall(ids: np.ndarray, vectors: np.ndarray, params: IndexP
 
 def search_exact(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: int,
                  metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
-    """Brute-force numpy top-k: item ids (Q, k') and scores (Q, k'), best first, k' = min(k, N)."""
+    """Brute-force top-k (FAISS's BLAS scan, `faiss.knn`): item ids (Q, k') and scores (Q, k'), best
+    first, k' = min(k, N)."""
     if metric not in METRICS:
         raise ValueError(f"metric = {metric!r}; expected one of {METRICS}")
-    vectors = np.asarray(vectors, dtype=np.float32)  # (N, D)
-    queries = np.asarray(queries, dtype=np.float32)  # (Q, D)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
     if metric == "cosine":
         vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
         queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    k = min(k, len(vectors))
-    found_ids, found_scores = [], []
-    for chunk in np.array_split(queries, max(1, len(queries) * len(vectors) // SCORE_BUDGET)):
-        scores = chunk @ vectors.T  # (rows, N)
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        top_scores = np.take_along_axis(scores, top, axis=1)
-        order = np.argsort(-top_scores, axis=1, kind="stable")
-        found_ids.append(np.asarray(ids)[np.take_along_axis(top, order, axis=1)])
-        found_scores.append(np.take_along_axis(top_scores, order, axis=1))
-    return np.concatenate(found_ids), np.concatenate(found_scores)
+    scores, rows = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+    return np.asarray(ids)[rows], scores
 
 
 def measure_recall(index: ItemIndex, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
@@ -350,12 +357,41 @@ def measure_recall(index: ItemIndex, ids: np.ndarray, vectors: np.ndarray, queri
     if not ks or min(ks) < 1:
         raise ValueError(f"ks = {ks!r}; expected positive ints")
     exact, _ = search_exact(ids, vectors, queries, max(ks), index.params.metric)
+    return _recall(index, exact, queries, ks)
+
+
+def _recall(index: ItemIndex, exact: np.ndarray, queries: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
+    """Mean share of ``exact`` (Q, >= max(ks)) ids, best first, in ``index``'s top-k of ``queries``."""
     found, _ = index.search(queries, max(ks))
     recall = {}
     for k in ks:
-        top = min(k, len(index))
-        hits = [len(np.intersect1d(f[:top], e[:top])) for f, e in zip(found, exact, strict=True)]
-        recall[f"recall@{k}"] = float(np.mean(hits) / top)
+        k_ = min(k, len(index))
+        hits = [len(np.intersect1d(f[:k_], e[:k_])) for f, e in zip(found, exact, strict=True)]
+        recall[f"recall@{k}"] = float(np.mean(hits) / k_)
+    return recall
+
+
+def tune_search(index: ItemIndex, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
+                target_recall: float, k: int = 100) -> dict[str, float]:
+    """Doubles nprobe (IVF) or ef_search (HNSW) until recall@k on ``queries`` reaches
+    ``target_recall`` or the search covers everything (nprobe = nlist, ef_search = `MAX_EF_SEARCH`).
+
+    `choose_params` guesses the breadth from the catalogue's size; how clustered the vectors are
+    decides what it really needs, so a refresh measures and widens. ``ids`` and ``vectors`` are
+    the index's live items. Sets ``index.recall`` to what the final breadth reaches (recall@10 and
+    recall@k) and returns it.
+    """
+    field = SEARCH_FIELD.get(index.params.kind)
+    exact, _ = search_exact(ids, vectors, queries, k, index.params.metric)  # once: the costly part
+    recall = _recall(index, exact, queries, (10, k))
+    while field is not None and recall[f"recall@{k}"] < target_recall:
+        value = getattr(index.params, field)
+        limit = index.params.nlist if field == "nprobe" else MAX_EF_SEARCH
+        if value >= limit:
+            break
+        index.set_search(min(2 * value, limit))
+        recall = _recall(index, exact, queries, (10, k))
+    index.recall = recall
     return recall
 
 

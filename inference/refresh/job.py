@@ -53,11 +53,11 @@ from inference.export import (
 )
 from inference.index import (
     ItemIndex,
-    build_index_with_recall,
+    build_index,
     choose_params,
     load_index,
-    measure_recall,
     save_index,
+    tune_search,
 )
 from inference.refresh import pools
 from inference.refresh.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
@@ -273,17 +273,21 @@ def embeddings_step(inputs: Inputs, staging: Path) -> Catalogue:
 
 def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex:
     """The item index into ``index/``: built from the embeddings, or the parent's index with the
-    delta applied; its recall against exact search is measured on query-tower outputs."""
+    delta applied. Its search is then widened until recall@100 against exact search, on
+    query-tower outputs, reaches the target (or it scans everything)."""
     ids, vectors, delta = catalogue.ids, catalogue.vectors, catalogue.delta
     queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])
     if delta is None:
         params = choose_params(len(ids), vectors.shape[1], inputs.config.target_recall)
-        index = build_index_with_recall(ids, vectors, dataclasses.replace(params, **inputs.config.index), queries)
+        index = build_index(ids, vectors, dataclasses.replace(params, **inputs.config.index))
     else:
         index = load_index(inputs.parent / "index")
         index.remove(delta.removed)
         index.add(delta.added, delta.vectors)
-        index.recall = measure_recall(index, ids, vectors, queries)
+    recall = tune_search(index, ids, vectors, queries, inputs.config.target_recall)
+    if recall["recall@100"] < inputs.config.target_recall:
+        log.warning("index recall@100 %.3f is below the target %.3f even scanning everything",
+                    recall["recall@100"], inputs.config.target_recall)
     save_index(index, staging / "index")
     return index
 

@@ -16,6 +16,7 @@ from inference.index import (
     measure_recall,
     save_index,
     search_exact,
+    tune_search,
 )
 
 N, DIM, QUERIES = 5000, 32, 40
@@ -303,3 +304,42 @@ def test_ivf_build_is_seeded(data):
     np.testing.assert_array_equal(first.search(queries, 50)[0], second.search(queries, 50)[0])
     centroids = [faiss.downcast_index(i._store.quantizer).reconstruct_n(0, 128) for i in (first, other)]
     assert not np.allclose(*centroids)
+
+
+def test_tune_search_widens_until_the_target_recall(tmp_path):
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((4000, 64)).astype(np.float32)  # no clusters: hard for ANN
+    queries = rng.standard_normal((100, 64)).astype(np.float32)
+    ids = np.arange(4000, dtype=np.int64) * 7
+    index = build_index(ids, vectors, IndexParams("ivf_flat", nlist=32, nprobe=1))
+    before = measure_recall(index, ids, vectors, queries)["recall@10"]
+    recall = tune_search(index, ids, vectors, queries, target_recall=0.97, k=10)
+    assert before < 0.9 and 0.97 <= recall["recall@10"] == index.recall["recall@10"]
+    assert recall == measure_recall(index, ids, vectors, queries, ks=(10,))  # search uses what was tuned
+    save_index(index, tmp_path)
+    loaded = load_index(tmp_path)
+    assert loaded.params == index.params
+    assert measure_recall(loaded, ids, vectors, queries, ks=(10,)) == measure_recall(index, ids, vectors, queries,
+                                                                                     ks=(10,))
+
+
+def test_tune_search_stops_when_it_scans_everything():
+    rng = np.random.default_rng(4)
+    vectors = rng.standard_normal((4000, 8)).astype(np.float32)
+    index = build_index(np.arange(4000), vectors, IndexParams("ivf_flat", nlist=8, nprobe=1))
+    recall = tune_search(index, np.arange(4000), vectors, -vectors[:20], target_recall=1.0)
+    assert index.params.nprobe == 8 and recall["recall@100"] == 1.0
+    with pytest.raises(ValueError, match="exact"):
+        build_index(np.arange(4000), vectors, IndexParams("flat")).set_search(4)
+
+
+def test_set_search_widens_hnsw_and_survives_saving(tmp_path):
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((1000, 16)).astype(np.float32)
+    index = build_index(np.arange(1000), vectors, IndexParams("hnsw", hnsw_m=8, ef_search=16, ef_construction=40))
+    index.set_search(64)
+    assert index.params.ef_search == 64
+    save_index(index, tmp_path)
+    assert load_index(tmp_path).params.ef_search == 64
+    with pytest.raises(ValueError, match="ef_search"):
+        index.set_search(0)
