@@ -1,0 +1,134 @@
+"""Scorers: ``(query, candidates) -> scores`` (N,) float32, one per input candidate, in input order.
+
+A scorer never drops or reorders candidates; sorting and truncation belong to orderers.
+
+    TorchScriptScorer   an exported ranker (``inference.export``) run in this process
+    FallbackScorer      tries scorers in turn (e.g. Triton, then TorchScript, then the linear
+                        ranker) and counts how often each one failed over to the next
+
+`ModelInputs` turns candidate feature rows into the padded tensors every exported model takes;
+the Triton scorer (``inference.triton.scorer``) sends the same tensors over the wire.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Protocol
+
+import fbgemm_gpu  # noqa: F401  registers the fbgemm ops that scripted torchrec modules call
+import numpy as np
+import pandas as pd
+import torch
+
+from data.encoders import FeatureEncoder
+from inference.export import pad_batch
+from inference.pipeline.types import Candidates, Query
+
+log = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """Scores every candidate of a request; never drops or reorders them."""
+
+    name: str
+
+    def __call__(self, query: Query, candidates: Candidates) -> np.ndarray:
+        """(N,) float32 scores aligned with ``candidates``."""
+        ...
+
+
+class ModelInputs:
+    """Feature rows -> the padded tensors of one exported model (see ``inference.export``).
+
+    ``features`` are the model's feature names (its ``<name>.json``); ``output`` is
+    "probability" for a ranker, "embedding" for the query tower.
+    """
+
+    def __init__(self, encoder: FeatureEncoder, features: list[str], output: str) -> None:
+        self.encoder = encoder
+        self.features = features
+        self.output = output
+
+    @classmethod
+    def load(cls, model_dir: Path, name: str) -> ModelInputs:
+        """The inputs of model ``name`` in an `export_models` directory (``<name>.json``, ``encoders.json``)."""
+        interface_path = Path(model_dir) / f"{name}.json"
+        if not interface_path.is_file():
+            raise ValueError(f"{interface_path} does not exist; expected an exported model named {name!r}")
+        interface = json.loads(interface_path.read_text())
+        return cls(FeatureEncoder.load(Path(model_dir) / "encoders.json"), interface["features"], interface["output"])
+
+    def __call__(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """B feature rows -> dense (B, n) float32, ids (B, F, L) int64, lengths (B, F) int64."""
+        return pad_batch(self.encoder.encode(frame, self.features))
+
+
+def check_ranker_inputs(inputs: ModelInputs, name: str) -> None:
+    """Raises ValueError unless ``inputs`` belong to a ranker (the query tower outputs embeddings)."""
+    if inputs.output != "probability":
+        raise ValueError(f"model {name!r} outputs {inputs.output!r}; a scorer needs a ranker (output 'probability')")
+
+
+def candidate_rows(candidates: Candidates) -> pd.DataFrame:
+    """The hydrated feature rows of ``candidates``; ValueError when they were not hydrated."""
+    if candidates.features is None:
+        raise ValueError("candidates.features is None; expected hydrated feature rows before scoring")
+    return candidates.features
+
+
+class TorchScriptScorer:
+    """Scores with the exported ranker ``<model_dir>/<name>.pt`` in this process."""
+
+    def __init__(self, model_dir: Path, name: str) -> None:
+        self.name = f"torchscript:{name}"
+        self.inputs = ModelInputs.load(model_dir, name)
+        check_ranker_inputs(self.inputs, name)
+        self.model = torch.jit.load(str(Path(model_dir) / f"{name}.pt"), map_location="cpu")
+
+    def __call__(self, query: Query, candidates: Candidates) -> np.ndarray:
+        rows = candidate_rows(candidates)
+        if len(rows) == 0:
+            return np.zeros(0, np.float32)
+        with torch.inference_mode():
+            return self.model(*self.inputs(rows)).numpy().astype(np.float32, copy=False)  # (N,)
+
+
+class FallbackScorer:
+    """Asks each scorer in turn until one answers.
+
+    A scorer that raises, or returns anything but (N,) scores, counts one in
+    ``fallbacks[scorer.name]`` and the next scorer, if any, is asked; ``answered[scorer.name]``
+    counts the requests each one scored. Timeouts are the scorers' own (e.g. a Triton client timeout).
+    When every scorer fails, RuntimeError lists each one's error.
+    """
+
+    def __init__(self, scorers: list[Scorer]) -> None:
+        if not scorers:
+            raise ValueError("FallbackScorer got no scorers; expected at least one")
+        self.name = "fallback(" + ", ".join(s.name for s in scorers) + ")"
+        self.scorers = list(scorers)
+        self.fallbacks: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
+        self._lock = threading.Lock()  # Counter updates are read-modify-write
+
+    def __call__(self, query: Query, candidates: Candidates) -> np.ndarray:
+        errors = []
+        for scorer in self.scorers:
+            try:
+                scores = np.asarray(scorer(query, candidates), dtype=np.float32)
+                if scores.shape != (len(candidates),):
+                    raise ValueError(f"returned scores of shape {scores.shape}; expected ({len(candidates)},)")
+            except Exception as error:  # any failure of one scorer is the next one's turn
+                log.warning("scorer %s failed, falling back: %s", scorer.name, error)
+                errors.append(f"{scorer.name}: {type(error).__name__}: {error}")
+                with self._lock:
+                    self.fallbacks[scorer.name] += 1
+                continue
+            with self._lock:
+                self.answered[scorer.name] += 1
+            return scores
+        raise RuntimeError(f"every scorer of {self.name} failed on {len(candidates)} candidates: " + "; ".join(errors))
