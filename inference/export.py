@@ -10,9 +10,9 @@ three tensors, because Triton cannot carry a `KeyedJaggedTensor`:
 
 `pad_batch` turns an encoded `Batch` into them. Rankers return click probabilities (B,); the
 query tower returns embeddings (B, D). Beside each ``<name>.pt`` a ``<name>.json`` names the
-features (in ``ids`` order), the dense columns and the output, and ``encoders.json`` is the
-dataset's fitted encoder, so a server turns raw feature rows into these tensors with the code
-that trained the model.
+features (in ``ids`` order), the dense columns and the output, and ``<name>.encoders.json`` is
+the fitted encoder of the dataset it trained on (models may come from different datasets), so
+a server turns raw feature rows into these tensors with the code that trained the model.
 """
 
 from __future__ import annotations
@@ -135,10 +135,10 @@ def export_models(runs: dict[str, Path], out: Path) -> dict[str, dict]:
             "task": trained.run["task"], "model": trained.run.get("model", "two_tower"), "version": trained.version,
             "features": [f.name for f in features], "sparse": keys,
             "dense": [f.name for f in features if f.kind == "numerical"],
-            "output": "probability" if ranker else "embedding",
+            "output": "probability" if ranker else "embedding", "encoders": f"{name}.encoders.json",
         }
         (out / f"{name}.json").write_text(json.dumps(exported[name], indent=2))
-        shutil.copyfile(Path(trained.run["data"]) / "encoders.json", out / "encoders.json")
+        shutil.copyfile(Path(trained.run["data"]) / "encoders.json", out / exported[name]["encoders"])
     return exported
 
 

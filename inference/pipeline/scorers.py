@@ -55,12 +55,13 @@ class ModelInputs:
 
     @classmethod
     def load(cls, model_dir: Path, name: str) -> ModelInputs:
-        """The inputs of model ``name`` in an `export_models` directory (``<name>.json``, ``encoders.json``)."""
+        """The inputs of model ``name`` in an `export_models` directory (``<name>.json`` and the encoder it names)."""
         interface_path = Path(model_dir) / f"{name}.json"
         if not interface_path.is_file():
             raise ValueError(f"{interface_path} does not exist; expected an exported model named {name!r}")
         interface = json.loads(interface_path.read_text())
-        return cls(FeatureEncoder.load(Path(model_dir) / "encoders.json"), interface["features"], interface["output"])
+        encoder = FeatureEncoder.load(Path(model_dir) / interface["encoders"])
+        return cls(encoder, interface["features"], interface["output"])
 
     def __call__(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B feature rows -> dense (B, n) float32, ids (B, F, L) int64, lengths (B, F) int64."""

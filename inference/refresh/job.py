@@ -2,7 +2,7 @@
 
 A version holds, under its directory (see `artifacts`):
 
-    models/       TorchScript query tower and rankers, their interfaces, encoders.json
+    models/       TorchScript query tower and rankers, their interfaces and encoders
     embeddings/   item vectors as parquet shards, and catalogue.parquet (item_id, feature_hash)
     index/        the FAISS item index over the eligible items
     store/        the store snapshot: users, items, and every candidate list

@@ -89,7 +89,7 @@ def write_repository(models_dir: Path, out: Path, config: RepositoryConfig = Rep
     """
     models_dir, out = Path(models_dir), Path(out)
     interfaces = {p.stem: json.loads(p.read_text()) for p in sorted(models_dir.glob("*.json"))
-                  if p.name != "encoders.json" and p.with_suffix(".pt").is_file()}
+                  if p.with_suffix(".pt").is_file()}
     if not interfaces:
         raise ValueError(f"{models_dir}: no exported models (<name>.pt beside <name>.json); run export_models first")
     if out.exists():

@@ -118,7 +118,7 @@ def test_serve_command_serves_until_sigterm(models_dir, scoring_requests, tmp_pa
                                             wait_until):
     linear = tmp_path / "linear"
     linear.mkdir()
-    for name in ("linear.pt", "linear.json", "encoders.json"):
+    for name in ("linear.pt", "linear.json", "linear.encoders.json"):
         (linear / name).write_bytes((models_dir / name).read_bytes())
     write_repository(linear, tmp_path / "repo")
     http, grpc = free_port(), free_port()
