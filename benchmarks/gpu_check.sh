@@ -6,7 +6,9 @@
 #      samples/s and peak GPU memory;
 #   2. TorchScript export of DLRM, DeepFM and the query tower, loaded onto CUDA and compared with
 #      eager there; exact top-k retrieval timed on CUDA and CPU, each checked against float64
-#      scores (gpu_paths.py).
+#      scores (gpu_paths.py);
+#   3. a Triton model repository exported with KIND_GPU instance groups, its TorchScript rankers
+#      run on CUDA against CPU scores (triton_gpu_check.py; no GPU Triton server is needed).
 #
 #   WHEELS=wheels benchmarks/gpu_check.sh                        # on the GPU machine
 #   PYTHON=.venv/bin/python benchmarks/gpu_check.sh --dry-run    # anywhere: CPU only, short runs
@@ -15,7 +17,8 @@
 #
 # The GPU machine has Python 3.12, torch 2.11 with CUDA and lightning, but no torchrec and no
 # package registry. $WHEELS holds torchrec 1.6.1 and fbgemm-gpu-cpu 1.6.0 (the pair made for torch
-# 2.11) and any of torchrec's needs that the image lacks (tensordict and its pyvers, for one); the
+# 2.11) and any of torchrec's needs that the image lacks (tensordict and its pyvers, for one; part 3
+# also needs tritonclient[grpc], grpcio and protobuf); the
 # script names whatever is still missing. They install with --no-deps into a folder on PYTHONPATH,
 # not into a venv: the image's python3 is itself a venv, and a venv made from it with
 # --system-site-packages would see the base interpreter's packages, not torch. JSON results go to
@@ -95,6 +98,8 @@ run_part "training steps, fp32 and bf16" \
     "$python" benchmarks/train_throughput.py "${train_args[@]}" --json "$results/train_throughput.json"
 run_part "TorchScript export and exact retrieval" \
     "$python" benchmarks/gpu_paths.py "${paths_args[@]}" --json "$results/gpu_paths.json"
+run_part "Triton GPU repository (KIND_GPU, TorchScript on CUDA vs CPU)" \
+    "$python" benchmarks/triton_gpu_check.py --json "$results/triton_gpu_check.json"
 
 echo
 if $dry_run; then
