@@ -27,12 +27,24 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-# MovieLens-100K: prepare and print its statistics, then train and evaluate two-tower retrieval.
+# MovieLens-100K end to end: prepare it (implicit feedback for retrieval, rating >= 4 under a
+# temporal split for the rankers), train two-tower retrieval and the three rankers, then build and
+# publish an artefact version (TorchScript models, Triton repository, item embeddings, FAISS
+# index, candidate lists, store snapshot) and list it.
 demo: install
 	$(BIN)/recstack data prepare --dataset ml-100k --out $(OUT)/ml-100k --overwrite
-	rm -rf $(OUT)/two-tower
-	$(BIN)/recstack train retrieval --data $(OUT)/ml-100k --out $(OUT)/two-tower \
+	$(BIN)/recstack data prepare --dataset ml-100k --split temporal --positive-rating 4 \
+		--out $(OUT)/ml-100k-ctr --overwrite
+	rm -rf $(OUT)/models
+	$(BIN)/recstack train retrieval --data $(OUT)/ml-100k --out $(OUT)/models/two_tower \
 		--config configs/ml100k_retrieval.yaml --accelerator cpu
+	for model in deepfm dlrm linear; do \
+		$(BIN)/recstack train ranker --model $$model --data $(OUT)/ml-100k-ctr --out $(OUT)/models/$$model \
+			--config configs/ml100k_ctr_$$model.yaml --accelerator cpu || exit 1; \
+	done
+	$(BIN)/recstack refresh --data $(OUT)/ml-100k --models $(OUT)/models --artifacts $(OUT)/artifacts \
+		--config configs/refresh.yaml
+	$(BIN)/recstack artifacts list --artifacts $(OUT)/artifacts
 
 test: install
 	$(BIN)/ruff check .

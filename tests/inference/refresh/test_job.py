@@ -63,6 +63,10 @@ def test_full_refresh_publishes_a_version_that_serves(tiny_dataset, models_dir, 
                                                                        strict=True))
     assert user_lists.groupby("list").size().eq(20).all()
 
+    for model in ("deepfm", "dlrm", "linear", "query_tower"):  # the Triton repository, both backends
+        assert (root.path("v0001") / "triton" / model / "config.pbtxt").is_file()
+        assert (root.path("v0001") / "triton" / f"{model}_py" / "1" / "model.pt").is_file()
+
     # the published query tower and index answer a query
     tower = served.query_tower
     assert tower is not None and served.store.get_list("popular")[0].size > 0
