@@ -63,7 +63,7 @@ from inference.index import (
 from inference.refresh import pools
 from inference.refresh.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
 from inference.refresh.rules import Rules, apply_rules, load_rules
-from inference.store import EmbeddedStore, write_snapshot
+from inference.store import EmbeddedStore, delete_version, load_snapshot_into_redis, write_snapshot
 from inference.triton.repository import write_repository
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class RefreshConfig(_Strict):
     rules: list[dict] = []  # static eligibility rules, as in a rules file (inference.refresh.rules)
     cadence_s: dict[str, float] = {kind: 0 for kind in LIST_KINDS}  # rebuild a list kind when older
     retention: int = Field(5, ge=1)
+    redis: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")  # "host:port": also load each version's store there
     accelerator: str = "cpu"
     devices: int = Field(1, ge=1)
 
@@ -156,11 +157,13 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
         with timer("pools"):
             manifest["lists"], lists = pools_step(inputs, catalogue, index, started)
         with timer("store"):
-            store_step(inputs, staging, lists)
+            store_step(inputs, staging, lists, version)
         manifest["seconds"] = round(time.time() - started, 3)
         manifest = write_manifest(staging, manifest)
     publish_step(artifacts, version)
-    artifacts.prune(config.retention)
+    for old in artifacts.prune(config.retention):
+        if config.redis:
+            delete_version(*_redis_address(config.redis), old)
     return manifest
 
 
@@ -323,10 +326,20 @@ def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex, started: 
     return built, pd.concat(frames, ignore_index=True)
 
 
-def store_step(inputs: Inputs, staging: Path, lists: pd.DataFrame) -> None:
-    """The store snapshot into ``store/``: user and item features, and the lists."""
+def store_step(inputs: Inputs, staging: Path, lists: pd.DataFrame, version: str) -> None:
+    """The store snapshot into ``store/``: user and item features, and the lists; with ``redis``
+    configured, also into Redis under ``version`` (readers only use it once it is published)."""
     (staging / "store").mkdir()
     write_snapshot(staging / "store", inputs.users, inputs.items, lists)
+    if inputs.config.redis:
+        host, port = _redis_address(inputs.config.redis)
+        delete_version(host, port, version)  # left by a build of this number that never published
+        load_snapshot_into_redis(staging / "store", host, port, version)
+
+
+def _redis_address(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
 
 
 def publish_step(artifacts: ArtifactRoot, version: str) -> None:

@@ -17,6 +17,7 @@ from inference.export import read_item_embeddings
 from inference.refresh import job
 from inference.refresh.artifacts import ArtifactRoot, LiveArtifacts, verify_version
 from inference.refresh.job import RefreshConfig, load_refresh_config, open_version, refresh
+from inference.store import RedisStore, StoreError
 
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
 
@@ -224,3 +225,22 @@ def test_config_errors_name_the_field(tmp_path):
     path.write_text("retension: 3\n")
     with pytest.raises(ValueError, match="retension"):
         load_refresh_config(path)
+
+
+def test_versions_load_into_redis_and_pruned_ones_leave_it(tiny_dataset, models_dir, redis_server, tmp_path):
+    address = f"{redis_server.host}:{redis_server.port}"
+    config = CONFIG.model_copy(update={"redis": address, "retention": 1})
+    refresh(tiny_dataset, models_dir, tmp_path, config)
+    embedded = open_version(ArtifactRoot(tmp_path).path("v0001")).store
+    shared = RedisStore(redis_server.host, redis_server.port, "v0001", timeout_s=1.0)
+    for name in ("popular", "trending", "user:1"):
+        ids, scores = shared.get_list(name)
+        assert ids.size and np.array_equal(ids, embedded.get_list(name)[0])
+        np.testing.assert_array_equal(scores, embedded.get_list(name)[1])
+    assert shared.user_features(1) == embedded.user_features(1)
+
+    refresh(tiny_dataset, models_dir, tmp_path, config, incremental=True)  # retention 1: v0001 goes
+    assert ArtifactRoot(tmp_path).versions() == ["v0002"]
+    assert RedisStore(redis_server.host, redis_server.port, "v0002", timeout_s=1.0).get_list("popular")[0].size
+    with pytest.raises(StoreError, match="v0001"):
+        shared.get_list("popular")
