@@ -10,7 +10,8 @@ the catalogue (1% of items get a new price, 0.5% new items appear); an increment
 runs in this process, one thread, with the same config: user and similar-item lists on a
 daily cadence (carried over by the incremental refresh), the other lists rebuilt.
 
-It passes when the incremental refresh takes at most 0.1x the first full refresh's wall time,
+It passes when the incremental refresh takes at most 0.1x the wall time of a full refresh (the
+faster of the two: on a shared machine the load can change between them),
 and, on queries from 1,000 unchanged items, the incremental index's recall@100 against exact
 search is within 0.01 of the full rebuild's.
 """
@@ -94,6 +95,7 @@ def compare_indexes(incremental_dir: Path, full_dir: Path, queries: int = 1000) 
 def format_table(result: dict) -> str:
     m, s, t = result["machine"], result["sizes"], result["seconds"]
     c = result["compare"]
+    base = min(t["full"], t["full_changed"])  # the baseline: the faster full refresh
     return "\n".join([
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; one torch thread; "
         f"load average {m['load_average_1min']:.1f} at the start",
@@ -101,11 +103,11 @@ def format_table(result: dict) -> str:
         f"changed {result['catalogue']['changed']:,} items, added {result['catalogue']['new']:,}; "
         f"index {result['index']['kind']} {json.dumps({k: v for k, v in result['index']['params'].items() if v})}",
         "",
-        "| refresh | wall (s) | ratio to full |",
+        "| refresh | wall (s) | ratio to the faster full |",
         "|---|---:|---:|",
-        f"| full (baseline) | {t['full']:.1f} | 1.00 |",
-        f"| incremental | {t['incremental']:.1f} | {t['incremental'] / t['full']:.3f} (target <= {MAX_RATIO}) |",
-        f"| full, changed catalogue | {t['full_changed']:.1f} | {t['full_changed'] / t['full']:.2f} |",
+        f"| full | {t['full']:.1f} | {t['full'] / base:.2f} |",
+        f"| incremental | {t['incremental']:.1f} | {t['incremental'] / base:.3f} (target <= {MAX_RATIO}) |",
+        f"| full, changed catalogue | {t['full_changed']:.1f} | {t['full_changed'] / base:.2f} |",
         "",
         "| step (s) | full | incremental |",
         "|---|---:|---:|",
@@ -145,7 +147,7 @@ def main() -> int:
         seconds["incremental"], incremental = timed_refresh(data, tmp / "models", tmp / "a", incremental=True)
         seconds["full_changed"], _ = timed_refresh(data, tmp / "models", tmp / "b", incremental=False)
         compare = compare_indexes(ArtifactRoot(tmp / "a").path("v0002"), ArtifactRoot(tmp / "b").path("v0001"))
-    passed = (seconds["incremental"] <= MAX_RATIO * seconds["full"]
+    passed = (seconds["incremental"] <= MAX_RATIO * min(seconds["full"], seconds["full_changed"])
               and abs(compare["recall@100_incremental"] - compare["recall@100_full"]) <= RECALL_GAP)
     result = {"machine": machine, "sizes": sizes, "seed": args.seed, "seconds": seconds, "catalogue": catalogue,
               "index": first["index"], "steps": {"full": first["step_seconds"],
