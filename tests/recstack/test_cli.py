@@ -1,4 +1,5 @@
-"""The command line as a user runs it: a subprocess, its exit code, its output and its files."""
+"""The command line as a user runs it: a subprocess, its exit code, its output and its files.
+The refresh and artefact commands run in this process (`main`), which keeps their tests quick."""
 
 import json
 import subprocess
@@ -6,6 +7,8 @@ import sys
 
 import pandas as pd
 import pytest
+
+from recstack.cli import main
 
 
 def recstack(*args, cwd=None):
@@ -89,3 +92,28 @@ def test_duplicate_item_ids_fail_cleanly(tmp_path):
     assert "items.csv" in out.stderr and "'item_id' has duplicate ids in 2 rows" in out.stderr
     assert "socks" in out.stderr
     assert not (tmp_path / "ds").exists()
+
+
+def test_refresh_and_artifacts_commands(tiny_dataset, trained_runs, tmp_path, capsys):
+    models, artifacts = str(trained_runs["two_tower"].parent), str(tmp_path / "artifacts")
+    refresh = ["refresh", "--data", str(tiny_dataset), "--models", models, "--artifacts", artifacts]
+    assert main(refresh) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["version"] == "v0001"
+    assert main([*refresh, "--incremental"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["mode"] == "incremental"
+    assert main(["artifacts", "list", "--artifacts", artifacts, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(row["version"], row["current"]) for row in listed] == [("v0001", False), ("v0002", True)]
+    assert main(["artifacts", "rollback", "--artifacts", artifacts]) == 0
+    assert capsys.readouterr().out.strip() == "v0001"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["refresh", "--models", "{tmp}/none"], "no training run"),
+    (["artifacts", "rollback"], "no version older"),
+])
+def test_refresh_and_artifacts_errors_exit_2(args, named, tiny_dataset, tmp_path, capsys):
+    base = {"refresh": ["--data", str(tiny_dataset), "--artifacts", str(tmp_path / "a")],
+            "artifacts": ["--artifacts", str(tmp_path / "a")]}[args[0]]
+    assert main([a.format(tmp=tmp_path) for a in args] + base) == 2
+    assert named in capsys.readouterr().err
