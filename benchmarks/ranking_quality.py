@@ -1,7 +1,8 @@
 """Ranking quality of linear, DeepFM and DLRM on MovieLens-100K and on synthetic data.
 
-    python benchmarks/ranking_quality.py           # the full run (~8 minutes on one CPU thread)
-    python benchmarks/ranking_quality.py --quick   # a smoke run: small synthetic data, 2 epochs
+    python -m benchmarks.ranking_quality                  # the full run (~8 minutes on one CPU thread)
+    python -m benchmarks.ranking_quality --quick          # a smoke run: small synthetic data, 2 epochs
+    python -m benchmarks.ranking_quality --only ml-100k   # one dataset; --seed 1 trains every model with seed 1
 
 Both datasets are prepared afresh (in a temporary folder, or under --out), and each model is
 trained through `training.train.train_ranker` with its config from configs/:
@@ -42,6 +43,7 @@ from training.train import load_config, train_ranker
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("linear", "deepfm", "dlrm")
+DATASETS = ("ml-100k", "synthetic")
 FULL = {"users": 500, "items": 500, "interactions": 2_000_000}
 QUICK = {"users": 200, "items": 200, "interactions": 100_000}
 QUICK_EPOCHS = 2
@@ -64,12 +66,12 @@ def describe_machine() -> dict:
     }
 
 
-def train_models(dataset: str, data_dir: Path, runs: Path, max_epochs: int | None) -> list[dict]:
+def train_models(dataset: str, data_dir: Path, runs: Path, max_epochs: int | None, seed: int) -> list[dict]:
     """Trains every model on ``data_dir`` with configs/<dataset>_ctr_<model>.yaml; test metrics and seconds."""
     rows = []
     for model in MODELS:
         config_path = ROOT / "configs" / f"{dataset}_ctr_{model}.yaml"
-        config = load_config(config_path, max_epochs=max_epochs)
+        config = load_config(config_path, max_epochs=max_epochs, seed=seed)
         start = time.perf_counter()
         result = train_ranker(model, data_dir, runs / model, config)
         rows.append({
@@ -86,9 +88,9 @@ def train_models(dataset: str, data_dir: Path, runs: Path, max_epochs: int | Non
     return rows
 
 
-def run_movielens(out: Path, max_epochs: int | None) -> dict:
+def run_movielens(out: Path, max_epochs: int | None, seed: int) -> dict:
     data_dir = prepare(load_ml100k(), out / "ml-100k", split="temporal", positive_rating=4)
-    rows = train_models("ml100k", data_dir, out / "runs" / "ml-100k", max_epochs)
+    rows = train_models("ml100k", data_dir, out / "runs" / "ml-100k", max_epochs, seed)
     linear = next(r["auc"] for r in rows if r["model"] == "linear")
     for r in rows:
         r["auc_over_linear"] = r["auc"] - linear
@@ -100,7 +102,7 @@ def run_movielens(out: Path, max_epochs: int | None) -> dict:
     }
 
 
-def run_synthetic(out: Path, sizes: dict, max_epochs: int | None) -> dict:
+def run_synthetic(out: Path, sizes: dict, max_epochs: int | None, seed: int) -> dict:
     data_dir = prepare(generate(SyntheticConfig(**sizes, seed=SEED)), out / "synthetic", split="random", seed=SEED)
     test = read_part(data_dir, "test")
     bayes = auc(test["label"], test["click_prob"])
@@ -108,7 +110,7 @@ def run_synthetic(out: Path, sizes: dict, max_epochs: int | None) -> dict:
     mid_period = np.full(len(test), truth.start + truth.seconds // 2)
     frozen = auc(test["label"], truth.click_probability(test["user_id"].to_numpy(), test["item_id"].to_numpy(),
                                                         mid_period))
-    rows = train_models("synthetic", data_dir, out / "runs" / "synthetic", max_epochs)
+    rows = train_models("synthetic", data_dir, out / "runs" / "synthetic", max_epochs, seed)
     for r in rows:
         r["ratio_to_bayes"] = r["auc"] / bayes
         r["passed"] = None if r["model"] == "linear" else r["ratio_to_bayes"] >= BAYES_RATIO
@@ -159,26 +161,36 @@ def format_synthetic(result: dict) -> str:
 
 
 def format_report(result: dict) -> str:
-    m, ml, syn = result["machine"], result["ml-100k"], result["synthetic"]
-    s = syn["sizes"]
-    return "\n".join([
+    m = result["machine"]
+    lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}; Python {m['python']}, "
-        f"torch {m['torch']}, lightning {m['lightning']}; load average {m['load_average_1min']:.1f} at the start"
-        + ("; QUICK run" if result["quick"] else ""),
-        "",
-        "## MovieLens-100K, label rating >= 4, temporal split",
-        f"`{ml['command']}`; rows train/valid/test: {_parts(ml)}",
-        "",
-        format_movielens(ml),
-        "",
-        "## Synthetic, random split",
-        f"`{syn['command']}`; {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions; "
-        f"rows train/valid/test: {_parts(syn)}",
-        f"Bayes AUC {syn['bayes_auc']:.4f}; with each user's taste frozen at mid-period (the ceiling without "
-        f"time features) {syn['frozen_taste_auc']:.4f} = {syn['frozen_taste_auc'] / syn['bayes_auc']:.4f} of Bayes",
-        "",
-        format_synthetic(syn),
-    ])
+        f"torch {m['torch']}, lightning {m['lightning']}; load average {m['load_average_1min']:.1f} at the start; "
+        f"training seed {result['seed']}" + ("; QUICK run" if result["quick"] else ""),
+    ]
+    if "ml-100k" in result:
+        ml = result["ml-100k"]
+        lines += [
+            "",
+            "## MovieLens-100K, label rating >= 4, temporal split",
+            f"`{ml['command']}`; rows train/valid/test: {_parts(ml)}",
+            "",
+            format_movielens(ml),
+        ]
+    if "synthetic" in result:
+        syn = result["synthetic"]
+        s = syn["sizes"]
+        lines += [
+            "",
+            "## Synthetic, random split",
+            f"`{syn['command']}`; {s['users']:,} users, {s['items']:,} items, {s['interactions']:,} interactions; "
+            f"rows train/valid/test: {_parts(syn)}",
+            f"Bayes AUC {syn['bayes_auc']:.4f}; with each user's taste frozen at mid-period (the ceiling without "
+            f"time features) {syn['frozen_taste_auc']:.4f} = {syn['frozen_taste_auc'] / syn['bayes_auc']:.4f} of "
+            "Bayes",
+            "",
+            format_synthetic(syn),
+        ]
+    return "\n".join(lines)
 
 
 def _parts(result: dict) -> str:
@@ -189,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help=f"synthetic data at {QUICK} and {QUICK_EPOCHS} epochs per model")
+    parser.add_argument("--only", choices=DATASETS, help="run one dataset (default: both)")
+    parser.add_argument("--seed", type=int, default=SEED, help=f"training seed of every model (default {SEED})")
     parser.add_argument("--out", type=Path, help="new folder to keep the datasets and runs in (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ranking_quality.json")
     parser.add_argument("--threads", type=int, default=1,
@@ -207,11 +221,14 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "machine": machine,
             "quick": args.quick,
+            "seed": args.seed,
             "targets": {"auc_over_linear": ML_MARGIN, "ratio_to_bayes": BAYES_RATIO},
-            "ml-100k": run_movielens(out, max_epochs),
-            "synthetic": run_synthetic(out, QUICK if args.quick else FULL, max_epochs),
         }
-    checked = [r["passed"] for name in ("ml-100k", "synthetic") for r in result[name]["models"]]
+        if args.only in (None, "ml-100k"):
+            result["ml-100k"] = run_movielens(out, max_epochs, args.seed)
+        if args.only in (None, "synthetic"):
+            result["synthetic"] = run_synthetic(out, QUICK if args.quick else FULL, max_epochs, args.seed)
+    checked = [r["passed"] for name in DATASETS if name in result for r in result[name]["models"]]
     result["passed"] = all(p for p in checked if p is not None)
     print(format_report(result))
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,10 +22,15 @@ class DeepFMConfig:
     dense_dim: int = 0
     embedding_dim: int | None = None  # None: each feature's own dim, which must then be equal
     hidden_sizes: tuple[int, ...] = (64, 32)
+    dropout: float = 0.0  # after each hidden layer of the deep part, while training
 
     def __post_init__(self) -> None:
         check_config(
-            self, nonempty=("features",), non_negative=("dense_dim",), positive=("embedding_dim", "hidden_sizes")
+            self,
+            nonempty=("features",),
+            non_negative=("dense_dim",),
+            positive=("embedding_dim", "hidden_sizes"),
+            rates=("dropout",),
         )
 
 
@@ -50,7 +55,7 @@ class DeepFM(nn.Module):
         self.sparse_arch = SparseArch(embedding_configs(config.features, config.embedding_dim))
         self.second_order = FactorizationMachine()
         deep_in = self.sparse_arch.num_features * self.sparse_arch.embedding_dim + config.dense_dim
-        self.deep = MLP(deep_in, [*config.hidden_sizes, 1], final_activation=False)
+        self.deep = MLP(deep_in, [*config.hidden_sizes, 1], final_activation=False, dropout=config.dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         embeddings = self.sparse_arch(sparse)  # (B, F, D)

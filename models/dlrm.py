@@ -28,12 +28,14 @@ class DLRMConfig:
     interaction: str = "dot"
     dcn_layers: int = 2
     dcn_rank: int = 8
+    dropout: float = 0.0  # after each ReLU of DenseArch and OverArch, while training
 
     def __post_init__(self) -> None:
         check_config(
             self,
             nonempty=("features",),
             positive=("dense_dim", "embedding_dim", "dense_sizes", "over_sizes", "dcn_layers", "dcn_rank"),
+            rates=("dropout",),
         )
         if self.interaction not in INTERACTIONS:
             raise ValueError(f"DLRMConfig.interaction = {self.interaction!r}; expected one of {INTERACTIONS}")
@@ -42,9 +44,9 @@ class DLRMConfig:
 class DenseArch(nn.Module):
     """(B, dense_dim) -> (B, D), the same D as the sparse embeddings so they can be dotted."""
 
-    def __init__(self, dense_dim: int, hidden_sizes: tuple[int, ...], embedding_dim: int) -> None:
+    def __init__(self, dense_dim: int, hidden_sizes: tuple[int, ...], embedding_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.mlp = MLP(dense_dim, [*hidden_sizes, embedding_dim])
+        self.mlp = MLP(dense_dim, [*hidden_sizes, embedding_dim], dropout=dropout)
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
         return self.mlp(dense)
@@ -99,9 +101,9 @@ class InteractionDCNArch(nn.Module):
 class OverArch(nn.Module):
     """(B, in_features) -> logits (B,)."""
 
-    def __init__(self, in_features: int, hidden_sizes: tuple[int, ...]) -> None:
+    def __init__(self, in_features: int, hidden_sizes: tuple[int, ...], dropout: float = 0.0) -> None:
         super().__init__()
-        self.mlp = MLP(in_features, [*hidden_sizes, 1], final_activation=False)
+        self.mlp = MLP(in_features, [*hidden_sizes, 1], final_activation=False, dropout=dropout)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.mlp(features).squeeze(1)
@@ -114,12 +116,12 @@ class DLRM(nn.Module):
         super().__init__()
         self.sparse_arch = SparseArch(embedding_configs(config.features, config.embedding_dim))
         num_sparse, dim = self.sparse_arch.num_features, self.sparse_arch.embedding_dim
-        self.dense_arch = DenseArch(config.dense_dim, config.dense_sizes, dim)
+        self.dense_arch = DenseArch(config.dense_dim, config.dense_sizes, dim, config.dropout)
         if config.interaction == "dcn":
             self.interaction_arch = InteractionDCNArch(num_sparse, dim, config.dcn_layers, config.dcn_rank)
         else:
             self.interaction_arch = InteractionArch(num_sparse, dim)
-        self.over_arch = OverArch(self.interaction_arch.out_features, config.over_sizes)
+        self.over_arch = OverArch(self.interaction_arch.out_features, config.over_sizes, config.dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         embedded_dense = self.dense_arch(dense)  # (B, D)

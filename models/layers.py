@@ -19,15 +19,20 @@ POOLING = {
 
 class MLP(nn.Sequential):
     """Linear layers of ``layer_sizes`` widths, each followed by a ReLU (the last one only with
-    ``final_activation``). (B, in_features) -> (B, layer_sizes[-1])."""
+    ``final_activation``) and, while training, by dropout of rate ``dropout`` after each ReLU.
+    (B, in_features) -> (B, layer_sizes[-1])."""
 
-    def __init__(self, in_features: int, layer_sizes: Sequence[int], final_activation: bool = True) -> None:
+    def __init__(
+        self, in_features: int, layer_sizes: Sequence[int], final_activation: bool = True, dropout: float = 0.0
+    ) -> None:
         layers: list[nn.Module] = []
-        for width in layer_sizes:
-            layers += [nn.Linear(in_features, width), nn.ReLU()]
+        for i, width in enumerate(layer_sizes):
+            layers.append(nn.Linear(in_features, width))
+            if i < len(layer_sizes) - 1 or final_activation:
+                layers.append(nn.ReLU())
+                if dropout:
+                    layers.append(nn.Dropout(dropout))
             in_features = width
-        if layers and not final_activation:
-            layers.pop()
         super().__init__(*layers)
 
 
@@ -111,10 +116,12 @@ def check_config(
     nonempty: Sequence[str] = (),
     non_negative: Sequence[str] = (),
     positive: Sequence[str] = (),
+    rates: Sequence[str] = (),
 ) -> None:
     """Raise ValueError naming the first field of ``config`` that is empty or out of range.
 
-    Size fields may hold an int, a tuple of ints (layer widths) or None (not set).
+    Size fields may hold an int, a tuple of ints (layer widths) or None (not set); ``rates``
+    (dropout) must lie in [0, 1).
     """
     owner = type(config).__name__
     for name in nonempty:
@@ -126,3 +133,7 @@ def check_config(
             values = value if isinstance(value, tuple | list) else (value,)
             if any(v is not None and v < minimum for v in values):
                 raise ValueError(f"{owner}.{name} = {value!r}; expected values >= {minimum}")
+    for name in rates:
+        value = getattr(config, name)
+        if not 0 <= value < 1:
+            raise ValueError(f"{owner}.{name} = {value!r}; expected a rate in [0, 1)")

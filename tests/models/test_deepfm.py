@@ -44,6 +44,7 @@ def test_embedding_dim_replaces_mixed_feature_dims(features, dense, sparse):
         ({"features": ()}, "DeepFMConfig.features is empty"),
         ({"hidden_sizes": (8, 0)}, r"DeepFMConfig.hidden_sizes = \(8, 0\); expected values >= 1"),
         ({"embedding_dim": -4}, "DeepFMConfig.embedding_dim = -4"),
+        ({"dropout": 1.0}, r"DeepFMConfig.dropout = 1.0; expected a rate in \[0, 1\)"),
     ],
 )
 def test_bad_config_raises(features, fields, message):
@@ -51,5 +52,13 @@ def test_bad_config_raises(features, fields, message):
         DeepFMConfig(**{"features": features, **fields})
 
 
-def test_torchscript_round_trip(features, dense, sparse, script_round_trip):
-    script_round_trip(DeepFM(DeepFMConfig(features, dense_dim=2)), dense, sparse)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_torchscript_round_trip(features, dense, sparse, script_round_trip, dropout):
+    script_round_trip(DeepFM(DeepFMConfig(features, dense_dim=2, dropout=dropout)).eval(), dense, sparse)
+
+
+def test_dropout_sits_in_the_deep_part_only(features):
+    model = DeepFM(DeepFMConfig(features, dense_dim=2, hidden_sizes=(8, 4), dropout=0.25))
+    rates = [m.p for m in model.deep if isinstance(m, torch.nn.Dropout)]
+    assert rates == [0.25, 0.25]  # after each hidden ReLU, none after the logit
+    assert sum(isinstance(m, torch.nn.Dropout) for m in model.modules()) == 2

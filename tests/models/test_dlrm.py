@@ -57,6 +57,7 @@ def test_mixed_embedding_dims_raise_naming_them(features):
         ({"dense_dim": 0}, "DLRMConfig.dense_dim = 0; expected values >= 1"),
         ({"over_sizes": (-1,)}, r"DLRMConfig.over_sizes = \(-1,\)"),
         ({"dcn_rank": 0}, "DLRMConfig.dcn_rank = 0"),
+        ({"dropout": -0.5}, r"DLRMConfig.dropout = -0.5; expected a rate in \[0, 1\)"),
         ({"features": ()}, "DLRMConfig.features is empty"),
     ],
 )
@@ -66,5 +67,16 @@ def test_bad_config_raises(features, fields, message):
 
 
 @pytest.mark.parametrize("interaction", ["dot", "dcn"])
-def test_torchscript_round_trip(features, dense, sparse, script_round_trip, interaction):
-    script_round_trip(DLRM(DLRMConfig(features, dense_dim=2, interaction=interaction)), dense, sparse)
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_torchscript_round_trip(features, dense, sparse, script_round_trip, interaction, dropout):
+    model = DLRM(DLRMConfig(features, dense_dim=2, interaction=interaction, dropout=dropout)).eval()
+    script_round_trip(model, dense, sparse)
+
+
+def test_dropout_follows_each_relu_of_the_dense_and_over_arches(features):
+    model = DLRM(DLRMConfig(features, dense_dim=2, dense_sizes=(8,), over_sizes=(8, 4), dropout=0.25))
+    def kinds(arch):
+        return [type(m).__name__ for m in arch.mlp]
+
+    assert kinds(model.dense_arch) == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout"]
+    assert kinds(model.over_arch) == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Dropout", "Linear"]

@@ -3,7 +3,7 @@ import torch
 from torchrec import PoolingType
 
 from data.schema import FeatureSpec
-from models.layers import MLP, SparseArch, embedding_configs
+from models.layers import MLP, SparseArch, check_config, embedding_configs
 from models.linear import LinearConfig
 
 
@@ -14,6 +14,20 @@ def test_mlp_widths_and_final_activation():
     assert (MLP(3, [4, 2])(x) >= 0).all()
     assert (MLP(3, [4, 2], final_activation=False)(x) < 0).any()
     assert isinstance(MLP(3, [4, 2], final_activation=False)[-1], torch.nn.Linear)
+
+
+def test_mlp_dropout_follows_each_relu_and_only_acts_while_training():
+    kinds = [type(m).__name__ for m in MLP(3, [4, 2], final_activation=False, dropout=0.5)]
+    assert kinds == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert [type(m).__name__ for m in MLP(3, [4], dropout=0.5)] == ["Linear", "ReLU", "Dropout"]
+    torch.manual_seed(0)
+    mlp, x = MLP(3, [64, 2], final_activation=False, dropout=0.5), torch.randn(5, 3)
+    first, second = mlp[0], mlp[3]
+    torch.testing.assert_close(mlp.eval()(x), second(torch.relu(first(x))))
+    mlp.train()
+    hidden, kept = mlp[2](mlp[1](first(x))), torch.relu(first(x))  # (5, 64) with and without dropout
+    assert ((hidden == 0) | torch.isclose(hidden, 2 * kept)).all()  # survivors are scaled by 1 / (1 - 0.5)
+    assert ((hidden == 0) & (kept > 0)).any()
 
 
 def test_one_table_per_sparse_feature_and_sequences_join_their_source(features):
@@ -85,3 +99,11 @@ def test_config_checks_name_the_field(features):
         LinearConfig(features, dense_dim=-1)
     with pytest.raises(ValueError, match=r"LinearConfig.features is empty"):
         LinearConfig(())
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0])
+def test_config_checks_rates_in_zero_one(features, rate):
+    config = LinearConfig(features)
+    object.__setattr__(config, "dense_dim", rate)  # any field will do: the check reads it by name
+    with pytest.raises(ValueError, match=rf"LinearConfig.dense_dim = {rate}; expected a rate in \[0, 1\)"):
+        check_config(config, rates=("dense_dim",))

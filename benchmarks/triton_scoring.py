@@ -1,7 +1,7 @@
 """Ranker scoring through Triton, with dynamic batching on and off, against in-process TorchScript.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/triton.py              # about 2 minutes
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/triton.py --seconds 1  # a quicker, noisier run
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/triton_scoring.py              # about 2 minutes
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/triton_scoring.py --seconds 1  # a quicker, noisier run
 
 A synthetic dataset (1,000 users, 1,000 items) is prepared and DeepFM trained on it for one epoch
 in a temporary folder, then exported (`inference.export`) and written into two Triton repositories
