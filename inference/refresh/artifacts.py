@@ -25,6 +25,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -44,12 +45,10 @@ class ArtifactError(ValueError):
 def checksum_files(directory: Path) -> dict[str, dict]:
     """``{relative path: {"sha256", "bytes"}}`` of every file under ``directory`` but the manifest."""
     directory = Path(directory)
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        relative = path.relative_to(directory).as_posix()
-        if relative != MANIFEST:
-            files[relative] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
-    return files
+    paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    digests = _sha256_all(paths)
+    return {p.relative_to(directory).as_posix(): {"sha256": d, "bytes": p.stat().st_size}
+            for p, d in zip(paths, digests, strict=True)}
 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:
@@ -80,8 +79,12 @@ def verify_version(directory: Path) -> dict:
             raise ArtifactError(f"{directory}: {name} is in the manifest but missing")
         if name not in expected:
             raise ArtifactError(f"{directory}: {name} is not in the manifest")
-        path = Path(directory) / name
-        if path.stat().st_size != expected[name]["bytes"] or _sha256(path) != expected[name]["sha256"]:
+        if (Path(directory) / name).stat().st_size != expected[name]["bytes"]:
+            raise ArtifactError(f"{directory}: {name} has {(Path(directory) / name).stat().st_size} bytes, "
+                                f"expected {expected[name]['bytes']}; the file is truncated or corrupt")
+    names = sorted(expected)
+    for name, digest in zip(names, _sha256_all([Path(directory) / n for n in names]), strict=True):
+        if digest != expected[name]["sha256"]:
             raise ArtifactError(f"{directory}: checksum mismatch in {name}; the file is corrupt")
     return manifest
 
@@ -260,6 +263,12 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _sha256_all(paths: list[Path]) -> list[str]:
+    """Each file's sha256, hashed on every core (hashlib releases the GIL on large reads)."""
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        return list(pool.map(_sha256, paths))
 
 
 def _write_durably(path: Path, text: str) -> None:
