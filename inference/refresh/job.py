@@ -53,10 +53,12 @@ from inference.export import (
     write_embedding_shard,
 )
 from inference.index import (
+    SEARCH_FIELD,
     ItemIndex,
     build_index,
     choose_params,
     load_index,
+    measure_recall,
     save_index,
     tune_search,
 )
@@ -282,20 +284,26 @@ def embeddings_step(inputs: Inputs, staging: Path) -> Catalogue:
 def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex:
     """The item index into ``index/``: built from the embeddings, or the parent's index with the
     delta applied. Its search is then widened until recall@100 against exact search, on
-    query-tower outputs, reaches the target (or it scans everything)."""
+    query-tower outputs, reaches the target (or it scans everything), unless the config's
+    ``index`` fixes nprobe or ef_search."""
     ids, vectors, delta = catalogue.ids, catalogue.vectors, catalogue.delta
     queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])
     if delta is None:
-        params = choose_params(len(ids), vectors.shape[1], inputs.config.target_recall)
-        index = build_index(ids, vectors, dataclasses.replace(params, **inputs.config.index))
+        overrides = dict(inputs.config.index)
+        params = choose_params(len(ids), vectors.shape[1], inputs.config.target_recall,
+                               kind=overrides.pop("kind", None), metric=overrides.pop("metric", "ip"))
+        index = build_index(ids, vectors, dataclasses.replace(params, **overrides))
     else:
         index = load_index(inputs.parent / "index")
         index.remove(delta.removed)
         index.add(delta.added, delta.vectors)
-    recall = tune_search(index, ids, vectors, queries, inputs.config.target_recall)
-    if recall["recall@100"] < inputs.config.target_recall:
-        log.warning("index recall@100 %.3f is below the target %.3f even scanning everything",
-                    recall["recall@100"], inputs.config.target_recall)
+    if set(SEARCH_FIELD.values()) & set(inputs.config.index):  # the config fixed the breadth: only measure
+        index.recall = measure_recall(index, ids, vectors, queries)
+    else:
+        tune_search(index, ids, vectors, queries, inputs.config.target_recall)
+    if index.recall["recall@100"] < inputs.config.target_recall:
+        log.warning("index recall@100 %.3f is below the target %.3f", index.recall["recall@100"],
+                    inputs.config.target_recall)
     save_index(index, staging / "index")
     return index
 

@@ -244,3 +244,13 @@ def test_versions_load_into_redis_and_pruned_ones_leave_it(tiny_dataset, models_
     assert RedisStore(redis_server.host, redis_server.port, "v0002", timeout_s=1.0).get_list("popular")[0].size
     with pytest.raises(StoreError, match="v0001"):
         shared.get_list("popular")
+
+
+def test_the_index_is_tuned_to_the_target_recall_unless_the_config_fixes_it(tiny_dataset, models_dir, tmp_path):
+    # 200 items: flat by default, so ask for IVF with a narrow search
+    narrow = {"kind": "ivf_flat", "nlist": 4, "nprobe": 1}
+    tuned = refresh(tiny_dataset, models_dir, tmp_path / "tuned", CONFIG.model_copy(
+        update={"index": {"kind": "ivf_flat", "nlist": 4}, "target_recall": 0.99}))
+    assert tuned["index"]["recall"]["recall@100"] >= 0.99 and tuned["index"]["params"]["nprobe"] > 1
+    fixed = refresh(tiny_dataset, models_dir, tmp_path / "fixed", CONFIG.model_copy(update={"index": narrow}))
+    assert fixed["index"]["params"]["nprobe"] == 1
