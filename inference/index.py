@@ -8,8 +8,8 @@ inner product; ``cosine`` normalises item and query vectors first.
 Backends, one search API: FAISS on a GPU when FAISS sees one (the CPU index stays the master copy,
 so it is what `save_index` writes), FAISS on the CPU otherwise, and, for ``flat``, exact search
 with torch on "cuda" when present or the CPU. A refresh job replaces re-embedded items with
-`ItemIndex.remove` then `ItemIndex.add`, checks the index with `measure_recall` (or builds with
-`build_index_with_recall`) and writes `ItemIndex.info` into its manifest.
+`ItemIndex.remove` then `ItemIndex.add`, widens the search with `tune_search` until the
+recall `measure_recall` finds meets its target, and writes `ItemIndex.info` into its manifest.
 """
 
 from __future__ import annotations
@@ -319,14 +319,6 @@ def build_index(ids: np.ndarray, vectors: np.ndarray, params: IndexParams, backe
             index._store.pq.cp.seed = seed
         index._store.train(index._prepare(vectors, "vectors"))
     index.add(ids, vectors)
-    return index
-
-
-def build_index_with_recall(ids: np.ndarray, vectors: np.ndarray, params: IndexParams, queries: np.ndarray,
-                            backend: str = "auto", seed: int = 0) -> ItemIndex:
-    """`build_index`, then `measure_recall` on ``queries`` (Q, D) (e.g. a sample of query-tower outputs)."""
-    index = build_index(ids, vectors, params, backend, seed)
-    index.recall = measure_recall(index, ids, vectors, queries)
     return index
 
 

@@ -125,7 +125,6 @@ def load_refresh_config(path: Path | None) -> RefreshConfig:
 class Inputs:
     """What one refresh reads: the dataset, the trained runs, the config, and the parent version."""
 
-    data_dir: Path
     interactions: pd.DataFrame  # positive rows only
     users: pd.DataFrame
     items: pd.DataFrame
@@ -206,7 +205,7 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
             if read_manifest(parent)["models"] != versions:
                 log.warning("models changed since %s: doing a full refresh", current)
                 parent = None
-    return Inputs(Path(data_dir), positives, dataset.users, dataset.items, retrieval,
+    return Inputs(positives, dataset.users, dataset.items, retrieval,
                   {n: runs[n] for n in config.rankers}, config, load_rules({"rules": config.rules}),
                   int(positives["timestamp"].max()) if now is None else now, parent)
 

@@ -9,7 +9,6 @@ from inference.index import (
     EXACT_BELOW,
     IndexParams,
     build_index,
-    build_index_with_recall,
     check_params_fit,
     choose_params,
     load_index,
@@ -170,7 +169,7 @@ def test_torch_backend_equals_faiss_flat_after_a_refresh(data):
                                                ("hnsw", "faiss")])
 def test_save_load_round_trip(data, tmp_path, kind, backend):
     ids, vectors, queries = data
-    index = build_index_with_recall(ids, vectors, _params(kind, "cosine"), queries, backend=backend)
+    index = build_index(ids, vectors, _params(kind, "cosine"), backend=backend)
     index.remove(ids[:500])  # HNSW keeps these in its graph: the loaded index must still exclude them
     index.add(ids[:100], vectors[:100] * 2)
     index.recall = measure_recall(index, np.concatenate([ids[500:], ids[:100]]),
@@ -187,7 +186,9 @@ def test_save_load_round_trip(data, tmp_path, kind, backend):
 
 def test_info_reports_recall_until_the_index_changes(data):
     ids, vectors, queries = data
-    index = build_index_with_recall(ids, vectors, _params("ivf_flat", nprobe=8), queries)
+    index = build_index(ids, vectors, _params("ivf_flat", nprobe=8))
+    assert index.info()["recall"] is None
+    index.recall = measure_recall(index, ids, vectors, queries)
     info = index.info()
     assert info["kind"] == "ivf_flat" and info["items"] == N and info["dim"] == DIM
     assert info["params"]["nprobe"] == 8 and info["backend"] == "faiss-cpu"
