@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.dataset import read_dataset
 from data.encoders import recent_items
@@ -108,17 +108,23 @@ class RefreshConfig(_Strict):
     accelerator: str = "cpu"
     devices: int = Field(1, ge=1)
 
+    @model_validator(mode="after")
+    def _known_list_kinds(self) -> RefreshConfig:
+        unknown = sorted(set(self.cadence_s) - set(LIST_KINDS))
+        if unknown:
+            raise ValueError(f"cadence_s names {unknown}; expected list kinds {LIST_KINDS}")
+        return self
+
 
 def load_refresh_config(path: Path | None) -> RefreshConfig:
     try:
         raw = yaml.safe_load(Path(path).read_text()) if path else {}
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML: {e}") from e
-    config = RefreshConfig.model_validate(raw or {})
-    unknown = sorted(set(config.cadence_s) - set(LIST_KINDS))
-    if unknown:
-        raise ValueError(f"{path}: cadence_s names {unknown}; expected list kinds {LIST_KINDS}")
-    return config
+    try:
+        return RefreshConfig.model_validate(raw or {})
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 @dataclass
