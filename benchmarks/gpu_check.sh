@@ -60,7 +60,7 @@ import sys
 
 missing = []
 for name in ("torch", "lightning", "torchmetrics", "tensordict", "pyre_extensions", "fbgemm_gpu", "torchrec",
-             "numpy", "pandas", "pyarrow"):
+             "numpy", "pandas", "pyarrow", "pydantic", "yaml", "google.protobuf", "tritonclient.grpc"):
     try:
         importlib.import_module(name)
     except Exception as error:  # a wheel built for another torch fails with OSError or RuntimeError
