@@ -9,6 +9,8 @@ already interacted with, and reports Recall/NDCG/MRR/Hit/Precision@K from
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import lightning as L
 import numpy as np
 import torch
@@ -42,26 +44,35 @@ class FullCorpusEvaluation(L.LightningModule):
                      prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
 
 
+@dataclass(frozen=True)
+class SampledSoftmax:
+    """The retrieval loss: in-batch sampled softmax at ``temperature``; ``logq`` subtracts each
+    in-batch item's log popularity from its logit; ``negatives`` extra items per step are drawn
+    uniformly from the corpus (mixed negative sampling). ``k`` is the cut-off of the metrics."""
+
+    temperature: float = 0.05
+    logq: bool = True
+    negatives: int = 0
+    k: int = 10
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.negatives < 0 or self.temperature <= 0:
+            raise ValueError(f"k = {self.k}, negatives = {self.negatives}, temperature = {self.temperature}; "
+                             "expected k >= 1, negatives >= 0 and temperature > 0")
+
+
 class RetrievalModule(FullCorpusEvaluation):
-    """Trains a `TwoTower` on (query batch, item batch) pairs of positives.
+    """Trains a `TwoTower` on (query batch, item batch) pairs of positives with ``loss``."""
 
-    ``negatives`` extra items per step are drawn uniformly from the corpus (mixed negative
-    sampling); ``logq`` subtracts each in-batch item's log popularity from its logit.
-    """
-
-    def __init__(self, config: TwoTowerConfig, lr: float = 1e-3, temperature: float = 0.05,
-                 logq: bool = True, negatives: int = 0, k: int = 10, weight_decay: float = 0.0) -> None:
+    def __init__(self, config: TwoTowerConfig, loss: SampledSoftmax = SampledSoftmax(), lr: float = 1e-3,
+                 weight_decay: float = 0.0) -> None:
         super().__init__()
-        if k < 1 or negatives < 0:
-            raise ValueError(f"k = {k} and negatives = {negatives}; expected k >= 1 and negatives >= 0")
         self.model = TwoTower(config)
         self.item_id = config.item_id
+        self.loss = loss
         self.lr = lr
         self.weight_decay = weight_decay
-        self.temperature = temperature
-        self.logq = logq
-        self.negatives = negatives
-        self.k = k
+        self.k = loss.k
         self._item_emb: torch.Tensor | None = None
 
     def forward(self, query: Batch) -> torch.Tensor:
@@ -80,19 +91,19 @@ class RetrievalModule(FullCorpusEvaluation):
     def training_step(self, step: tuple, _: int) -> torch.Tensor:
         query, items, _rows = step
         item_ids = items.sparse[self.item_id].values()  # (B,) encoded ids, one per row
-        log_q = self._log_q()[item_ids] if self.logq else None
+        log_q = self._log_q()[item_ids] if self.loss.logq else None
         extra, extra_log_q = None, None
-        if self.negatives:
+        if self.loss.negatives:
             data = self.trainer.datamodule
             # a function of (seed, step, rank), not of the global RNG, so a resumed run draws what
             # an uninterrupted one would
             rng = np.random.default_rng([data.seed, self.global_step, self.global_rank])
-            drawn = rng.integers(len(data.corpus), size=self.negatives).tolist()
+            drawn = rng.integers(len(data.corpus), size=self.loss.negatives).tolist()
             extra = self.embed_items(data.corpus.__getitems__(drawn)[0].to(self.device))
             # uniform draws: q = 1 / corpus size for each
-            extra_log_q = torch.full((self.negatives,), -np.log(len(data.corpus)), device=self.device) \
-                if self.logq else None
-        loss = sampled_softmax_loss(self(query), self.embed_items(items), log_q, self.temperature,
+            extra_log_q = torch.full((self.loss.negatives,), -np.log(len(data.corpus)), device=self.device) \
+                if self.loss.logq else None
+        loss = sampled_softmax_loss(self(query), self.embed_items(items), log_q, self.loss.temperature,
                                     extra, extra_log_q, item_ids)
         self.log("train_loss", loss, batch_size=len(query), prog_bar=True)
         return loss

@@ -26,7 +26,7 @@ from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
 from training.data import RankingDataModule, RetrievalDataModule
 from training.ranking import RANKERS, RankingModule, build_ranker
-from training.retrieval import RetrievalModule
+from training.retrieval import RetrievalModule, SampledSoftmax
 
 
 class _Strict(BaseModel):
@@ -129,8 +129,8 @@ def build_retrieval_module(schema: Schema, config: RunConfig) -> tuple[Retrieval
         **config.model,
     )
     loss = config.loss
-    module = RetrievalModule(tower, config.train.lr, loss.temperature, loss.logq, loss.negatives, loss.k,
-                             config.train.weight_decay)
+    module = RetrievalModule(tower, SampledSoftmax(loss.temperature, loss.logq, loss.negatives, loss.k),
+                             config.train.lr, config.train.weight_decay)
     return module, query, items
 
 
