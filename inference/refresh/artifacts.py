@@ -232,7 +232,10 @@ class LiveArtifacts(Generic[T]):
         """Polls for new versions every ``poll_s`` seconds in a background thread."""
         def poll() -> None:
             while not self._stop.wait(self.poll_s):
-                self.refresh()
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 -- e.g. a garbled CURRENT: keep serving, keep polling
+                    log.exception("polling %s for a new version failed", self.artifacts.root)
 
         self._thread = threading.Thread(target=poll, name="artifact-poller", daemon=True)
         self._thread.start()

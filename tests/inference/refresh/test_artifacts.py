@@ -169,3 +169,20 @@ def test_live_artifacts_poll_in_the_background(tmp_path):
         assert live.state == "b"
     finally:
         live.stop()
+
+
+def test_polling_survives_a_garbled_pointer(tmp_path):
+    root = ArtifactRoot(tmp_path)
+    build(root, "a")
+    live = LiveArtifacts(tmp_path, read_state, poll_s=0.01).start()
+    try:
+        (tmp_path / "CURRENT").write_text("not a version\n")
+        time.sleep(0.1)  # several polls fail, and are logged
+        assert live._thread.is_alive() and live.state == "a"
+        build(root, "b")  # publishing rewrites the pointer
+        deadline = time.monotonic() + 5
+        while live.version != "v0002" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert live.state == "b"
+    finally:
+        live.stop()
