@@ -96,15 +96,20 @@ def _train_config(args: argparse.Namespace):
 def _train_retrieval(args: argparse.Namespace) -> int:
     from training.train import train_retrieval
 
-    print(json.dumps(train_retrieval(args.data, args.out, _train_config(args))))
+    _print_metrics(train_retrieval(args.data, args.out, _train_config(args)))
     return 0
 
 
 def _train_ranker(args: argparse.Namespace) -> int:
     from training.train import train_ranker
 
-    print(json.dumps(train_ranker(args.model, args.data, args.out, _train_config(args))))
+    _print_metrics(train_ranker(args.model, args.data, args.out, _train_config(args)))
     return 0
+
+
+def _print_metrics(metrics: dict | None) -> None:
+    if metrics is not None:  # None on the other ranks of a multi-process run: rank 0 prints once
+        print(json.dumps(metrics))
 
 
 def _prepare(args: argparse.Namespace) -> int:

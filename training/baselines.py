@@ -101,7 +101,7 @@ class BPRModule(FullCorpusEvaluation):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def train_bpr(data_dir: Path, out: Path, config: RunConfig) -> dict:
+def train_bpr(data_dir: Path, out: Path, config: RunConfig) -> dict | None:
     """Trains BPR-MF on a dataset's train positives, written and selected like `train_retrieval`:
     ``config.model`` holds `MatrixFactorization`'s ``dim`` and ``item_bias``."""
     data = RetrievalDataModule(data_dir, ["user_id"], ["item_id"], config.train.batch_size, config.train.seed)

@@ -86,7 +86,7 @@ def load_config(path: Path | None, **overrides) -> RunConfig:
     return config.model_copy(update={"train": TrainOptions.model_validate({**config.train.model_dump(), **changed})})
 
 
-def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dict:
+def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dict | None:
     """Trains DeepFM, DLRM or the linear model on a dataset's labelled rows."""
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
     L.seed_everything(config.train.seed, workers=True)
@@ -95,7 +95,7 @@ def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dic
     return fit(module, data, out, config, monitor="val_auc", run={"task": "ranker", "model": name})
 
 
-def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict:
+def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict | None:
     """Trains the two-tower model; selection is on validation NDCG@K over the full corpus."""
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
     L.seed_everything(config.train.seed, workers=True)
@@ -155,8 +155,9 @@ def _features(schema: Schema, names: list[str], key: str) -> list[FeatureSpec]:
 
 
 def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, config: RunConfig, monitor: str,
-         run: dict) -> dict:
-    """Fits ``module`` (resuming from ``out``), then validates and tests its best checkpoint."""
+         run: dict) -> dict | None:
+    """Fits ``module`` (resuming from ``out``), then validates and tests its best checkpoint; the
+    metrics on the global rank 0, None on the other ranks of a multi-process run."""
     out = Path(out)
     opts = config.train
     gpu = opts.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
@@ -184,6 +185,7 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
                **trainer.test(module, datamodule=data, ckpt_path=best.best_model_path, verbose=False)[0],
                "best_epoch": torch.load(best.best_model_path, weights_only=False)["epoch"],
                "epochs": trainer.current_epoch}
-    if trainer.is_global_zero:
-        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    if not trainer.is_global_zero:
+        return None  # every rank computed the same metrics; rank 0 reports them
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     return results

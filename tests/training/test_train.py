@@ -127,6 +127,7 @@ def test_two_cpu_processes_match_one(tiny_dataset, configs, reference_runs, tmp_
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
+    assert sum(line.startswith("{") for line in done.stdout.splitlines()) == 1  # rank 0 alone prints
     one, two = reference_runs["ranker"], Run("ranker", out, done.returncode, done.stdout)
     assert (two.metrics["best_epoch"], two.metrics["epochs"]) == (one.metrics["best_epoch"], one.metrics["epochs"])
     for name in METRICS["ranker"]:
