@@ -22,26 +22,52 @@ from training.data import EvalQueries
 
 
 class FullCorpusEvaluation(L.LightningModule):
-    """Validation and test by `evaluate_rankings` of ``corpus_scores``; subclasses set ``k``."""
+    """Validation and test by `rank_queries` of ``corpus_scores``; subclasses set ``k``.
+
+    Metrics are means over queries of every rank's results: the distributed sampler repeats a
+    few queries to give each rank as many, and each query counts once.
+    """
 
     k: int
+    _outputs: list[tuple[torch.Tensor, torch.Tensor]]  # per query: rows (B,), metrics (B, M)
 
     def corpus_scores(self, query: Batch) -> torch.Tensor:
         raise NotImplementedError
 
+    def on_validation_epoch_start(self) -> None:
+        self._outputs = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
     def validation_step(self, step: tuple, _: int) -> None:
-        self._evaluate(step, "valid", "val")
+        self._rank(step, "valid")
 
     def test_step(self, step: tuple, _: int) -> None:
-        self._evaluate(step, "test", "test")
+        self._rank(step, "test")
 
-    def _evaluate(self, step: tuple, part: str, prefix: str) -> None:
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _rank(self, step: tuple, part: str) -> None:
         query, rows = step
-        results = evaluate_rankings(self.corpus_scores(query), self.trainer.datamodule.queries[part],
-                                    rows.tolist(), self.k)
-        for name, value in results.items():
-            self.log(f"{prefix}_{name}", value, batch_size=len(rows), sync_dist=True,
-                     prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
+        per_query = rank_queries(self.corpus_scores(query), self.trainer.datamodule.queries[part], rows.tolist(),
+                                 self.k)
+        values = torch.from_numpy(np.stack(list(per_query.values()), axis=1)).to(self.device)  # (B, M)
+        self._outputs.append((rows.to(self.device), values))
+        self._names = list(per_query)
+
+    def _log_metrics(self, prefix: str) -> None:
+        rows, values = (torch.cat(parts) for parts in zip(*self._outputs, strict=True))
+        if self.trainer.world_size > 1:
+            rows, values = self.all_gather(rows).flatten(), self.all_gather(values).flatten(0, 1)
+            _, first = np.unique(rows.cpu().numpy(), return_index=True)
+            values = values[torch.from_numpy(first).to(values.device)]
+        means = values.double().mean(dim=0)
+        for name, value in zip(self._names, means.tolist(), strict=True):
+            self.log(f"{prefix}_{name}", value, prog_bar=name == f"ndcg@{self.k}" and prefix == "val")
 
 
 @dataclass(frozen=True)
@@ -115,6 +141,7 @@ class RetrievalModule(FullCorpusEvaluation):
         return log_q
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._item_emb = self._corpus_embeddings()
 
     on_test_epoch_start = on_validation_epoch_start
@@ -131,17 +158,20 @@ class RetrievalModule(FullCorpusEvaluation):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
-def evaluate_rankings(scores: torch.Tensor | np.ndarray, queries: EvalQueries, rows: list[int],
-                      k: int) -> dict[str, float]:
-    """Recall/NDCG/MRR/Hit/Precision@k of the eval queries ``rows``, each averaged over those queries.
+def rank_queries(scores: torch.Tensor | np.ndarray, queries: EvalQueries, rows: list[int],
+                 k: int) -> dict[str, np.ndarray]:
+    """Recall/NDCG/MRR/Hit/Precision@k of each eval query in ``rows``: {"recall@k": (len(rows),), ...}.
 
     ``scores`` (len(rows), I) holds each query's score for every item of the corpus, in corpus
     order; the query's excluded (already seen) items are removed before the top k are taken.
-    Every eval query has a relevant item, so a mean over a batch weighted by its size is the
-    mean over all queries.
     """
     if hasattr(scores, "detach"):
         scores = scores.detach().float().cpu().numpy()
     topk = metrics.topk_from_scores(scores, k, exclude=[queries.exclude[r] for r in rows])
-    per_user = metrics.per_user_retrieval_metrics(topk, [queries.relevant[r] for r in rows], k)
-    return {name: float(values.mean()) for name, values in per_user.items()}
+    return metrics.per_user_retrieval_metrics(topk, [queries.relevant[r] for r in rows], k)
+
+
+def evaluate_rankings(scores: torch.Tensor | np.ndarray, queries: EvalQueries, rows: list[int],
+                      k: int) -> dict[str, float]:
+    """`rank_queries`, each metric averaged over the queries (every eval query has a relevant item)."""
+    return {name: float(values.mean()) for name, values in rank_queries(scores, queries, rows, k).items()}
