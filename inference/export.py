@@ -191,7 +191,7 @@ def read_item_embeddings(directory: Path) -> tuple[np.ndarray, np.ndarray, str]:
     shards = sorted(Path(directory).glob("part-*.parquet"))
     if not shards:
         raise ValueError(f"{directory}: no embedding shards (part-*.parquet)")
-    table = pa.concat_tables(pq.read_table(s) for s in shards)
+    table = pq.read_table([str(s) for s in shards])  # one dataset read: shards in parallel, in name order
     vectors = table.column("vector").combine_chunks()
     dim = vectors.type.list_size
     versions = set(table.column("model_version").unique().to_pylist())

@@ -31,6 +31,7 @@ import logging
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,9 +278,13 @@ def embeddings_step(inputs: Inputs, staging: Path) -> Catalogue:
         shutil.rmtree(delta_dir)
     ids, vectors = np.concatenate([old_ids[keep], new_ids]), np.concatenate([old_vectors[keep], new_vectors])
     out.mkdir()
-    for shard, start in enumerate(range(0, len(ids), SHARD_ROWS)):
-        write_embedding_shard(out / f"part-000-{shard:06d}.parquet", ids[start:start + SHARD_ROWS],
-                              vectors[start:start + SHARD_ROWS], version)
+
+    def write(shard: int) -> None:
+        rows = slice(shard * SHARD_ROWS, (shard + 1) * SHARD_ROWS)
+        write_embedding_shard(out / f"part-000-{shard:06d}.parquet", ids[rows], vectors[rows], version)
+
+    with ThreadPoolExecutor() as pool:  # parquet writes release the GIL
+        list(pool.map(write, range(-(-len(ids) // SHARD_ROWS))))
     hashes.to_parquet(out / "catalogue.parquet", index=False)
     counts.update(reembedded=int(stale.sum()), new=int((~hashes["item_id"].isin(old["item_id"])).sum()),
                   dropped=int((~np.isin(old_ids, ids)).sum()))
