@@ -157,16 +157,21 @@ def test_live_artifacts_swap_only_to_versions_that_load(tmp_path):
     assert live.version == "v0002" and "smoke query failed" in live.refused["v0004"]
 
 
+def wait_for_version(live, version, timeout_s=5.0):
+    """True once the poller serves ``version``."""
+    deadline = time.monotonic() + timeout_s
+    while live.version != version and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return live.version == version
+
+
 def test_live_artifacts_poll_in_the_background(tmp_path):
     root = ArtifactRoot(tmp_path)
     build(root, "a")
     live = LiveArtifacts(tmp_path, read_state, poll_s=0.02).start()
     try:
         build(root, "b")
-        deadline = time.monotonic() + 5
-        while live.version != "v0002" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert live.state == "b"
+        assert wait_for_version(live, "v0002") and live.state == "b"
     finally:
         live.stop()
 
@@ -180,9 +185,6 @@ def test_polling_survives_a_garbled_pointer(tmp_path):
         time.sleep(0.1)  # several polls fail, and are logged
         assert live._thread.is_alive() and live.state == "a"
         build(root, "b")  # publishing rewrites the pointer
-        deadline = time.monotonic() + 5
-        while live.version != "v0002" and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert live.state == "b"
+        assert wait_for_version(live, "v0002") and live.state == "b"
     finally:
         live.stop()
