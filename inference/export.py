@@ -76,17 +76,15 @@ def pad_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @dataclass
 class TrainedRun:
     """A training run's best checkpoint, loaded: the module, its ``run.json``, the dataset's encoder,
-    and the feature names it reads (rankers: ``features``; two-tower: ``query`` and ``items``)."""
+    the feature names it reads (rankers: ``features``; two-tower: ``query`` and ``items``), and
+    its `run_version`."""
 
     directory: Path
     module: L.LightningModule
     run: dict
     encoder: FeatureEncoder
     features: dict[str, list[str]]
-
-    @property
-    def version(self) -> str:
-        return run_version(self.directory)
+    version: str
 
 
 def run_version(run_dir: Path) -> str:
@@ -111,7 +109,7 @@ def load_run(run_dir: Path) -> TrainedRun:
         module, names = build_ranking_module(run["model"], encoder.schema, config)
         features = {"features": names}
     module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-    return TrainedRun(run_dir, module.eval(), run, encoder, features)
+    return TrainedRun(run_dir, module.eval(), run, encoder, features, run_version(run_dir))
 
 
 def export_models(runs: dict[str, Path], out: Path) -> dict[str, dict]:

@@ -10,8 +10,8 @@ A version holds, under its directory (see `artifacts`):
     manifest.json lineage, counts, index recall, when each part was built, checksums
 
 `refresh` runs the steps in order: `export_step`, `embeddings_step`, `index_step`,
-`pools_step`, `store_step`, then `publish_step`, which verifies checksums and smoke-tests the version before the pointer
-switch. A failure or a kill at any step leaves the previous version published.
+`pools_step`, `store_step`, then `publish_step`, which verifies checksums and smoke-tests the
+version before the pointer switch. A failure or a kill at any step leaves the previous version published.
 
 An items table may carry ``created_at`` (the "new" list ranks by it; otherwise by first
 interaction) and ``removed_at`` (an item removed at or before ``now`` leaves the index and
@@ -137,6 +137,7 @@ class Inputs:
     items: pd.DataFrame
     retrieval: TrainedRun
     rankers: dict[str, Path]
+    versions: dict[str, str]  # each run's `run_version`, by run name
     config: RefreshConfig
     rules: Rules
     now: int
@@ -201,6 +202,8 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
     if missing:
         raise ValueError(f"--models {models_dir}: no training run in {missing}")
     retrieval = load_run(runs[config.retrieval])
+    versions = {name: retrieval.version if name == config.retrieval else run_version(path)
+                for name, path in runs.items()}
     parent = None
     if incremental:
         current = ArtifactRoot(root).current()
@@ -208,12 +211,11 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
             log.warning("no published version under %s: doing a full refresh", root)
         else:
             parent = ArtifactRoot(root).path(current)
-            versions = {name: run_version(path) for name, path in runs.items()}
             if read_manifest(parent)["models"] != versions:
                 log.warning("models changed since %s: doing a full refresh", current)
                 parent = None
     return Inputs(positives, dataset.users, dataset.items, retrieval,
-                  {n: runs[n] for n in config.rankers}, config, load_rules({"rules": config.rules}),
+                  {n: runs[n] for n in config.rankers}, versions, config, load_rules({"rules": config.rules}),
                   int(positives["timestamp"].max()) if now is None else now, parent)
 
 
@@ -228,8 +230,7 @@ def export_step(inputs: Inputs, staging: Path) -> dict[str, str]:
     else:
         export_models(runs, staging / "models")
         write_repository(staging / "models", staging / "triton")
-    return {inputs.config.retrieval: inputs.retrieval.version,
-            **{name: run_version(path) for name, path in inputs.rankers.items()}}
+    return inputs.versions
 
 
 @dataclass
@@ -325,7 +326,7 @@ def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex, started: 
     if inputs.parent is not None:
         parent_lists = pd.read_parquet(inputs.parent / "store" / "lists.parquet")
         parent_built = read_manifest(inputs.parent)["lists"]
-    if parent_lists is not None:  # each row's list kind, via the few distinct list names
+        # each row's list kind, via the few distinct list names
         names = parent_lists["list"].astype("category")
         kind_of_name = np.array([name.partition(":")[0] for name in names.cat.categories])
         kinds = kind_of_name[names.cat.codes.to_numpy()]
@@ -469,6 +470,6 @@ def describe(root: Path) -> list[dict]:
         manifest = read_manifest(artifacts.path(version))
         rows.append({"version": version, "current": version == current, "mode": manifest.get("mode"),
                      "created_at": manifest.get("created_at"), "items": manifest.get("catalogue", {}).get("items"),
-                     **{k: v for k, v in (manifest.get("index", {}).get("recall") or {}).items()}})
+                     **(manifest.get("index", {}).get("recall") or {})})
     return rows
 
