@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from report import describe_machine, finish
 
-from inference.index import KINDS, ItemIndex, build_index, choose_params, measure_recall, save_index
+from inference.index import KINDS, ItemIndex, build_index, choose_params, exact_probe, measure_recall, save_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,7 @@ def measure_kind(kind: str, ids: np.ndarray, vectors: np.ndarray, queries: np.nd
     build_s = time.perf_counter() - start
     row = {"kind": kind, "params": {k: v for k, v in vars(params).items() if v is not None and k != "kind"},
            "backend": index.backend, "build_s": build_s, "bytes_per_item": saved_bytes(index) / len(ids)}
-    row.update(measure_recall(index, ids, vectors, queries, ks=(10, K)))
+    row.update(measure_recall(index, exact_probe(ids, vectors, queries, k=K), ks=(10, K)))
     row.update(time_queries(index, queries))
     return row
 

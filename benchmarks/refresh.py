@@ -32,10 +32,9 @@ from report import describe_machine, finish
 from data.encoders import FeatureEncoder
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
-from inference.export import read_item_embeddings
 from inference.index import load_index, search_exact
 from inference.refresh.artifacts import ArtifactRoot
-from inference.refresh.job import RefreshConfig, refresh
+from inference.refresh.job import RefreshConfig, read_embeddings, refresh
 from training.train import RunConfig, build_retrieval_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +77,7 @@ def timed_refresh(data_dir: Path, models: Path, root: Path, incremental: bool) -
 def compare_indexes(incremental_dir: Path, full_dir: Path, queries: int = 1000) -> dict:
     """Recall@100 of both indexes against exact search over the same vectors, on queries that are
     vectors of unchanged items, and how many of the top 100 the two agree on."""
-    ids, vectors, _ = read_item_embeddings(full_dir / "embeddings")
+    ids, vectors = read_embeddings(full_dir)
     rng = np.random.default_rng(0)
     sample = vectors[rng.choice(len(ids), queries, replace=False)]
     exact, _ = search_exact(ids, vectors, sample, 100)

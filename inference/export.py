@@ -184,16 +184,24 @@ def export_item_embeddings(trained: TrainedRun, items: pd.DataFrame, out: Path, 
     trainer.predict(trained.module, loader, return_predictions=False)
 
 
-def read_item_embeddings(directory: Path) -> tuple[np.ndarray, np.ndarray, str]:
-    """(item ids (N,) int64, vectors (N, D) float32, model version) from the shards in ``directory``."""
-    shards = sorted(Path(directory).glob("part-*.parquet"))
+def read_item_embeddings(*directories: Path) -> tuple[np.ndarray, np.ndarray, str]:
+    """(item ids (N,) int64, vectors (N, D) float32, model version) from the shards in ``directories``.
+
+    Each directory is a layer: an item in a later one replaces its vector from earlier ones.
+    """
+    shards = [s for d in directories for s in sorted(Path(d).glob("part-*.parquet"))]
     if not shards:
-        raise ValueError(f"{directory}: no embedding shards (part-*.parquet)")
-    table = pq.read_table([str(s) for s in shards])  # one dataset read: shards in parallel, in name order
+        raise ValueError(f"{', '.join(map(str, directories))}: no embedding shards (part-*.parquet)")
+    # one dataset read: shards in parallel, in order; the version column as codes of one string
+    table = pq.read_table([str(s) for s in shards], read_dictionary=["model_version"])
     vectors = table.column("vector").combine_chunks()
     dim = vectors.type.list_size
-    versions = set(table.column("model_version").unique().to_pylist())
+    versions = set(table.column("model_version").unique().dictionary.to_pylist())
     if len(versions) != 1:
-        raise ValueError(f"{directory}: shards come from several models {sorted(versions)}; expected one")
-    return (table.column("item_id").to_numpy(), vectors.flatten().to_numpy().reshape(-1, dim), versions.pop())
-
+        raise ValueError(f"{directories}: shards come from several models {sorted(versions)}; expected one")
+    ids, vectors = table.column("item_id").to_numpy(), vectors.flatten().to_numpy().reshape(-1, dim)
+    if len(directories) > 1:  # keep each id's last row
+        _, last = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(len(ids) - 1 - last)
+        ids, vectors = ids[keep], vectors[keep]
+    return ids, vectors, versions.pop()

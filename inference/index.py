@@ -9,7 +9,8 @@ Backends, one search API: FAISS on a GPU when FAISS sees one (the CPU index stay
 so it is what `save_index` writes), FAISS on the CPU otherwise, and, for ``flat``, exact search
 with torch on "cuda" when present or the CPU. A refresh job replaces re-embedded items with
 `ItemIndex.remove` then `ItemIndex.add`, widens the search with `tune_search` until the
-recall `measure_recall` finds meets its target, and writes `ItemIndex.info` into its manifest.
+recall `measure_recall` finds on a `Probe` (queries and their exact neighbours) meets its
+target, and writes `ItemIndex.info` into its manifest.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+
+from inference.refresh.artifacts import link_or_copy
 
 KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 METRICS = ("ip", "cosine")
@@ -42,7 +45,8 @@ GPU_MAX_K = 2048  # FAISS GPU indexes answer k <= 2048; larger k is searched on 
 SCORE_BUDGET = 2**25  # floats of (queries x items) scores held at once by exact search
 FAISS_CLASSES = {"flat": faiss.IndexFlat, "ivf_flat": faiss.IndexIVFFlat, "ivf_pq": faiss.IndexIVFPQ,
                  "hnsw": faiss.IndexHNSWFlat}
-INDEX_FILE, LABELS_FILE, INFO_FILE = "index.faiss", "labels.npz", "index.json"
+INDEX_FILE, LABELS_FILE, INFO_FILE, DELTA_FILE = "index.faiss", "labels.npz", "index.json", "delta.npz"
+MAX_DELTA = 0.1  # `save_index` writes a delta until the changes reach this share of the base's items
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,10 @@ class ItemIndex:
     labels; HNSW cannot delete, so its removed labels stay in the graph, ``self._live`` marks them
     dead and search excludes them. ``recall`` is what `measure_recall` last found for this index;
     `add` and `remove` reset it to None.
+
+    An index `load_index` read remembers its base, the files it came from: the first ``_base``
+    labels are theirs, and the vectors added since (``_added``, one array per `add`) are kept,
+    so `save_index` can write the change alone.
     """
 
     def __init__(self, params: IndexParams, dim: int, backend: str, store: faiss.Index | torch.Tensor,
@@ -150,6 +158,8 @@ class ItemIndex:
         self.params, self.dim, self.backend = params, dim, backend
         self._store = store  # a CPU FAISS index, or (labels, D) item vectors for torch
         self._ids, self._live = ids, live  # (labels,) int64 item ids, (labels,) bool
+        self._base: tuple[Path, int, np.ndarray] | None = None  # (directory, labels, their live flags)
+        self._added: list[np.ndarray] = []
         self._changed()
 
     def __len__(self) -> int:
@@ -201,6 +211,8 @@ class ItemIndex:
             self._store.add(vectors)  # flat and HNSW number rows in order, so each row's label is its row
         self._ids = np.concatenate([self._ids, ids])
         self._live = np.concatenate([self._live, np.ones(len(ids), bool)])
+        if self._base is not None:
+            self._added.append(vectors)
         self._changed()
 
     def remove(self, ids: np.ndarray) -> None:
@@ -337,64 +349,139 @@ def search_exact(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, k: i
     return np.asarray(ids)[rows], scores
 
 
-def measure_recall(index: ItemIndex, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
-                   ks: tuple[int, ...] = (10, 100)) -> dict[str, float]:
-    """Mean share of each query's exact top-k (`search_exact` over ``ids``, ``vectors`` (N, D)) that
-    ``index`` returns in its top-k, for each k in ``ks``: {"recall@10": ..., "recall@100": ...}.
+PROBE_K = 256  # exact neighbours a probe keeps per query: room for removals before it is recomputed
 
-    ``ids`` and ``vectors`` must be the index's live items; k is capped at their number.
+
+@dataclass(frozen=True)
+class Probe:
+    """Recall probe: ``queries`` (Q, D) and their exact neighbours among the index's live items,
+    best first: ``ids`` (Q, K) and ``scores`` (Q, K), by ``metric``.
+
+    `Probe.updated` follows a change of the items without a full scan, so an incremental refresh
+    measures recall on the same queries as the version it starts from.
     """
-    if len(ids) != len(index) or len(vectors) != len(index):
-        raise ValueError(f"ids has {len(ids)} and vectors {len(vectors)} rows; expected the index's {len(index)} items")
+
+    queries: np.ndarray
+    ids: np.ndarray
+    scores: np.ndarray
+    metric: str
+
+    def updated(self, removed: np.ndarray, added: np.ndarray, vectors: np.ndarray, k: int = RECALL_K) -> Probe | None:
+        """The probe after removing the items ``removed`` and adding ``added`` with ``vectors`` (N, D):
+        each query keeps its neighbours that remain, merged with the added items' exact scores,
+        to the width every query still has. That is exact: an item outside a query's old top K
+        has K better ones, of which at most the removed ones are gone. None when the width falls
+        below ``k``: then recompute it with `exact_probe`.
+        """
+        keep = ~np.isin(self.ids, np.concatenate([removed, added]))  # (Q, K); re-added ids get new scores
+        width = int(keep.sum(axis=1).min()) if len(keep) else 0
+        if width < k:
+            return None
+        kept = np.argsort(~keep, axis=1, kind="stable")[:, :width]  # the kept columns, still best first
+        ids, scores = np.take_along_axis(self.ids, kept, 1), np.take_along_axis(self.scores, kept, 1)
+        if len(added):
+            new_ids, new_scores = search_exact(added, vectors, self.queries, width, self.metric)
+            ids, scores = np.concatenate([ids, new_ids], 1), np.concatenate([scores, new_scores], 1)
+            best = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+            ids, scores = np.take_along_axis(ids, best, 1), np.take_along_axis(scores, best, 1)
+        return Probe(self.queries, ids, scores, self.metric)
+
+    def save(self, path: Path) -> None:
+        np.savez(path, queries=self.queries, ids=self.ids, scores=self.scores, metric=self.metric)
+
+    @classmethod
+    def load(cls, path: Path) -> Probe:
+        try:
+            with np.load(path) as saved:
+                return cls(saved["queries"], saved["ids"], saved["scores"], str(saved["metric"]))
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path} is not a saved recall probe: {err}") from err
+
+
+def exact_probe(ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray, metric: str = "ip",
+                k: int = PROBE_K) -> Probe:
+    """The `Probe` of ``queries`` (Q, D) over the items ``ids`` (N,) with ``vectors`` (N, D): `search_exact`."""
+    found, scores = search_exact(ids, vectors, queries, k, metric)
+    return Probe(np.ascontiguousarray(queries, dtype=np.float32), found, scores, metric)
+
+
+def measure_recall(index: ItemIndex, probe: Probe, ks: tuple[int, ...] = (10, 100)) -> dict[str, float]:
+    """Mean share of each probe query's exact top-k that ``index`` returns in its top-k, for each k
+    in ``ks``: {"recall@10": ..., "recall@100": ...}. k is capped at the index's size.
+
+    The probe must be over the index's live items (`exact_probe` of them) and hold max(ks) neighbours.
+    """
     if not ks or min(ks) < 1:
         raise ValueError(f"ks = {ks!r}; expected positive ints")
-    exact, _ = search_exact(ids, vectors, queries, max(ks), index.params.metric)
-    return _recall(index, exact, queries, ks)
-
-
-def _recall(index: ItemIndex, exact: np.ndarray, queries: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
-    """Mean share of ``exact`` (Q, >= max(ks)) ids, best first, in ``index``'s top-k of ``queries``."""
-    found, _ = index.search(queries, max(ks))
+    if probe.queries.shape[1:] != (index.dim,) or probe.metric != index.params.metric:
+        raise ValueError(f"the probe holds {probe.metric} queries of shape {probe.queries.shape}; expected "
+                         f"(Q, {index.dim}) by {index.params.metric}")
+    if probe.ids.shape[1] < min(max(ks), len(index)):
+        raise ValueError(f"the probe holds {probe.ids.shape[1]} neighbours per query; expected {max(ks)}")
+    found, _ = index.search(probe.queries, max(ks))
     recall = {}
     for k in ks:
         k_ = min(k, len(index))
-        hits = [len(np.intersect1d(f[:k_], e[:k_])) for f, e in zip(found, exact, strict=True)]
+        hits = [len(np.intersect1d(f[:k_], e[:k_])) for f, e in zip(found, probe.ids, strict=True)]
         recall[f"recall@{k}"] = float(np.mean(hits) / k_)
     return recall
 
 
-def tune_search(index: ItemIndex, ids: np.ndarray, vectors: np.ndarray, queries: np.ndarray,
-                target_recall: float, k: int = 100) -> dict[str, float]:
-    """Doubles nprobe (IVF) or ef_search (HNSW) until recall@k on ``queries`` reaches
+def tune_search(index: ItemIndex, probe: Probe, target_recall: float, k: int = RECALL_K) -> dict[str, float]:
+    """Doubles nprobe (IVF) or ef_search (HNSW) until recall@k on ``probe`` reaches
     ``target_recall`` or the search covers everything (nprobe = nlist, ef_search = `MAX_EF_SEARCH`).
 
     `choose_params` guesses the breadth from the catalogue's size; how clustered the vectors are
-    decides what it really needs, so a refresh measures and widens. ``ids`` and ``vectors`` are
-    the index's live items. Sets ``index.recall`` to what the final breadth reaches (recall@10 and
-    recall@k) and returns it.
+    decides what it really needs, so a refresh measures and widens. Sets ``index.recall`` to what
+    the final breadth reaches (recall@10 and recall@k) and returns it.
     """
     field = SEARCH_FIELD.get(index.params.kind)
-    exact, _ = search_exact(ids, vectors, queries, k, index.params.metric)  # once: the costly part
-    recall = _recall(index, exact, queries, (10, k))
+    recall = measure_recall(index, probe, (10, k))
     while field is not None and recall[f"recall@{k}"] < target_recall:
         value = getattr(index.params, field)
         limit = index.params.nlist if field == "nprobe" else MAX_EF_SEARCH
         if value >= limit:
             break
         index.set_search(min(2 * value, limit))
-        recall = _recall(index, exact, queries, (10, k))
+        recall = measure_recall(index, probe, (10, k))
     index.recall = recall
     return recall
 
 
 def save_index(index: ItemIndex, directory: str | Path) -> None:
-    """Writes ``index`` into ``directory``: the CPU FAISS index, its labels' ids and live flags, and params."""
+    """Writes ``index`` into ``directory``: the CPU FAISS index, its labels' ids and live flags, and params.
+
+    An IVF or HNSW index `load_index` read, changed since by at most `MAX_DELTA` of its base's
+    items, is written as its change alone: the base's index and label files hard-linked (they
+    are immutable) and ``delta.npz``, the ids to remove from the base and the ids and vectors
+    to add, which `load_index` applies. So an incremental refresh neither rewrites nor rehashes
+    a large index.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index._to_faiss(), str(directory / INDEX_FILE))
-    np.savez(directory / LABELS_FILE, ids=index._ids, live=index._live)
+    delta = _delta(index)
+    if delta is None:
+        faiss.write_index(index._to_faiss(), str(directory / INDEX_FILE))
+        np.savez(directory / LABELS_FILE, ids=index._ids, live=index._live)
+    else:
+        for name in (INDEX_FILE, LABELS_FILE):
+            link_or_copy(index._base[0] / name, directory / name)
+        np.savez(directory / DELTA_FILE, **delta)
     info = {"params": asdict(index.params), "dim": index.dim, "recall": index.recall}
     (directory / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _delta(index: ItemIndex) -> dict[str, np.ndarray] | None:
+    """What changed since the index's base ({"removed", "added", "vectors"}), or None to write it whole."""
+    if index._base is None or index.params.kind == "flat":  # flat rows move on removal; flat indexes are small
+        return None
+    _, n, was_live = index._base
+    removed = index._ids[:n][was_live & ~index._live[:n]]
+    new = index._live[n:]
+    if len(removed) + int(new.sum()) > MAX_DELTA * max(int(was_live.sum()), 1):
+        return None
+    vectors = np.concatenate(index._added) if index._added else np.zeros((0, index.dim), np.float32)
+    return {"removed": removed, "added": index._ids[n:][new], "vectors": vectors[new]}
 
 
 def load_index(directory: str | Path, backend: str = "auto") -> ItemIndex:
@@ -432,7 +519,20 @@ def load_index(directory: str | Path, backend: str = "auto") -> ItemIndex:
     backend = _resolve_backend(backend, params.kind)
     if backend.startswith("torch"):
         store = torch.from_numpy(store.reconstruct_n(0, store.ntotal)).to(backend.removeprefix("torch-"))
-    index = ItemIndex(params, dim, backend, store, ids, live)
+    index = ItemIndex(params, dim, backend, store, ids, live.copy())
+    if params.kind in SEARCH_FIELD:  # the base file holds the breadth it was saved with
+        index.set_search(getattr(params, SEARCH_FIELD[params.kind]))
+    if params.kind != "flat":
+        index._base = (directory, len(ids), live)
+    path = directory / DELTA_FILE
+    if path.is_file():
+        try:
+            with np.load(path) as delta:
+                removed, added, vectors = delta["removed"], delta["added"], delta["vectors"]
+            index.remove(removed)
+            index.add(added, vectors)
+        except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise ValueError(f"{path} is not a delta of the index beside it: {err}") from err
     index.recall = info.get("recall")
     return index
 

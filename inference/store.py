@@ -1,6 +1,6 @@
 """The online store: user features, item features and candidate lists of one artefact version.
 
-The offline refresh job calls `write_snapshot` to put three parquet files into a version
+The offline refresh job calls `write_snapshot` to put parquet files into a version
 directory. The request handler reads them through the `Store` interface, from one of two backends:
 
     EmbeddedStore   the snapshot loaded into this process (the default; no server)
@@ -19,7 +19,7 @@ import json
 import operator
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -34,6 +34,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 ID_COLUMNS = {"users": "user_id", "items": "item_id"}
+LISTS = "lists"  # the snapshot's folder of list groups
 LIST_COLUMNS = ("list", "item_id", "score")
 VERSION = re.compile(r"[A-Za-z0-9._-]+")
 WRITE_BATCH = 5_000  # keys per MSET, UNLINK or SCAN step when loading or deleting a version
@@ -96,25 +97,40 @@ class Store(ABC):
         """Releases what the store holds; it is unusable afterwards."""
 
 
-def write_snapshot(directory: Path, users: pd.DataFrame, items: pd.DataFrame, lists: pd.DataFrame) -> None:
-    """Writes ``users.parquet``, ``items.parquet`` and ``lists.parquet`` into an existing directory.
+def write_snapshot(directory: Path, users: pd.DataFrame, items: pd.DataFrame,
+                   lists: pd.DataFrame | Mapping[str, pd.DataFrame]) -> None:
+    """Writes ``users.parquet``, ``items.parquet`` and ``lists/<group>.parquet`` into an existing directory.
 
     ``users`` and ``items`` hold one row per ``user_id`` / ``item_id`` and at least one feature
     column of int, float, bool or str values, or lists of them; integers are stored as int64,
     and NaN as a missing value. ``lists`` is long: ``list`` (the name), ``item_id`` and
     ``score`` (stored as float32), in rank order within each list; other columns are not kept.
-    Everything is checked before any file is written.
+    A mapping of group names to such frames writes one file per group (a refresh keeps the
+    file of a group it did not rebuild); a frame is the one group "all". A list name belongs to
+    one group. Everything is checked before any file is written.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"snapshot directory {directory} does not exist; the caller creates it")
+    groups = {"all": lists} if isinstance(lists, pd.DataFrame) else lists
     tables = {
         "users": _feature_table(users, "users"),
         "items": _feature_table(items, "items"),
-        "lists": _list_table(lists),
+        **{f"{LISTS}/{group}": _list_table(frame) for group, frame in groups.items()},
     }
+    (directory / LISTS).mkdir(exist_ok=True)
     for name, table in tables.items():
         pq.write_table(table, directory / f"{name}.parquet")
+
+
+def read_lists(directory: Path) -> pa.Table:
+    """Every list of the snapshot in ``directory``, long (``list`` dictionary-encoded), group after group."""
+    groups = sorted((Path(directory) / LISTS).glob("*.parquet"))
+    tables = [pq.read_table(path, read_dictionary=["list"]) for path in groups]
+    if not tables:
+        return pa.table({"list": pa.array([], pa.string()).dictionary_encode(), "item_id": pa.array([], pa.int64()),
+                         "score": pa.array([], pa.float32())})
+    return pa.concat_tables(tables)
 
 
 class EmbeddedStore(Store):
@@ -133,8 +149,8 @@ class EmbeddedStore(Store):
     def open(cls, directory: Path, version: str) -> EmbeddedStore:
         """Loads the snapshot that `write_snapshot` wrote into ``directory``."""
         directory = Path(directory)
-        tables = [pq.read_table(directory / f"{name}.parquet") for name in ("users", "items", "lists")]
-        return cls(version, *tables)
+        users, items = (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items"))
+        return cls(version, users, items, read_lists(directory))
 
     def user_features(self, user_id: int) -> dict | None:
         user_id = operator.index(user_id)
@@ -237,7 +253,8 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
     """
     version = _check_version(version)
     directory = Path(directory)
-    users, items, lists = (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items", "lists"))
+    users, items = (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items"))
+    lists = read_lists(directory)
     where = f"{host}:{port}"
     with _connect(host, port, timeout_s) as client, _failures(where, "load_snapshot_into_redis", version):
         if client.exists(_key(version, "complete")):
@@ -307,19 +324,26 @@ def _list_table(lists: pd.DataFrame) -> pa.Table:
         if lists[column].isna().any():
             rows = np.flatnonzero(lists[column].isna())[:5].tolist()
             raise ValueError(f"lists: column {column!r} has null values at rows {rows}")
-    if pd.api.types.infer_dtype(lists["list"]) not in ("string", "empty"):
-        raise ValueError(f"lists: column 'list' holds {pd.api.types.infer_dtype(lists['list'])}; expected str names")
+    try:
+        names = pa.array(lists["list"], pa.string()).dictionary_encode()
+    except pa.ArrowException:
+        raise ValueError(f"lists: column 'list' holds {pd.api.types.infer_dtype(lists['list'])}; "
+                         "expected str names") from None
     if not pd.api.types.is_integer_dtype(lists["item_id"]):
         raise ValueError(f"lists: column 'item_id' has dtype {lists['item_id'].dtype}; expected integer ids")
     if not pd.api.types.is_numeric_dtype(lists["score"]):
         raise ValueError(f"lists: column 'score' has dtype {lists['score'].dtype}; expected numbers")
-    return pa.table(
+    table = pa.table(
         {
-            "list": pa.array(lists["list"], pa.string()),
+            "list": names,
             "item_id": pa.array(lists["item_id"].to_numpy(np.int64)),
             "score": pa.array(lists["score"].to_numpy(np.float32)),
         }
     )
+    codes = names.indices.to_numpy()
+    if (codes[1:] < codes[:-1]).any():  # interleaved: group each list's rows, keeping their order
+        table = table.take(np.argsort(codes, kind="stable"))
+    return table
 
 
 def _sort_by_id(table: pa.Table, id_column: str) -> tuple[np.ndarray, pa.Table]:
@@ -330,13 +354,20 @@ def _sort_by_id(table: pa.Table, id_column: str) -> tuple[np.ndarray, pa.Table]:
 
 def _split_lists(lists: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The long list table -> name: (read-only int64 ids, float32 scores), rank order kept."""
-    codes, names = pd.factorize(lists["list"].to_numpy())
-    order = np.argsort(codes, kind="stable")  # groups each list's rows, keeping their order
-    ids = _read_only(lists["item_id"].to_numpy()[order])
-    scores = _read_only(lists["score"].to_numpy()[order])
-    ends = np.cumsum(np.bincount(codes, minlength=len(names)))
-    starts = ends - np.bincount(codes, minlength=len(names))
-    return {name: (ids[s:e], scores[s:e]) for name, s, e in zip(names, starts, ends, strict=True)}
+    names = lists["list"]
+    if not pa.types.is_dictionary(names.type):
+        names = names.dictionary_encode()
+    names = names.unify_dictionaries().combine_chunks()  # one dictionary, so codes compare across chunks
+    codes, labels = names.indices.to_numpy(zero_copy_only=False), names.dictionary.to_pylist()
+    ids, scores = lists["item_id"].to_numpy(), lists["score"].to_numpy()
+    starts = np.flatnonzero(np.diff(codes, prepend=-1))  # where each run of one list begins
+    if len(starts) != len(labels):  # a list in several runs: group its rows, keeping their order
+        order = np.argsort(codes, kind="stable")
+        codes, ids, scores = codes[order], ids[order], scores[order]
+        starts = np.flatnonzero(np.diff(codes, prepend=-1))
+    ids, scores = _read_only(ids), _read_only(scores)
+    ends = np.append(starts[1:], len(codes))
+    return {labels[codes[s]]: (ids[s:e], scores[s:e]) for s, e in zip(starts, ends, strict=True)}
 
 
 def _to_frame(table: pa.Table) -> pd.DataFrame:

@@ -42,18 +42,25 @@ class ArtifactError(ValueError):
     """A version is missing, incomplete or does not match its manifest."""
 
 
-def checksum_files(directory: Path) -> dict[str, dict]:
-    """``{relative path: {"sha256", "bytes"}}`` of every file under ``directory`` but the manifest."""
+def checksum_files(directory: Path, parent: Path | None = None) -> dict[str, dict]:
+    """``{relative path: {"sha256", "bytes"}}`` of every file under ``directory`` but the manifest.
+
+    A file hard-linked from the same path in ``parent``, a complete version, keeps the entry of
+    the parent's manifest unhashed: versions are immutable, so it is the file the parent verified.
+    """
     directory = Path(directory)
-    paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    shared = _shared_entries(directory, parent)
+    paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST
+                   and p.relative_to(directory).as_posix() not in shared)
     digests = _sha256_all(paths)
-    return {p.relative_to(directory).as_posix(): {"sha256": d, "bytes": p.stat().st_size}
-            for p, d in zip(paths, digests, strict=True)}
+    return dict(sorted({**shared, **{p.relative_to(directory).as_posix(): {"sha256": d, "bytes": p.stat().st_size}
+                                     for p, d in zip(paths, digests, strict=True)}}.items()))
 
 
-def write_manifest(directory: Path, manifest: dict) -> dict:
-    """Writes ``manifest`` plus the checksums of every file in ``directory``; returns what it wrote."""
-    manifest = {**manifest, "files": checksum_files(directory)}
+def write_manifest(directory: Path, manifest: dict, parent: Path | None = None) -> dict:
+    """Writes ``manifest`` plus the checksums of every file in ``directory`` (see `checksum_files`
+    for files shared with ``parent``); returns what it wrote."""
+    manifest = {**manifest, "files": checksum_files(directory, parent)}
     _write_durably(Path(directory) / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
@@ -68,9 +75,13 @@ def read_manifest(directory: Path) -> dict:
         raise ArtifactError(f"{path} is not valid JSON: {e}") from None
 
 
-def verify_version(directory: Path) -> dict:
+def verify_version(directory: Path, trusted: Path | None = None) -> dict:
     """The manifest of ``directory`` after checking every file against it; ArtifactError names the
-    first file that is missing, extra, or whose size or sha256 differs."""
+    first file that is missing, extra, or whose size or sha256 differs.
+
+    Files hard-linked from the same path in ``trusted``, a version verified before, are checked
+    for size only. Servers (`LiveArtifacts`) pass no ``trusted`` and hash every file.
+    """
     manifest = read_manifest(directory)
     expected = manifest.get("files", {})
     on_disk = {p.relative_to(directory).as_posix() for p in Path(directory).rglob("*") if p.is_file()} - {MANIFEST}
@@ -82,7 +93,7 @@ def verify_version(directory: Path) -> dict:
         if (Path(directory) / name).stat().st_size != expected[name]["bytes"]:
             raise ArtifactError(f"{directory}: {name} has {(Path(directory) / name).stat().st_size} bytes, "
                                 f"expected {expected[name]['bytes']}; the file is truncated or corrupt")
-    names = sorted(expected)
+    names = sorted(set(expected) - set(_shared_entries(Path(directory), trusted)))
     for name, digest in zip(names, _sha256_all([Path(directory) / n for n in names]), strict=True):
         if digest != expected[name]["sha256"]:
             raise ArtifactError(f"{directory}: checksum mismatch in {name}; the file is corrupt")
@@ -141,11 +152,12 @@ class ArtifactRoot:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
 
-    def publish(self, version: str, smoke: Callable[[Path], object] | None = None) -> None:
+    def publish(self, version: str, smoke: Callable[[Path], object] | None = None, trusted: str | None = None) -> None:
         """Points CURRENT at ``version`` once its checksums verify and ``smoke`` (a load and a
-        test query) passes on it; otherwise raises and the published version stays."""
+        test query) passes on it; otherwise raises and the published version stays. Files it
+        shares with the ``trusted`` version (its parent, verified when published) are not rehashed."""
         directory = self.path(version)
-        verify_version(directory)
+        verify_version(directory, self.path(trusted) if trusted else None)
         if smoke is not None:
             smoke(directory)
         _write_durably(self.root / POINTER, version + "\n")
@@ -254,6 +266,20 @@ def link_or_copy(source: Path, target: Path) -> None:
         os.link(source, target)
     except OSError:
         shutil.copy2(source, target)
+
+
+def _shared_entries(directory: Path, parent: Path | None) -> dict[str, dict]:
+    """The manifest entries of ``parent`` whose files ``directory`` holds as hard links at the same path."""
+    if parent is None:
+        return {}
+    shared = {}
+    for name, entry in read_manifest(parent).get("files", {}).items():
+        try:
+            if os.path.samefile(directory / name, parent / name):
+                shared[name] = entry
+        except FileNotFoundError:
+            continue
+    return shared
 
 
 def _number(version: str) -> int:

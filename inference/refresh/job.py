@@ -4,9 +4,10 @@ A version holds, under its directory (see `artifacts`):
 
     models/       TorchScript query tower and rankers, their interfaces and encoders
     triton/       a Triton model repository of the same models (inference.triton)
-    embeddings/   item vectors as parquet shards, and catalogue.parquet (item_id, feature_hash)
-    index/        the FAISS item index over the eligible items
-    store/        the store snapshot: users, items, and every candidate list
+    embeddings/   item vectors as parquet shards in layers (`embedding_layers`), and
+                  catalogue.parquet (item_id, feature_hash) of the eligible items
+    index/        the FAISS item index over the eligible items, and its recall probe
+    store/        the store snapshot: users, items, and the candidate lists, one file per kind
     manifest.json lineage, counts, index recall, when each part was built, checksums
 
 `refresh` runs the steps in order: `export_step`, `embeddings_step`, `index_step`,
@@ -21,7 +22,10 @@ A full refresh rebuilds everything. An incremental one starts from the published
 re-embeds only new items and items whose features changed, removes deleted and now
 ineligible items from the index, and rebuilds each candidate list whose cadence is due
 (``cadence_s`` per list kind), carrying the others over without the removed items. When the
-models changed since that version, it does a full refresh instead.
+models changed since that version, it does a full refresh instead. What it does not change it
+hard-links from the parent (embedding layers, the index base, list files, models), and
+`write_manifest` and the publish check hash only the new files, so its cost follows the size
+of the change rather than of the catalogue.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,8 +61,10 @@ from inference.export import (
 from inference.index import (
     SEARCH_FIELD,
     ItemIndex,
+    Probe,
     build_index,
     choose_params,
+    exact_probe,
     load_index,
     measure_recall,
     save_index,
@@ -66,13 +73,15 @@ from inference.index import (
 from inference.refresh import pools
 from inference.refresh.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
 from inference.refresh.rules import Rules, apply_rules, load_rules
-from inference.store import EmbeddedStore, delete_version, load_snapshot_into_redis, write_snapshot
+from inference.store import LISTS, EmbeddedStore, delete_version, load_snapshot_into_redis, write_snapshot
 from inference.triton.repository import write_repository
 
 log = logging.getLogger(__name__)
 
 LIST_KINDS = ("popular", "trending", "new", "editorial", "similar", "user")
-SHARD_ROWS = 262_144  # rows per embedding shard an incremental refresh writes
+SHARD_ROWS = 262_144  # rows per embedding shard when an incremental refresh compacts the layers
+MAX_STORED, MAX_LAYERS = 1.25, 8  # compact the embedding layers beyond these (stored / live vectors, layers)
+CATALOGUE, PROBE = "catalogue.parquet", "probe.npz"
 RECALL_QUERIES = 100  # query-tower outputs the index recall is measured on (SE ~0.002 at 0.95)
 
 
@@ -158,7 +167,7 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
         with timer("export"):
             manifest["models"] = export_step(inputs, staging)
         with timer("embeddings"):
-            catalogue = embeddings_step(inputs, staging)
+            catalogue = embeddings_step(inputs, staging, version)
             manifest["catalogue"] = catalogue.counts
         with timer("index"):
             index = index_step(inputs, staging, catalogue)
@@ -168,8 +177,8 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
         with timer("store"):
             store_step(inputs, staging, lists, version)
         manifest["seconds"] = round(time.time() - started, 3)
-        manifest = write_manifest(staging, manifest)
-    publish_step(artifacts, version)
+        manifest = write_manifest(staging, manifest, inputs.parent)
+    publish_step(artifacts, version, inputs.parent)
     for old in artifacts.prune(config.retention):
         if config.redis:
             delete_version(*_redis_address(config.redis), old)
@@ -235,121 +244,179 @@ def export_step(inputs: Inputs, staging: Path) -> dict[str, str]:
 
 @dataclass
 class Delta:
-    """An incremental refresh's change to the index: ids to remove, then ids and vectors (N, D) to add."""
+    """An incremental refresh's change: ids to remove from the index, then ids and vectors (N, D)
+    to add; ``gone``, the parent's items that are no longer eligible (a subset of ``removed``)."""
 
     removed: np.ndarray
     added: np.ndarray
     vectors: np.ndarray
+    gone: np.ndarray
 
 
 @dataclass
 class Catalogue:
-    """The eligible items of a version with their vectors (N, D), and the change from the parent's."""
+    """The eligible items of a version, where their vectors are, and the change from the parent's."""
 
     ids: np.ndarray
-    vectors: np.ndarray
-    eligible: np.ndarray
+    layers: list[Path]  # embedding layers, oldest first; `read_item_embeddings` of them, filtered to ``ids``
     counts: dict
     delta: Delta | None  # None in a full refresh
+    _embeddings: tuple[np.ndarray, np.ndarray] | None = None
+
+    def embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids (N,), vectors (N, D)) of the eligible items, read once from the layers."""
+        if self._embeddings is None:
+            ids, vectors, _ = read_item_embeddings(*self.layers)
+            keep = np.isin(ids, self.ids)
+            self._embeddings = ids[keep], vectors[keep]
+        return self._embeddings
 
 
-def embeddings_step(inputs: Inputs, staging: Path) -> Catalogue:
-    """Item vectors of the eligible items into ``embeddings/``: all of them, or, incrementally, the
-    parent's vectors with new and changed items re-embedded."""
+def embedding_layers(directory: Path) -> list[Path]:
+    """The embedding layers of a version directory, oldest first: ``embeddings/<version>/``, each
+    holding the vectors that version computed. An item's vector is in the newest layer holding it."""
+    layers = [d for d in (Path(directory) / "embeddings").iterdir() if d.is_dir()]
+    return sorted(layers, key=lambda d: int(d.name.removeprefix("v")))
+
+
+def read_embeddings(directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids (N,), vectors (N, D)) of the eligible items of the version in ``directory``."""
+    ids = pd.read_parquet(Path(directory) / "embeddings" / CATALOGUE, columns=["item_id"])["item_id"].to_numpy()
+    return Catalogue(ids, embedding_layers(directory), {}, None).embeddings()
+
+
+def embeddings_step(inputs: Inputs, staging: Path, version: str) -> Catalogue:
+    """Item vectors of the eligible items into ``embeddings/``, as layers (`embedding_layers`).
+
+    A full refresh embeds every item into one layer. An incremental one hard-links the parent's
+    layers and embeds only new items and items whose features changed into its own, unless the
+    layers would then hold more than `MAX_STORED` times the live vectors or `MAX_LAYERS`
+    layers: then it writes all vectors into one new layer.
+    """
     eligible, removed = apply_rules(_live_items(inputs), inputs.rules)
     items = inputs.items[inputs.items["item_id"].isin(eligible)]
     hashes = _feature_hashes(items)
     out, counts = staging / "embeddings", {"items": len(items), "ineligible": len(removed)}
     export = {"accelerator": inputs.config.accelerator, "devices": inputs.config.devices}
+    ids = hashes["item_id"].to_numpy()
     if inputs.parent is None:
-        export_item_embeddings(inputs.retrieval, items, out, **export)
-        hashes.to_parquet(out / "catalogue.parquet", index=False)
-        ids, vectors, _ = read_item_embeddings(out)
-        return Catalogue(ids, vectors, eligible, counts, None)
-    old = pd.read_parquet(inputs.parent / "embeddings" / "catalogue.parquet")
-    unchanged = hashes.merge(old, on=["item_id", "feature_hash"])["item_id"].to_numpy()
-    stale = ~hashes["item_id"].isin(unchanged).to_numpy()  # new, or features changed
-    old_ids, old_vectors, version = read_item_embeddings(inputs.parent / "embeddings")
-    keep = np.isin(old_ids, unchanged)
-    new_ids, new_vectors = np.zeros(0, np.int64), np.zeros((0, old_vectors.shape[1]), np.float32)
+        export_item_embeddings(inputs.retrieval, items, out / version, **export)
+        hashes.to_parquet(out / CATALOGUE, index=False)
+        catalogue = Catalogue(ids, [out / version], {**counts, "stored": len(items)}, None)
+        catalogue.embeddings()  # the full refresh builds its index from all of them
+        return catalogue
+    old = pd.read_parquet(inputs.parent / "embeddings" / CATALOGUE)
+    stale = _changed(hashes, old)  # new, or features changed
+    old_ids = old["item_id"].to_numpy()
+    gone = ~np.isin(old_ids, ids)
+    dropped = old_ids[gone | np.isin(old_ids, ids[stale])]  # gone, or to re-embed
     if stale.any():
-        delta_dir = staging / "delta"
-        export_item_embeddings(inputs.retrieval, items[stale], delta_dir, **export)
-        new_ids, new_vectors, _ = read_item_embeddings(delta_dir)
-        shutil.rmtree(delta_dir)
-    ids, vectors = np.concatenate([old_ids[keep], new_ids]), np.concatenate([old_vectors[keep], new_vectors])
-    out.mkdir()
+        export_item_embeddings(inputs.retrieval, items[stale], out / version, **export)
+        new_ids, new_vectors, _ = read_item_embeddings(out / version)
+    else:
+        new_ids, new_vectors = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
+    parent_layers = embedding_layers(inputs.parent)
+    stored = read_manifest(inputs.parent)["catalogue"]["stored"] + len(new_ids)
+    if stored > MAX_STORED * len(ids) or len(parent_layers) >= MAX_LAYERS:  # compact into one layer
+        all_ids, vectors = Catalogue(ids, [*parent_layers, out / version], {}, None).embeddings()
+        shutil.rmtree(out / version, ignore_errors=True)
+        _write_layer(out / version, all_ids, vectors, inputs.versions[inputs.config.retrieval])
+        layers, stored = [out / version], len(all_ids)
+    else:
+        for layer in parent_layers:
+            for shard in layer.iterdir():
+                link_or_copy(shard, out / layer.name / shard.name)
+        layers = [out / layer.name for layer in parent_layers] + ([out / version] if len(new_ids) else [])
+    hashes.to_parquet(out / CATALOGUE, index=False)
+    counts.update(reembedded=int(stale.sum()), new=int((~np.isin(ids, old_ids)).sum()), dropped=int(gone.sum()),
+                  stored=stored, layers=len(layers))
+    return Catalogue(ids, layers, counts, Delta(dropped, new_ids, new_vectors, old_ids[gone]))
+
+
+def _write_layer(directory: Path, ids: np.ndarray, vectors: np.ndarray, version: str) -> None:
+    """``ids`` (N,) and ``vectors`` (N, D) as shards of `SHARD_ROWS` rows into ``directory``."""
+    directory.mkdir(parents=True)
 
     def write(shard: int) -> None:
         rows = slice(shard * SHARD_ROWS, (shard + 1) * SHARD_ROWS)
-        write_embedding_shard(out / f"part-000-{shard:06d}.parquet", ids[rows], vectors[rows], version)
+        write_embedding_shard(directory / f"part-000-{shard:06d}.parquet", ids[rows], vectors[rows], version)
 
     with ThreadPoolExecutor() as pool:  # parquet writes release the GIL
         list(pool.map(write, range(-(-len(ids) // SHARD_ROWS))))
-    hashes.to_parquet(out / "catalogue.parquet", index=False)
-    counts.update(reembedded=int(stale.sum()), new=int((~hashes["item_id"].isin(old["item_id"])).sum()),
-                  dropped=int((~np.isin(old_ids, ids)).sum()))
-    return Catalogue(ids, vectors, eligible, counts, Delta(old_ids[~keep], new_ids, new_vectors))
 
 
 def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex:
     """The item index into ``index/``: built from the embeddings, or the parent's index with the
-    delta applied. Its search is then widened until recall@100 against exact search, on
-    query-tower outputs, reaches the target (or it scans everything), unless the config's
-    ``index`` fixes nprobe or ef_search."""
-    ids, vectors, delta = catalogue.ids, catalogue.vectors, catalogue.delta
-    queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])
+    delta applied (saved as that change alone while it is small: `save_index`). Its search is
+    then widened until recall@100 on the recall probe reaches the target (or it scans
+    everything), unless the config's ``index`` fixes nprobe or ef_search.
+
+    The probe (``index/probe.npz``) is `RECALL_QUERIES` query-tower outputs with their exact
+    neighbours. An incremental refresh keeps the parent's queries (the models are the same) and
+    updates their neighbours with the delta (`Probe.updated`), so it never scans the catalogue;
+    when too many neighbours are gone it takes new queries and scans.
+    """
+    delta = catalogue.delta
     if delta is None:
+        ids, vectors = catalogue.embeddings()
         overrides = dict(inputs.config.index)
         params = choose_params(len(ids), vectors.shape[1], inputs.config.target_recall,
                                kind=overrides.pop("kind", None), metric=overrides.pop("metric", "ip"))
         index = build_index(ids, vectors, dataclasses.replace(params, **overrides))
+        probe = None
     else:
         index = load_index(inputs.parent / "index")
         index.remove(delta.removed)
-        index.add(delta.added, delta.vectors)
+        if len(delta.added):
+            index.add(delta.added, delta.vectors)
+        probe = Probe.load(inputs.parent / "index" / PROBE).updated(delta.removed, delta.added, delta.vectors)
+    if probe is None:
+        ids, vectors = catalogue.embeddings()
+        queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])
+        probe = exact_probe(ids, vectors, queries, index.params.metric)
     if set(SEARCH_FIELD.values()) & set(inputs.config.index):  # the config fixed the breadth: only measure
-        index.recall = measure_recall(index, ids, vectors, queries)
+        index.recall = measure_recall(index, probe)
     else:
-        tune_search(index, ids, vectors, queries, inputs.config.target_recall)
+        tune_search(index, probe, inputs.config.target_recall)
     if index.recall["recall@100"] < inputs.config.target_recall:
         log.warning("index recall@100 %.3f is below the target %.3f", index.recall["recall@100"],
                     inputs.config.target_recall)
     save_index(index, staging / "index")
+    probe.save(staging / "index" / PROBE)
     return index
 
 
-def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex, started: float) -> tuple[dict, pd.DataFrame]:
-    """Every candidate list, each kind rebuilt when its cadence is due (always in a full refresh) and
-    otherwise carried over from the parent without ineligible items; ({kind: built_at, rows}, lists)."""
-    parent_lists = parent_built = None
-    if inputs.parent is not None:
-        parent_lists = pd.read_parquet(inputs.parent / "store" / "lists.parquet")
-        parent_built = read_manifest(inputs.parent)["lists"]
-        # each row's list kind, via the few distinct list names
-        names = parent_lists["list"].astype("category")
-        kind_of_name = np.array([name.partition(":")[0] for name in names.cat.categories])
-        kinds = kind_of_name[names.cat.codes.to_numpy()]
-        parent_lists = parent_lists[np.isin(parent_lists["item_id"].to_numpy(), catalogue.eligible)]
-        kinds = kinds[parent_lists.index.to_numpy()]
-    built, frames = {}, []
+def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
+               started: float) -> tuple[dict, dict[str, pd.DataFrame | None]]:
+    """Every candidate list kind, rebuilt when its cadence is due (always in a full refresh) and
+    otherwise carried over from the parent without items that are no longer eligible;
+    ({kind: built_at, rows, rebuilt}, {kind: its lists, or None to keep the parent's file as it is})."""
+    built, lists = {}, {}
+    parent_built = read_manifest(inputs.parent)["lists"] if inputs.parent is not None else None
     for kind in LIST_KINDS:
-        due = parent_lists is None or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0)
+        parent_file = inputs.parent / "store" / LISTS / f"{kind}.parquet" if inputs.parent is not None else None
+        due = (parent_file is None or not parent_file.is_file()
+               or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0))
         if due:
-            frame, built_at = _build_list(kind, inputs, catalogue, index), started
-        else:
-            frame = parent_lists[kinds == kind]
-            built_at = parent_built[kind]["built_at"]
-        built[kind] = {"built_at": built_at, "rows": len(frame), "rebuilt": due}
-        frames.append(frame)
-    return built, pd.concat(frames, ignore_index=True)
+            lists[kind] = frame = _build_list(kind, inputs, catalogue, index)
+            built[kind] = {"built_at": started, "rows": len(frame), "rebuilt": True}
+            continue
+        ids = pq.read_table(parent_file, columns=["item_id"])["item_id"].to_numpy()
+        gone = np.isin(ids, catalogue.delta.gone)
+        lists[kind] = pd.read_parquet(parent_file)[~gone] if gone.any() else None
+        built[kind] = {"built_at": parent_built[kind]["built_at"], "rows": int((~gone).sum()), "rebuilt": False}
+    return built, lists
 
 
-def store_step(inputs: Inputs, staging: Path, lists: pd.DataFrame, version: str) -> None:
-    """The store snapshot into ``store/``: user and item features, and the lists; with ``redis``
-    configured, also into Redis under ``version`` (readers only use it once it is published)."""
+def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | None], version: str) -> None:
+    """The store snapshot into ``store/``: user and item features, and the lists (the parent's file of
+    each kind ``lists`` maps to None, hard-linked); with ``redis`` configured, also into Redis under
+    ``version`` (readers only use it once it is published)."""
     (staging / "store").mkdir()
-    write_snapshot(staging / "store", inputs.users, inputs.items, lists)
+    write_snapshot(staging / "store", inputs.users, inputs.items,
+                   {kind: frame for kind, frame in lists.items() if frame is not None})
+    for kind in (kind for kind, frame in lists.items() if frame is None):
+        link_or_copy(inputs.parent / "store" / LISTS / f"{kind}.parquet", staging / "store" / LISTS / f"{kind}.parquet")
     if inputs.config.redis:
         host, port = _redis_address(inputs.config.redis)
         delete_version(host, port, version)  # left by a build of this number that never published
@@ -361,8 +428,8 @@ def _redis_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def publish_step(artifacts: ArtifactRoot, version: str) -> None:
-    artifacts.publish(version, smoke=open_version)
+def publish_step(artifacts: ArtifactRoot, version: str, parent: Path | None) -> None:
+    artifacts.publish(version, smoke=open_version, trusted=parent.name if parent else None)
 
 
 @dataclass
@@ -393,7 +460,7 @@ def open_version(directory: Path) -> ServingVersion:
 
 
 def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemIndex) -> pd.DataFrame:
-    opts, rows, now, eligible = inputs.config.pools, inputs.interactions, inputs.now, catalogue.eligible
+    opts, rows, now, eligible = inputs.config.pools, inputs.interactions, inputs.now, catalogue.ids
     if kind == "popular":
         return pools.build_popular(rows, now, opts.half_life_s, opts.popular_k, eligible)
     if kind == "trending":
@@ -413,8 +480,9 @@ def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemInde
         return pools.read_editorial(opts.editorial, inputs.items["item_id"].to_numpy(), eligible)
     if kind == "similar":
         hot = pools.build_popular(rows, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
-        chosen = np.isin(catalogue.ids, hot)
-        return pools.build_similar_items(catalogue.ids[chosen], catalogue.vectors[chosen], index.search,
+        ids, vectors = catalogue.embeddings()
+        chosen = np.isin(ids, hot)
+        return pools.build_similar_items(ids[chosen], vectors[chosen], index.search,
                                          opts.similar_k, eligible)
     users = inputs.users["user_id"].to_numpy()
     return pools.build_user_lists(users, _user_vectors(inputs, users), index.search, rows, opts.user_n, eligible)
@@ -450,6 +518,13 @@ def _latest_items(interactions: pd.DataFrame, user_ids: np.ndarray, max_len: int
     theirs = interactions[interactions["user_id"].isin(user_ids)]
     rows = pd.concat([theirs[["user_id", "item_id", "timestamp"]], probe], ignore_index=True)
     return recent_items(rows, max_len).iloc[len(theirs):].tolist()
+
+
+def _changed(hashes: pd.DataFrame, old: pd.DataFrame) -> np.ndarray:
+    """(N,) bool, one per row of ``hashes``: the item is not in ``old`` or its feature hash differs."""
+    rows = pd.Index(old["item_id"].to_numpy()).get_indexer(hashes["item_id"].to_numpy())
+    before = old["feature_hash"].to_numpy()[rows]  # rows of new items (-1) are masked below
+    return (rows < 0) | (before != hashes["feature_hash"].to_numpy())
 
 
 def _feature_hashes(items: pd.DataFrame) -> pd.DataFrame:

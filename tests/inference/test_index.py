@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import os
 
 import faiss
 import numpy as np
@@ -8,9 +9,11 @@ import pytest
 from inference.index import (
     EXACT_BELOW,
     IndexParams,
+    Probe,
     build_index,
     check_params_fit,
     choose_params,
+    exact_probe,
     load_index,
     measure_recall,
     save_index,
@@ -86,14 +89,14 @@ def test_ann_recall_against_numpy(data, kind, at_10, at_100):
     ids, vectors, queries = data
     overrides = {"nprobe": 8} if kind != "hnsw" else {}  # a real approximation: 8 of 128 lists
     index = build_index(ids, vectors, _params(kind, **overrides))
-    recall = measure_recall(index, ids, vectors, queries)
+    recall = measure_recall(index, exact_probe(ids, vectors, queries))
     found, _ = index.search(queries, 100)
     rows, _ = _numpy_top_k(vectors, queries, 100)
     for k, floor in ((10, at_10), (100, at_100)):
         expected = np.mean([len(set(f[:k]) & set(ids[r[:k]])) / k for f, r in zip(found, rows, strict=True)])
         assert recall[f"recall@{k}"] == pytest.approx(expected)
         assert expected >= floor
-    assert measure_recall(build_index(ids, vectors, IndexParams("flat")), ids, vectors, queries) == {
+    assert measure_recall(build_index(ids, vectors, IndexParams("flat")), exact_probe(ids, vectors, queries)) == {
         "recall@10": 1.0, "recall@100": 1.0}
 
 
@@ -172,8 +175,8 @@ def test_save_load_round_trip(data, tmp_path, kind, backend):
     index = build_index(ids, vectors, _params(kind, "cosine"), backend=backend)
     index.remove(ids[:500])  # HNSW keeps these in its graph: the loaded index must still exclude them
     index.add(ids[:100], vectors[:100] * 2)
-    index.recall = measure_recall(index, np.concatenate([ids[500:], ids[:100]]),
-                                  np.concatenate([vectors[500:], vectors[:100]]), queries)
+    index.recall = measure_recall(index, exact_probe(np.concatenate([ids[500:], ids[:100]]),
+                                                     np.concatenate([vectors[500:], vectors[:100]]), queries, "cosine"))
     save_index(index, tmp_path / "index")
     loaded = load_index(tmp_path / "index", backend=backend)
     assert loaded.info() == index.info()
@@ -188,11 +191,11 @@ def test_info_reports_recall_until_the_index_changes(data):
     ids, vectors, queries = data
     index = build_index(ids, vectors, _params("ivf_flat", nprobe=8))
     assert index.info()["recall"] is None
-    index.recall = measure_recall(index, ids, vectors, queries)
+    index.recall = measure_recall(index, exact_probe(ids, vectors, queries))
     info = index.info()
     assert info["kind"] == "ivf_flat" and info["items"] == N and info["dim"] == DIM
     assert info["params"]["nprobe"] == 8 and info["backend"] == "faiss-cpu"
-    assert info["recall"] == measure_recall(index, ids, vectors, queries)
+    assert info["recall"] == measure_recall(index, exact_probe(ids, vectors, queries))
     index.remove(ids[:1])
     assert index.info()["recall"] is None
 
@@ -295,8 +298,8 @@ def test_bad_items_and_queries_name_the_problem(data):
         index.search(np.zeros((2, 5), np.float32), 3)
     with pytest.raises(ValueError, match="k = 0"):
         index.search(vectors[:2], 0)
-    with pytest.raises(ValueError, match="expected the index's 10 items"):
-        measure_recall(index, ids[:9], vectors[:9], vectors[:2])
+    with pytest.raises(ValueError, match=r"expected \(Q, 32\) by ip"):
+        measure_recall(index, exact_probe(ids[:9], vectors[:9, :5], vectors[:2, :5]))
 
 
 def test_ivf_build_is_seeded(data):
@@ -313,22 +316,22 @@ def test_tune_search_widens_until_the_target_recall(tmp_path):
     queries = rng.standard_normal((100, 64)).astype(np.float32)
     ids = np.arange(4000, dtype=np.int64) * 7
     index = build_index(ids, vectors, IndexParams("ivf_flat", nlist=32, nprobe=1))
-    before = measure_recall(index, ids, vectors, queries)["recall@10"]
-    recall = tune_search(index, ids, vectors, queries, target_recall=0.97, k=10)
+    probe = exact_probe(ids, vectors, queries)
+    before = measure_recall(index, probe)["recall@10"]
+    recall = tune_search(index, probe, target_recall=0.97, k=10)
     assert before < 0.9 and 0.97 <= recall["recall@10"] == index.recall["recall@10"]
-    assert recall == measure_recall(index, ids, vectors, queries, ks=(10,))  # search uses what was tuned
+    assert recall == measure_recall(index, probe, ks=(10,))  # search uses what was tuned
     save_index(index, tmp_path)
     loaded = load_index(tmp_path)
     assert loaded.params == index.params
-    assert measure_recall(loaded, ids, vectors, queries, ks=(10,)) == measure_recall(index, ids, vectors, queries,
-                                                                                     ks=(10,))
+    assert measure_recall(loaded, probe, ks=(10,)) == measure_recall(index, probe, ks=(10,))
 
 
 def test_tune_search_stops_when_it_scans_everything():
     rng = np.random.default_rng(4)
     vectors = rng.standard_normal((4000, 8)).astype(np.float32)
     index = build_index(np.arange(4000), vectors, IndexParams("ivf_flat", nlist=8, nprobe=1))
-    recall = tune_search(index, np.arange(4000), vectors, -vectors[:20], target_recall=1.0)
+    recall = tune_search(index, exact_probe(np.arange(4000), vectors, -vectors[:20]), target_recall=1.0)
     assert index.params.nprobe == 8 and recall["recall@100"] == 1.0
     with pytest.raises(ValueError, match="exact"):
         build_index(np.arange(4000), vectors, IndexParams("flat")).set_search(4)
@@ -344,3 +347,52 @@ def test_set_search_widens_hnsw_and_survives_saving(tmp_path):
     assert load_index(tmp_path).params.ef_search == 64
     with pytest.raises(ValueError, match="ef_search"):
         index.set_search(0)
+
+
+@pytest.mark.parametrize("kind", ["ivf_flat", "hnsw"])
+def test_a_small_change_is_saved_as_a_delta_over_the_hard_linked_base(data, tmp_path, kind):
+    ids, vectors, queries = data
+    rng = np.random.default_rng(8)
+    save_index(build_index(ids, vectors, _params(kind)), tmp_path / "a")
+    previous, live = tmp_path / "a", ids
+    for n, step in enumerate(("b", "c")):  # each save holds the whole change since the base
+        index = load_index(previous)
+        gone = rng.choice(live, 60, replace=False)
+        new_ids = np.arange(30) + 2**62 + 100 * n
+        index.remove(gone)
+        index.add(gone[:30], vectors[:30] * 0.5)  # re-embedded, and 30 new ones
+        index.add(new_ids, _clusters(30, rng))
+        live = np.concatenate([live[~np.isin(live, gone[30:])], new_ids])
+        save_index(index, tmp_path / step)
+        assert (tmp_path / step / "delta.npz").is_file()
+        assert os.path.samefile(tmp_path / "a" / "index.faiss", tmp_path / step / "index.faiss")
+        loaded = load_index(tmp_path / step)
+        assert len(loaded) == len(index) == len(live)
+        np.testing.assert_array_equal(loaded.search(queries, 50)[0], index.search(queries, 50)[0])
+        previous = tmp_path / step
+    index.remove(live[:600])  # beyond MAX_DELTA: written whole
+    save_index(index, tmp_path / "d")
+    assert not (tmp_path / "d" / "delta.npz").exists()
+    assert not os.path.samefile(tmp_path / "a" / "index.faiss", tmp_path / "d" / "index.faiss")
+    np.testing.assert_array_equal(load_index(tmp_path / "d").search(queries, 50)[0], index.search(queries, 50)[0])
+
+
+def test_an_updated_probe_equals_a_fresh_exact_one(data, tmp_path):
+    ids, vectors, queries = data
+    probe = exact_probe(ids, vectors, queries)
+    assert probe.ids.shape == (QUERIES, 256)
+    removed = ids[::25]  # 200 items, some of them near every query
+    added, added_vectors = np.concatenate([removed[:50], [2**62, 2**62 + 1]]), vectors[:52] * 1.2
+    updated = probe.updated(removed, added, added_vectors)
+    keep = ~np.isin(ids, removed)
+    fresh = exact_probe(np.concatenate([ids[keep], added]), np.concatenate([vectors[keep], added_vectors]), queries)
+    width = updated.ids.shape[1]
+    assert 100 <= width < 256
+    np.testing.assert_array_equal(updated.ids, fresh.ids[:, :width])
+    np.testing.assert_allclose(updated.scores, fresh.scores[:, :width], rtol=1e-6)
+    updated.save(tmp_path / "probe.npz")
+    np.testing.assert_array_equal(Probe.load(tmp_path / "probe.npz").ids, updated.ids)
+    assert probe.updated(probe.ids[0, :157], added[:0], added_vectors[:0]) is None  # one query kept 99
+    (tmp_path / "bad.npz").write_bytes(b"no zip")
+    with pytest.raises(ValueError, match="bad.npz is not a saved recall probe"):
+        Probe.load(tmp_path / "bad.npz")

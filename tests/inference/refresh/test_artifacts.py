@@ -6,11 +6,13 @@ import time
 
 import pytest
 
+from inference.refresh import artifacts
 from inference.refresh.artifacts import (
     ArtifactError,
     ArtifactRoot,
     LiveArtifacts,
     link_or_copy,
+    read_manifest,
     verify_version,
     write_manifest,
 )
@@ -188,3 +190,23 @@ def test_polling_survives_a_garbled_pointer(tmp_path):
         assert wait_for_version(live, "v0002") and live.state == "b"
     finally:
         live.stop()
+
+
+def test_files_hard_linked_from_the_parent_keep_its_checksums_unhashed(tmp_path, monkeypatch):
+    root = ArtifactRoot(tmp_path)
+    parent = root.path(build(root, "a"))
+    hashed = []
+    sha256 = artifacts._sha256
+    monkeypatch.setattr(artifacts, "_sha256", lambda path: hashed.append(path.name) or sha256(path))
+    with root.build() as (version, staging):
+        link_or_copy(parent / "index" / "items.bin", staging / "index" / "items.bin")
+        (staging / "pools.json").write_text("[\"b\"]")
+        manifest = write_manifest(staging, {"version": version}, parent)
+    assert hashed == ["pools.json"]
+    assert manifest["files"]["index/items.bin"] == read_manifest(parent)["files"]["index/items.bin"]
+    hashed.clear()
+    root.publish(version, trusted="v0001")
+    assert hashed == ["pools.json"]
+    hashed.clear()
+    verify_version(root.path(version))  # what a server does: every file
+    assert sorted(hashed) == ["items.bin", "pools.json"]

@@ -3,6 +3,7 @@ refresh against a full rebuild, cadence, and faults (a failure at each step, SIG
 points, corrupt files): the published version is always a complete one that loads."""
 
 import multiprocessing
+import os
 import random
 import shutil
 import time
@@ -13,11 +14,10 @@ import pytest
 import torch
 
 from data.dataset import read_dataset
-from inference.export import read_item_embeddings
 from inference.refresh import job
 from inference.refresh.artifacts import ArtifactRoot, LiveArtifacts, verify_version
-from inference.refresh.job import RefreshConfig, load_refresh_config, open_version, refresh
-from inference.store import RedisStore, StoreError
+from inference.refresh.job import RefreshConfig, load_refresh_config, open_version, read_embeddings, refresh
+from inference.store import RedisStore, StoreError, read_lists
 
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
 
@@ -38,7 +38,7 @@ def positives(data_dir):
 
 
 def lists_of(version_dir):
-    return pd.read_parquet(version_dir / "store" / "lists.parquet")
+    return read_lists(version_dir / "store").to_pandas().astype({"list": str})
 
 
 def test_full_refresh_publishes_a_version_that_serves(tiny_dataset, models_dir, tmp_path):
@@ -80,7 +80,7 @@ def test_rules_remove_items_from_the_index_and_every_list(tiny_dataset, models_d
     items = read_dataset(tiny_dataset, tables=("items",)).items
     blocked = set(items.loc[~items["available"], "item_id"])
     assert blocked
-    ids, _, _ = read_item_embeddings(version / "embeddings")
+    ids, _ = read_embeddings(version)
     assert not blocked & set(ids)
     assert not blocked & set(lists_of(version)["item_id"])
 
@@ -107,13 +107,13 @@ def test_incremental_refresh_equals_a_full_rebuild(data_copy, models_dir, tmp_pa
     assert inc["catalogue"]["dropped"] == 2
 
     inc_dir, full_dir = ArtifactRoot(tmp_path / "inc").path("v0002"), ArtifactRoot(tmp_path / "full").path("v0001")
-    inc_ids, inc_vectors, _ = read_item_embeddings(inc_dir / "embeddings")
-    full_ids, full_vectors, _ = read_item_embeddings(full_dir / "embeddings")
+    inc_ids, inc_vectors = read_embeddings(inc_dir)
+    full_ids, full_vectors = read_embeddings(full_dir)
     assert sorted(inc_ids) == sorted(full_ids) and added <= set(inc_ids) and not removed & set(inc_ids)
     np.testing.assert_allclose(inc_vectors[np.argsort(inc_ids)], full_vectors[np.argsort(full_ids)], atol=1e-6)
 
     # the same searches, and changed items' new vectors (the price feeds the item tower)
-    old_ids, old_vectors, _ = read_item_embeddings(ArtifactRoot(tmp_path / "inc").path("v0001") / "embeddings")
+    old_ids, old_vectors = read_embeddings(ArtifactRoot(tmp_path / "inc").path("v0001"))
     changed_pos = np.isin(old_ids, list(changed))
     new_of_changed = inc_vectors[np.isin(inc_ids, list(changed))]
     assert not np.allclose(np.sort(old_vectors[changed_pos], axis=0), np.sort(new_of_changed, axis=0))
@@ -126,6 +126,43 @@ def test_incremental_refresh_equals_a_full_rebuild(data_copy, models_dir, tmp_pa
     assert not inc["lists"]["user"]["rebuilt"] and inc["lists"]["popular"]["rebuilt"]
     assert inc["lists"]["user"]["built_at"] == first["lists"]["user"]["built_at"]
     assert not removed & set(lists_of(inc_dir)["item_id"])
+
+
+def reprice(data_dir, amount):
+    """Changes the price of three live items, which the item tower reads."""
+    items = pd.read_parquet(data_dir / "items.parquet")
+    items.loc[items.index[items["removed_at"] < 0][:3], "price"] += amount
+    items.to_parquet(data_dir / "items.parquet", index=False)
+
+
+def test_incremental_refreshes_layer_the_embeddings_then_compact_them(data_copy, models_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(job, "MAX_LAYERS", 2)
+    config = CONFIG.model_copy(update={"cadence_s": {"user": 1e9, "similar": 1e9}})
+    root = ArtifactRoot(tmp_path / "art")
+    first = refresh(data_copy, models_dir, root.root, config)
+    manifests = []
+    for amount in (1, 2):
+        reprice(data_copy, amount)
+        manifests.append(refresh(data_copy, models_dir, root.root, config, incremental=True))
+    v1, v2, v3 = (root.path(v) for v in ("v0001", "v0002", "v0003"))
+
+    # the parent's layer hard-linked, the re-embedded items in a layer of their own
+    assert [d.name for d in job.embedding_layers(v2)] == ["v0001", "v0002"]
+    assert all(os.path.samefile(shard, v2 / "embeddings" / "v0001" / shard.name)
+               for shard in (v1 / "embeddings" / "v0001").iterdir())
+    assert manifests[0]["catalogue"]["stored"] == first["catalogue"]["items"] + 3
+    # list kinds carried over with no item gone keep the parent's files
+    assert os.path.samefile(v1 / "store" / "lists" / "user.parquet", v2 / "store" / "lists" / "user.parquet")
+    assert not os.path.samefile(v1 / "store" / "lists" / "popular.parquet", v2 / "store" / "lists" / "popular.parquet")
+
+    # at MAX_LAYERS the next version writes one layer again, equal to a full refresh's vectors
+    assert [d.name for d in job.embedding_layers(v3)] == ["v0003"]
+    assert manifests[1]["catalogue"]["stored"] == manifests[1]["catalogue"]["items"]
+    refresh(data_copy, models_dir, tmp_path / "full", config)
+    ids, vectors = read_embeddings(v3)
+    full_ids, full_vectors = read_embeddings(ArtifactRoot(tmp_path / "full").path("v0001"))
+    np.testing.assert_array_equal(np.sort(ids), np.sort(full_ids))
+    np.testing.assert_allclose(vectors[np.argsort(ids)], full_vectors[np.argsort(full_ids)], atol=1e-6)
 
 
 def test_changed_models_make_an_incremental_refresh_full(tiny_dataset, models_dir, tmp_path):
@@ -200,12 +237,14 @@ def test_sigkill_at_random_points_never_publishes_a_partial_version(tiny_dataset
     assert published <= 15, f"{published} of 20 runs finished before their kill; the kills missed the work"
 
 
-def test_corrupt_files_in_a_new_version_are_refused_and_the_old_keeps_serving(tiny_dataset, models_dir, tmp_path):
-    refresh(tiny_dataset, models_dir, tmp_path, CONFIG)
-    live = LiveArtifacts(tmp_path, open_version)
-    for damaged in ("index/index.faiss", "embeddings/part-000-000000.parquet"):
-        manifest = refresh(tiny_dataset, models_dir, tmp_path, CONFIG, incremental=True)
-        path = ArtifactRoot(tmp_path).path(manifest["version"]) / damaged
+def test_corrupt_files_in_a_new_version_are_refused_and_the_old_keeps_serving(data_copy, models_dir, tmp_path):
+    refresh(data_copy, models_dir, tmp_path / "art", CONFIG)
+    live = LiveArtifacts(tmp_path / "art", open_version)
+    for damaged in ("index/index.faiss", "embeddings/{version}/part-000-000000.parquet"):
+        reprice(data_copy, 1)  # so the new version embeds items into a layer of its own
+        manifest = refresh(data_copy, models_dir, tmp_path / "art", CONFIG, incremental=True)
+        damaged = damaged.format(version=manifest["version"])
+        path = ArtifactRoot(tmp_path / "art").path(manifest["version"]) / damaged
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
         path.write_bytes(bytes(data))
