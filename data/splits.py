@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 TRAIN, VALID, TEST = 0, 1, 2
-METHODS = ("random", "temporal", "leave-last")
+METHODS = ("random", "temporal", "user-temporal", "leave-last")
 
 
 def split_interactions(interactions: pd.DataFrame, method: str, seed: int, **kwargs) -> np.ndarray:
@@ -19,6 +19,8 @@ def split_interactions(interactions: pd.DataFrame, method: str, seed: int, **kwa
         return random_split(interactions, seed, **kwargs)
     if method == "temporal":
         return temporal_split(interactions, seed, **kwargs)
+    if method == "user-temporal":
+        return user_temporal_split(interactions, seed, **kwargs)
     if method == "leave-last":
         return leave_last_split(interactions, seed, **kwargs)
     raise ValueError(f"split method {method!r} is not one of {METHODS}")
@@ -68,9 +70,26 @@ def random_split(interactions: pd.DataFrame, seed: int, valid: float = 0.1, test
 
     The rest, at least one row per user, is train.
     """
-    _check_fractions(valid, test)
     users = interactions["user_id"].to_numpy()
-    order = np.lexsort((_tiebreak(len(users), seed), users))
+    return _per_user_fractions(users, np.lexsort((_tiebreak(len(users), seed), users)), valid, test)
+
+
+def user_temporal_split(interactions: pd.DataFrame, seed: int, valid: float = 0.1, test: float = 0.1) -> np.ndarray:
+    """Per user, in time order: the newest ``test`` fraction (rounded down) of their rows test,
+    the ``valid`` fraction before those valid, the rest (at least one row) train.
+
+    Each user's train rows are no later than their valid rows, and those no later than their
+    test rows; unlike `temporal_split`, every user in valid or test has train history.
+    """
+    users = interactions["user_id"].to_numpy()
+    order = np.lexsort((_tiebreak(len(users), seed), -interactions["timestamp"].to_numpy(), users))
+    return _per_user_fractions(users, order, valid, test)  # newest first within each user
+
+
+def _per_user_fractions(users: np.ndarray, order: np.ndarray, valid: float, test: float) -> np.ndarray:
+    """Codes giving each user's first ``test`` fraction of rows in ``order`` (grouped by user) to
+    test and the next ``valid`` fraction to valid, both rounded down."""
+    _check_fractions(valid, test)
     rank, count = _rank_within_group(users[order])
     n_valid = np.floor(count * valid).astype(np.int64)
     n_test = np.floor(count * test).astype(np.int64)

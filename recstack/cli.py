@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from data.splits import METHODS
 from recstack import __version__, refresh_cli, triton_cli
 
 SOURCES = ("ml-100k", "movielens", "obd", "synthetic", "files")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     prep = data_commands.add_parser("prepare", help="build a canonical dataset directory")
     prep.add_argument("--dataset", required=True, choices=SOURCES)
     prep.add_argument("--out", required=True, type=Path, help="dataset directory to create")
-    prep.add_argument("--split", default="random", choices=("random", "temporal", "leave-last"))
+    prep.add_argument("--split", default="random", choices=METHODS)
     prep.add_argument("--seed", type=int, default=2020)
     prep.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     prep.add_argument("--positive-rating", type=float, metavar="R", help="label = rating >= R (click-through task)")

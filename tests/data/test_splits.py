@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data.splits import TEST, TRAIN, VALID, split_interactions
+from data.splits import METHODS, TEST, TRAIN, VALID, split_interactions
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def _parts(df, codes):
     return [df[codes == c] for c in (TRAIN, VALID, TEST)]
 
 
-@pytest.mark.parametrize("method", ["random", "temporal", "leave-last"])
+@pytest.mark.parametrize("method", METHODS)
 def test_split_is_deterministic_by_seed_and_covers_every_row(interactions, method):
     a = split_interactions(interactions, method, seed=1)
     assert np.array_equal(a, split_interactions(interactions, method, seed=1))
@@ -28,7 +28,7 @@ def test_split_is_deterministic_by_seed_and_covers_every_row(interactions, metho
     assert set(np.unique(a)) == {TRAIN, VALID, TEST}
 
 
-@pytest.mark.parametrize("method", ["random", "temporal", "leave-last"])
+@pytest.mark.parametrize("method", METHODS)
 def test_no_test_interaction_leaks_into_train(interactions, method):
     df = interactions.reset_index().rename(columns={"index": "row"})
     train, valid, test = _parts(df, split_interactions(df, method, seed=3))
@@ -38,10 +38,12 @@ def test_no_test_interaction_leaks_into_train(interactions, method):
     if method == "temporal":
         assert train["timestamp"].max() <= valid["timestamp"].min()
         assert valid["timestamp"].max() <= test["timestamp"].min()
-    if method == "leave-last":
+    if method in ("leave-last", "user-temporal"):
         last_train = train.groupby("user_id")["timestamp"].max()
-        first_test = test.groupby("user_id")["timestamp"].min()
+        first_valid, first_test = (part.groupby("user_id")["timestamp"].min() for part in (valid, test))
         assert (last_train.reindex(first_test.index) <= first_test).all()
+        assert (last_train.reindex(first_valid.index) <= first_valid).all()
+        assert (valid.groupby("user_id")["timestamp"].max().reindex(first_test.index).fillna(-1) <= first_test).all()
 
 
 def test_temporal_fractions_are_exact(interactions):
@@ -55,6 +57,13 @@ def test_random_split_is_per_user_80_10_10():
     per_user = pd.crosstab(df["user_id"], codes)
     assert per_user.loc[1].tolist() == [8, 1, 1]
     assert per_user.loc[2].tolist() == [21, 2, 2]
+
+
+def test_user_temporal_split_is_per_user_80_10_10_in_time_order():
+    df = pd.DataFrame({"user_id": np.repeat([1, 2], [10, 25]), "timestamp": np.r_[np.arange(10)[::-1], np.arange(25)]})
+    codes = split_interactions(df, "user-temporal", seed=0)
+    assert codes[:10].tolist() == [TEST, VALID] + [TRAIN] * 8  # user 1's rows run newest first
+    assert codes[10:].tolist() == [TRAIN] * 21 + [VALID] * 2 + [TEST] * 2
 
 
 def test_leave_last_takes_the_latest_and_keeps_short_users_in_train():
