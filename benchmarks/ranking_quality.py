@@ -88,15 +88,16 @@ def train_models(dataset: str, data_dir: Path, runs: Path, max_epochs: int | Non
     return rows
 
 
-def run_movielens(out: Path, max_epochs: int | None, seed: int) -> dict:
-    data_dir = prepare(load_ml100k(), out / "ml-100k", split="temporal", positive_rating=4)
+def run_movielens(out: Path, max_epochs: int | None, seed: int, split: str) -> dict:
+    data_dir = prepare(load_ml100k(), out / "ml-100k", split=split, positive_rating=4)
     rows = train_models("ml100k", data_dir, out / "runs" / "ml-100k", max_epochs, seed)
     linear = next(r["auc"] for r in rows if r["model"] == "linear")
     for r in rows:
         r["auc_over_linear"] = r["auc"] - linear
         r["passed"] = None if r["model"] == "linear" else r["auc_over_linear"] >= ML_MARGIN
     return {
-        "command": f"recstack data prepare --dataset ml-100k --split temporal --positive-rating 4 --out {data_dir}",
+        "command": f"recstack data prepare --dataset ml-100k --split {split} --positive-rating 4 --out {data_dir}",
+        "split": split,
         "rows_per_part": _rows_per_part(data_dir),
         "models": rows,
     }
@@ -171,7 +172,7 @@ def format_report(result: dict) -> str:
         ml = result["ml-100k"]
         lines += [
             "",
-            "## MovieLens-100K, label rating >= 4, temporal split",
+            f"## MovieLens-100K, label rating >= 4, {ml['split']} split",
             f"`{ml['command']}`; rows train/valid/test: {_parts(ml)}",
             "",
             format_movielens(ml),
@@ -202,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help=f"synthetic data at {QUICK} and {QUICK_EPOCHS} epochs per model")
     parser.add_argument("--only", choices=DATASETS, help="run one dataset (default: both)")
+    parser.add_argument("--ml-split", choices=("temporal", "user-temporal"), default="temporal",
+                        help="MovieLens-100K split: global time order (default), or each user's rows in time order")
     parser.add_argument("--seed", type=int, default=SEED, help=f"training seed of every model (default {SEED})")
     parser.add_argument("--out", type=Path, help="new folder to keep the datasets and runs in (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "ranking_quality.json")
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "targets": {"auc_over_linear": ML_MARGIN, "ratio_to_bayes": BAYES_RATIO},
         }
         if args.only in (None, "ml-100k"):
-            result["ml-100k"] = run_movielens(out, max_epochs, args.seed)
+            result["ml-100k"] = run_movielens(out, max_epochs, args.seed, args.ml_split)
         if args.only in (None, "synthetic"):
             result["synthetic"] = run_synthetic(out, QUICK if args.quick else FULL, max_epochs, args.seed)
     checked = [r["passed"] for name in DATASETS if name in result for r in result[name]["models"]]
