@@ -162,7 +162,8 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
     with artifacts.build() as (version, staging):
         manifest = {"version": version, "parent": inputs.parent.name if inputs.parent else None,
                     "mode": "incremental" if inputs.parent else "full", "created_at": started,
-                    "now": inputs.now, "data": str(Path(data_dir).resolve()), "step_seconds": {}}
+                    "now": inputs.now, "data": str(Path(data_dir).resolve()), "step_seconds": {},
+                    "index_config": _index_config(config)}
         timer = _StepTimer(manifest["step_seconds"])
         with timer("export"):
             manifest["models"] = export_step(inputs, staging)
@@ -213,19 +214,34 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
     retrieval = load_run(runs[config.retrieval])
     versions = {name: retrieval.version if name == config.retrieval else run_version(path)
                 for name, path in runs.items()}
-    parent = None
-    if incremental:
-        current = ArtifactRoot(root).current()
-        if current is None:
-            log.warning("no published version under %s: doing a full refresh", root)
-        else:
-            parent = ArtifactRoot(root).path(current)
-            if read_manifest(parent)["models"] != versions:
-                log.warning("models changed since %s: doing a full refresh", current)
-                parent = None
+    parent = _parent(root, versions, config) if incremental else None
     return Inputs(positives, dataset.users, dataset.items, retrieval,
                   {n: runs[n] for n in config.rankers}, versions, config, load_rules({"rules": config.rules}),
                   int(positives["timestamp"].max()) if now is None else now, parent)
+
+
+def _parent(root: Path, versions: dict[str, str], config: RefreshConfig) -> Path | None:
+    """The published version an incremental refresh can start from, or None (with the reason logged)."""
+    current = ArtifactRoot(root).current()
+    if current is None:
+        log.warning("no published version under %s: doing a full refresh", root)
+        return None
+    parent = ArtifactRoot(root).path(current)
+    manifest = read_manifest(parent)
+    if manifest["models"] != versions:
+        log.warning("models changed since %s: doing a full refresh", current)
+    elif manifest.get("index_config") != _index_config(config):
+        log.warning("the index settings changed since %s: doing a full refresh", current)
+    elif "stored" not in manifest["catalogue"]:
+        log.warning("%s predates layered embeddings: doing a full refresh", current)
+    else:
+        return parent
+    return None
+
+
+def _index_config(config: RefreshConfig) -> dict:
+    """The settings an index is built from: when they change, the parent's index cannot be reused."""
+    return {"index": config.index, "target_recall": config.target_recall}
 
 
 def export_step(inputs: Inputs, staging: Path) -> dict[str, str]:
@@ -369,7 +385,8 @@ def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex
         index.remove(delta.removed)
         if len(delta.added):
             index.add(delta.added, delta.vectors)
-        probe = Probe.load(inputs.parent / "index" / PROBE).updated(delta.removed, delta.added, delta.vectors)
+        path = inputs.parent / "index" / PROBE
+        probe = Probe.load(path).updated(delta.removed, delta.added, delta.vectors) if path.is_file() else None
     if probe is None:
         ids, vectors = catalogue.embeddings()
         queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])

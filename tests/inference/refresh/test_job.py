@@ -175,6 +175,23 @@ def test_changed_models_make_an_incremental_refresh_full(tiny_dataset, models_di
     assert refresh(tiny_dataset, models, tmp_path / "art", CONFIG, incremental=True)["mode"] == "full"
 
 
+def test_changed_index_settings_make_an_incremental_refresh_full(tiny_dataset, models_dir, tmp_path):
+    refresh(tiny_dataset, models_dir, tmp_path, CONFIG)
+    hnsw = CONFIG.model_copy(update={"index": {"kind": "hnsw"}})
+    manifest = refresh(tiny_dataset, models_dir, tmp_path, hnsw, incremental=True)
+    assert manifest["mode"] == "full" and manifest["index"]["kind"] == "hnsw"
+    assert refresh(tiny_dataset, models_dir, tmp_path, hnsw, incremental=True)["mode"] == "incremental"
+
+
+def test_a_parent_without_a_recall_probe_gets_one(data_copy, models_dir, tmp_path):
+    refresh(data_copy, models_dir, tmp_path, CONFIG)
+    (ArtifactRoot(tmp_path).path("v0001") / "index" / "probe.npz").unlink()  # as a version from before probes
+    reprice(data_copy, 1)
+    manifest = refresh(data_copy, models_dir, tmp_path, CONFIG, incremental=True)
+    assert manifest["mode"] == "incremental" and manifest["index"]["recall"]["recall@100"] == 1.0
+    assert (ArtifactRoot(tmp_path).path("v0002") / "index" / "probe.npz").is_file()
+
+
 STEPS = ["export_step", "embeddings_step", "index_step", "pools_step", "store_step", "publish_step"]
 
 
