@@ -45,6 +45,8 @@ demo: install
 	$(BIN)/recstack refresh --data $(OUT)/ml-100k --models $(OUT)/models --artifacts $(OUT)/artifacts \
 		--config configs/refresh.yaml
 	$(BIN)/recstack artifacts list --artifacts $(OUT)/artifacts
+	$(BIN)/recstack recommend --artifacts $(OUT)/artifacts --config configs/pipeline.yaml \
+		--user 1 --recent 50 181 --context hour=20 weekday=5 --k 10
 
 test: install
 	$(BIN)/ruff check .

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data.config import read_yaml_config
 from data.encoders import FeatureEncoder
 from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
@@ -76,11 +76,7 @@ class RunConfig(_Strict):
 
 def load_config(path: Path | None, **overrides) -> RunConfig:
     """The YAML file at ``path`` (or defaults) with ``train`` fields overridden where not None."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) if path else {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from e
-    config = RunConfig.model_validate(raw or {})
+    config = read_yaml_config(path, RunConfig)
     changed = {k: v for k, v in overrides.items() if v is not None}
     # validated again: model_copy(update=...) would take the overrides unchecked
     return config.model_copy(update={"train": TrainOptions.model_validate({**config.train.model_dump(), **changed})})

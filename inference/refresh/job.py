@@ -44,9 +44,9 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from data.config import read_yaml_config
 from data.dataset import read_dataset
 from data.encoders import recent_items
 from inference.export import (
@@ -127,14 +127,7 @@ class RefreshConfig(_Strict):
 
 
 def load_refresh_config(path: Path | None) -> RefreshConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) if path else {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from e
-    try:
-        return RefreshConfig.model_validate(raw or {})
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+    return read_yaml_config(path, RefreshConfig)
 
 
 @dataclass

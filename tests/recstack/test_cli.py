@@ -4,11 +4,14 @@ The refresh and artefact commands run in this process (`main`), which keeps thei
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from recstack.cli import main
+
+PIPELINE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 
 
 def recstack(*args, cwd=None):
@@ -106,14 +109,23 @@ def test_refresh_and_artifacts_commands(tiny_dataset, trained_runs, tmp_path, ca
     assert [(row["version"], row["current"]) for row in listed] == [("v0001", False), ("v0002", True)]
     assert main(["artifacts", "rollback", "--artifacts", artifacts]) == 0
     assert capsys.readouterr().out.strip() == "v0001"
+    assert main(["recommend", "--artifacts", artifacts, "--config", str(PIPELINE), "--user", "7", "--recent", "3", "4",
+                 "--k", "5"]) == 0
+    answer = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert answer["version"] == "v0001" and len(answer["items"]) == 5
+    assert not {3, 4} & {item["item_id"] for item in answer["items"]}  # seen in the session
+    assert answer["stages"]["scorer"]["out"] >= 5
 
 
 @pytest.mark.parametrize("args, named", [
     (["refresh", "--models", "{tmp}/none"], "no training run"),
     (["artifacts", "rollback"], "no version older"),
+    (["recommend", "--config", str(PIPELINE)], "no published version"),
+    (["recommend", "--config", str(PIPELINE), "--context", "hour"], "expected NAME=VALUE"),
 ])
 def test_refresh_and_artifacts_errors_exit_2(args, named, tiny_dataset, tmp_path, capsys):
     base = {"refresh": ["--data", str(tiny_dataset), "--artifacts", str(tmp_path / "a")],
-            "artifacts": ["--artifacts", str(tmp_path / "a")]}[args[0]]
+            "artifacts": ["--artifacts", str(tmp_path / "a")],
+            "recommend": ["--artifacts", str(tmp_path / "a")]}[args[0]]
     assert main([a.format(tmp=tmp_path) for a in args] + base) == 2
     assert named in capsys.readouterr().err

@@ -1,0 +1,399 @@
+"""The request handler: one generic loop over the stages a YAML config declares.
+
+    Query -> sources (concurrently, each with a quota, a timeout and a fail-open flag)
+          -> blend (each item once; the first source in config order keeps it)
+          -> filters (in config order) -> hydrate (request + item features) -> scorer -> orderers
+          -> Response (items, scores, source of each item, propensity of each slot, removal reasons)
+
+Start with `build_pipeline`, which builds a `Pipeline` from a `PipelineConfig` (see
+configs/pipeline.yaml) and a loaded `ServingVersion`. `PipelineStats` measures every stage.
+Sources run on a thread pool the pipeline shares between requests; a source that times out
+keeps its thread until it returns, so its timeout bounds the request, not the source's work.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from data.config import read_yaml_config
+from data.schema import Schema
+from data.tables import KEYS
+from inference.pipeline.filters import Filter, ItemFeatureFilter, SeenItemsFilter
+from inference.pipeline.orderers import MaxPerSourceOrderer, Orderer, TopKOrderer
+from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer, TorchScriptScorer
+from inference.pipeline.sources import (
+    QUERY_TOWER,
+    AnnSource,
+    CandidateSource,
+    ListSource,
+    SimilarItemsSource,
+    query_row,
+)
+from inference.pipeline.types import Candidates, Query
+from inference.refresh.job import ServingVersion
+from inference.store import Store
+
+log = logging.getLogger(__name__)
+
+LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # histogram upper bounds
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _SourceSpec(_Strict):
+    quota: int = Field(100, ge=1)  # at most this many candidates from the source
+    timeout_s: float = Field(0.05, gt=0)
+    fail_open: bool = True  # a failure or timeout drops the source's candidates instead of failing the request
+
+
+class AnnSpec(_SourceSpec):
+    kind: Literal["ann"]
+
+    def build(self, version: ServingVersion) -> CandidateSource:
+        return AnnSource(version)
+
+
+class ListSpec(_SourceSpec):
+    kind: Literal["list"]
+    list_name: str  # a store list; may name {user_id}
+
+    def build(self, version: ServingVersion) -> CandidateSource:
+        return ListSource(version.store, self.list_name)
+
+
+class SimilarSpec(_SourceSpec):
+    kind: Literal["similar"]
+    recent: int = Field(5, ge=1)  # of the query's most recent items
+
+    def build(self, version: ServingVersion) -> CandidateSource:
+        return SimilarItemsSource(version.store, self.recent)
+
+
+class SeenSpec(_Strict):
+    kind: Literal["seen"]
+
+    def build(self, version: ServingVersion) -> Filter:
+        return SeenItemsFilter()
+
+
+class ItemFeatureSpec(_Strict):
+    kind: Literal["item_feature"]
+    column: str
+    equals: bool | int | float | str
+
+    def build(self, version: ServingVersion) -> Filter:
+        return ItemFeatureFilter(version.store, self.column, self.equals)
+
+
+class TopKSpec(_Strict):
+    kind: Literal["top_k"]
+
+    def build(self) -> Orderer:
+        return TopKOrderer()
+
+
+class MaxPerSourceSpec(_Strict):
+    kind: Literal["max_per_source"]
+    cap: int = Field(ge=1)
+
+    def build(self) -> Orderer:
+        return MaxPerSourceOrderer(self.cap)
+
+
+class PipelineConfig(_Strict):
+    """A YAML pipeline config (see configs/pipeline.yaml); each stage is picked by its ``kind``."""
+
+    max_k: int = Field(100, ge=1)  # the largest Query.k answered
+    allow_anonymous: bool = True  # answer anonymous users (user_id None) and users the store does not know
+    workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
+    sources: list[Annotated[AnnSpec | ListSpec | SimilarSpec, Field(discriminator="kind")]] = Field(min_length=1)
+    filters: list[Annotated[SeenSpec | ItemFeatureSpec, Field(discriminator="kind")]] = []  # cheapest first
+    scorer: list[str] = Field(min_length=1)  # exported rankers of the version, each the next one's fallback
+    orderers: list[Annotated[TopKSpec | MaxPerSourceSpec, Field(discriminator="kind")]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _ends_with_top_k(self) -> PipelineConfig:
+        if self.orderers[-1].kind != "top_k":
+            raise ValueError(f"the last orderer is {self.orderers[-1].kind!r}; expected 'top_k' (the final top-k)")
+        return self
+
+
+def load_pipeline_config(path: Path) -> PipelineConfig:
+    """The config in the YAML file ``path``; ValueError naming the file when it is invalid."""
+    return read_yaml_config(path, PipelineConfig)
+
+
+class SourceError(RuntimeError):
+    """A fail-closed source raised or timed out, so the request fails."""
+
+
+class Hydrator:
+    """Candidates -> the same candidates with feature rows: the request's (`query_row`), the
+    item's from the store (``item_id`` and every item column), so any scorer finds its columns."""
+
+    name = "hydrate"
+
+    def __init__(self, store: Store, schema: Schema) -> None:
+        self.store, self.schema = store, schema
+
+    def __call__(self, query: Query, candidates: Candidates) -> Candidates:
+        request = query_row(query, self.store, self.schema)
+        items = self.store.item_features(candidates.item_ids).features
+        clash = sorted(set(request.columns) & {KEYS["items"], *items.columns})
+        if clash:
+            raise ValueError(f"request features {clash} are also item columns; expected each column from one place")
+        rows = request.iloc[np.zeros(len(candidates), np.intp)].reset_index(drop=True)  # the request's row N times
+        features = pd.concat([rows, pd.DataFrame({KEYS["items"]: candidates.item_ids}), items], axis=1)
+        return Candidates(candidates.item_ids, candidates.sources, candidates.scores, features)
+
+
+@dataclass(frozen=True)
+class SourceSlot:
+    """A source as the pipeline runs it: at most ``quota`` candidates within ``timeout_s``; when it
+    raises or times out, a ``fail_open`` one contributes nothing and any other fails the request."""
+
+    source: CandidateSource
+    quota: int
+    timeout_s: float
+    fail_open: bool
+
+
+@dataclass(frozen=True)
+class Stages:
+    """A pipeline's stages, in the order they run."""
+
+    sources: list[SourceSlot]
+    filters: list[Filter]
+    hydrator: Hydrator
+    scorer: Scorer
+    orderers: list[Orderer]
+
+
+@dataclass(frozen=True)
+class Response:
+    """M ranked items: ``item_ids`` (M,) int64, ``scores`` (M,) float32, ``sources`` (M,) the source
+    of each, ``propensities`` (M,) float64 of each slot; ``removed`` (R,) item ids and ``reasons``
+    (R,) str, one per item a filter removed, filter after filter."""
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    sources: np.ndarray
+    propensities: np.ndarray
+    removed: np.ndarray
+    reasons: np.ndarray
+
+
+class PipelineStats:
+    """Thread-safe counters of a pipeline: requests and failed requests, and per stage
+    (``source:<name>``, ``blend``, ``filter:<name>``, ``hydrate``, ``scorer``, ``orderer:<name>``)
+    the completed calls, a latency histogram, candidates in (a source's: its quota) and out, and
+    for sources the failures and timeouts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests = {"requests": 0, "failed_requests": 0}
+        self._stages: dict[str, dict] = {}
+
+    def record(self, stage: str, started: float, n_in: int, n_out: int) -> None:
+        """One completed call of ``stage``, begun at ``time.perf_counter()`` = ``started``."""
+        ms = (time.perf_counter() - started) * 1000
+        with self._lock:
+            counts = self._stage(stage)
+            counts["calls"] += 1
+            counts["in"] += n_in
+            counts["out"] += n_out
+            counts["total_ms"] += ms
+            counts["latency"][bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+
+    def count_failure(self, stage: str, timed_out: bool) -> None:
+        with self._lock:
+            self._stage(stage)["timeouts" if timed_out else "failures"] += 1
+
+    @contextmanager
+    def request(self) -> Iterator[None]:
+        """Counts the request, and counts it failed when the block raises."""
+        with self._lock:
+            self._requests["requests"] += 1
+        try:
+            yield
+        except Exception:
+            with self._lock:
+                self._requests["failed_requests"] += 1
+            raise
+
+    def snapshot(self) -> dict:
+        """A copy: {"requests", "failed_requests", "stages": {stage: {"calls", "in", "out", "total_ms",
+        "failures", "timeouts", "latency_ms": {"<=1": calls, ..., ">5000": calls}}}}."""
+        labels = [f"<={b}" for b in LATENCY_BUCKETS_MS] + [f">{LATENCY_BUCKETS_MS[-1]}"]
+        with self._lock:
+            stages = {name: {**{k: v for k, v in counts.items() if k != "latency"},
+                             "latency_ms": dict(zip(labels, counts["latency"], strict=True))}
+                      for name, counts in self._stages.items()}
+            return {**self._requests, "stages": stages}
+
+    def _stage(self, stage: str) -> dict:
+        return self._stages.setdefault(stage, {"calls": 0, "in": 0, "out": 0, "total_ms": 0.0, "failures": 0,
+                                               "timeouts": 0, "latency": [0] * (len(LATENCY_BUCKETS_MS) + 1)})
+
+
+class Pipeline:
+    """Answers queries with ``stages``; refuses a ``Query.k`` above ``max_k`` and, unless
+    ``allow_anonymous``, anonymous users and users the store does not know. Call `close` when done."""
+
+    def __init__(self, stages: Stages, max_k: int, allow_anonymous: bool, workers: int) -> None:
+        names = [f"source:{s.source.name}" for s in stages.sources] + [f"filter:{f.name}" for f in stages.filters]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stages {duplicates} appear more than once; expected unique source and filter names")
+        self.stages, self.max_k, self.allow_anonymous = stages, max_k, allow_anonymous
+        self.stats = PipelineStats()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pipeline-source")
+
+    def __call__(self, query: Query) -> Response:
+        self._check(query)
+        with self.stats.request():
+            candidates = self._retrieve(query)
+            removed, reasons = [np.zeros(0, np.int64)], [np.zeros(0, str)]
+            for stage in self.stages.filters:
+                started = time.perf_counter()
+                result = stage(query, candidates)
+                self.stats.record(f"filter:{stage.name}", started, len(candidates), len(result.kept))
+                candidates = result.kept
+                removed.append(result.removed)
+                reasons.append(result.reasons)
+            started = time.perf_counter()
+            candidates = self.stages.hydrator(query, candidates)
+            self.stats.record("hydrate", started, len(candidates), len(candidates))
+            candidates = self._score(query, candidates)
+            candidates, propensities = self._order(query, candidates)
+        return Response(candidates.item_ids, candidates.scores, candidates.sources, propensities,
+                        np.concatenate(removed), np.concatenate(reasons))
+
+    def warm_up(self, query: Query, calls: int = 2) -> None:
+        """Calls every source with ``query`` ``calls`` times, untimed, then answers it ``calls``
+        times, and starts the stats afresh.
+
+        TorchScript optimises a model during its first calls (~300 ms for the query tower), which
+        a source's timeout of tens of milliseconds would cut; a server warms up before traffic.
+        A stage that fails here is logged and left to fail (or not) on real requests.
+        """
+        for _ in range(calls):
+            for slot in self.stages.sources:
+                try:
+                    slot.source(query, slot.quota)
+                except Exception as error:  # noqa: BLE001 -- warming up, not answering
+                    log.warning("source %r failed while warming up: %s", slot.source.name, error)
+        for _ in range(calls):
+            try:
+                self(query)
+            except Exception as error:  # noqa: BLE001
+                log.warning("the warm-up request failed: %s", error)
+        self.stats = PipelineStats()
+
+    def close(self) -> None:
+        """Stops the source threads, without waiting for sources that are still running."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _check(self, query: Query) -> None:
+        if query.k > self.max_k:
+            raise ValueError(f"Query.k = {query.k}; expected at most max_k = {self.max_k}")
+        if self.allow_anonymous:
+            return
+        if query.user_id is None:
+            raise ValueError("Query.user_id is None (anonymous); expected a known user (allow_anonymous is false)")
+        store = self.stages.hydrator.store
+        if store.user_features(query.user_id) is None:
+            raise ValueError(f"Query.user_id = {query.user_id} is unknown to store version {store.version!r}; "
+                             "expected a known user (allow_anonymous is false)")
+
+    def _retrieve(self, query: Query) -> Candidates:
+        """Every source's candidates, blended; each source waited for until its own deadline."""
+        started = time.perf_counter()
+        futures = [self._pool.submit(self._fetch, slot, query) for slot in self.stages.sources]
+        found = []
+        for slot, future in zip(self.stages.sources, futures, strict=True):
+            try:
+                found.append(future.result(timeout=max(0.0, started + slot.timeout_s - time.perf_counter())))
+            except Exception as error:  # the source's own error, or the wait's timeout
+                timed_out = not future.done()
+                future.cancel()
+                self.stats.count_failure(f"source:{slot.source.name}", timed_out)
+                what = (f"timed out after {slot.timeout_s} s" if timed_out
+                        else f"failed: {type(error).__name__}: {error}")
+                if not slot.fail_open:
+                    raise SourceError(f"source {slot.source.name!r} {what}") from error
+                log.warning("source %r %s; it is fail-open, so it contributes nothing", slot.source.name, what)
+        started = time.perf_counter()
+        blended = blend(found)
+        self.stats.record("blend", started, sum(map(len, found)), len(blended))
+        return blended
+
+    def _fetch(self, slot: SourceSlot, query: Query) -> Candidates:
+        started = time.perf_counter()
+        found = slot.source(query, slot.quota)
+        found = found.take(np.arange(min(len(found), slot.quota)))
+        self.stats.record(f"source:{slot.source.name}", started, slot.quota, len(found))
+        return found
+
+    def _score(self, query: Query, candidates: Candidates) -> Candidates:
+        scorer = self.stages.scorer
+        started = time.perf_counter()
+        scores = np.asarray(scorer(query, candidates), np.float32)
+        if scores.shape != (len(candidates),):
+            raise RuntimeError(f"scorer {scorer.name!r} returned scores of shape {scores.shape}; "
+                               f"expected ({len(candidates)},)")
+        self.stats.record("scorer", started, len(candidates), len(candidates))
+        return Candidates(candidates.item_ids, candidates.sources, scores, candidates.features)
+
+    def _order(self, query: Query, candidates: Candidates) -> tuple[Candidates, np.ndarray]:
+        """The orderers in turn; a slot's propensity is the product of each orderer's for its item."""
+        propensities = np.ones(len(candidates))
+        for orderer in self.stages.orderers:
+            started = time.perf_counter()
+            ranked, chosen = orderer(query, candidates)
+            self.stats.record(f"orderer:{orderer.name}", started, len(candidates), len(ranked))
+            rows = pd.Index(candidates.item_ids).get_indexer(ranked.item_ids)  # item ids are unique after blending
+            if (rows < 0).any():
+                raise RuntimeError(f"orderer {orderer.name!r} returned items {ranked.item_ids[rows < 0][:5].tolist()} "
+                                   "it was not given; expected it to only drop or reorder")
+            candidates, propensities = ranked, propensities[rows] * chosen
+        return candidates, propensities
+
+
+def blend(found: list[Candidates]) -> Candidates:
+    """The candidates of every source in turn, each item once: the first source proposing it keeps it."""
+    ids = np.concatenate([np.zeros(0, np.int64), *(c.item_ids for c in found)])
+    sources = np.concatenate([np.zeros(0, str), *(c.sources for c in found)])
+    scores = np.concatenate([np.zeros(0, np.float32), *(c.scores for c in found)])
+    _, first = np.unique(ids, return_index=True)  # each item's first row
+    keep = np.sort(first)
+    return Candidates(ids[keep], sources[keep], scores[keep])
+
+
+def build_pipeline(config: PipelineConfig, version: ServingVersion) -> Pipeline:
+    """The pipeline ``config`` declares, over the models, index and store of ``version``."""
+    models = version.directory / "models"
+    stages = Stages(
+        sources=[SourceSlot(spec.build(version), spec.quota, spec.timeout_s, spec.fail_open)
+                 for spec in config.sources],
+        filters=[spec.build(version) for spec in config.filters],
+        hydrator=Hydrator(version.store, ModelInputs.load(models, QUERY_TOWER).encoder.schema),
+        scorer=FallbackScorer([TorchScriptScorer(models, name) for name in config.scorer]),
+        orderers=[spec.build() for spec in config.orderers],
+    )
+    return Pipeline(stages, config.max_k, config.allow_anonymous, config.workers)

@@ -1,0 +1,234 @@
+"""The executor on a refreshed version: the example config answers; fail-open sources that raise
+or time out are counted and skipped, fail-closed ones fail the request; blending keeps the first
+source; filters' reasons reach the response; scores align; the stats add up."""
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from inference.pipeline.executor import (
+    Hydrator,
+    Pipeline,
+    PipelineConfig,
+    SourceError,
+    SourceSlot,
+    Stages,
+    blend,
+    build_pipeline,
+    load_pipeline_config,
+)
+from inference.pipeline.filters import ItemFeatureFilter, SeenItemsFilter
+from inference.pipeline.orderers import TopKOrderer
+from inference.pipeline.scorers import ModelInputs, TorchScriptScorer
+from inference.pipeline.types import Candidates, Query
+
+EXAMPLE = Path(__file__).parents[3] / "configs" / "pipeline.yaml"
+UNKNOWN_ITEM = 10**6
+
+
+class Fixed:
+    """A fake source: after ``sleep`` seconds, proposes ``ids`` (scores falling from 1) or raises ``error``."""
+
+    def __init__(self, name, ids=(), error=None, sleep=0.0):
+        self.name, self.ids, self.error, self.sleep = name, np.array(ids, np.int64), error, sleep
+
+    def __call__(self, query, k):
+        time.sleep(self.sleep)
+        if self.error is not None:
+            raise self.error
+        ids = self.ids[:k]
+        return Candidates(ids, np.full(len(ids), self.name), np.linspace(1, 0, len(ids), dtype=np.float32))
+
+
+class Halving:
+    """A fake stochastic orderer: keeps everything, each slot with propensity 0.5."""
+
+    name = "halving"
+
+    def __call__(self, query, scored):
+        return scored, np.full(len(scored), 0.5)
+
+
+def slot(source, fail_open=True, timeout_s=5.0, quota=100):
+    return SourceSlot(source, quota, timeout_s, fail_open)
+
+
+@pytest.fixture(scope="module")
+def parts(version):
+    """The version's hydrator and linear scorer, shared by the pipelines the tests build."""
+    models = version.directory / "models"
+    hydrator = Hydrator(version.store, ModelInputs.load(models, "query_tower").encoder.schema)
+    return hydrator, TorchScriptScorer(models, "linear")
+
+
+@pytest.fixture
+def make(version, parts):
+    """Builds pipelines over fake sources (closed after the test): ``make(slots, filters=..., orderers=...)``."""
+    built = []
+
+    def build(slots, filters=(), orderers=None, allow_anonymous=True):
+        hydrator, scorer = parts
+        stages = Stages(list(slots), list(filters), hydrator, scorer, orderers or [TopKOrderer()])
+        built.append(Pipeline(stages, max_k=50, allow_anonymous=allow_anonymous, workers=4))
+        return built[-1]
+
+    yield build
+    for pipeline in built:
+        pipeline.close()
+
+
+@pytest.fixture(scope="module")
+def unavailable(version):
+    """Two items the store marks unavailable, and two it marks available."""
+    ids = np.arange(200)
+    available = version.store.item_features(ids).features["available"].to_numpy(bool, na_value=False)
+    return ids[~available][:2].tolist(), ids[available][:2].tolist()
+
+
+def example_config(**changes):
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    for source in raw["sources"]:
+        source["timeout_s"] = 5.0  # the tower's first calls compile it; the example's 50 ms is for a warm server
+    return PipelineConfig.model_validate(raw | changes)
+
+
+def test_the_example_config_answers_without_seen_or_unavailable_items(version):
+    assert load_pipeline_config(EXAMPLE).scorer == ["deepfm", "linear"]
+    pipeline = build_pipeline(example_config(), version)
+    try:
+        popular = version.store.get_list("popular")[0]
+        query = Query(user_id=7, recent_items=tuple(popular[:3].tolist()), k=20)
+        response = pipeline(query)
+        anonymous = pipeline(Query(user_id=None, k=5))
+    finally:
+        pipeline.close()
+    assert len(response.item_ids) == 20 and len(set(response.item_ids)) == 20
+    assert not set(response.item_ids) & set(query.recent_items)
+    assert version.store.item_features(response.item_ids).features["available"].all()
+    assert {"seen"} <= set(response.reasons) and len(response.removed) == len(response.reasons)
+    assert set(response.sources) <= {"ann", "user", "similar", "popular"}
+    assert (np.diff(response.scores) <= 0).all() and (response.propensities == 1).all()
+    assert len(anonymous.item_ids) == 5
+
+
+def test_fail_open_sources_that_raise_or_time_out_are_skipped_and_counted(make):
+    pipeline = make([slot(Fixed("broken", error=ConnectionError("refused"))),
+                     slot(Fixed("slow", [1, 2], sleep=1.0), timeout_s=0.05),
+                     slot(Fixed("good", [3, 4, 5]))])
+    started = time.perf_counter()
+    response = pipeline(Query(user_id=7, k=10))
+    assert time.perf_counter() - started < 0.9  # it did not wait for the slow source
+    assert sorted(response.item_ids.tolist()) == [3, 4, 5] and set(response.sources) == {"good"}
+    stages = pipeline.stats.snapshot()["stages"]
+    assert stages["source:broken"]["failures"] == 1 and stages["source:broken"]["calls"] == 0
+    assert stages["source:slow"]["timeouts"] == 1
+    assert stages["source:good"]["calls"] == 1 and stages["source:good"]["out"] == 3
+
+
+def test_a_fail_closed_source_fails_the_request_naming_it(make):
+    raising = make([slot(Fixed("good", [3])), slot(Fixed("editorial", error=KeyError("gone")), fail_open=False)])
+    with pytest.raises(SourceError, match="source 'editorial' failed: KeyError"):
+        raising(Query(user_id=7))
+    assert raising.stats.snapshot()["failed_requests"] == 1
+    slow = make([slot(Fixed("editorial", [3], sleep=1.0), fail_open=False, timeout_s=0.05)])
+    with pytest.raises(SourceError, match=r"source 'editorial' timed out after 0.05 s"):
+        slow(Query(user_id=7))
+
+
+def test_blending_keeps_each_item_once_from_the_first_source(make):
+    first, second = Fixed("first", [5, 6, 7]), Fixed("second", [7, 8, 5, 9])
+    blended = blend([first(None, 10), second(None, 10)])
+    assert blended.item_ids.tolist() == [5, 6, 7, 8, 9]
+    assert blended.sources.tolist() == ["first", "first", "first", "second", "second"]
+    response = make([slot(first), slot(second)])(Query(user_id=7, k=10))
+    sources = dict(zip(response.item_ids.tolist(), response.sources.tolist(), strict=True))
+    assert sources == {5: "first", 6: "first", 7: "first", 8: "second", 9: "second"}
+
+
+def test_quotas_cap_each_source(make):
+    response = make([slot(Fixed("a", [1, 2, 3, 4]), quota=2), slot(Fixed("b", [5, 6, 7]), quota=1)])(
+        Query(user_id=7, k=10))
+    assert sorted(response.item_ids.tolist()) == [1, 2, 5]
+
+
+def test_filter_reasons_reach_the_response_and_scores_align(version, parts, make, unavailable):
+    blocked, fine = unavailable
+    proposed = [*blocked, UNKNOWN_ITEM, 150, *fine]
+    pipeline = make([slot(Fixed("fixed", proposed))],
+                    filters=[SeenItemsFilter(), ItemFeatureFilter(version.store, "available", True)])
+    response = pipeline(Query(user_id=7, recent_items=(150,), k=10))
+    assert sorted(response.item_ids.tolist()) == sorted(fine)
+    reasons = dict(zip(response.removed.tolist(), response.reasons.tolist(), strict=True))
+    assert reasons == {150: "seen", blocked[0]: "available != True", blocked[1]: "available != True",
+                       UNKNOWN_ITEM: "unknown item"}
+
+    hydrator, scorer = parts  # the response's scores are the scorer's for those very items
+    ranked = Candidates(response.item_ids, response.sources, response.scores)
+    expected = scorer(Query(user_id=7), hydrator(Query(user_id=7, recent_items=(150,)), ranked))
+    np.testing.assert_allclose(response.scores, expected, atol=1e-6)
+
+
+def test_propensities_multiply_across_orderers(make):
+    response = make([slot(Fixed("a", [1, 2, 3]))], orderers=[Halving(), TopKOrderer()])(Query(user_id=7, k=2))
+    np.testing.assert_array_equal(response.propensities, [0.5, 0.5])
+
+
+def test_bad_requests_and_configs_name_the_value(version, make):
+    pipeline = make([slot(Fixed("a", [1]))], allow_anonymous=False)
+    with pytest.raises(ValueError, match="Query.k = 51; expected at most max_k = 50"):
+        pipeline(Query(user_id=7, k=51))
+    with pytest.raises(ValueError, match="user_id is None.*allow_anonymous is false"):
+        pipeline(Query(user_id=None))
+    with pytest.raises(ValueError, match=f"user_id = {10**9} is unknown to store version"):
+        pipeline(Query(user_id=10**9))
+    with pytest.raises(ValueError, match=r"stages \['source:a'\] appear more than once"):
+        make([slot(Fixed("a")), slot(Fixed("a"))])
+    with pytest.raises(ValueError, match="max_kk"):
+        example_config(max_kk=10)
+    with pytest.raises(ValueError, match="the last orderer is 'max_per_source'; expected 'top_k'"):
+        example_config(orderers=[{"kind": "max_per_source", "cap": 5}])
+    with pytest.raises(ValueError, match="kind"):
+        example_config(filters=[{"kind": "moderation"}])
+
+
+def test_stats_count_every_stage_under_concurrent_requests(make):
+    pipeline = make([slot(Fixed("a", [1, 2, 3])), slot(Fixed("b", [3, 4]))], filters=[SeenItemsFilter()])
+
+    def ask():
+        for _ in range(10):
+            pipeline(Query(user_id=7, recent_items=(1,), k=2))
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    snapshot = pipeline.stats.snapshot()
+    assert snapshot["requests"] == 40 and snapshot["failed_requests"] == 0
+    stages = snapshot["stages"]
+    assert set(stages) == {"source:a", "source:b", "blend", "filter:seen", "hydrate", "scorer", "orderer:top_k"}
+    assert stages["blend"]["in"] == 40 * 5 and stages["blend"]["out"] == 40 * 4
+    assert stages["filter:seen"]["in"] == 40 * 4 and stages["filter:seen"]["out"] == 40 * 3
+    assert stages["orderer:top_k"]["out"] == 40 * 2
+    for counts in stages.values():
+        assert counts["calls"] == 40 and sum(counts["latency_ms"].values()) == 40 and counts["total_ms"] >= 0
+
+
+def test_warm_up_calls_every_source_untimed_then_starts_the_stats_afresh(make):
+    calls = []
+
+    class Counting(Fixed):
+        def __call__(self, query, k):
+            calls.append(self.name)
+            return super().__call__(query, k)
+
+    pipeline = make([slot(Counting("slow", [1], sleep=0.1), timeout_s=0.05),
+                     slot(Counting("broken", error=ConnectionError("refused")))])
+    pipeline(Query(user_id=7))
+    pipeline.warm_up(Query(user_id=7))
+    assert calls.count("slow") == 5 and calls.count("broken") == 5  # a request; two calls, two requests
+    assert pipeline.stats.snapshot() == {"requests": 0, "failed_requests": 0, "stages": {}}
