@@ -223,33 +223,39 @@ def assert_previous_serves(root_dir, expected=None):
     assert not current.startswith(".staging")
 
 
-def test_sigkill_at_random_points_never_publishes_a_partial_version(tiny_dataset, models_dir, tmp_path):
+def test_sigkill_at_random_points_never_publishes_a_partial_version(data_copy, models_dir, tmp_path):
     # children forked from a server that imported the job but ran nothing (forking this process,
     # whose torch thread pools are running, can deadlock): each run is all refresh work
     fork = multiprocessing.get_context("forkserver")
     fork.set_forkserver_preload(["inference.refresh.job"])
+    root = tmp_path / "art"
 
-    def run() -> multiprocessing.Process:
-        process = fork.Process(target=refresh, args=(tiny_dataset, models_dir, tmp_path, CONFIG), daemon=True)
+    def run(incremental: bool) -> multiprocessing.Process:
+        process = fork.Process(target=refresh, args=(data_copy, models_dir, root, CONFIG, incremental), daemon=True)
         process.start()
         return process
 
-    run().join()  # starts the server
-    started = time.monotonic()
-    run().join()
-    whole = time.monotonic() - started
-    assert ArtifactRoot(tmp_path).current() == "v0002"
+    run(False).join()  # starts the server
+    whole = {}
+    for incremental in (False, True):  # how long each kind takes, the incremental one re-embedding items
+        reprice(data_copy, 1)
+        started = time.monotonic()
+        run(incremental).join()
+        whole[incremental] = time.monotonic() - started
+    assert ArtifactRoot(root).current() == "v0003"
     rng = random.Random(0)
     published = 0
-    for _ in range(20):
-        before = ArtifactRoot(tmp_path).current()
-        process = run()
-        time.sleep(rng.uniform(0, 1.1) * whole)
+    for attempt in range(20):  # full and incremental runs in turn, each killed at a random point
+        incremental = attempt % 2 == 1
+        reprice(data_copy, 1)
+        before = ArtifactRoot(root).current()
+        process = run(incremental)
+        time.sleep(rng.uniform(0, 1.1) * whole[incremental])
         process.kill()  # SIGKILL
         process.join()
-        after = ArtifactRoot(tmp_path).current()
-        assert after in (before, ArtifactRoot(tmp_path).versions()[-1])
-        assert_previous_serves(tmp_path)
+        after = ArtifactRoot(root).current()
+        assert after in (before, ArtifactRoot(root).versions()[-1])
+        assert_previous_serves(root)
         published += after != before
     assert published <= 15, f"{published} of 20 runs finished before their kill; the kills missed the work"
 
