@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from data.splits import METHODS
-from recstack import __version__, recommend_cli, refresh_cli, triton_cli
+from recstack import __version__, recommend_cli, refresh_cli, serve_cli, triton_cli
 
 SOURCES = ("ml-100k", "movielens", "obd", "synthetic", "files")
 
@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
     refresh_cli.add_commands(commands)
     recommend_cli.add_commands(commands)
+    serve_cli.add_commands(commands)
     triton_cli.add_commands(commands)
     return parser
 

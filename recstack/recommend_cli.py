@@ -20,13 +20,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     recommend.set_defaults(run=_recommend)
 
 
-def parse_context(pairs: list[str]) -> dict[str, object]:
-    """``["hour=20", "device=phone"]`` -> {"hour": 20, "device": "phone"}."""
+def parse_context(pairs: list[str], flag: str = "--context") -> dict[str, object]:
+    """``["hour=20", "device=phone"]`` -> {"hour": 20, "device": "phone"}; errors name ``flag``."""
     context = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise ValueError(f"--context {pair!r}: expected NAME=VALUE, e.g. hour=20")
+            raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE, e.g. hour=20")
         context[name] = _number(value)
     return context
 

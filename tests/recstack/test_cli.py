@@ -2,8 +2,12 @@
 The refresh and artefact commands run in this process (`main`), which keeps their tests quick."""
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -129,3 +133,34 @@ def test_refresh_and_artifacts_errors_exit_2(args, named, tiny_dataset, tmp_path
             "recommend": ["--artifacts", str(tmp_path / "a")]}[args[0]]
     assert main([a.format(tmp=tmp_path) for a in args] + base) == 2
     assert named in capsys.readouterr().err
+
+
+def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, tmp_path):
+    artifacts = tmp_path / "artifacts"
+    assert main(["refresh", "--data", str(tiny_dataset), "--models", str(trained_runs["two_tower"].parent),
+                 "--artifacts", str(artifacts)]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts), "--config",
+                               str(PIPELINE), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as reply:
+                    assert json.loads(reply.read())["version"] == "v0001"
+                    break
+            except OSError:
+                assert server.poll() is None, server.stdout.read().decode()
+                assert time.monotonic() < deadline, "recstack serve did not answer /healthz in 120 s"
+                time.sleep(0.2)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", data=b'{"user_id": 7, "k": 3}',
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            assert len(json.loads(reply.read())["items"]) == 3
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    finally:
+        server.kill()
+        server.wait()

@@ -1,0 +1,213 @@
+"""The HTTP API served by uvicorn over a refreshed version: recommendations, 400/422/503 errors,
+health, Prometheus metrics, a hot swap under traffic, and refused versions that leave the old
+one serving."""
+
+import json
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import uvicorn
+import yaml
+
+from inference.pipeline.executor import PipelineConfig
+from inference.pipeline.scorers import TorchScriptScorer
+from inference.pipeline.sources import ListSource
+from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
+from inference.refresh.job import RefreshConfig, refresh
+from inference.service import MAX_RECENT_ITEMS, Recommender, create_app
+
+EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
+CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def pipeline_config() -> PipelineConfig:
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    for source in raw["sources"]:
+        source["timeout_s"] = 5.0  # the example's tens of milliseconds are for an idle server, not a busy test machine
+    return PipelineConfig.model_validate(raw)
+
+
+@pytest.fixture(scope="module")
+def root(tiny_dataset, trained_runs, tmp_path_factory) -> Path:
+    """An artefact root of this module's own, with v0001 published."""
+    root = tmp_path_factory.mktemp("artifacts")
+    refresh(tiny_dataset, trained_runs["two_tower"].parent, root, CONFIG)
+    return root
+
+
+@pytest.fixture(scope="module")
+def recommender(root):
+    recommender = Recommender(root, pipeline_config(), poll_s=0.1).start()
+    yield recommender
+    recommender.close()
+
+
+@pytest.fixture(scope="module")
+def url(recommender):
+    """The app's base URL, served by uvicorn on a free loopback port in a daemon thread."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def call(url: str, path: str, body: dict | None = None) -> tuple[int, str, str]:
+    """(status, content type, body text) of a GET, or of a POST of ``body`` as JSON."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.headers["Content-Type"], reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers["Content-Type"], error.read().decode()
+
+
+def recommend(url: str, **body) -> tuple[int, dict]:
+    status, _, text = call(url, "/recommend", body)
+    return status, json.loads(text)
+
+
+def metrics(url: str) -> dict[tuple[str, frozenset], float]:
+    """The samples of /metrics by (name, labels), after checking it is Prometheus text."""
+    status, content_type, text = call(url, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            assert re.match(r"^# (HELP|TYPE) \w+ \S", line), line
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"not a Prometheus sample: {line!r}"
+        name, labels, value = match.groups()
+        samples[name, frozenset(LABEL.findall(labels or ""))] = float(value)
+    return samples
+
+
+def test_a_recommendation_has_k_items_and_none_of_the_recent_ones(url):
+    status, first = recommend(url, user_id=7, k=20)
+    assert status == 200 and first["version"] == "v0001" and len(first["items"]) == 20
+    recent = [item["item_id"] for item in first["items"][:3]]
+    status, reply = recommend(url, user_id=7, recent_items=recent, context={}, k=20)
+    ids = [item["item_id"] for item in reply["items"]]
+    assert status == 200 and len(ids) == 20 == len(set(ids)) and not set(ids) & set(recent)
+    assert reply["removed"]["seen"] >= 1
+    assert set(reply["items"][0]) == {"item_id", "score", "source", "propensity"}
+    assert len(recommend(url, k=5)[1]["items"]) == 5  # an anonymous visitor
+
+
+def test_bad_bodies_are_refused_naming_the_field(url):
+    status, reply = recommend(url, user_id=7, userid=7)
+    assert status == 422 and reply["detail"][0]["loc"] == ["body", "userid"]
+    status, reply = recommend(url, recent_items=list(range(MAX_RECENT_ITEMS + 1)))
+    assert status == 422 and reply["detail"][0]["loc"] == ["body", "recent_items"]
+    status, reply = recommend(url, k=101)
+    assert status == 400 and reply["detail"] == "Query.k = 101; expected at most max_k = 100"
+
+
+def test_a_failing_fail_closed_source_or_scorer_chain_is_503(url, monkeypatch):
+    before = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001")}))]
+
+    def refuse(self, query, k):
+        raise ConnectionError("store unreachable")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ListSource, "__call__", refuse)  # "popular" is fail-closed, "user" fail-open
+        status, reply = recommend(url, user_id=7)
+    assert status == 503 and reply["detail"] == "source 'popular' failed: ConnectionError: store unreachable"
+    with monkeypatch.context() as patch:
+        patch.setattr(TorchScriptScorer, "__call__", refuse)
+        status, reply = recommend(url, user_id=7)
+    assert status == 503 and reply["detail"].startswith("every scorer of")
+    after = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001")}))]
+    assert after == before + 2
+
+
+def test_a_version_that_fails_the_warm_up_query_is_refused(root, monkeypatch):
+    monkeypatch.setattr(ListSource, "__call__", lambda self, query, k: 1 / 0)
+    with pytest.raises(ArtifactError, match=r"nothing to serve.*v0001.*SourceError: source 'popular' failed"):
+        Recommender(root, pipeline_config())
+
+
+def test_health_names_the_serving_version(url):
+    status, _, text = call(url, "/healthz")
+    assert status == 200 and json.loads(text) == {"version": "v0001", "refused": {}}
+
+
+def test_metrics_are_prometheus_text_and_count_requests(url):
+    requests = ("recstack_requests_total", frozenset({("version", "v0001")}))
+    before = metrics(url)
+    assert recommend(url, user_id=3)[0] == 200
+    samples = metrics(url)
+    assert samples[requests] == before[requests] + 1
+    buckets = defaultdict(list)
+    for (name, labels), value in samples.items():
+        if name == "recstack_stage_latency_seconds_bucket":
+            le = dict(labels)["le"]
+            buckets[labels - {("le", le)}].append((float(le), value))
+    assert {dict(labels)["stage"] for labels in buckets} >= {"source:ann", "source:popular", "hydrate", "scorer"}
+    for labels, counts in buckets.items():
+        cumulative = [n for _, n in sorted(counts)]
+        assert cumulative == sorted(cumulative) and len(cumulative) == 13
+        assert samples["recstack_stage_latency_seconds_count", labels] == cumulative[-1]
+        assert samples["recstack_stage_latency_seconds_sum", labels] >= 0
+        assert samples["recstack_stage_calls_total", labels] == cumulative[-1]
+
+
+def test_a_new_version_swaps_in_under_traffic_and_a_broken_one_is_refused(url, recommender, root, tiny_dataset,
+                                                                          trained_runs):
+    replies, stop = [], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            status, reply = recommend(url, user_id=7, k=10)
+            replies.append((status, reply.get("version")))
+
+    client = threading.Thread(target=traffic)
+    client.start()
+    try:
+        wait_for(lambda: replies)
+        refresh(tiny_dataset, trained_runs["two_tower"].parent, root, CONFIG, incremental=True)
+        wait_for(lambda: recommender.live.version == "v0002")
+        time.sleep(0.2)  # traffic on the new version
+    finally:
+        stop.set()
+        client.join()
+    statuses, versions = zip(*replies, strict=True)
+    assert set(statuses) == {200} and versions[0] == "v0001" and versions[-1] == "v0002"
+    assert json.loads(call(url, "/healthz")[2]) == {"version": "v0002", "refused": {}}
+    assert ("recstack_requests_total", frozenset({("version", "v0002")})) in metrics(url)
+
+    artifacts = ArtifactRoot(root)
+    with artifacts.build() as (version, staging):  # a version with nothing in it but its manifest
+        write_manifest(staging, {"version": version})
+    artifacts.publish(version)
+    wait_for(lambda: version in recommender.live.refused)
+    health = json.loads(call(url, "/healthz")[2])
+    assert health["version"] == "v0002" and "store" in health["refused"][version]
+    status, reply = recommend(url, user_id=7)
+    assert status == 200 and reply["version"] == "v0002"
+
+
+def wait_for(condition, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
