@@ -7,8 +7,8 @@
 
 A version directory appears under its final name only once it is complete and its manifest
 is written, and CURRENT names it only after its checksums verify, so a crash at any point
-leaves the previous version published. Versions are immutable: an incremental build
-hard-links the files it does not change from its parent.
+leaves the previous version published. Versions are immutable (their files read-only): an
+incremental build hard-links the files it does not change from its parent.
 
 Servers read through `LiveArtifacts`, which loads a newly published version in the
 background, smoke-tests it and only then swaps it in.
@@ -147,6 +147,7 @@ class ArtifactRoot:
             try:
                 yield version, staging
                 read_manifest(staging)  # a build writes its manifest last
+                _make_read_only(staging)
                 os.rename(staging, self.root / version)
                 _fsync_directory(self.root)
             finally:
@@ -280,6 +281,14 @@ def _shared_entries(directory: Path, parent: Path | None) -> dict[str, dict]:
         except FileNotFoundError:
             continue
     return shared
+
+
+def _make_read_only(directory: Path) -> None:
+    """Clears the write bits of every file under ``directory``: a published file may be hard-linked
+    into later versions, so writing it in place would change them all."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            path.chmod(path.stat().st_mode & ~0o222)
 
 
 def _number(version: str) -> int:

@@ -77,6 +77,7 @@ def test_a_corrupt_version_is_refused_naming_the_file(damage, tmp_path):
     build(root, "a")
     version = build(root, "bbbb", publish=False)
     target = root.path(version) / "index" / "items.bin"
+    target.chmod(0o644)  # published files are read-only: this is someone overriding that
     if damage == "flip":
         target.write_text("bbbc")
     elif damage == "truncate":
@@ -88,6 +89,14 @@ def test_a_corrupt_version_is_refused_naming_the_file(damage, tmp_path):
     with pytest.raises(ArtifactError, match="stray.bin" if damage == "add" else "index/items.bin"):
         root.publish(version)
     assert root.current() == "v0001"
+
+
+def test_published_files_are_read_only_and_still_pruned(tmp_path):
+    root = ArtifactRoot(tmp_path)
+    first = root.path(build(root, "a"))
+    assert all(not p.stat().st_mode & 0o222 for p in first.rglob("*") if p.is_file())
+    build(root, "b")
+    assert root.prune(keep=1) == ["v0001"] and not first.exists()
 
 
 def test_a_failing_smoke_test_keeps_the_published_version(tmp_path):
@@ -141,6 +150,7 @@ def test_live_artifacts_swap_only_to_versions_that_load(tmp_path):
 
     # published behind the job's back, then corrupted on disk: refused, v0002 keeps serving
     version = build(root, "c")
+    (root.path(version) / "index" / "items.bin").chmod(0o644)
     (root.path(version) / "index" / "items.bin").write_text("x")
     live.refresh()
     assert (live.version, live.state) == ("v0002", "b")

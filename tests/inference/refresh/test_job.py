@@ -270,6 +270,7 @@ def test_corrupt_files_in_a_new_version_are_refused_and_the_old_keeps_serving(da
         path = ArtifactRoot(tmp_path / "art").path(manifest["version"]) / damaged
         data = bytearray(path.read_bytes())
         data[len(data) // 2] ^= 0xFF
+        path.chmod(0o644)  # published files are read-only: this is someone overriding that
         path.write_bytes(bytes(data))
         assert not live.refresh()
         assert live.version == "v0001" and f"checksum mismatch in {damaged}" in live.refused[manifest["version"]]
