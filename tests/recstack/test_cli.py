@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from recstack.cli import main
 
@@ -142,8 +143,13 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    config = yaml.safe_load(PIPELINE.read_text())
+    for source in config["sources"]:
+        source["timeout_s"] = 5.0  # the example's milliseconds are for an idle server, not a busy test machine
+    (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
     server = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts), "--config",
-                               str(PIPELINE), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                               str(tmp_path / "pipeline.yaml"), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while True:
