@@ -35,7 +35,7 @@ from data.synthetic import SyntheticConfig, generate
 from inference.index import load_index, search_exact
 from inference.refresh.artifacts import ArtifactRoot
 from inference.refresh.job import RefreshConfig, read_embeddings, refresh
-from training.train import RunConfig, build_retrieval_module
+from training.train import RunConfig, build_ranking_module, build_retrieval_module
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"users": 20_000, "items": 1_000_000, "interactions": 2_000_000}
@@ -44,15 +44,20 @@ CONFIG = RefreshConfig(rankers=[], cadence_s={"user": 86400, "similar": 86400}, 
 MAX_RATIO, RECALL_GAP = 0.1, 0.01
 
 
-def untrained_run(data_dir: Path, out: Path) -> None:
-    """A two-tower run directory whose best checkpoint holds the initial weights."""
-    config = RunConfig(model={"hidden_sizes": [64], "output_dim": 64})
+def untrained_run(data_dir: Path, out: Path, model: str = "two_tower") -> None:
+    """A run directory of ``model`` ("two_tower" or a ranker) whose best checkpoint holds the
+    initial weights: benchmarks time work, which does not depend on what the weights learnt."""
+    schema = FeatureEncoder.load(data_dir / "encoders.json").schema
     torch.manual_seed(0)
-    module = build_retrieval_module(FeatureEncoder.load(data_dir / "encoders.json").schema, config)[0]
+    if model == "two_tower":
+        config = RunConfig(model={"hidden_sizes": [64], "output_dim": 64})
+        module, run = build_retrieval_module(schema, config)[0], {"task": "retrieval"}
+    else:
+        config = RunConfig(model={} if model == "linear" else {"embedding_dim": 16})
+        module, run = build_ranking_module(model, schema, config)[0], {"task": "ranker", "model": model}
     (out / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": module.state_dict(), "epoch": 0}, out / "checkpoints" / "best.ckpt")
-    (out / "run.json").write_text(json.dumps({"task": "retrieval", "data": str(data_dir),
-                                              "config": config.model_dump(mode="json")}))
+    (out / "run.json").write_text(json.dumps({**run, "data": str(data_dir), "config": config.model_dump(mode="json")}))
 
 
 def change_catalogue(data_dir: Path, seed: int) -> dict:

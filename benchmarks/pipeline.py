@@ -1,0 +1,160 @@
+"""Request latency of the pipeline over a refreshed synthetic catalogue, in process and over HTTP.
+
+    python benchmarks/pipeline.py            # 1M items, 20k users, 2M interactions
+    python benchmarks/pipeline.py --small    # 50k items: a quick run
+
+Steps: the synthetic dataset of benchmarks/refresh.py; untrained two-tower, DeepFM and linear
+runs (latency does not depend on what the weights learnt); a full refresh (`rankers: [deepfm,
+linear]`); the pipeline of configs/pipeline.yaml with every timeout raised to 5 s (this measures
+the work, not the deadlines), warmed up; then the same requests (random known users, each with
+their 5 latest items as the session, k = 20) answered one at a time in process, the baseline,
+and over HTTP through the app `recstack serve` runs (uvicorn on loopback; the client runs in this
+process). It reports p50 / p99 / mean per path, the HTTP overhead as a ratio to the baseline, and
+each stage's mean. There is no target: these are the reference figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+import uvicorn
+import yaml
+from refresh import FULL, SMALL, untrained_run
+from report import describe_machine, finish
+
+from data.dataset import read_dataset
+from data.prepare import prepare
+from data.synthetic import SyntheticConfig, generate
+from inference.pipeline.executor import PipelineConfig, build_pipeline
+from inference.pipeline.types import Query
+from inference.refresh.artifacts import ArtifactRoot
+from inference.refresh.job import RefreshConfig, open_version, refresh
+from inference.service import Recommender, create_app
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = RefreshConfig(rankers=["deepfm", "linear"], pools={"similar_items": 10_000})
+K, RECENT = 20, 5
+
+
+def pipeline_config() -> PipelineConfig:
+    raw = yaml.safe_load((ROOT / "configs" / "pipeline.yaml").read_text())
+    for source in raw["sources"]:
+        source["timeout_s"] = 5.0
+    return PipelineConfig.model_validate(raw)
+
+
+def make_queries(data_dir: Path, n: int, seed: int) -> list[Query]:
+    """``n`` random users with interactions, each with their ``RECENT`` latest items, oldest first."""
+    rows = read_dataset(data_dir, tables=("interactions",)).interactions.sort_values("timestamp", kind="stable")
+    latest = rows.groupby("user_id")["item_id"].apply(lambda items: tuple(items.to_numpy()[-RECENT:].tolist()))
+    users = np.random.default_rng(seed).choice(latest.index.to_numpy(), n)
+    return [Query(int(u), recent_items=latest[u], k=K) for u in users]
+
+
+def percentiles(seconds: list[float]) -> dict:
+    ms = 1e3 * np.asarray(seconds)
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
+
+
+def time_in_process(root: Path, queries: list[Query]) -> tuple[dict, dict]:
+    pipeline = build_pipeline(pipeline_config(), open_version(ArtifactRoot(root).path("v0001")))
+    try:
+        pipeline.warm_up(queries[0])
+        seconds = []
+        for query in queries:
+            start = time.perf_counter()
+            pipeline(query)
+            seconds.append(time.perf_counter() - start)
+        snapshot = pipeline.stats.snapshot()["stages"]
+        stages = {name: counts["total_ms"] / counts["calls"] for name, counts in snapshot.items()}
+    finally:
+        pipeline.close()
+    return percentiles(seconds), stages
+
+
+def time_http(root: Path, queries: list[Query]) -> dict:
+    recommender = Recommender(root, pipeline_config())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        seconds = []
+        for query in queries:
+            body = json.dumps({"user_id": query.user_id, "recent_items": list(query.recent_items), "k": query.k})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", data=body.encode(),
+                                             headers={"Content-Type": "application/json"})
+            start = time.perf_counter()
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                reply.read()
+            seconds.append(time.perf_counter() - start)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        recommender.close()
+    return percentiles(seconds)
+
+
+def format_table(result: dict) -> str:
+    m, s, t = result["machine"], result["sizes"], result["latency"]
+    base = t["in_process"]["p50_ms"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; one torch thread; "
+        f"load average {m['load_average_1min']:.1f} at the start",
+        f"Sizes: {s['items']:,} items, {s['users']:,} users, {s['interactions']:,} interactions; "
+        f"{result['requests']} requests, k = {K}, {RECENT} recent items each; index {result['index']}",
+        "",
+        "| path | p50 ms | p99 ms | mean ms | p50 / in process |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {name.replace('_', ' ')} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mean_ms']:.2f} | "
+          f"{row['p50_ms'] / base:.2f} |" for name, row in t.items()],
+        "",
+        "| stage (in process) | mean ms |",
+        "|---|---:|",
+        *[f"| {name} | {ms:.2f} |" for name, ms in result["stages_ms"].items()],
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sizes = SMALL if args.small else FULL
+    machine = describe_machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data = prepare(generate(SyntheticConfig(**sizes, seed=args.seed)), tmp / "data", split="temporal",
+                       seed=args.seed)
+        for model in ("two_tower", "deepfm", "linear"):
+            untrained_run(data, tmp / "models" / model, model)
+        manifest = refresh(data, tmp / "models", tmp / "artifacts", CONFIG)
+        queries = make_queries(data, args.requests, args.seed)
+        in_process, stages = time_in_process(tmp / "artifacts", queries)
+        http = time_http(tmp / "artifacts", queries)
+    index = manifest["index"]
+    result = {"machine": machine, "sizes": sizes, "requests": args.requests, "seed": args.seed,
+              "index": f"{index['kind']} {json.dumps({k: v for k, v in index['params'].items() if v and k != 'kind'})}",
+              "latency": {"in_process": in_process, "over_http": http}, "stages_ms": stages, "passed": True}
+    return finish(result, format_table(result), args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
