@@ -31,6 +31,7 @@ from inference.pipeline.executor import (
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import LiveArtifacts
 from inference.refresh.job import open_version
+from inference.store import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,8 @@ def create_app(recommender: Recommender) -> FastAPI:
     """The HTTP API over ``recommender``.
 
     ``POST /recommend`` answers 400 for a request the pipeline refuses (``k`` above ``max_k``, a
-    user the config does not answer, a bad context) and 503 when a fail-closed source or every
-    scorer fails. ``GET /metrics`` exposes the serving pipeline's `PipelineStats`.
+    user the config does not answer, a bad context) and 503 when a fail-closed source, every
+    scorer or the Redis store fails. ``GET /metrics`` exposes the serving pipeline's `PipelineStats`.
     """
     app = FastAPI(title="recstack")
 
@@ -166,7 +167,7 @@ def create_app(recommender: Recommender) -> FastAPI:
             version, response = recommender.recommend(query)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
-        except RuntimeError as e:  # a SourceError, or FallbackScorer: every scorer failed
+        except (RuntimeError, StoreError) as e:  # a SourceError, every scorer failed, or Redis is down
             log.warning("request %s failed: %s", query, e)
             raise HTTPException(503, str(e)) from e
         items = [RecommendedItem(item_id=i, score=s, source=src, propensity=p)

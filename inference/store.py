@@ -245,6 +245,14 @@ class RedisStore(Store):
         return results
 
 
+def redis_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` -> (host, port), as configs name a Redis server."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"redis address {address!r}; expected host:port, e.g. localhost:6379")
+    return host, int(port)
+
+
 def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str, timeout_s: float = 5.0) -> None:
     """Copies the snapshot in ``directory`` into Redis as ``version``, marking it complete last.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -45,6 +46,7 @@ def _recommend(args: argparse.Namespace) -> int:
     from inference.pipeline.types import Query
     from inference.refresh.artifacts import ArtifactError, ArtifactRoot
     from inference.refresh.job import open_version
+    from inference.store import StoreError
 
     query = Query(args.user, parse_context(args.context), tuple(args.recent), args.k)  # checked before loading
     config = load_pipeline_config(args.config)
@@ -56,6 +58,9 @@ def _recommend(args: argparse.Namespace) -> int:
     try:
         pipeline.warm_up(query)
         response = pipeline(query)
+    except (RuntimeError, StoreError) as e:  # a fail-closed source, every scorer, or Redis failed
+        print(f"recstack: error: {e}", file=sys.stderr)
+        return 1
     finally:
         pipeline.close()
     items = [{"item_id": int(i), "score": round(float(s), 6), "source": str(src), "propensity": float(p)}

@@ -14,6 +14,7 @@ keeps its thread until it returns, so its timeout bounds the request, not the so
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import threading
 import time
@@ -44,7 +45,7 @@ from inference.pipeline.sources import (
 )
 from inference.pipeline.types import Candidates, Query
 from inference.refresh.job import ServingVersion
-from inference.store import Store
+from inference.store import RedisStore, Store, redis_address
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,10 @@ class PipelineConfig(_Strict):
     """A YAML pipeline config (see configs/pipeline.yaml); each stage is picked by its ``kind``."""
 
     max_k: int = Field(100, ge=1)  # the largest Query.k answered
+    # "host:port": read users, items and lists from the Redis server `recstack refresh` loaded the
+    # version into (its config's `redis`); default: the version's embedded snapshot
+    redis: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
+    redis_timeout_s: float = Field(0.1, gt=0)  # per Redis call; a failure or timeout raises StoreUnavailable
     allow_anonymous: bool = True  # answer anonymous users (user_id None) and users the store does not know
     workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
     sources: list[Annotated[AnnSpec | ListSpec | SimilarSpec, Field(discriminator="kind")]] = Field(min_length=1)
@@ -306,8 +311,10 @@ class Pipeline:
         self.stats = PipelineStats()
 
     def close(self) -> None:
-        """Stops the source threads, without waiting for sources that are still running."""
+        """Stops the source threads, without waiting for sources that are still running, and
+        closes the store (a Redis connection; nothing for the embedded one)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.stages.hydrator.store.close()
 
     def _check(self, query: Query) -> None:
         if query.k > self.max_k:
@@ -386,7 +393,11 @@ def blend(found: list[Candidates]) -> Candidates:
 
 
 def build_pipeline(config: PipelineConfig, version: ServingVersion) -> Pipeline:
-    """The pipeline ``config`` declares, over the models, index and store of ``version``."""
+    """The pipeline ``config`` declares, over the models, index and store of ``version`` (the
+    version's keys in Redis when ``config.redis`` names a server)."""
+    if config.redis:
+        store = RedisStore(*redis_address(config.redis), version.manifest["version"], config.redis_timeout_s)
+        version = dataclasses.replace(version, store=store)
     models = version.directory / "models"
     stages = Stages(
         sources=[SourceSlot(spec.build(version), spec.quota, spec.timeout_s, spec.fail_open)

@@ -73,7 +73,14 @@ from inference.index import (
 from inference.refresh import pools
 from inference.refresh.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
 from inference.refresh.rules import Rules, apply_rules, load_rules
-from inference.store import LISTS, EmbeddedStore, delete_version, load_snapshot_into_redis, write_snapshot
+from inference.store import (
+    LISTS,
+    EmbeddedStore,
+    delete_version,
+    load_snapshot_into_redis,
+    redis_address,
+    write_snapshot,
+)
 from inference.triton.repository import write_repository
 
 log = logging.getLogger(__name__)
@@ -175,7 +182,7 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
     publish_step(artifacts, version, inputs.parent)
     for old in artifacts.prune(config.retention):
         if config.redis:
-            delete_version(*_redis_address(config.redis), old)
+            delete_version(*redis_address(config.redis), old)
     return manifest
 
 
@@ -428,14 +435,9 @@ def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | No
     for kind in (kind for kind, frame in lists.items() if frame is None):
         link_or_copy(inputs.parent / "store" / LISTS / f"{kind}.parquet", staging / "store" / LISTS / f"{kind}.parquet")
     if inputs.config.redis:
-        host, port = _redis_address(inputs.config.redis)
+        host, port = redis_address(inputs.config.redis)
         delete_version(host, port, version)  # left by a build of this number that never published
         load_snapshot_into_redis(staging / "store", host, port, version)
-
-
-def _redis_address(address: str) -> tuple[str, int]:
-    host, port = address.rsplit(":", 1)
-    return host, int(port)
 
 
 def publish_step(artifacts: ArtifactRoot, version: str, parent: Path | None) -> None:

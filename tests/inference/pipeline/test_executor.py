@@ -25,6 +25,7 @@ from inference.pipeline.filters import ItemFeatureFilter, SeenItemsFilter
 from inference.pipeline.orderers import TopKOrderer
 from inference.pipeline.scorers import ModelInputs, TorchScriptScorer
 from inference.pipeline.types import Candidates, Query
+from inference.store import StoreError, load_snapshot_into_redis
 
 EXAMPLE = Path(__file__).parents[3] / "configs" / "pipeline.yaml"
 UNKNOWN_ITEM = 10**6
@@ -232,3 +233,28 @@ def test_warm_up_calls_every_source_untimed_then_starts_the_stats_afresh(make):
     pipeline.warm_up(Query(user_id=7))
     assert calls.count("slow") == 5 and calls.count("broken") == 5  # a request; two calls, two requests
     assert pipeline.stats.snapshot() == {"requests": 0, "failed_requests": 0, "stages": {}}
+
+
+def test_a_pipeline_on_redis_answers_as_on_the_embedded_snapshot_and_fails_fast_without_it(version, redis_server):
+    where = f"{redis_server.host}:{redis_server.port}"
+    load_snapshot_into_redis(version.directory / "store", redis_server.host, redis_server.port,
+                             version.manifest["version"])
+    embedded = build_pipeline(example_config(), version)
+    on_redis = build_pipeline(example_config(redis=where, redis_timeout_s=0.5), version)
+    try:
+        popular = version.store.get_list("popular")[0]
+        query = Query(user_id=7, recent_items=tuple(popular[:3].tolist()), k=20)
+        expected, answered = embedded(query), on_redis(query)
+        np.testing.assert_array_equal(answered.item_ids, expected.item_ids)
+        np.testing.assert_allclose(answered.scores, expected.scores, rtol=1e-6)
+        np.testing.assert_array_equal(answered.sources, expected.sources)
+
+        redis_server.process.kill()
+        redis_server.process.wait()
+        started = time.perf_counter()
+        with pytest.raises((SourceError, StoreError), match=where):  # the fail-closed popular list, or a filter
+            on_redis(query)
+        assert time.perf_counter() - started < 5
+    finally:
+        embedded.close()
+        on_redis.close()
