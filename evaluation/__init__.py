@@ -1,1 +1,1 @@
-"""Offline evaluation: click-through and retrieval metrics (see README.md)."""
+"""Offline evaluation: click-through and retrieval metrics, off-policy estimates (see README.md)."""
