@@ -1,1 +1,1 @@
-"""Offline evaluation: click-through and retrieval metrics, off-policy estimates (see README.md)."""
+"""Offline and online evaluation: metrics, off-policy estimates, A/B analysis, drift, shadow runs (see README.md)."""

@@ -26,6 +26,8 @@ from statistics import NormalDist
 import numpy as np
 from numpy.typing import ArrayLike
 
+from evaluation.checks import check_rows, finite_values
+
 Z95 = NormalDist().inv_cdf(0.975)  # 1.959...
 
 
@@ -64,7 +66,7 @@ def direct_method(q_target: ArrayLike) -> Estimate:
 
     The interval reflects only which contexts were logged; a biased model shifts it without widening it.
     """
-    return _estimate(_check_finite(q_target, "q_target"))
+    return _estimate(finite_values(q_target, "q_target"))
 
 
 def doubly_robust(rewards: ArrayLike, propensities: ArrayLike, target_probabilities: ArrayLike,
@@ -74,15 +76,15 @@ def doubly_robust(rewards: ArrayLike, propensities: ArrayLike, target_probabilit
     ``max_weight`` clips w as in `ips`, biasing the correction.
     """
     r, p, pi = _check_log(rewards, propensities, target_probabilities)
-    q_log = _check_finite(q_logged, "q_logged", len(r))
-    q_tgt = _check_finite(q_target, "q_target", len(r))
+    q_log = finite_values(q_logged, "q_logged", length=(len(r), "rewards"))
+    q_tgt = finite_values(q_target, "q_target", length=(len(r), "rewards"))
     return _estimate(q_tgt + _importance_weights(p, pi, max_weight) * (r - q_log))
 
 
 def effective_sample_size(weights: ArrayLike) -> float:
     """(sum w)^2 / sum(w^2) for importance weights w (N,): N when all are equal, 1 when one dominates."""
-    w = _check_finite(weights, "weights")
-    _check_rows(w < 0, w, "weights", "must be >= 0")
+    w = finite_values(weights, "weights")
+    check_rows(w < 0, w, "weights", "must be >= 0")
     if not w.any():
         raise ValueError(f"weights need a positive value; all {len(w)} are 0")
     return float(np.sum(w) ** 2 / np.sum(w**2))
@@ -109,28 +111,9 @@ def _importance_weights(p: np.ndarray, pi: np.ndarray, max_weight: float | None)
 def _check_log(rewards: ArrayLike, propensities: ArrayLike,
                target_probabilities: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rewards, propensities in (0, 1] and target probabilities in [0, 1], as equal-length float64 arrays."""
-    r = _check_finite(rewards, "rewards")
-    p = _check_finite(propensities, "propensities", len(r))
-    pi = _check_finite(target_probabilities, "target_probabilities", len(r))
-    _check_rows((p <= 0) | (p > 1), p, "propensities", "must be in (0, 1]")
-    _check_rows((pi < 0) | (pi > 1), pi, "target_probabilities", "must be in [0, 1]")
+    r = finite_values(rewards, "rewards")
+    p = finite_values(propensities, "propensities", length=(len(r), "rewards"))
+    pi = finite_values(target_probabilities, "target_probabilities", length=(len(r), "rewards"))
+    check_rows((p <= 0) | (p > 1), p, "propensities", "must be in (0, 1]")
+    check_rows((pi < 0) | (pi > 1), pi, "target_probabilities", "must be in [0, 1]")
     return r, p, pi
-
-
-def _check_finite(values: ArrayLike, name: str, length: int | None = None) -> np.ndarray:
-    """``values`` as a finite (N,) float64 array, of ``length`` rows when given."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"{name} must be one value per logged row, shape (N,), got shape {x.shape}")
-    if length is not None and len(x) != length:
-        raise ValueError(f"{name} has {len(x)} rows but rewards has {length}")
-    _check_rows(~np.isfinite(x), x, name, "must be finite")
-    return x
-
-
-def _check_rows(bad: np.ndarray, x: np.ndarray, name: str, expected: str) -> None:
-    """ValueError naming the first five rows where ``bad`` holds, and their values."""
-    if bad.any():
-        rows = np.flatnonzero(bad)[:5]
-        raise ValueError(f"{name} {expected}; {int(bad.sum())} rows are not, the first at rows "
-                         f"{rows.tolist()}: {x[rows].tolist()}")

@@ -185,7 +185,7 @@ def test_ips_and_snips_recover_the_random_policys_click_rate_from_the_bts_log():
     (lambda: ips(R, [0.5, 0.0, 0.2, 0.5], PI), r"propensities must be in \(0, 1\].*rows \[1\]: \[0.0\]"),
     (lambda: snips(R, [0.5, 1.5, 0.2, 2.0], PI), r"propensities must be in \(0, 1\].*rows \[1, 3\]"),
     (lambda: ips(R, P, [1, -0.1, 0, 1.2]), r"target_probabilities must be in \[0, 1\].*rows \[1, 3\]"),
-    (lambda: ips(np.ones((2, 2)), P, PI), r"rewards must be one value per logged row.*\(2, 2\)"),
+    (lambda: ips(np.ones((2, 2)), P, PI), r"rewards must be one value per row.*\(2, 2\)"),
     (lambda: ips(R, P, PI, max_weight=0), "max_weight must be > 0, got 0"),
     (lambda: snips(R, P, [0, 0, 0, 0]), "target_probabilities are 0 on all 4 rows"),
     (lambda: doubly_robust(R, P, PI, Q_LOGGED[:3], Q_TARGET), "q_logged has 3 rows but rewards has 4"),

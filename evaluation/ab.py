@@ -1,0 +1,234 @@
+"""Online A/B test analysis of a control and a treatment variant on per-unit metrics.
+
+Each unit (user or session) contributes one value, so the two groups are independent samples.
+With means m, sample variances v (ddof 1) and sizes n per group (c control, t treatment):
+
+    compare_means          difference m_t - m_c, Welch's SE sqrt(v_c/n_c + v_t/n_t), Welch-Satterthwaite
+                           df = SE^4 / ((v_c/n_c)^2/(n_c-1) + (v_t/n_t)^2/(n_t-1)), two-sided Student t
+                           p-value and interval difference +- t_{1-alpha/2, df} SE
+    compare_proportions    difference of rates; interval from the unpooled SE sqrt(p(1-p)/n summed),
+                           p-value from the pooled z-test (both rates p0 under the null)
+    cuped                  Y - theta (X - mean X), theta = cov(Y, X) / var(X) over both groups pooled:
+                           the same expected difference, variance shrunk by 1 - corr(Y, X)^2
+    sample_ratio_mismatch  p-value of the chi-square (1 df) goodness-of-fit test of the group sizes
+                           against the designed split; below 0.001, distrust the whole experiment
+    required_sample_size   units per variant to detect a relative change with a two-sided normal test:
+                           2 (z_{1-alpha/2} + z_power)^2 std^2 / (minimum_effect * mean)^2
+
+The Student t distribution comes from the regularised incomplete beta function,
+P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2), evaluated by its continued fraction (Lentz's method,
+Numerical Recipes 6.4); `student_t_quantile` inverts it by Newton's method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from evaluation.checks import finite_values
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Treatment against control: ``difference`` = treatment_mean - control_mean, and its test.
+
+    ``relative_difference`` is difference / control_mean (NaN when control_mean is 0). ``statistic`` is
+    Welch's t, or the pooled z for proportions, whose ``degrees_of_freedom`` is inf (normal). [low, high]
+    is the (1 - alpha) confidence interval of the difference.
+    """
+
+    control_mean: float
+    treatment_mean: float
+    difference: float
+    relative_difference: float
+    std_error: float
+    degrees_of_freedom: float
+    statistic: float
+    p_value: float
+    low: float
+    high: float
+
+
+def compare_means(control: ArrayLike, treatment: ArrayLike, alpha: float = 0.05) -> Comparison:
+    """Welch's unequal-variance t-test and interval for the difference of means of two groups (N_c,), (N_t,)."""
+    _check_open_unit(alpha, "alpha")
+    c, t = finite_values(control, "control", min_count=2), finite_values(treatment, "treatment", min_count=2)
+    var_c, var_t = c.var(ddof=1) / len(c), t.var(ddof=1) / len(t)  # squared standard errors of the means
+    if var_c + var_t == 0:
+        raise ValueError(f"compare_means needs variation in a group; control and treatment are constant "
+                         f"({c[0]} and {t[0]})")
+    std_error = math.sqrt(var_c + var_t)
+    df = float((var_c + var_t) ** 2 / (var_c**2 / (len(c) - 1) + var_t**2 / (len(t) - 1)))
+    mean_c, mean_t = float(c.mean()), float(t.mean())
+    difference = mean_t - mean_c
+    statistic = difference / std_error
+    half_width = student_t_quantile(1 - alpha / 2, df) * std_error
+    return Comparison(mean_c, mean_t, difference, _relative(difference, mean_c), std_error, df, statistic,
+                      2 * _t_upper_tail(abs(statistic), df), difference - half_width, difference + half_width)
+
+
+def compare_proportions(successes_c: int, n_c: int, successes_t: int, n_t: int,
+                        alpha: float = 0.05) -> Comparison:
+    """Difference of success rates (e.g. click-through): unpooled normal interval, pooled z-test p-value."""
+    _check_open_unit(alpha, "alpha")
+    rate_c = _check_count(successes_c, n_c, "successes_c", "n_c")
+    rate_t = _check_count(successes_t, n_t, "successes_t", "n_t")
+    pooled = (successes_c + successes_t) / (n_c + n_t)
+    if pooled in (0, 1):
+        raise ValueError(f"compare_proportions needs a success and a failure overall; the pooled rate is {pooled}")
+    difference = rate_t - rate_c
+    statistic = difference / math.sqrt(pooled * (1 - pooled) * (1 / n_c + 1 / n_t))
+    std_error = math.sqrt(rate_c * (1 - rate_c) / n_c + rate_t * (1 - rate_t) / n_t)
+    half_width = NormalDist().inv_cdf(1 - alpha / 2) * std_error
+    return Comparison(rate_c, rate_t, difference, _relative(difference, rate_c), std_error, math.inf,
+                      statistic, _normal_two_sided_p(statistic), difference - half_width, difference + half_width)
+
+
+def cuped(metric: ArrayLike, covariate: ArrayLike) -> np.ndarray:
+    """CUPED-adjusted metric Y - theta (X - mean X), theta = cov(Y, X) / var(X), all (N,) over both groups.
+
+    X must be unaffected by the treatment (e.g. the same metric before the experiment); then the expected
+    difference between groups is unchanged and its variance shrinks by 1 - corr(Y, X)^2 (Deng et al. 2013).
+    Split the result with the assignment mask before `compare_means`.
+    """
+    y, x = finite_values(metric, "metric", min_count=2), finite_values(covariate, "covariate", min_count=2)
+    if len(x) != len(y):
+        raise ValueError(f"covariate has {len(x)} values but metric has {len(y)}")
+    centred = x - x.mean()
+    if not centred.any():
+        raise ValueError(f"covariate must vary to adjust the metric; all {len(x)} values are {x[0]}")
+    theta = np.dot(centred, y - y.mean()) / np.dot(centred, centred)
+    return y - theta * centred
+
+
+def sample_ratio_mismatch(n_control: int, n_treatment: int, expected_share: float = 0.5) -> float:
+    """p-value of group sizes this far from the designed control share ``expected_share``.
+
+    Chi-square goodness of fit with 1 degree of freedom, chi2 = (n_c - N s)^2 / (N s (1 - s)) = z^2.
+    The conventional alarm is p < 0.001: the assignment or logging is broken, and no metric of the
+    experiment can be trusted until that is explained.
+    """
+    _check_open_unit(expected_share, "expected_share")
+    for value, name in ((n_control, "n_control"), (n_treatment, "n_treatment")):
+        if not (float(value).is_integer() and value >= 0):
+            raise ValueError(f"{name} must be a count, an integer >= 0, got {value!r}")
+    total = n_control + n_treatment
+    if total == 0:
+        raise ValueError("sample_ratio_mismatch needs units; n_control and n_treatment are both 0")
+    expected = total * expected_share
+    return _normal_two_sided_p((n_control - expected) / math.sqrt(expected * (1 - expected_share)))
+
+
+def required_sample_size(baseline_mean: float, baseline_std: float, minimum_effect: float,
+                         alpha: float = 0.05, power: float = 0.8) -> int:
+    """Units per variant for a two-sided test at ``alpha`` to detect, with probability ``power``, a change
+    of ``minimum_effect`` times ``baseline_mean`` (relative: 0.02 is a 2% lift), with both groups'
+    standard deviation ``baseline_std`` (normal approximation, rounded up)."""
+    _check_open_unit(alpha, "alpha")
+    _check_open_unit(power, "power")
+    if not (math.isfinite(baseline_mean) and baseline_mean != 0):
+        raise ValueError(f"baseline_mean must be finite and nonzero to scale minimum_effect, got {baseline_mean!r}")
+    if not (math.isfinite(baseline_std) and baseline_std > 0):
+        raise ValueError(f"baseline_std must be finite and > 0, got {baseline_std!r}")
+    if not (math.isfinite(minimum_effect) and minimum_effect > 0):
+        raise ValueError(f"minimum_effect must be a finite relative change > 0, got {minimum_effect!r}")
+    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
+    return math.ceil(2 * (z * baseline_std / (minimum_effect * baseline_mean)) ** 2)
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t distribution with ``df`` > 0 (not necessarily integer) degrees of freedom."""
+    _check_df(df)
+    tail = _t_upper_tail(abs(t), df)
+    return 1 - tail if t > 0 else tail
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p, for 0 < p < 1 and ``df`` > 0, by Newton's method on the upper tail."""
+    _check_open_unit(p, "p")
+    _check_df(df)
+    tail = min(p, 1 - p)
+    t = 0.0
+    while True:  # the tail is convex for t >= 0, so from t = 0 Newton climbs to the root without passing it
+        density = _t_density(t, df)
+        if density == 0:
+            raise ValueError(f"p={p} is too far in the tail of the t distribution with df={df}: "
+                             f"the quantile is beyond {t:.3g}, where the density underflows")
+        step = (_t_upper_tail(t, df) - tail) / density
+        if not t + step > t:
+            return t if p > 0.5 else -t
+        t += step
+
+
+def _t_upper_tail(t: float, df: float) -> float:
+    """P(T > t) for t >= 0: half of P(|T| > t) = I_x(df/2, 1/2) with x = df / (df + t^2)."""
+    return 0.5 * _regularized_beta(df / 2, 0.5, df / (df + t * t), t * t / (df + t * t))
+
+
+def _t_density(t: float, df: float) -> float:
+    log_scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_scale - (df + 1) / 2 * math.log1p(t * t / df))
+
+
+def _regularized_beta(a: float, b: float, x: float, y: float) -> float:
+    """I_x(a, b) for a, b > 0 and 0 <= x <= 1 (Numerical Recipes 6.4, `betai`).
+
+    y = 1 - x, computed by the caller without the cancellation of 1 - x when x is near 1.
+    """
+    if x == 0 or y == 0:
+        return 1 - y
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y)
+    if x < (a + 1) / (a + b + 2):  # where the continued fraction converges fast; else use I_x(a,b) = 1 - I_y(b,a)
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1 - math.exp(log_front) * _beta_continued_fraction(b, a, y) / b
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of I_x(a, b), by the modified Lentz method (Numerical Recipes 6.4, `betacf`)."""
+    tiny, eps = 1e-300, 1e-15
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    fraction = d
+    for m in range(1, 100_000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even step d_{2m}
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step d_{2m+1}
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            fraction *= c * d
+        if abs(c * d - 1) < eps:
+            return fraction
+    raise ValueError(f"the incomplete beta continued fraction did not converge for a={a}, b={b}, x={x}")
+
+
+def _normal_two_sided_p(z: float) -> float:
+    """P(|Z| > |z|), by erfc so that tiny p-values keep their precision."""
+    return math.erfc(abs(z) / math.sqrt(2))
+
+
+def _relative(difference: float, control_mean: float) -> float:
+    return difference / control_mean if control_mean != 0 else math.nan
+
+
+def _check_count(successes: int, n: int, successes_name: str, n_name: str) -> float:
+    """The rate successes / n, for integers 0 <= successes <= n and n >= 1."""
+    if not (float(n).is_integer() and n >= 1):
+        raise ValueError(f"{n_name} must be an integer >= 1, got {n!r}")
+    if not (float(successes).is_integer() and 0 <= successes <= n):
+        raise ValueError(f"{successes_name} must be an integer in [0, {n_name}={n}], got {successes!r}")
+    return successes / n
+
+
+def _check_open_unit(value: float, name: str) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"{name} must be in (0, 1), got {value!r}")
+
+
+def _check_df(df: float) -> None:
+    if not (math.isfinite(df) and df > 0):
+        raise ValueError(f"df must be finite and > 0, got {df!r}")
