@@ -151,6 +151,7 @@ class Inputs:
     rules: Rules
     now: int
     parent: Path | None  # the published version an incremental refresh starts from
+    parent_manifest: dict | None  # its manifest
 
 
 def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig, incremental: bool = False,
@@ -214,18 +215,19 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
     retrieval = load_run(runs[config.retrieval])
     versions = {name: retrieval.version if name == config.retrieval else run_version(path)
                 for name, path in runs.items()}
-    parent = _parent(root, versions, config) if incremental else None
+    parent, parent_manifest = _parent(root, versions, config) if incremental else (None, None)
     return Inputs(positives, dataset.users, dataset.items, retrieval,
                   {n: runs[n] for n in config.rankers}, versions, config, load_rules({"rules": config.rules}),
-                  int(positives["timestamp"].max()) if now is None else now, parent)
+                  int(positives["timestamp"].max()) if now is None else now, parent, parent_manifest)
 
 
-def _parent(root: Path, versions: dict[str, str], config: RefreshConfig) -> Path | None:
-    """The published version an incremental refresh can start from, or None (with the reason logged)."""
+def _parent(root: Path, versions: dict[str, str], config: RefreshConfig) -> tuple[Path | None, dict | None]:
+    """The published version an incremental refresh can start from and its manifest, or (None,
+    None) with the reason logged."""
     current = ArtifactRoot(root).current()
     if current is None:
         log.warning("no published version under %s: doing a full refresh", root)
-        return None
+        return None, None
     parent = ArtifactRoot(root).path(current)
     manifest = read_manifest(parent)
     if manifest["models"] != versions:
@@ -235,8 +237,8 @@ def _parent(root: Path, versions: dict[str, str], config: RefreshConfig) -> Path
     elif "stored" not in manifest["catalogue"]:
         log.warning("%s predates layered embeddings: doing a full refresh", current)
     else:
-        return parent
-    return None
+        return parent, manifest
+    return None, None
 
 
 def _index_config(config: RefreshConfig) -> dict:
@@ -332,21 +334,22 @@ def embeddings_step(inputs: Inputs, staging: Path, version: str) -> Catalogue:
     else:
         new_ids, new_vectors = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
     parent_layers = embedding_layers(inputs.parent)
-    stored = read_manifest(inputs.parent)["catalogue"]["stored"] + len(new_ids)
+    stored = inputs.parent_manifest["catalogue"]["stored"] + len(new_ids)
     if stored > MAX_STORED * len(ids) or len(parent_layers) >= MAX_LAYERS:  # compact into one layer
         all_ids, vectors = Catalogue(ids, [*parent_layers, out / version], {}, None).embeddings()
         shutil.rmtree(out / version, ignore_errors=True)
         _write_layer(out / version, all_ids, vectors, inputs.versions[inputs.config.retrieval])
-        layers, stored = [out / version], len(all_ids)
+        layers, stored, known = [out / version], len(all_ids), (all_ids, vectors)
     else:
         for layer in parent_layers:
             for shard in layer.iterdir():
                 link_or_copy(shard, out / layer.name / shard.name)
         layers = [out / layer.name for layer in parent_layers] + ([out / version] if len(new_ids) else [])
+        known = None  # read from the layers only if a later step needs every vector
     hashes.to_parquet(out / CATALOGUE, index=False)
     counts.update(reembedded=int(stale.sum()), new=int((~np.isin(ids, old_ids)).sum()), dropped=int(gone.sum()),
                   stored=stored, layers=len(layers))
-    return Catalogue(ids, layers, counts, Delta(dropped, new_ids, new_vectors, old_ids[gone]))
+    return Catalogue(ids, layers, counts, Delta(dropped, new_ids, new_vectors, old_ids[gone]), known)
 
 
 def _write_layer(directory: Path, ids: np.ndarray, vectors: np.ndarray, version: str) -> None:
@@ -409,7 +412,7 @@ def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
     otherwise carried over from the parent without items that are no longer eligible;
     ({kind: built_at, rows, rebuilt}, {kind: its lists, or None to keep the parent's file as it is})."""
     built, lists = {}, {}
-    parent_built = read_manifest(inputs.parent)["lists"] if inputs.parent is not None else None
+    parent_built = inputs.parent_manifest["lists"] if inputs.parent is not None else None
     for kind in LIST_KINDS:
         parent_file = inputs.parent / "store" / LISTS / f"{kind}.parquet" if inputs.parent is not None else None
         due = (parent_file is None or not parent_file.is_file()
