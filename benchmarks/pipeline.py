@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
-import uvicorn
 import yaml
 from refresh import FULL, SMALL, untrained_run
 from report import describe_machine, finish
@@ -38,7 +35,7 @@ from inference.pipeline.executor import PipelineConfig, build_pipeline
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactRoot
 from inference.refresh.job import RefreshConfig, open_version, refresh
-from inference.service import Recommender, create_app
+from inference.service import Recommender, serve_in_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = RefreshConfig(rankers=["deepfm", "linear"], pools={"similar_items": 10_000})
@@ -83,27 +80,18 @@ def time_in_process(root: Path, queries: list[Query]) -> tuple[dict, dict]:
 
 def time_http(root: Path, queries: list[Query]) -> dict:
     recommender = Recommender(root, pipeline_config())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
     try:
-        seconds = []
-        for query in queries:
-            body = json.dumps({"user_id": query.user_id, "recent_items": list(query.recent_items), "k": query.k})
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", data=body.encode(),
-                                             headers={"Content-Type": "application/json"})
-            start = time.perf_counter()
-            with urllib.request.urlopen(request, timeout=30) as reply:
-                reply.read()
-            seconds.append(time.perf_counter() - start)
+        with serve_in_thread(recommender) as url:
+            seconds = []
+            for query in queries:
+                body = json.dumps({"user_id": query.user_id, "recent_items": list(query.recent_items), "k": query.k})
+                request = urllib.request.Request(f"{url}/recommend", data=body.encode(),
+                                                 headers={"Content-Type": "application/json"})
+                start = time.perf_counter()
+                with urllib.request.urlopen(request, timeout=30) as reply:
+                    reply.read()
+                seconds.append(time.perf_counter() - start)
     finally:
-        server.should_exit = True
-        thread.join(10)
         recommender.close()
     return percentiles(seconds)
 

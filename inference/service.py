@@ -10,12 +10,17 @@ serves a recommender with FastAPI; `recstack serve` runs that app with uvicorn.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -186,6 +191,29 @@ def create_app(recommender: Recommender) -> FastAPI:
         return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
 
     return app
+
+
+@contextmanager
+def serve_in_thread(recommender: Recommender, start_timeout_s: float = 10.0) -> Iterator[str]:
+    """Serves ``recommender``'s app with uvicorn on a free loopback port in a daemon thread of this
+    process (tests, benchmarks, notebooks); yields its base URL and stops the server on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port} within {start_timeout_s} s")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout_s)
 
 
 def format_metrics(version: str, snapshot: dict) -> str:

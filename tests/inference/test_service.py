@@ -4,7 +4,6 @@ one serving."""
 
 import json
 import re
-import socket
 import threading
 import time
 import urllib.error
@@ -13,7 +12,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-import uvicorn
 import yaml
 
 from inference.pipeline.executor import PipelineConfig
@@ -21,7 +19,7 @@ from inference.pipeline.scorers import TorchScriptScorer
 from inference.pipeline.sources import ListSource
 from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
-from inference.service import MAX_RECENT_ITEMS, Recommender, create_app
+from inference.service import MAX_RECENT_ITEMS, Recommender, serve_in_thread
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
@@ -54,19 +52,8 @@ def recommender(root):
 @pytest.fixture(scope="module")
 def url(recommender):
     """The app's base URL, served by uvicorn on a free loopback port in a daemon thread."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(recommender) as base:
+        yield base
 
 
 def call(url: str, path: str, body: dict | None = None) -> tuple[int, str, str]:
