@@ -56,19 +56,20 @@ class Serving:
 class Recommender:
     """The pipeline ``config`` declares over the published version under ``root``.
 
-    Each version is loaded, warmed up and must answer an anonymous probe query (with
-    ``warm_up_context``, e.g. {"hour": 12, "weekday": 3} when the models read those) with at
-    least one item before it serves. Once started, it looks for a new version every ``poll_s``
-    seconds. Call `close` when done.
+    Each version is loaded, warmed up and must answer ``probe`` with at least one item before it
+    serves. The default probe is an anonymous query for 10 items (a pipeline with
+    ``allow_anonymous: false`` needs a probe with a user every version knows); its context must
+    hold what the models read, e.g. {"hour": 12, "weekday": 3}. Once started, it looks for a new
+    version every ``poll_s`` seconds. Call `close` when done.
     """
 
-    def __init__(self, root: Path, config: PipelineConfig, warm_up_context: dict[str, object] | None = None,
-                 poll_s: float = 5.0) -> None:
-        if not config.allow_anonymous:
-            raise ValueError("the pipeline config has allow_anonymous: false, so it would refuse the anonymous "
-                             "warm-up query; expected allow_anonymous: true")
+    def __init__(self, root: Path, config: PipelineConfig, probe: Query | None = None, poll_s: float = 5.0) -> None:
+        probe = probe or Query(user_id=None, k=min(10, config.max_k))
+        if probe.user_id is None and not config.allow_anonymous:
+            raise ValueError("the pipeline config has allow_anonymous: false, so it would refuse an anonymous "
+                             "probe query; expected a probe with a known user (recstack serve --probe-user ID)")
         self.config = config
-        self.probe = Query(user_id=None, context=dict(warm_up_context or {}), k=min(10, config.max_k))
+        self.probe = probe
         self._lock = threading.Lock()
         self._latest: Pipeline | None = None  # the pipeline the last successful load built
         self._retiring: list[tuple[threading.Timer, Pipeline]] = []

@@ -16,8 +16,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--poll-s", type=float, default=5.0, help="seconds between checks for a new version")
-    serve.add_argument("--warm-up-context", nargs="*", default=[], metavar="NAME=VALUE",
-                       help="context of the query each version must answer before it serves, e.g. hour=12 weekday=3")
+    serve.add_argument("--probe-user", type=int, default=None, metavar="ID",
+                       help="user of the query each version must answer before it serves (default: anonymous; "
+                            "required when the config has allow_anonymous: false)")
+    serve.add_argument("--probe-context", nargs="*", default=[], metavar="NAME=VALUE",
+                       help="context of that query, e.g. hour=12 weekday=3")
     serve.set_defaults(run=_serve)
 
 
@@ -25,12 +28,14 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from inference.pipeline.executor import load_pipeline_config
+    from inference.pipeline.types import Query
     from inference.service import Recommender, create_app
 
     # swaps and refusals log at INFO and ERROR; force: importing torchrec already added a WARNING root handler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    context = parse_context(args.warm_up_context, "--warm-up-context")
-    recommender = Recommender(args.artifacts, load_pipeline_config(args.config), context, args.poll_s).start()
+    config = load_pipeline_config(args.config)
+    probe = Query(args.probe_user, parse_context(args.probe_context, "--probe-context"), k=min(10, config.max_k))
+    recommender = Recommender(args.artifacts, config, probe, args.poll_s).start()
     try:
         # until SIGTERM or Ctrl-C; uvicorn shuts down gracefully, then re-raises the signal
         uvicorn.run(create_app(recommender), host=args.host, port=args.port)

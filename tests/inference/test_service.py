@@ -17,6 +17,7 @@ import yaml
 from inference.pipeline.executor import PipelineConfig
 from inference.pipeline.scorers import TorchScriptScorer
 from inference.pipeline.sources import ListSource
+from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
 from inference.service import MAX_RECENT_ITEMS, Recommender, serve_in_thread
@@ -198,3 +199,17 @@ def wait_for(condition, timeout_s: float = 20.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.02)
+
+
+def test_a_pipeline_refusing_anonymous_visitors_is_probed_with_a_known_user(root):
+    strict = pipeline_config().model_copy(update={"allow_anonymous": False})
+    with pytest.raises(ValueError, match="allow_anonymous: false.*--probe-user"):
+        Recommender(root, strict)
+    with pytest.raises(ArtifactError, match=r"user_id = 999999 is unknown to store version"):
+        Recommender(root, strict, Query(user_id=999_999))
+    recommender = Recommender(root, strict, Query(user_id=7))
+    try:
+        _, response = recommender.recommend(Query(user_id=7, k=5))
+        assert len(response.item_ids) == 5
+    finally:
+        recommender.close()
