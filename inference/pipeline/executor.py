@@ -33,7 +33,8 @@ from data.config import read_yaml_config
 from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.filters import Filter, ItemFeatureFilter, SeenItemsFilter
-from inference.pipeline.orderers import MaxPerSourceOrderer, Orderer, TopKOrderer
+from inference.pipeline.bandits import SourceBandit
+from inference.pipeline.orderers import ExploreOrderer, MaxPerSourceOrderer, Orderer, TopKOrderer
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer, TorchScriptScorer
 from inference.pipeline.sources import (
     QUERY_TOWER,
@@ -104,16 +105,28 @@ class ItemFeatureSpec(_Strict):
 class TopKSpec(_Strict):
     kind: Literal["top_k"]
 
-    def build(self) -> Orderer:
+    def build(self, bandit: SourceBandit) -> Orderer:
         return TopKOrderer()
+
+
+class ExploreSpec(_Strict):
+    kind: Literal["explore"]
+    epsilon: float = Field(ge=0, lt=1)  # the share of slots that explore
+    seed: int | None = None  # fixed draws, for tests; by default they differ per run
+
+    def build(self, bandit: SourceBandit) -> Orderer:
+        return ExploreOrderer(bandit, self.epsilon, self.seed)
 
 
 class MaxPerSourceSpec(_Strict):
     kind: Literal["max_per_source"]
     cap: int = Field(ge=1)
 
-    def build(self) -> Orderer:
+    def build(self, bandit: SourceBandit) -> Orderer:
         return MaxPerSourceOrderer(self.cap)
+
+
+FINAL_ORDERERS = ("top_k", "explore")  # the orderers that cut the list to Query.k
 
 
 class PipelineConfig(_Strict):
@@ -129,12 +142,14 @@ class PipelineConfig(_Strict):
     sources: list[Annotated[AnnSpec | ListSpec | SimilarSpec, Field(discriminator="kind")]] = Field(min_length=1)
     filters: list[Annotated[SeenSpec | ItemFeatureSpec, Field(discriminator="kind")]] = []  # cheapest first
     scorer: list[str] = Field(min_length=1)  # exported rankers of the version, each the next one's fallback
-    orderers: list[Annotated[TopKSpec | MaxPerSourceSpec, Field(discriminator="kind")]] = Field(min_length=1)
+    orderers: list[Annotated[TopKSpec | ExploreSpec | MaxPerSourceSpec, Field(discriminator="kind")]] = Field(
+        min_length=1)
 
     @model_validator(mode="after")
     def _ends_with_top_k(self) -> PipelineConfig:
-        if self.orderers[-1].kind != "top_k":
-            raise ValueError(f"the last orderer is {self.orderers[-1].kind!r}; expected 'top_k' (the final top-k)")
+        kinds = [spec.kind for spec in self.orderers]
+        if kinds[-1] not in FINAL_ORDERERS or any(kind in FINAL_ORDERERS for kind in kinds[:-1]):
+            raise ValueError(f"orderers {kinds}; expected exactly one of {list(FINAL_ORDERERS)}, last (the final top-k)")
         return self
 
 
@@ -392,9 +407,11 @@ def blend(found: list[Candidates]) -> Candidates:
     return Candidates(ids[keep], sources[keep], scores[keep])
 
 
-def build_pipeline(config: PipelineConfig, version: ServingVersion) -> Pipeline:
+def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: SourceBandit | None = None) -> Pipeline:
     """The pipeline ``config`` declares, over the models, index and store of ``version`` (the
-    version's keys in Redis when ``config.redis`` names a server)."""
+    version's keys in Redis when ``config.redis`` names a server). An explore orderer reads
+    ``bandit`` (a server passes the one that outlives its versions; default: a fresh one)."""
+    bandit = bandit or SourceBandit()
     if config.redis:
         store = RedisStore(*redis_address(config.redis), version.manifest["version"], config.redis_timeout_s)
         version = dataclasses.replace(version, store=store)
@@ -405,6 +422,6 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion) -> Pipeline:
         filters=[spec.build(version) for spec in config.filters],
         hydrator=Hydrator(version.store, ModelInputs.load(models, QUERY_TOWER).encoder.schema),
         scorer=FallbackScorer([TorchScriptScorer(models, name) for name in config.scorer]),
-        orderers=[spec.build() for spec in config.orderers],
+        orderers=[spec.build(bandit) for spec in config.orderers],
     )
     return Pipeline(stages, config.max_k, config.allow_anonymous, config.workers)
