@@ -1,10 +1,13 @@
-"""The HTTP API over the pipeline: ``POST /recommend``, ``GET /healthz``, ``GET /metrics``.
+"""The HTTP API over the pipeline: ``POST /recommend``, ``POST /feedback``, ``GET /healthz``,
+``GET /metrics``.
 
 `Recommender` holds the pipeline of the published artefact version through `LiveArtifacts`:
 a new version is built, warmed up and must answer a probe query before it is swapped in, so a
 version that cannot answer is refused and the previous one keeps serving. The pipeline it
-replaces is closed `GRACE_S` later, once the requests that read it are done. `create_app`
-serves a recommender with FastAPI; `recstack serve` runs that app with uvicorn.
+replaces is closed `GRACE_S` later, once the requests that read it are done. Each answer gets a
+request id; feedback on its items (a click) updates the `SourceBandit` that explore orderers
+read, and answers and feedback go to the `ImpressionLog` when one is given, for off-policy
+evaluation. `create_app` serves a recommender with FastAPI; `recstack serve` runs it with uvicorn.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import logging
 import socket
 import threading
 import time
-from collections import Counter
+import uuid
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +29,8 @@ from fastapi import FastAPI, HTTPException
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from inference.impressions import Feedback, Impression, ImpressionLog
+from inference.pipeline.bandits import SourceBandit
 from inference.pipeline.executor import (
     LATENCY_BUCKETS_MS,
     Pipeline,
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 60.0  # a swapped-out pipeline is closed this long after the swap: longer than any request takes
 MAX_RECENT_ITEMS = 1000  # the most recent items one request may send
+MAX_REMEMBERED = 100_000  # answered requests whose items feedback can still name
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 
 
@@ -53,6 +60,19 @@ class Serving:
     pipeline: Pipeline
 
 
+@dataclass(frozen=True)
+class Served:
+    """One answered request: its id (for feedback), the version that answered, and the answer."""
+
+    request_id: str
+    version: str
+    response: Response
+
+
+class UnknownRequest(KeyError):
+    """Feedback names a request id the recommender does not remember."""
+
+
 class Recommender:
     """The pipeline ``config`` declares over the published version under ``root``.
 
@@ -60,16 +80,21 @@ class Recommender:
     serves. The default probe is an anonymous query for 10 items (a pipeline with
     ``allow_anonymous: false`` needs a probe with a user every version knows); its context must
     hold what the models read, e.g. {"hour": 12, "weekday": 3}. Once started, it looks for a new
-    version every ``poll_s`` seconds. Call `close` when done.
+    version every ``poll_s`` seconds. Call `close` when done (it does not close ``log``).
+
+    ``bandit`` counts every served slot by source and the rewards `feedback` reports, across
+    versions; feedback can name the items of the last ``remember`` answered requests.
     """
 
-    def __init__(self, root: Path, config: PipelineConfig, probe: Query | None = None, poll_s: float = 5.0) -> None:
+    def __init__(self, root: Path, config: PipelineConfig, probe: Query | None = None, poll_s: float = 5.0,
+                 log: ImpressionLog | None = None, remember: int = MAX_REMEMBERED) -> None:
         probe = probe or Query(user_id=None, k=min(10, config.max_k))
         if probe.user_id is None and not config.allow_anonymous:
             raise ValueError("the pipeline config has allow_anonymous: false, so it would refuse an anonymous "
                              "probe query; expected a probe with a known user (recstack serve --probe-user ID)")
-        self.config = config
-        self.probe = probe
+        self.config, self.probe, self.log, self.remember = config, probe, log, remember
+        self.bandit = SourceBandit()
+        self._served: OrderedDict[str, dict[int, str]] = OrderedDict()  # request id -> {item: source}
         self._lock = threading.Lock()
         self._latest: Pipeline | None = None  # the pipeline the last successful load built
         self._retiring: list[tuple[threading.Timer, Pipeline]] = []
@@ -80,10 +105,40 @@ class Recommender:
         self.live.start()
         return self
 
-    def recommend(self, query: Query) -> tuple[str, Response]:
-        """The serving version's name and its answer to ``query``."""
+    def recommend(self, query: Query) -> Served:
+        """The serving version's answer to ``query``, counted in the bandit and logged."""
         serving = self.live.state  # read once: a swap during the request does not change its pipeline
-        return serving.version, serving.pipeline(query)
+        response = serving.pipeline(query)
+        served = Served(uuid.uuid4().hex, serving.version, response)
+        items, sources = response.item_ids.tolist(), response.sources.tolist()
+        self.bandit.served(sources)
+        with self._lock:
+            self._served[served.request_id] = dict(zip(items, sources, strict=True))
+            while len(self._served) > self.remember:
+                self._served.popitem(last=False)
+        if self.log is not None:
+            self.log.write(Impression(
+                served.request_id, time.time(), serving.version, query.user_id, query.context, query.recent_items,
+                query.k, tuple(items), tuple(sources), tuple(response.scores.tolist()),
+                tuple(response.propensities.tolist()),
+            ))
+        return served
+
+    def feedback(self, request_id: str, item_id: int, reward: float) -> str:
+        """Credits ``reward`` in [0, 1] (a click: 1) for ``item_id`` of an answered request to the
+        source that proposed it, which it returns; logs it. `UnknownRequest` for a request id not
+        among the last ``remember`` answered, ValueError for an item that request did not serve."""
+        with self._lock:
+            slots = self._served.get(request_id)
+        if slots is None:
+            raise UnknownRequest(f"request_id {request_id!r} is not among the last {self.remember} answered requests")
+        if item_id not in slots:
+            raise ValueError(f"item_id {item_id} was not served in request {request_id!r}; "
+                             f"it served {list(slots)[:20]}")
+        self.bandit.rewarded(slots[item_id], reward)
+        if self.log is not None:
+            self.log.write(Feedback(request_id, item_id, reward, time.time()))
+        return slots[item_id]
 
     def close(self) -> None:
         """Stops polling and closes every pipeline, the serving one included."""
@@ -97,7 +152,7 @@ class Recommender:
 
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
-        pipeline = build_pipeline(self.config, open_version(directory))
+        pipeline = build_pipeline(self.config, open_version(directory), self.bandit)
         try:
             pipeline.warm_up(self.probe)
             response = pipeline(self.probe)  # warm_up only logs failures; this call raises them
@@ -143,11 +198,27 @@ class RecommendedItem(_Strict):
 
 
 class Recommendation(_Strict):
-    """The reply of ``POST /recommend``: ranked items, and how many items each filter reason removed."""
+    """The reply of ``POST /recommend``: its request id (for feedback), ranked items, and how many
+    items each filter reason removed."""
 
+    request_id: str
     version: str
     items: list[RecommendedItem]
     removed: dict[str, int]
+
+
+class FeedbackRequest(_Strict):
+    """The body of ``POST /feedback``: a reward for one item of an answered request."""
+
+    request_id: str
+    item_id: int
+    reward: float = Field(1.0, ge=0, le=1)  # a click: 1
+
+
+class FeedbackReceipt(_Strict):
+    """The reply of ``POST /feedback``: the source credited."""
+
+    source: str
 
 
 class Health(_Strict):
@@ -162,7 +233,9 @@ def create_app(recommender: Recommender) -> FastAPI:
 
     ``POST /recommend`` answers 400 for a request the pipeline refuses (``k`` above ``max_k``, a
     user the config does not answer, a bad context) and 503 when a fail-closed source, every
-    scorer or the Redis store fails. ``GET /metrics`` exposes the serving pipeline's `PipelineStats`.
+    scorer or the Redis store fails. ``POST /feedback`` answers 404 for a request id it does not
+    remember and 400 for an item that request did not serve. ``GET /metrics`` exposes the serving
+    pipeline's `PipelineStats`, the bandit's counts per source and the impression log's losses.
     """
     app = FastAPI(title="recstack")
 
@@ -170,16 +243,27 @@ def create_app(recommender: Recommender) -> FastAPI:
     def recommend(request: RecommendRequest) -> Recommendation:
         query = Query(request.user_id, request.context, tuple(request.recent_items), request.k)
         try:
-            version, response = recommender.recommend(query)
+            served = recommender.recommend(query)
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
         except (RuntimeError, StoreError) as e:  # a SourceError, every scorer failed, or Redis is down
             log.warning("request %s failed: %s", query, e)
             raise HTTPException(503, str(e)) from e
+        response = served.response
         items = [RecommendedItem(item_id=i, score=s, source=src, propensity=p)
                  for i, s, src, p in zip(response.item_ids.tolist(), response.scores.tolist(),
                                          response.sources.tolist(), response.propensities.tolist(), strict=True)]
-        return Recommendation(version=version, items=items, removed=Counter(response.reasons.tolist()))
+        return Recommendation(request_id=served.request_id, version=served.version, items=items,
+                              removed=Counter(response.reasons.tolist()))
+
+    @app.post("/feedback")
+    def feedback(request: FeedbackRequest) -> FeedbackReceipt:
+        try:
+            return FeedbackReceipt(source=recommender.feedback(request.request_id, request.item_id, request.reward))
+        except UnknownRequest as e:
+            raise HTTPException(404, e.args[0]) from e
+        except ValueError as e:
+            raise HTTPException(400, str(e)) from e
 
     @app.get("/healthz")
     def healthz() -> Health:
@@ -189,6 +273,8 @@ def create_app(recommender: Recommender) -> FastAPI:
     def metrics() -> PlainTextResponse:
         serving = recommender.live.state
         text = format_metrics(serving.version, serving.pipeline.stats.snapshot())
+        text += format_bandit_metrics(recommender.bandit.snapshot(),
+                                      None if recommender.log is None else recommender.log.dropped)
         return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
 
     return app
@@ -245,6 +331,22 @@ def format_metrics(version: str, snapshot: dict) -> str:
                      for le, n in zip(bounds, cumulative, strict=True))
         lines.append(f"{name}_sum{_labels(stage=stage, version=version)} {counts['total_ms'] / 1000!r}")
         lines.append(f"{name}_count{_labels(stage=stage, version=version)} {cumulative[-1]}")
+    return "\n".join(lines) + "\n"
+
+
+def format_bandit_metrics(sources: dict[str, dict[str, float]], dropped: int | None) -> str:
+    """A `SourceBandit.snapshot()` (served slots and rewards per source) and the impression log's
+    dropped records (None: no log) in the Prometheus text format."""
+    lines = []
+    for key, help_text in (("served", "Slots served from a candidate source."),
+                           ("rewards", "Rewards (clicks) credited to a candidate source's slots.")):
+        name = f"recstack_source_{key}_total"
+        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} counter"])
+        lines.extend(f"{name}{_labels(source=source)} {counts[key]!r}" for source, counts in sources.items())
+    if dropped is not None:
+        name = "recstack_impressions_dropped_total"
+        lines.extend([f"# HELP {name} Impressions and feedback the log could not write.", f"# TYPE {name} counter",
+                      f"{name} {dropped}"])
     return "\n".join(lines) + "\n"
 
 

@@ -19,6 +19,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--probe-user", type=int, default=None, metavar="ID",
                        help="user of the query each version must answer before it serves (default: anonymous; "
                             "required when the config has allow_anonymous: false)")
+    serve.add_argument("--log", type=Path, default=None, metavar="DIR",
+                       help="write every answer and feedback event to this impression log (for off-policy evaluation)")
     serve.add_argument("--probe-context", nargs="*", default=[], metavar="NAME=VALUE",
                        help="context of that query, e.g. hour=12 weekday=3")
     serve.set_defaults(run=_serve)
@@ -27,6 +29,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from inference.impressions import ImpressionLog
     from inference.pipeline.executor import load_pipeline_config
     from inference.pipeline.types import Query
     from inference.service import Recommender, create_app
@@ -35,7 +38,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = load_pipeline_config(args.config)
     probe = Query(args.probe_user, parse_context(args.probe_context, "--probe-context"), k=min(10, config.max_k))
-    recommender = Recommender(args.artifacts, config, probe, args.poll_s).start()
+    log = None if args.log is None else ImpressionLog(args.log)
+    recommender = Recommender(args.artifacts, config, probe, args.poll_s, log).start()
     try:
         # until SIGTERM or Ctrl-C; uvicorn shuts down gracefully, then re-raises the signal
         uvicorn.run(create_app(recommender), host=args.host, port=args.port)
@@ -43,4 +47,6 @@ def _serve(args: argparse.Namespace) -> int:
         pass
     finally:
         recommender.close()
+        if log is not None:
+            log.close()
     return 0

@@ -3,8 +3,8 @@ candidates, never add any. A propensity (M,) float64 is the probability that the
 that item in that slot: 1.0 for a deterministic orderer.
 
     TopKOrderer          the k best by score (a final orderer)
-    ExploreOrderer       the k best by score, each slot explored with probability epsilon towards
-                         sources a `SourceBandit` finds rewarding (a final orderer)
+    ExploreOrderer       the k best by score, each slot explored with probability epsilon: a random
+                         item of a source a `SourceBandit` finds rewarding (a final orderer)
     MaxPerSourceOrderer  by score, at most ``cap`` items from each source (diversity of sources)
 """
 
@@ -47,12 +47,13 @@ class TopKOrderer:
 
 class ExploreOrderer:
     """The ``query.k`` best candidates by score, except that each slot, with probability
-    ``epsilon``, explores: it takes the best remaining item of a source drawn in proportion to
-    ``bandit``'s estimates (among the sources with items left).
+    ``epsilon``, explores: it takes a random remaining item of a source drawn in proportion to
+    ``bandit``'s estimates (among the sources with items left), so every candidate can be shown
+    and an off-policy estimate of another ranking has support.
 
     A slot's propensity is the probability of its item given the slots above it,
-    (1 - epsilon) [it is the best remaining item] + epsilon q_s [it is the best remaining item of
-    its source s], with q_s source s's share of the estimates; the product over the slots is the
+    (1 - epsilon) [it is the best remaining item] + epsilon q_s / n_s, with q_s its source's share
+    of the estimates and n_s the source's remaining items; the product over the slots is the
     probability of the whole list. ``seed`` fixes the draws (tests); by default they differ per run.
     """
 
@@ -68,26 +69,25 @@ class ExploreOrderer:
     def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
         order = by_score(scored)
         names, source_of = np.unique(scored.sources[order], return_inverse=True)
-        ranks = [np.flatnonzero(source_of == s) for s in range(len(names))]  # each source's items, best first
+        remaining = [np.flatnonzero(source_of == s).tolist() for s in range(len(names))]  # ranks, best first
         weights = self.bandit.estimates(names)  # (S,)
         slots = min(query.k, len(order))
         with self._lock:
-            explores, draws = self._rng.random(slots) < self.epsilon, self._rng.random(slots)
-        taken = np.zeros(len(names), np.intp)  # items each source has placed so far
+            explores, draws = self._rng.random(slots) < self.epsilon, self._rng.random((slots, 2))
         chosen, propensities = np.zeros(slots, np.intp), np.zeros(slots)
         for slot in range(slots):
-            alive = taken < [len(r) for r in ranks]
-            heads = np.array([r[t] if a else len(order) for r, t, a in zip(ranks, taken, alive, strict=True)])
-            greedy = int(np.argmin(heads))  # the source of the best remaining item
-            share = np.where(alive, weights, 0.0) / weights[alive].sum()  # (S,)
-            source = greedy
+            left = np.array([len(r) for r in remaining])
+            share = np.where(left > 0, weights, 0.0) / weights[left > 0].sum()  # (S,)
+            greedy = min(np.flatnonzero(left), key=lambda s: remaining[s][0])  # the source of the best item
+            source, position = greedy, 0
             if explores[slot]:
-                drawn = int(np.searchsorted(np.cumsum(share), draws[slot], side="right"))
-                source = drawn if drawn < len(names) and alive[drawn] else int(np.flatnonzero(alive)[-1])
-            chosen[slot] = heads[source]
-            propensities[slot] = (1.0 - self.epsilon) * (source == greedy) + self.epsilon * share[source]
-            taken[source] += 1
-        return scored.take(order[chosen]), propensities
+                source = min(int(np.searchsorted(np.cumsum(share), draws[slot, 0], side="right")), len(names) - 1)
+                source = source if left[source] else int(np.flatnonzero(left)[-1])  # cumsum rounding at the end
+                position = int(draws[slot, 1] * left[source])
+            chosen[slot] = remaining[source].pop(position)
+            best = source == greedy and position == 0
+            propensities[slot] = (1.0 - self.epsilon) * best + self.epsilon * share[source] / left[source]
+        return scored.take(order[chosen]), np.minimum(propensities, 1.0)  # (1 - e) + e q / n may round above 1
 
 
 class MaxPerSourceOrderer:

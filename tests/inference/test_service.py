@@ -11,9 +11,11 @@ import urllib.request
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
+from inference.impressions import ImpressionLog, logged_slots
 from inference.pipeline.executor import PipelineConfig
 from inference.pipeline.scorers import TorchScriptScorer
 from inference.pipeline.sources import ListSource
@@ -92,6 +94,7 @@ def metrics(url: str) -> dict[tuple[str, frozenset], float]:
 def test_a_recommendation_has_k_items_and_none_of_the_recent_ones(url):
     status, first = recommend(url, user_id=7, k=20)
     assert status == 200 and first["version"] == "v0001" and len(first["items"]) == 20
+    assert re.fullmatch(r"[0-9a-f]{32}", first["request_id"])
     recent = [item["item_id"] for item in first["items"][:3]]
     status, reply = recommend(url, user_id=7, recent_items=recent, context={}, k=20)
     ids = [item["item_id"] for item in reply["items"]]
@@ -209,7 +212,47 @@ def test_a_pipeline_refusing_anonymous_visitors_is_probed_with_a_known_user(root
         Recommender(root, strict, Query(user_id=999_999))
     recommender = Recommender(root, strict, Query(user_id=7))
     try:
-        _, response = recommender.recommend(Query(user_id=7, k=5))
-        assert len(response.item_ids) == 5
+        assert len(recommender.recommend(Query(user_id=7, k=5)).response.item_ids) == 5
     finally:
         recommender.close()
+
+
+def test_feedback_credits_the_items_source_and_names_what_it_cannot_find(url):
+    _, reply = recommend(url, user_id=7, k=10)
+    item = reply["items"][0]
+    served = ("recstack_source_served_total", frozenset({("source", item["source"])}))
+    rewards = ("recstack_source_rewards_total", frozenset({("source", item["source"])}))
+    before = metrics(url)
+    body = {"request_id": reply["request_id"], "item_id": item["item_id"]}
+    status, _, text = call(url, "/feedback", body)
+    assert status == 200 and json.loads(text) == {"source": item["source"]}
+    after = metrics(url)
+    assert after[rewards] == before.get(rewards, 0) + 1 and after[served] >= 1
+    status, _, text = call(url, "/feedback", {**body, "request_id": "f" * 32})
+    assert status == 404 and "request_id 'ffffffffffffffffffffffffffffffff' is not among" in json.loads(text)["detail"]
+    status, _, text = call(url, "/feedback", {**body, "item_id": -5})
+    assert status == 400 and "item_id -5 was not served in request" in json.loads(text)["detail"]
+    status, _, text = call(url, "/feedback", {**body, "reward": 2})
+    assert status == 422 and json.loads(text)["detail"][0]["loc"] == ["body", "reward"]
+
+
+def test_an_exploring_pipeline_logs_answers_and_feedback_for_off_policy_evaluation(root, tmp_path):
+    raw = pipeline_config().model_dump()
+    raw["orderers"][-1] = {"kind": "explore", "epsilon": 0.5, "seed": 0}
+    log = ImpressionLog(tmp_path / "log")
+    recommender = Recommender(root, PipelineConfig.model_validate(raw), log=log)
+    try:
+        served = [recommender.recommend(Query(user_id=user, k=10)) for user in range(1, 21)]
+        clicked = served[0].response.item_ids[3]
+        assert recommender.feedback(served[0].request_id, int(clicked), 1.0) == served[0].response.sources[3]
+    finally:
+        recommender.close()
+        log.close()
+    propensities = np.concatenate([s.response.propensities for s in served])
+    assert (propensities < 1).any() and ((propensities > 0) & (propensities <= 1)).all()
+    slots = logged_slots(tmp_path / "log")
+    assert len(slots) == 200 and slots["reward"].sum() == 1.0
+    first = slots[slots["request_id"] == served[0].request_id].sort_values("position")
+    assert first["item_id"].tolist() == served[0].response.item_ids.tolist()
+    np.testing.assert_allclose(first["propensity"], served[0].response.propensities)
+    assert first.loc[first["item_id"] == clicked, "reward"].tolist() == [1.0]

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from inference.impressions import logged_slots
 from recstack.cli import main
 
 PIPELINE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
@@ -148,7 +149,7 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
         source["timeout_s"] = 5.0  # the example's milliseconds are for an idle server, not a busy test machine
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
     server = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts), "--config",
-                               str(tmp_path / "pipeline.yaml"), "--port", str(port)],
+                               str(tmp_path / "pipeline.yaml"), "--port", str(port), "--log", str(tmp_path / "log")],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -164,9 +165,13 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
         request = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", data=b'{"user_id": 7, "k": 3}',
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as reply:
-            assert len(json.loads(reply.read())["items"]) == 3
+            served = json.loads(reply.read())
+        assert len(served["items"]) == 3
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
     finally:
         server.kill()
         server.wait()
+    logged = logged_slots(tmp_path / "log")  # written out on shutdown
+    assert logged["item_id"].tolist() == [item["item_id"] for item in served["items"]]
+    assert set(logged["request_id"]) == {served["request_id"]}

@@ -60,7 +60,7 @@ def test_explore_propensities_are_the_probabilities_of_the_lists_it_draws():
         probability.setdefault(key, float(np.prod(propensities)))
         assert probability[key] == pytest.approx(float(np.prod(propensities)))
         assert len(set(key)) == 3
-    assert sum(probability.values()) == pytest.approx(1.0, abs=0.01)  # every list it can draw, drawn
+    assert len(lists) > 50 and sum(probability.values()) == pytest.approx(1.0, abs=0.02)  # nearly every list
     for key, count in lists.items():
         p = probability[key]
         assert abs(count / draws - p) < 4 * np.sqrt(p * (1 - p) / draws) + 1e-4, key
@@ -71,7 +71,7 @@ def test_explored_slots_go_to_the_sources_the_bandit_finds_rewarding():
                         np.concatenate([np.linspace(1, 0.5, 100), np.linspace(0.4, 0, 100)]).astype(np.float32))
     bandit = bandit_with({"ann": (1000, 10), "list": (1000, 300)})
     ranked, propensities = ExploreOrderer(bandit, epsilon=0.5, seed=2)(Query(user_id=1, k=100), scored)
-    explored = ranked.sources[propensities < 0.5]  # the greedy choice has propensity >= 1 - epsilon
+    explored = ranked.sources[propensities < 0.5]  # the best remaining item has propensity >= 1 - epsilon
     share = bandit.estimates(np.array(["list"]))[0] / bandit.estimates(np.array(["ann", "list"])).sum()
     assert share > 0.9 and np.mean(explored == "list") > 0.8
     assert (ranked.sources == "list").sum() > 30  # without exploration, none of list's items would be shown
