@@ -48,7 +48,7 @@ def ips(rewards: ArrayLike, propensities: ArrayLike, target_probabilities: Array
     ``max_weight`` clips w to at most that value: lower variance, but biased (low, for rewards >= 0).
     """
     r, p, pi = _check_log(rewards, propensities, target_probabilities)
-    return _estimate(_importance_weights(p, pi, max_weight) * r)
+    return mean_estimate(_importance_weights(p, pi, max_weight) * r)
 
 
 def snips(rewards: ArrayLike, propensities: ArrayLike, target_probabilities: ArrayLike) -> Estimate:
@@ -58,7 +58,7 @@ def snips(rewards: ArrayLike, propensities: ArrayLike, target_probabilities: Arr
     if not w.any():
         raise ValueError(f"target_probabilities are 0 on all {len(w)} rows: SNIPS divides by sum(w) = 0")
     value = np.sum(w * r) / np.sum(w)
-    return _estimate(value + w * (r - value) / w.mean())  # linearised terms; their mean is exactly value
+    return mean_estimate(value + w * (r - value) / w.mean())  # linearised terms; their mean is exactly value
 
 
 def direct_method(q_target: ArrayLike) -> Estimate:
@@ -66,7 +66,7 @@ def direct_method(q_target: ArrayLike) -> Estimate:
 
     The interval reflects only which contexts were logged; a biased model shifts it without widening it.
     """
-    return _estimate(finite_values(q_target, "q_target"))
+    return mean_estimate(finite_values(q_target, "q_target"))
 
 
 def doubly_robust(rewards: ArrayLike, propensities: ArrayLike, target_probabilities: ArrayLike,
@@ -78,7 +78,7 @@ def doubly_robust(rewards: ArrayLike, propensities: ArrayLike, target_probabilit
     r, p, pi = _check_log(rewards, propensities, target_probabilities)
     q_log = finite_values(q_logged, "q_logged", length=(len(r), "rewards"))
     q_tgt = finite_values(q_target, "q_target", length=(len(r), "rewards"))
-    return _estimate(q_tgt + _importance_weights(p, pi, max_weight) * (r - q_log))
+    return mean_estimate(q_tgt + _importance_weights(p, pi, max_weight) * (r - q_log))
 
 
 def effective_sample_size(weights: ArrayLike) -> float:
@@ -90,7 +90,7 @@ def effective_sample_size(weights: ArrayLike) -> float:
     return float(np.sum(w) ** 2 / np.sum(w**2))
 
 
-def _estimate(terms: np.ndarray) -> Estimate:
+def mean_estimate(terms: np.ndarray) -> Estimate:
     """The mean of per-row terms (N,), its standard error std(terms) / sqrt(N) and the 95% interval."""
     if len(terms) < 2:
         raise ValueError(f"a standard error needs at least 2 logged rows, got {len(terms)}")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from data.splits import METHODS
-from recstack import __version__, recommend_cli, refresh_cli, serve_cli, triton_cli
+from recstack import __version__, evaluate_cli, recommend_cli, refresh_cli, serve_cli, triton_cli
 
 SOURCES = ("ml-100k", "movielens", "obd", "synthetic", "files")
 
@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend_cli.add_commands(commands)
     serve_cli.add_commands(commands)
     triton_cli.add_commands(commands)
+    evaluate_cli.add_commands(commands)
     return parser
 
 

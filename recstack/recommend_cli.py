@@ -7,6 +7,10 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from inference.pipeline.executor import Pipeline
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -41,20 +45,26 @@ def _number(value: str) -> int | float | str:
     return value
 
 
-def _recommend(args: argparse.Namespace) -> int:
+def published_pipeline(root: Path, config: Path) -> tuple[str, Pipeline]:
+    """The published version under ``root`` and the pipeline the YAML ``config`` declares over it."""
     from inference.pipeline.executor import build_pipeline, load_pipeline_config
-    from inference.pipeline.types import Query
     from inference.refresh.artifacts import ArtifactError, ArtifactRoot
     from inference.refresh.job import open_version
+
+    pipeline_config = load_pipeline_config(config)
+    artifacts = ArtifactRoot(root)
+    published = artifacts.current()
+    if published is None:
+        raise ArtifactError(f"{root}: no published version; run `recstack refresh` first")
+    return published, build_pipeline(pipeline_config, open_version(artifacts.path(published)))
+
+
+def _recommend(args: argparse.Namespace) -> int:
+    from inference.pipeline.types import Query
     from inference.store import StoreError
 
     query = Query(args.user, parse_context(args.context), tuple(args.recent), args.k)  # checked before loading
-    config = load_pipeline_config(args.config)
-    artifacts = ArtifactRoot(args.artifacts)
-    published = artifacts.current()
-    if published is None:
-        raise ArtifactError(f"{args.artifacts}: no published version; run `recstack refresh` first")
-    pipeline = build_pipeline(config, open_version(artifacts.path(published)))
+    published, pipeline = published_pipeline(args.artifacts, args.config)
     try:
         pipeline.warm_up(query)
         response = pipeline(query)

@@ -14,7 +14,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from inference.impressions import logged_slots
+from inference.impressions import ImpressionLog, logged_slots
+from inference.pipeline.executor import load_pipeline_config
+from inference.pipeline.types import Query
+from inference.service import Recommender
 from recstack.cli import main
 
 PIPELINE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
@@ -175,3 +178,35 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
     logged = logged_slots(tmp_path / "log")  # written out on shutdown
     assert logged["item_id"].tolist() == [item["item_id"] for item in served["items"]]
     assert set(logged["request_id"]) == {served["request_id"]}
+
+
+def test_evaluate_replay_estimates_a_config_from_an_exploring_servers_log(tiny_dataset, trained_runs, tmp_path,
+                                                                        capsys):
+    artifacts = str(tmp_path / "artifacts")
+    assert main(["refresh", "--data", str(tiny_dataset), "--models", str(trained_runs["two_tower"].parent),
+                 "--artifacts", artifacts]) == 0
+    config = yaml.safe_load(PIPELINE.read_text())
+    for source in config["sources"]:
+        source["timeout_s"] = 5.0  # the example's milliseconds are for an idle server, not a busy test machine
+    (tmp_path / "top_k.yaml").write_text(yaml.safe_dump(config))
+    config["orderers"][-1] = {"kind": "explore", "epsilon": 0.3, "seed": 0}
+    (tmp_path / "explore.yaml").write_text(yaml.safe_dump(config))
+    log = ImpressionLog(tmp_path / "log")
+    recommender = Recommender(Path(artifacts), load_pipeline_config(tmp_path / "explore.yaml"), log=log)
+    try:
+        for user in range(1, 41):
+            served = recommender.recommend(Query(user_id=user, k=5))
+            recommender.feedback(served.request_id, int(served.response.item_ids[user % 5]), 1.0)
+    finally:
+        recommender.close()
+        log.close()
+    replay = ["evaluate", "replay", "--log", str(tmp_path / "log"), "--artifacts", artifacts, "--depth", "1", "5"]
+    assert main([*replay, "--config", str(tmp_path / "top_k.yaml")]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert report["requests"] == 40 and report["failed"] == 0 and [d["depth"] for d in report["depths"]] == [1, 5]
+    top1, top5 = report["depths"]
+    assert top1["logged"]["value"] == pytest.approx(8 / 40)  # one click per request, at slot user % 5
+    assert 0 < top5["matched"] < top1["matched"] <= 1  # the candidate is the logging pipeline without exploring
+    assert top1["candidate"]["std_error"] > 0 and top1["effective_sample_size"] > 1
+    assert main([*replay, "--config", str(tmp_path / "explore.yaml")]) == 2
+    assert "replay estimates deterministic rankings" in capsys.readouterr().err
