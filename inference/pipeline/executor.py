@@ -137,13 +137,26 @@ class PipelineConfig(_Strict):
     # version into (its config's `redis`); default: the version's embedded snapshot
     redis: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
     redis_timeout_s: float = Field(0.1, gt=0)  # per Redis call; a failure or timeout raises StoreUnavailable
+    # "host:port": the gRPC endpoint of a Triton server serving the version's rankers (`recstack triton
+    # serve --repo <version>/triton`), which scorers named "triton:<ranker>" call
+    triton: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
+    triton_timeout_s: float = Field(0.05, gt=0)  # per Triton call; a failure or timeout falls back to the next scorer
     allow_anonymous: bool = True  # answer anonymous users (user_id None) and users the store does not know
     workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
     sources: list[Annotated[AnnSpec | ListSpec | SimilarSpec, Field(discriminator="kind")]] = Field(min_length=1)
     filters: list[Annotated[SeenSpec | ItemFeatureSpec, Field(discriminator="kind")]] = []  # cheapest first
-    scorer: list[str] = Field(min_length=1)  # exported rankers of the version, each the next one's fallback
+    # exported rankers of the version, each the next one's fallback: "deepfm" runs in process,
+    # "triton:deepfm" on the `triton` server ("triton:deepfm_py": its Python-backend twin)
+    scorer: list[str] = Field(min_length=1)
     orderers: list[Annotated[TopKSpec | ExploreSpec | MaxPerSourceSpec, Field(discriminator="kind")]] = Field(
         min_length=1)
+
+    @model_validator(mode="after")
+    def _triton_named(self) -> PipelineConfig:
+        remote = [name for name in self.scorer if name.startswith("triton:")]
+        if remote and self.triton is None:
+            raise ValueError(f"scorers {remote} run on Triton; expected `triton: host:port` naming its gRPC endpoint")
+        return self
 
     @model_validator(mode="after")
     def _ends_with_top_k(self) -> PipelineConfig:
@@ -421,7 +434,20 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
                  for spec in config.sources],
         filters=[spec.build(version) for spec in config.filters],
         hydrator=Hydrator(version.store, ModelInputs.load(models, QUERY_TOWER).encoder.schema),
-        scorer=FallbackScorer([TorchScriptScorer(models, name) for name in config.scorer]),
+        scorer=FallbackScorer([_scorer(config, models, name) for name in config.scorer]),
         orderers=[spec.build(bandit) for spec in config.orderers],
     )
     return Pipeline(stages, config.max_k, config.allow_anonymous, config.workers)
+
+
+def _scorer(config: PipelineConfig, models: Path, name: str) -> Scorer:
+    """Scorer ``name`` of the config: "<ranker>" in process, "triton:<model>" on its Triton server,
+    where the model is the ranker or its Python-backend twin "<ranker>_py"."""
+    if not name.startswith("triton:"):
+        return TorchScriptScorer(models, name)
+    from inference.triton.repository import PYTHON_SUFFIX  # tritonclient loads only for pipelines that use it
+    from inference.triton.scorer import TritonScorer
+
+    model = name.removeprefix("triton:")
+    inputs = ModelInputs.load(models, model.removesuffix(PYTHON_SUFFIX))
+    return TritonScorer(config.triton, model, inputs, timeout_s=config.triton_timeout_s)

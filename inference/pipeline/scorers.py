@@ -12,6 +12,7 @@ the Triton scorer (``inference.triton.scorer``) sends the same tensors over the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -45,13 +46,15 @@ class ModelInputs:
     """Feature rows -> the padded tensors of one exported model (see ``inference.export``).
 
     ``features`` are the model's feature names (its ``<name>.json``); ``output`` is
-    "probability" for a ranker, "embedding" for the query tower.
+    "probability" for a ranker, "embedding" for the query tower. ``digest`` is the SHA-256 of the
+    interface and encoder files: two models encode rows alike exactly when their digests agree.
     """
 
-    def __init__(self, encoder: FeatureEncoder, features: list[str], output: str) -> None:
+    def __init__(self, encoder: FeatureEncoder, features: list[str], output: str, digest: str) -> None:
         self.encoder = encoder
         self.features = features
         self.output = output
+        self.digest = digest
 
     @classmethod
     def load(cls, model_dir: Path, name: str) -> ModelInputs:
@@ -60,8 +63,9 @@ class ModelInputs:
         if not interface_path.is_file():
             raise ValueError(f"{interface_path} does not exist; expected an exported model named {name!r}")
         interface = json.loads(interface_path.read_text())
-        encoder = FeatureEncoder.load(Path(model_dir) / interface["encoders"])
-        return cls(encoder, interface["features"], interface["output"])
+        encoder_path = Path(model_dir) / interface["encoders"]
+        digest = hashlib.sha256(interface_path.read_bytes() + encoder_path.read_bytes()).hexdigest()
+        return cls(FeatureEncoder.load(encoder_path), interface["features"], interface["output"], digest)
 
     def __call__(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B feature rows -> dense (B, n) float32, ids (B, F, L) int64, lengths (B, F) int64."""

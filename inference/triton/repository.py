@@ -17,6 +17,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
+from inference.pipeline.scorers import ModelInputs
+
 PYTHON_MODEL = Path(__file__).with_name("python_model.py")
 PYTHON_SUFFIX = "_py"
 
@@ -45,8 +47,12 @@ class RepositoryConfig:
             raise ValueError(f"preferred_batch_sizes {wrong} are outside [1, max_batch_size={self.max_batch_size}]")
 
 
-def model_config(name: str, interface: dict, config: RepositoryConfig, python: bool) -> pb.ModelConfig:
-    """The Triton config of one exported model (``interface`` is its ``<name>.json``).
+INPUTS_DIGEST = "recstack_inputs_sha256"  # model parameter: `ModelInputs.digest` of the model's encoders
+
+
+def model_config(name: str, interface: dict, config: RepositoryConfig, python: bool, digest: str) -> pb.ModelConfig:
+    """The Triton config of one exported model (``interface`` is its ``<name>.json``, ``digest``
+    the `ModelInputs.digest` of its encoders, kept as the parameter `INPUTS_DIGEST`).
 
     Inputs dense [n], ids [F, -1], lengths [F] behind the implicit batch dimension; a ranker
     outputs probability [1] (the model's (B,) reshaped), the query tower embedding [-1].
@@ -72,6 +78,7 @@ def model_config(name: str, interface: dict, config: RepositoryConfig, python: b
             kind=pb.ModelInstanceGroup.KIND_GPU if config.gpu else pb.ModelInstanceGroup.KIND_CPU,
         )],
     )
+    out.parameters[INPUTS_DIGEST].string_value = digest
     if python:
         out.backend = "python"
     else:
@@ -98,7 +105,8 @@ def write_repository(models_dir: Path, out: Path, config: RepositoryConfig = Rep
     for name, interface in interfaces.items():
         for model, python in ((name, False), (name + PYTHON_SUFFIX, True)):
             (out / model).mkdir(parents=True)
-            config_text = text_format.MessageToString(model_config(model, interface, config, python))
+            digest = ModelInputs.load(models_dir, name).digest
+            config_text = text_format.MessageToString(model_config(model, interface, config, python, digest))
             (out / model / "config.pbtxt").write_text(config_text)
             _write_version(out / model / "1", models_dir / f"{name}.pt", python)
             names.append(model)
@@ -108,7 +116,8 @@ def write_repository(models_dir: Path, out: Path, config: RepositoryConfig = Rep
 def add_version(repo: Path, model: str, scripted: Path) -> int:
     """Copies the TorchScript file ``scripted`` into ``repo/model`` as its next version; returns it.
 
-    The new model must take and return the same tensors as the current one. Triton serves it
+    The new model must take and return the same tensors as the current one, and encode rows
+    alike (the same encoders: the model's `INPUTS_DIGEST` parameter stays). Triton serves it
     once the model is loaded again (``reload_model``); the version policy then unloads the old one.
     """
     directory = Path(repo) / model

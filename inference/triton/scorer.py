@@ -3,12 +3,17 @@
 One request's candidates go out as one infer call, so one model version scores all of them;
 the version that answered comes back with `infer`. Any failure (server down, timeout, model
 missing or unloaded) raises `TritonScoringError` naming the server and the model, for a
-`FallbackScorer` to catch.
+`FallbackScorer` to catch. So does a served model that encodes rows differently from the
+scorer's `ModelInputs` (another artefact version's vocabularies): its scores would be wrong, not
+missing, so the scorer compares the served model's `INPUTS_DIGEST` parameter with its own
+before its first call and every `RECHECK_S` seconds after (a server may load another
+repository at any time).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -18,8 +23,10 @@ import tritonclient.http as httpclient
 
 from inference.pipeline.scorers import ModelInputs, candidate_rows, check_ranker_inputs
 from inference.pipeline.types import Candidates, Query
+from inference.triton.repository import INPUTS_DIGEST
 
 PROTOCOLS = ("grpc", "http")
+RECHECK_S = 10.0
 
 
 class TritonScoringError(RuntimeError):
@@ -53,6 +60,8 @@ class TritonScorer:
         self.url, self.model, self.inputs, self.protocol, self.timeout_s = url, model, inputs, protocol, timeout_s
         self._grpc = grpcclient.InferenceServerClient(url) if protocol == "grpc" else None
         self._http = threading.local()
+        self._checked_at = -RECHECK_S  # time.monotonic() of the last completed INPUTS_DIGEST check
+        self._mismatch: str | None = None  # its outcome, raised until the next check
 
     def __call__(self, query: Query, candidates: Candidates) -> np.ndarray:
         return self.infer(query, candidates).scores
@@ -62,6 +71,7 @@ class TritonScorer:
         inputs, n = self._request(candidates)
         if n == 0:
             return TritonScores(np.zeros(0, np.float32), "")
+        self._check_inputs()
         try:
             if self._grpc is not None:
                 result = self._grpc.infer(self.model, inputs, client_timeout=self.timeout_s)
@@ -73,7 +83,8 @@ class TritonScorer:
 
     def submit(self, query: Query, candidates: Candidates) -> Future[TritonScores]:
         """Starts the call without waiting (gRPC only): the future holds `TritonScores` or a
-        TritonScoringError; wrap it with ``asyncio.wrap_future`` to await it."""
+        TritonScoringError; wrap it with ``asyncio.wrap_future`` to await it. The model's inputs
+        are checked here, blocking, when a check is due."""
         if self._grpc is None:
             raise ValueError(f"submit needs protocol 'grpc'; this scorer uses {self.protocol!r}")
         future: Future[TritonScores] = Future()
@@ -91,6 +102,7 @@ class TritonScorer:
                 future.set_exception(failure)
 
         try:
+            self._check_inputs()
             self._grpc.async_infer(self.model, inputs, done, client_timeout=self.timeout_s)
         except Exception as error:
             future.set_exception(self._error(error))
@@ -116,6 +128,29 @@ class TritonScorer:
         response = result.get_response()
         version = response["model_version"] if isinstance(response, dict) else response.model_version
         return TritonScores(scores.reshape(n).astype(np.float32, copy=False), str(version))
+
+    def _check_inputs(self) -> None:
+        """Raises unless the served model encodes rows as ``inputs`` do (its `INPUTS_DIGEST`),
+        asking the server at most every `RECHECK_S` seconds."""
+        if time.monotonic() - self._checked_at >= RECHECK_S:
+            self._mismatch = self._served_inputs_differ()
+            self._checked_at = time.monotonic()
+        if self._mismatch is not None:
+            raise self._error(self._mismatch)
+
+    def _served_inputs_differ(self) -> str | None:
+        try:
+            if self._grpc is not None:
+                config = self._grpc.get_model_config(self.model, as_json=True, client_timeout=self.timeout_s)["config"]
+            else:
+                config = self._http_client().get_model_config(self.model)
+        except Exception as error:
+            raise self._error(error) from error
+        served = config.get("parameters", {}).get(INPUTS_DIGEST, {}).get("string_value")
+        if served == self.inputs.digest:
+            return None
+        return (f"the served model encodes rows with inputs {served!r}, not this scorer's {self.inputs.digest!r}: "
+                "it was exported with other encoders (another artefact version)")
 
     def _http_client(self) -> httpclient.InferenceServerClient:
         client = getattr(self._http, "client", None)

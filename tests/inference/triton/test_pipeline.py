@@ -1,0 +1,74 @@
+"""The request pipeline scoring on Triton: "triton:<model>" scorers answer as in process, and a
+server whose model was exported with other encoders is refused, so the pipeline falls back."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from inference.pipeline.executor import PipelineConfig, build_pipeline
+from inference.pipeline.scorers import ModelInputs
+from inference.pipeline.types import Query
+from inference.refresh.artifacts import ArtifactRoot
+from inference.refresh.job import RefreshConfig, ServingVersion, open_version, refresh
+from inference.triton.scorer import TritonScorer, TritonScoringError
+
+EXAMPLE = Path(__file__).parents[3] / "configs" / "pipeline.yaml"
+QUERIES = [Query(user_id=user, k=20) for user in range(1, 11)]
+
+
+@pytest.fixture(scope="module")
+def version(tiny_dataset, trained_runs, tmp_path_factory) -> ServingVersion:
+    root = tmp_path_factory.mktemp("artifacts")
+    refresh(tiny_dataset, trained_runs["two_tower"].parent, root, RefreshConfig(pools={"user_n": 20}))
+    return open_version(ArtifactRoot(root).path("v0001"))
+
+
+def config(**changes) -> PipelineConfig:
+    raw = yaml.safe_load(EXAMPLE.read_text())
+    for source in raw["sources"]:
+        source["timeout_s"] = 5.0  # the example's tens of milliseconds are for an idle server, not a busy test machine
+    return PipelineConfig.model_validate(raw | changes)
+
+
+def answers(pipeline_config: PipelineConfig, version: ServingVersion) -> tuple[list, dict]:
+    pipeline = build_pipeline(pipeline_config, version)
+    try:
+        return [pipeline(query) for query in QUERIES], dict(pipeline.stages.scorer.answered)
+    finally:
+        pipeline.close()
+
+
+def test_a_triton_scorer_answers_as_the_ranker_in_process(triton, version):
+    remote, used = answers(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=["triton:deepfm_py", "deepfm"]),
+                           version)
+    local, _ = answers(config(scorer=["deepfm"]), version)
+    assert used == {"triton:deepfm_py": len(QUERIES)}
+    for r, l in zip(remote, local, strict=True):
+        assert r.item_ids.tolist() == l.item_ids.tolist()
+        np.testing.assert_allclose(r.scores, l.scores, atol=1e-5)
+
+
+def test_a_model_exported_with_other_encoders_is_refused_and_the_pipeline_falls_back(triton, version, monkeypatch,
+                                                                                    scoring_requests):
+    load = ModelInputs.load
+
+    def other_encoders(model_dir: Path, name: str) -> ModelInputs:
+        inputs = load(model_dir, name)
+        inputs.digest = "0" * 64  # as if this version's encoders differed from those the server's model has
+        return inputs
+
+    monkeypatch.setattr(ModelInputs, "load", other_encoders)
+    inputs = ModelInputs.load(version.directory / "models", "deepfm")
+    with pytest.raises(TritonScoringError, match=r"deepfm_py.*encodes rows with inputs '[0-9a-f]{64}', not this"):
+        TritonScorer(triton.grpc_url, "deepfm_py", inputs, timeout_s=5.0).infer(*scoring_requests[0])
+    _, used = answers(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=["triton:deepfm_py", "deepfm"]),
+                      version)
+    assert used == {"torchscript:deepfm": len(QUERIES)}
+
+
+def test_triton_scorers_need_the_server_named():
+    with pytest.raises(ValueError, match=r"scorers \['triton:deepfm'\] run on Triton; expected `triton: host:port`"):
+        config(scorer=["triton:deepfm", "deepfm"])
+
