@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from data.config import read_yaml_config
 from data.schema import Schema
 from data.tables import KEYS
-from inference.pipeline.filters import Filter, ItemFeatureFilter, SeenItemsFilter
 from inference.pipeline.bandits import SourceBandit
+from inference.pipeline.filters import Filter, ItemFeatureFilter, SeenItemsFilter
 from inference.pipeline.orderers import ExploreOrderer, MaxPerSourceOrderer, Orderer, TopKOrderer
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer, TorchScriptScorer
 from inference.pipeline.sources import (
@@ -162,7 +162,8 @@ class PipelineConfig(_Strict):
     def _ends_with_top_k(self) -> PipelineConfig:
         kinds = [spec.kind for spec in self.orderers]
         if kinds[-1] not in FINAL_ORDERERS or any(kind in FINAL_ORDERERS for kind in kinds[:-1]):
-            raise ValueError(f"orderers {kinds}; expected exactly one of {list(FINAL_ORDERERS)}, last (the final top-k)")
+            raise ValueError(f"orderers {kinds}; expected exactly one of {list(FINAL_ORDERERS)}, last "
+                             "(the final top-k)")
         return self
 
 

@@ -15,7 +15,8 @@ def slots_of(requests: list[dict]) -> pd.DataFrame:
     """Logged slots (as `logged_slots` reads them) of requests {"items", "propensities", "rewards"}."""
     rows = []
     for n, request in enumerate(requests):
-        for position, (item, p, r) in enumerate(zip(request["items"], request["propensities"], request["rewards"])):
+        slots = zip(request["items"], request["propensities"], request["rewards"], strict=True)
+        for position, (item, p, r) in enumerate(slots):
             rows.append({"request_id": f"r{n}", "position": position, "item_id": item, "propensity": p, "reward": r,
                          "user_id": request.get("user_id", n), "context": {"hour": 20}, "recent_items": (1, 2),
                          "k": len(request["items"])})

@@ -45,9 +45,9 @@ def test_a_triton_scorer_answers_as_the_ranker_in_process(triton, version):
                            version)
     local, _ = answers(config(scorer=["deepfm"]), version)
     assert used == {"triton:deepfm_py": len(QUERIES)}
-    for r, l in zip(remote, local, strict=True):
-        assert r.item_ids.tolist() == l.item_ids.tolist()
-        np.testing.assert_allclose(r.scores, l.scores, atol=1e-5)
+    for on_triton, in_process in zip(remote, local, strict=True):
+        assert on_triton.item_ids.tolist() == in_process.item_ids.tolist()
+        np.testing.assert_allclose(on_triton.scores, in_process.scores, atol=1e-5)
 
 
 def test_a_model_exported_with_other_encoders_is_refused_and_the_pipeline_falls_back(triton, version, monkeypatch,
