@@ -37,11 +37,10 @@ from inference.pipeline.executor import (
     PipelineConfig,
     PipelineStats,
     Response,
-    build_pipeline,
+    open_pipeline,
 )
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import LiveArtifacts
-from inference.refresh.job import open_version
 from inference.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -152,7 +151,7 @@ class Recommender:
 
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
-        pipeline = build_pipeline(self.config, open_version(directory), self.bandit)
+        pipeline = open_pipeline(self.config, directory, self.bandit)
         try:
             pipeline.warm_up(self.probe)
             response = pipeline(self.probe)  # warm_up only logs failures; this call raises them

@@ -47,16 +47,15 @@ def _number(value: str) -> int | float | str:
 
 def published_pipeline(root: Path, config: Path) -> tuple[str, Pipeline]:
     """The published version under ``root`` and the pipeline the YAML ``config`` declares over it."""
-    from inference.pipeline.executor import build_pipeline, load_pipeline_config
+    from inference.pipeline.executor import load_pipeline_config, open_pipeline
     from inference.refresh.artifacts import ArtifactError, ArtifactRoot
-    from inference.refresh.job import open_version
 
     pipeline_config = load_pipeline_config(config)
     artifacts = ArtifactRoot(root)
     published = artifacts.current()
     if published is None:
         raise ArtifactError(f"{root}: no published version; run `recstack refresh` first")
-    return published, build_pipeline(pipeline_config, open_version(artifacts.path(published)))
+    return published, open_pipeline(pipeline_config, artifacts.path(published))
 
 
 def _recommend(args: argparse.Namespace) -> int:

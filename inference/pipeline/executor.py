@@ -14,7 +14,6 @@ keeps its thread until it returns, so its timeout bounds the request, not the so
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import logging
 import threading
 import time
@@ -45,7 +44,7 @@ from inference.pipeline.sources import (
     query_row,
 )
 from inference.pipeline.types import Candidates, Query
-from inference.refresh.job import ServingVersion
+from inference.refresh.job import ServingVersion, open_version
 from inference.store import RedisStore, Store, redis_address
 
 log = logging.getLogger(__name__)
@@ -421,14 +420,21 @@ def blend(found: list[Candidates]) -> Candidates:
     return Candidates(ids[keep], sources[keep], scores[keep])
 
 
-def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: SourceBandit | None = None) -> Pipeline:
-    """The pipeline ``config`` declares, over the models, index and store of ``version`` (the
-    version's keys in Redis when ``config.redis`` names a server). An explore orderer reads
-    ``bandit`` (a server passes the one that outlives its versions; default: a fresh one)."""
-    bandit = bandit or SourceBandit()
+def open_pipeline(config: PipelineConfig, directory: Path, bandit: SourceBandit | None = None) -> Pipeline:
+    """The pipeline ``config`` declares over the version in ``directory`` (`open_version`): on the
+    version's keys in Redis when ``config.redis`` names a server, its embedded snapshot otherwise."""
+    open_store = None
     if config.redis:
-        store = RedisStore(*redis_address(config.redis), version.manifest["version"], config.redis_timeout_s)
-        version = dataclasses.replace(version, store=store)
+        def open_store(version: str) -> Store:
+            return RedisStore(*redis_address(config.redis), version, config.redis_timeout_s)
+    return build_pipeline(config, open_version(directory, open_store), bandit)
+
+
+def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: SourceBandit | None = None) -> Pipeline:
+    """The pipeline ``config`` declares over the models, index and store of a loaded ``version``
+    (`open_pipeline` opens the store ``config`` names). An explore orderer reads ``bandit`` (a
+    server passes the one that outlives its versions; default: a fresh one)."""
+    bandit = bandit or SourceBandit()
     models = version.directory / "models"
     stages = Stages(
         sources=[SourceSlot(spec.build(version), spec.quota, spec.timeout_s, spec.fail_open)

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,6 +76,7 @@ from inference.refresh.rules import Rules, apply_rules, load_rules
 from inference.store import (
     LISTS,
     EmbeddedStore,
+    Store,
     delete_version,
     load_snapshot_into_redis,
     redis_address,
@@ -453,17 +454,23 @@ class ServingVersion:
 
     directory: Path
     manifest: dict
-    store: EmbeddedStore
+    store: Store
     index: ItemIndex
     query_tower: torch.jit.ScriptModule
 
 
-def open_version(directory: Path) -> ServingVersion:
+def open_version(directory: Path, open_store: Callable[[str], Store] | None = None) -> ServingVersion:
     """Loads a version and runs a smoke query (the index's neighbours of a query, the popular list);
-    raises if anything is missing or answers nothing. `LiveArtifacts` uses it as its loader."""
+    raises if anything is missing or answers nothing. `LiveArtifacts` uses it as its loader.
+
+    The store is the version's embedded snapshot, or ``open_store(version)`` (e.g. a `RedisStore`
+    of the version's keys), in which case the snapshot is not loaded."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    store = EmbeddedStore.open(directory / "store", manifest["version"])
+    if open_store is None:
+        store = EmbeddedStore.open(directory / "store", manifest["version"])
+    else:
+        store = open_store(manifest["version"])
     index = load_index(directory / "index")
     query_tower = torch.jit.load(str(directory / "models" / "query_tower.pt"))
     found, _ = index.search(np.eye(1, index.dim, dtype=np.float32), 10)

@@ -20,12 +20,13 @@ from inference.pipeline.executor import (
     blend,
     build_pipeline,
     load_pipeline_config,
+    open_pipeline,
 )
 from inference.pipeline.filters import ItemFeatureFilter, SeenItemsFilter
 from inference.pipeline.orderers import TopKOrderer
 from inference.pipeline.scorers import ModelInputs, TorchScriptScorer
 from inference.pipeline.types import Candidates, Query
-from inference.store import StoreError, load_snapshot_into_redis
+from inference.store import EmbeddedStore, StoreError, load_snapshot_into_redis
 
 EXAMPLE = Path(__file__).parents[3] / "configs" / "pipeline.yaml"
 UNKNOWN_ITEM = 10**6
@@ -235,12 +236,15 @@ def test_warm_up_calls_every_source_untimed_then_starts_the_stats_afresh(make):
     assert pipeline.stats.snapshot() == {"requests": 0, "failed_requests": 0, "stages": {}}
 
 
-def test_a_pipeline_on_redis_answers_as_on_the_embedded_snapshot_and_fails_fast_without_it(version, redis_server):
+def test_a_pipeline_on_redis_answers_as_on_the_embedded_snapshot_and_fails_fast_without_it(version, redis_server,
+                                                                                            monkeypatch):
     where = f"{redis_server.host}:{redis_server.port}"
     load_snapshot_into_redis(version.directory / "store", redis_server.host, redis_server.port,
                              version.manifest["version"])
     embedded = build_pipeline(example_config(), version)
-    on_redis = build_pipeline(example_config(redis=where, redis_timeout_s=0.5), version)
+    with monkeypatch.context() as patch:
+        patch.setattr(EmbeddedStore, "open", lambda *args: 1 / 0)  # a Redis pipeline never loads the snapshot
+        on_redis = open_pipeline(example_config(redis=where, redis_timeout_s=0.5), version.directory)
     try:
         popular = version.store.get_list("popular")[0]
         query = Query(user_id=7, recent_items=tuple(popular[:3].tolist()), k=20)
