@@ -19,7 +19,7 @@ import json
 import operator
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 from redis.backoff import NoBackoff
@@ -270,10 +271,10 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
         _delete_keys(client, version)
         for kind, table in (("user", users), ("item", items)):
             ids, features = table[f"{kind}_id"], table.drop_columns([f"{kind}_id"])
-            _write(client, _feature_values(version, kind, ids, features))
+            _write(client, *_feature_values(version, kind, ids, features))
             client.set(_key(version, "schema", kind), features.schema.serialize().to_pybytes())
-        lists = _split_lists(lists)
-        _write(client, ((_key(version, "list", name), _pack_list(*pair)) for name, pair in lists.items()))
+        names, packed = _packed_lists(lists)
+        _write(client, pa.array([_key(version, "list", name) for name in names], pa.string()), packed)
         client.set(_key(version, "complete"), 1)
 
 
@@ -360,8 +361,9 @@ def _sort_by_id(table: pa.Table, id_column: str) -> tuple[np.ndarray, pa.Table]:
     return table[id_column].to_numpy(), table.drop_columns([id_column])
 
 
-def _split_lists(lists: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The long list table -> name: (read-only int64 ids, float32 scores), rank order kept."""
+def _list_runs(lists: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The long list table -> (names (L,), bounds (L+1,), ids (R,), scores (R,)): list i is rows
+    bounds[i]:bounds[i + 1] of ids and scores, in rank order."""
     names = lists["list"]
     if not pa.types.is_dictionary(names.type):
         names = names.dictionary_encode()
@@ -373,9 +375,29 @@ def _split_lists(lists: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         order = np.argsort(codes, kind="stable")
         codes, ids, scores = codes[order], ids[order], scores[order]
         starts = np.flatnonzero(np.diff(codes, prepend=-1))
+    return [labels[c] for c in codes[starts].tolist()], np.append(starts, len(codes)), ids, scores
+
+
+def _split_lists(lists: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The long list table -> name: (read-only int64 ids, float32 scores), rank order kept."""
+    names, bounds, ids, scores = _list_runs(lists)
     ids, scores = _read_only(ids), _read_only(scores)
-    ends = np.append(starts[1:], len(codes))
-    return {labels[codes[s]]: (ids[s:e], scores[s:e]) for s, e in zip(starts, ends, strict=True)}
+    return {name: (ids[s:e], scores[s:e]) for name, s, e in zip(names, bounds[:-1], bounds[1:], strict=True)}
+
+
+def _packed_lists(lists: pa.Table) -> tuple[list[str], pa.Array]:
+    """The long list table -> (names (L,), (L,) binary): each list as `_pack_list` packs it, all at once."""
+    names, bounds, ids, scores = _list_runs(lists)
+    lengths = np.diff(bounds)
+    first = np.repeat(bounds[:-1], lengths)  # (R,) the first row of each row's list
+    rank = np.arange(len(ids)) - first
+    id_at = 12 * first + 8 * rank  # (R,) where each row's id goes: a list's ids, then its scores
+    score_at = 12 * first + 8 * np.repeat(lengths, lengths) + 4 * rank
+    out = np.empty(12 * len(ids), np.uint8)
+    out[id_at[:, None] + np.arange(8)] = ids.astype("<i8").view(np.uint8).reshape(-1, 8)
+    out[score_at[:, None] + np.arange(4)] = scores.astype("<f4").view(np.uint8).reshape(-1, 4)
+    offsets = pa.py_buffer((12 * bounds).astype(np.int64))
+    return names, pa.Array.from_buffers(pa.large_binary(), len(names), [None, offsets, pa.py_buffer(out)])
 
 
 def _to_frame(table: pa.Table) -> pd.DataFrame:
@@ -467,17 +489,62 @@ def _incomplete(where: str, version: str) -> StoreError:
     )
 
 
-def _feature_values(version: str, kind: str, ids: pa.ChunkedArray, features: pa.Table) -> Iterator[tuple[str, str]]:
-    """One key per row, its features as a JSON list in schema order (JSON round-trips floats exactly)."""
-    rows = zip(*(column.to_pylist() for column in features.columns), strict=True)
-    for row_id, row in zip(ids.to_pylist(), rows, strict=True):
-        yield _key(version, kind, row_id), json.dumps(row, separators=(",", ":"))
+def _feature_values(version: str, kind: str, ids: pa.ChunkedArray,
+                    features: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(keys, values) of one key per row: its features as a JSON list in schema order, encoded a
+    column at a time (floats in their shortest round-trip form: JSON round-trips them exactly)."""
+    texts = [_json_texts(column) for column in features.columns]
+    values = pc.binary_join_element_wise("[", pc.binary_join_element_wise(*texts, ","), "]", "")
+    return pc.binary_join_element_wise(_key(version, kind, ""), pc.cast(ids, pa.string()), ""), values
 
 
-def _write(client: redis.Redis, pairs: Iterable[tuple[str, str | bytes]]) -> None:
-    pairs = iter(pairs)
-    while batch := dict(islice(pairs, WRITE_BATCH)):
-        client.mset(batch)
+def _json_texts(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """(N,) strings: each value of ``column`` as JSON text, "null" where missing."""
+    kind = column.type
+    if pa.types.is_string(kind):  # few distinct values (categories) in most columns: escape each once
+        encoded = column.dictionary_encode()
+        encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+        texts = pa.array([json.dumps(v) for v in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
+    elif pa.types.is_list(kind):  # the values' texts, joined within each list
+        lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        items = pa.ListArray.from_arrays(lists.offsets, _json_texts(lists.values), mask=lists.is_null())
+        texts = pc.binary_join_element_wise("[", pc.binary_join(items, ","), "]", "")
+    else:  # float32 as its exact float64 value, as Python reads it back (user_features does not re-type)
+        texts = pc.cast(pc.cast(column, pa.float64()) if pa.types.is_floating(kind) else column, pa.string())
+        if pa.types.is_floating(kind):  # Python's json reads NaN and Infinity, not Arrow's "nan" and "inf",
+            infinite = pc.if_else(pc.greater(column, 0), "Infinity", "-Infinity")  # and "-0" as the integer 0
+            texts = pc.if_else(pc.is_nan(column), "NaN", pc.if_else(pc.is_inf(column), infinite, texts))
+            texts = pc.if_else(pc.equal(texts, "-0"), "-0.0", texts)
+    return pc.fill_null(texts, "null")
+
+
+def _write(client: redis.Redis, keys: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray) -> None:
+    """SETs every key to its value (binary or string arrays), `WRITE_BATCH` pairs per MSET.
+
+    The commands are packed here in the Redis protocol, a batch's pairs being one slice of an
+    Arrow buffer: redis-py packs each argument in Python, which took longer than the encoding."""
+    parts = [b"$", pc.cast(pc.binary_length(keys), pa.string()), b"\r\n", keys, b"\r\n$",  # RESP bulk strings
+             pc.cast(pc.binary_length(values), pa.string()), b"\r\n", values, b"\r\n"]
+    binary = [pa.scalar(p, pa.large_binary()) if isinstance(p, bytes) else p.cast(pa.large_binary()) for p in parts]
+    pairs = pc.binary_join_element_wise(*binary, pa.scalar(b"", pa.large_binary()))  # large: 64-bit offsets
+    pairs = pairs.combine_chunks() if isinstance(pairs, pa.ChunkedArray) else pairs
+    offsets = np.frombuffer(pairs.buffers()[1], np.int64, len(pairs) + 1, pairs.offset * 8)
+    data = pairs.buffers()[2]
+    starts = range(0, len(pairs), WRITE_BATCH)
+    connection = client.connection_pool.get_connection()
+    try:
+        for start in starts:  # all sent before any reply is read: Redis works while the next batch travels
+            end = min(start + WRITE_BATCH, len(pairs))
+            header = b"*%d\r\n$4\r\nMSET\r\n" % (2 * (end - start) + 1)
+            connection.send_packed_command([header, data[offsets[start]:offsets[end]].to_pybytes()])
+        for _ in starts:
+            if isinstance(reply := connection.read_response(), Exception):
+                raise reply
+    except BaseException:
+        connection.disconnect()  # a half-sent command leaves the connection unusable
+        raise
+    finally:
+        client.connection_pool.release(connection)
 
 
 def _delete_keys(client: redis.Redis, version: str) -> None:

@@ -404,3 +404,37 @@ def test_redis_paused_server_times_out_then_recovers(redis_server, snapshot_dir)
     assert store.user_features(42)["age"] == 31
     np.testing.assert_array_equal(store.item_features(np.array([3, 999])).found, [True, False])
     store.close()
+
+
+def test_redis_round_trips_awkward_values_exactly(redis_server, tmp_path):
+    """Values the column-at-a-time JSON encoding must escape or spell out, read back from Redis
+    exactly as the embedded store holds them."""
+    texts = ['say "hi"', "back\\slash", "new\nline\ttab", "\x00\x1f ctrl", "日本 ☃ \U0001f600", "", None]
+    n = len(texts)
+    items = pd.DataFrame({
+        "item_id": np.arange(1, n + 1, dtype=np.int64),
+        "text": texts,
+        "wide": [5e-324, 1.7976931348623157e308, -0.0, np.inf, -np.inf, 0.1 + 0.2, np.nan],
+        "narrow": np.array([1e-45, 3.4028235e38, -0.0, np.inf, 0.1, 16777217, np.nan], dtype=np.float32),
+        "big": [2**63 - 1, -(2**63), 0, 1, -1, 10**18, 7],
+        "flag": [True, False, None, True, False, None, True],
+        "words": [['a"b', "c\\d"], [], None, ["日本"], [""], ["x", "y", "z"], ["\n"]],
+        "scores": [[0.1, 1e300], [np.inf], [], None, [-0.0], [1.5], [2.0]],
+    })
+    directory = tmp_path / "awkward"
+    directory.mkdir()
+    write_snapshot(directory, make_users(), items, make_lists())
+    load_snapshot_into_redis(directory, redis_server.host, redis_server.port, "awkward")
+    on_redis = RedisStore(redis_server.host, redis_server.port, "awkward", timeout_s=2.0)
+    embedded = EmbeddedStore.open(directory, "awkward")
+    try:
+        ids = np.arange(0, n + 2)  # with unknown ids at both ends
+        got, want = on_redis.item_features(ids), embedded.item_features(ids)
+        np.testing.assert_array_equal(got.found, want.found)
+        for column in items.columns[1:]:
+            for a, b in zip(got.features[column], want.features[column], strict=True):
+                assert repr(a) == repr(b), (column, a, b)  # repr: -0.0 differs from 0.0, NaN equals NaN
+        for user in make_users()["user_id"]:
+            assert on_redis.user_features(user) == embedded.user_features(user)
+    finally:
+        on_redis.close()
