@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -137,19 +138,21 @@ class ShadowRunner:
     Both are a `Pipeline` or any callable ``Query -> Response``. The shadow runs on one background
     thread after the live answer is computed, so it neither delays nor fails the live answer: its
     exceptions are logged and counted, and when ``MAX_PENDING`` shadow calls are queued a sampled
-    request skips the shadow (also counted). `report` compares the recorded pairs; call `close` when
-    done (it waits for queued shadow calls; the pipelines stay open).
+    request skips the shadow (also counted). `report` compares the last ``max_pairs`` recorded pairs;
+    call `close` when done (it waits for queued shadow calls; the pipelines stay open).
     """
 
     def __init__(self, live: Callable[[Query], Response], shadow: Callable[[Query], Response],
-                 sample: float = 1.0, seed: int = 0) -> None:
+                 sample: float = 1.0, seed: int = 0, max_pairs: int = 10_000) -> None:
         if not 0 < sample <= 1:
             raise ValueError(f"sample must be a share in (0, 1], got {sample!r}")
+        if max_pairs < 1:
+            raise ValueError(f"max_pairs = {max_pairs}; expected at least 1 recorded pair")
         self.live, self.shadow, self.sample = live, shadow, sample
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # guards the generator, the counts and the pairs
         self._counts = {"requests": 0, "shadowed": 0, "failed": 0, "skipped": 0, "pending": 0}
-        self._pairs: list[tuple[Response, Response]] = []
+        self._pairs: deque[tuple[Response, Response]] = deque(maxlen=max_pairs)  # the latest, for a server
         self._closed = False
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="shadow")
 
@@ -176,7 +179,7 @@ class ShadowRunner:
             return dict(self._counts)
 
     def report(self, k: int) -> ShadowComparison:
-        """`compare_responses` over the pairs recorded so far."""
+        """`compare_responses` over the last ``max_pairs`` pairs recorded."""
         with self._lock:
             pairs = list(self._pairs)
         if not pairs:

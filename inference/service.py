@@ -12,6 +12,7 @@ evaluation. `create_app` serves a recommender with FastAPI; `recstack serve` run
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import threading
@@ -26,9 +27,11 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, HTTPException
+from fastapi import Query as QueryParameter
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from evaluation.shadow import ShadowRunner
 from inference.impressions import Feedback, Impression, ImpressionLog
 from inference.pipeline.bandits import SourceBandit
 from inference.pipeline.executor import (
@@ -37,10 +40,12 @@ from inference.pipeline.executor import (
     PipelineConfig,
     PipelineStats,
     Response,
-    open_pipeline,
+    build_pipeline,
+    open_pipeline_version,
 )
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import LiveArtifacts
+from inference.refresh.job import ServingVersion
 from inference.store import StoreError
 
 log = logging.getLogger(__name__)
@@ -53,10 +58,38 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 
 @dataclass(frozen=True)
 class Serving:
-    """One loaded version: its name and its warmed-up pipeline."""
+    """One loaded version: its name, its warmed-up pipeline and, with a shadow config, the runner
+    mirroring a sample of its requests to the shadow pipeline (or why there is none)."""
 
     version: str
     pipeline: Pipeline
+    shadow: ShadowRunner | None = None
+    shadow_error: str | None = None
+
+    def answer(self, query: Query) -> Response:
+        """The live pipeline's answer; the shadow, if any, runs on it later, off this thread."""
+        return self.shadow(query) if self.shadow is not None else self.pipeline(query)
+
+    def close(self) -> None:
+        if self.shadow is not None:
+            self.shadow.close()  # waits for the shadow calls it queued
+            self.shadow.shadow.close(close_store=False)  # the store is the live pipeline's
+        self.pipeline.close()
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A candidate pipeline config run beside the live one, on the same loaded version, for a
+    seeded random ``sample`` share of requests; `GET /shadow` compares the last ``pairs`` answers."""
+
+    config: PipelineConfig  # its `redis` is not used: the shadow reads the live pipeline's store
+    sample: float = 0.1
+    pairs: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.sample <= 1 or self.pairs < 1:
+            raise ValueError(f"shadow sample = {self.sample!r}, pairs = {self.pairs!r}; expected a share in (0, 1] "
+                             "and at least 1 pair")
 
 
 @dataclass(frozen=True)
@@ -82,21 +115,23 @@ class Recommender:
     version every ``poll_s`` seconds. Call `close` when done (it does not close ``log``).
 
     ``bandit`` counts every served slot by source and the rewards `feedback` reports, across
-    versions; feedback can name the items of the last ``remember`` answered requests.
+    versions; feedback can name the items of the last `MAX_REMEMBERED` answered requests. With
+    ``shadow``, each version also builds the shadow pipeline; one that fails to build or warm up
+    leaves the version serving without a shadow.
     """
 
     def __init__(self, root: Path, config: PipelineConfig, probe: Query | None = None, poll_s: float = 5.0,
-                 log: ImpressionLog | None = None, remember: int = MAX_REMEMBERED) -> None:
+                 log: ImpressionLog | None = None, shadow: Shadow | None = None) -> None:
         probe = probe or Query(user_id=None, k=min(10, config.max_k))
         if probe.user_id is None and not config.allow_anonymous:
             raise ValueError("the pipeline config has allow_anonymous: false, so it would refuse an anonymous "
                              "probe query; expected a probe with a known user (recstack serve --probe-user ID)")
-        self.config, self.probe, self.log, self.remember = config, probe, log, remember
+        self.config, self.probe, self.log, self.shadow = config, probe, log, shadow
         self.bandit = SourceBandit()
         self._served: OrderedDict[str, dict[int, str]] = OrderedDict()  # request id -> {item: source}
         self._lock = threading.Lock()
-        self._latest: Pipeline | None = None  # the pipeline the last successful load built
-        self._retiring: list[tuple[threading.Timer, Pipeline]] = []
+        self._latest: Serving | None = None  # what the last successful load built
+        self._retiring: list[tuple[threading.Timer, Serving]] = []
         self.live: LiveArtifacts[Serving] = LiveArtifacts(root, self._load, poll_s)
 
     def start(self) -> Recommender:
@@ -107,13 +142,13 @@ class Recommender:
     def recommend(self, query: Query) -> Served:
         """The serving version's answer to ``query``, counted in the bandit and logged."""
         serving = self.live.state  # read once: a swap during the request does not change its pipeline
-        response = serving.pipeline(query)
+        response = serving.answer(query)
         served = Served(uuid.uuid4().hex, serving.version, response)
         items, sources = response.item_ids.tolist(), response.sources.tolist()
         self.bandit.served(sources)
         with self._lock:
             self._served[served.request_id] = dict(zip(items, sources, strict=True))
-            while len(self._served) > self.remember:
+            while len(self._served) > MAX_REMEMBERED:
                 self._served.popitem(last=False)
         if self.log is not None:
             self.log.write(Impression(
@@ -130,7 +165,7 @@ class Recommender:
         with self._lock:
             slots = self._served.get(request_id)
         if slots is None:
-            raise UnknownRequest(f"request_id {request_id!r} is not among the last {self.remember} answered requests")
+            raise UnknownRequest(f"request_id {request_id!r} is not among the last {MAX_REMEMBERED} answered requests")
         if item_id not in slots:
             raise ValueError(f"item_id {item_id} was not served in request {request_id!r}; "
                              f"it served {list(slots)[:20]}")
@@ -143,15 +178,16 @@ class Recommender:
         """Stops polling and closes every pipeline, the serving one included."""
         self.live.stop()
         with self._lock:
-            for timer, pipeline in self._retiring:
+            for timer, serving in self._retiring:
                 timer.cancel()
-                pipeline.close()
+                serving.close()
             self._retiring.clear()
-        self.live.state.pipeline.close()
+        self.live.state.close()
 
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
-        pipeline = open_pipeline(self.config, directory, self.bandit)
+        version = open_pipeline_version(self.config, directory)
+        pipeline = build_pipeline(self.config, version, self.bandit)
         try:
             pipeline.warm_up(self.probe)
             response = pipeline(self.probe)  # warm_up only logs failures; this call raises them
@@ -161,18 +197,39 @@ class Recommender:
             pipeline.close()
             raise
         pipeline.stats = PipelineStats()  # the probe is not traffic
-        # LiveArtifacts swaps in what a load returns, so the pipeline built before now retires
-        previous, self._latest = self._latest, pipeline
+        serving = self._with_shadow(Serving(directory.name, pipeline), version)
+        # LiveArtifacts swaps in what a load returns, so what the previous load built retires
+        previous, self._latest = self._latest, serving
         if previous is not None:
             self._retire(previous)
-        return Serving(directory.name, pipeline)
+        return serving
 
-    def _retire(self, pipeline: Pipeline) -> None:
-        timer = threading.Timer(GRACE_S, pipeline.close)
+    def _with_shadow(self, serving: Serving, version: ServingVersion) -> Serving:
+        """``serving`` with the shadow pipeline over the same version, when one is configured and
+        answers the probe query; otherwise without, and the reason."""
+        if self.shadow is None:
+            return serving
+        try:
+            shadow = build_pipeline(self.shadow.config, version)
+        except Exception as error:  # noqa: BLE001 -- a broken shadow must not stop the live version
+            log.error("version %s serves without its shadow: %s: %s", serving.version, type(error).__name__, error)
+            return dataclasses.replace(serving, shadow_error=f"{type(error).__name__}: {error}")
+        try:
+            shadow.warm_up(self.probe)
+            shadow(self.probe)
+        except Exception as error:  # noqa: BLE001
+            shadow.close(close_store=False)
+            log.error("version %s serves without its shadow: %s: %s", serving.version, type(error).__name__, error)
+            return dataclasses.replace(serving, shadow_error=f"{type(error).__name__}: {error}")
+        runner = ShadowRunner(serving.pipeline, shadow, self.shadow.sample, max_pairs=self.shadow.pairs)
+        return dataclasses.replace(serving, shadow=runner)
+
+    def _retire(self, serving: Serving) -> None:
+        timer = threading.Timer(GRACE_S, serving.close)
         timer.daemon = True
         with self._lock:
-            self._retiring = [(t, p) for t, p in self._retiring if t.is_alive()]
-            self._retiring.append((timer, pipeline))
+            self._retiring = [(t, s) for t, s in self._retiring if t.is_alive()]
+            self._retiring.append((timer, serving))
         timer.start()
 
 
@@ -220,6 +277,15 @@ class FeedbackReceipt(_Strict):
     source: str
 
 
+class ShadowReport(_Strict):
+    """The reply of ``GET /shadow``: the serving version's shadow calls and, once some completed,
+    how the shadow's top ``k`` compared with the live answers (`evaluation.shadow.ShadowComparison`)."""
+
+    version: str
+    counts: dict[str, int]
+    comparison: dict[str, object] | None
+
+
 class Health(_Strict):
     """The reply of ``GET /healthz``: the serving version, and each refused version's error."""
 
@@ -264,6 +330,16 @@ def create_app(recommender: Recommender) -> FastAPI:
         except ValueError as e:
             raise HTTPException(400, str(e)) from e
 
+    @app.get("/shadow")
+    def shadow(k: int = QueryParameter(10, ge=1)) -> ShadowReport:
+        serving = recommender.live.state
+        if serving.shadow is None:
+            reason = serving.shadow_error or "no shadow config (recstack serve --shadow-config)"
+            raise HTTPException(404, f"version {serving.version} has no shadow pipeline: {reason}")
+        counts = serving.shadow.counts
+        comparison = dataclasses.asdict(serving.shadow.report(k)) if counts["shadowed"] else None
+        return ShadowReport(version=serving.version, counts=counts, comparison=comparison)
+
     @app.get("/healthz")
     def healthz() -> Health:
         return Health(version=recommender.live.version, refused=dict(recommender.live.refused))
@@ -274,6 +350,8 @@ def create_app(recommender: Recommender) -> FastAPI:
         text = format_metrics(serving.version, serving.pipeline.stats.snapshot())
         text += format_bandit_metrics(recommender.bandit.snapshot(),
                                       None if recommender.log is None else recommender.log.dropped)
+        if serving.shadow is not None:
+            text += format_shadow_metrics(serving.version, serving.shadow.counts)
         return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
 
     return app
@@ -346,6 +424,15 @@ def format_bandit_metrics(sources: dict[str, dict[str, float]], dropped: int | N
         name = "recstack_impressions_dropped_total"
         lines.extend([f"# HELP {name} Impressions and feedback the log could not write.", f"# TYPE {name} counter",
                       f"{name} {dropped}"])
+    return "\n".join(lines) + "\n"
+
+
+def format_shadow_metrics(version: str, counts: dict[str, int]) -> str:
+    """A `ShadowRunner`'s counts in the Prometheus text format: shadow calls by outcome."""
+    name = "recstack_shadow_calls_total"
+    lines = [f"# HELP {name} Requests mirrored to the shadow pipeline, by outcome.", f"# TYPE {name} counter"]
+    lines.extend(f"{name}{_labels(version=version, outcome=outcome)} {counts[outcome]}"
+                 for outcome in ("shadowed", "failed", "skipped"))
     return "\n".join(lines) + "\n"
 
 

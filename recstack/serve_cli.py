@@ -21,6 +21,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                             "required when the config has allow_anonymous: false)")
     serve.add_argument("--log", type=Path, default=None, metavar="DIR",
                        help="write every answer and feedback event to this impression log (for off-policy evaluation)")
+    serve.add_argument("--shadow-config", type=Path, default=None, metavar="YAML",
+                       help="a candidate pipeline config to run beside the live one on sampled requests (GET /shadow)")
+    serve.add_argument("--shadow-sample", type=float, default=0.1, metavar="SHARE",
+                       help="share of requests mirrored to the shadow pipeline")
     serve.add_argument("--probe-context", nargs="*", default=[], metavar="NAME=VALUE",
                        help="context of that query, e.g. hour=12 weekday=3")
     serve.set_defaults(run=_serve)
@@ -32,14 +36,17 @@ def _serve(args: argparse.Namespace) -> int:
     from inference.impressions import ImpressionLog
     from inference.pipeline.executor import load_pipeline_config
     from inference.pipeline.types import Query
-    from inference.service import Recommender, create_app
+    from inference.service import Recommender, Shadow, create_app
 
     # swaps and refusals log at INFO and ERROR; force: importing torchrec already added a WARNING root handler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = load_pipeline_config(args.config)
     probe = Query(args.probe_user, parse_context(args.probe_context, "--probe-context"), k=min(10, config.max_k))
+    shadow = None
+    if args.shadow_config is not None:
+        shadow = Shadow(load_pipeline_config(args.shadow_config), args.shadow_sample)
     log = None if args.log is None else ImpressionLog(args.log)
-    recommender = Recommender(args.artifacts, config, probe, args.poll_s, log).start()
+    recommender = Recommender(args.artifacts, config, probe, args.poll_s, log, shadow).start()
     try:
         # until SIGTERM or Ctrl-C; uvicorn shuts down gracefully, then re-raises the signal
         uvicorn.run(create_app(recommender), host=args.host, port=args.port)

@@ -338,11 +338,13 @@ class Pipeline:
                 log.warning("the warm-up request failed: %s", error)
         self.stats = PipelineStats()
 
-    def close(self) -> None:
+    def close(self, close_store: bool = True) -> None:
         """Stops the source threads, without waiting for sources that are still running, and
-        closes the store (a Redis connection; nothing for the embedded one)."""
+        closes the store (a Redis connection; nothing for the embedded one) unless another
+        pipeline over the same version still reads it."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self.stages.hydrator.store.close()
+        if close_store:
+            self.stages.hydrator.store.close()
 
     def _check(self, query: Query) -> None:
         if query.k > self.max_k:
@@ -421,13 +423,18 @@ def blend(found: list[Candidates]) -> Candidates:
 
 
 def open_pipeline(config: PipelineConfig, directory: Path, bandit: SourceBandit | None = None) -> Pipeline:
-    """The pipeline ``config`` declares over the version in ``directory`` (`open_version`): on the
+    """The pipeline ``config`` declares over the version in ``directory``."""
+    return build_pipeline(config, open_pipeline_version(config, directory), bandit)
+
+
+def open_pipeline_version(config: PipelineConfig, directory: Path) -> ServingVersion:
+    """The version in ``directory`` (`open_version`), its store the one ``config`` reads: the
     version's keys in Redis when ``config.redis`` names a server, its embedded snapshot otherwise."""
     open_store = None
     if config.redis:
         def open_store(version: str) -> Store:
             return RedisStore(*redis_address(config.redis), version, config.redis_timeout_s)
-    return build_pipeline(config, open_version(directory, open_store), bandit)
+    return open_version(directory, open_store)
 
 
 def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: SourceBandit | None = None) -> Pipeline:

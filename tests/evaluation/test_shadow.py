@@ -222,3 +222,16 @@ def test_report_before_any_shadow_call_completes_raises():
     with pytest.raises(ValueError, match="no shadow call has completed yet"):
         runner.report(k=4)
     runner.close()
+
+
+def test_the_report_covers_the_latest_max_pairs_only():
+    answers = iter([response(A), response(B)] + [response(A)] * 10)
+    runner = ShadowRunner(lambda query: response(A), lambda query: next(answers), max_pairs=2)
+    for _ in range(4):
+        runner(QUERY)
+    runner.close()
+    assert runner.counts["shadowed"] == 4
+    report = runner.report(k=4)
+    assert report.requests == 2 and report.identical_top_k == 1  # the first two pairs (B among them) are gone
+    with pytest.raises(ValueError, match="max_pairs = 0; expected at least 1"):
+        ShadowRunner(lambda query: response(A), lambda query: response(A), max_pairs=0)

@@ -22,7 +22,7 @@ from inference.pipeline.sources import ListSource
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
-from inference.service import MAX_RECENT_ITEMS, Recommender, serve_in_thread
+from inference.service import MAX_RECENT_ITEMS, Recommender, Shadow, serve_in_thread
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
@@ -256,3 +256,36 @@ def test_an_exploring_pipeline_logs_answers_and_feedback_for_off_policy_evaluati
     assert first["item_id"].tolist() == served[0].response.item_ids.tolist()
     np.testing.assert_allclose(first["propensity"], served[0].response.propensities)
     assert first.loc[first["item_id"] == clicked, "reward"].tolist() == [1.0]
+
+
+def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_live_serving(root):
+    candidate = pipeline_config().model_copy(update={"scorer": ["linear"]})
+    recommender = Recommender(root, pipeline_config(), shadow=Shadow(candidate, sample=1.0))
+    try:
+        with serve_in_thread(recommender) as base:
+            live = [recommend(base, user_id=user, k=10)[1] for user in range(1, 11)]
+            recommender.live.state.shadow.close()  # waits for the mirrored calls
+            status, _, text = call(base, "/shadow?k=5")
+            samples = metrics(base)
+        assert status == 200 and all(len(answer["items"]) == 10 for answer in live)
+        report = json.loads(text)
+        assert report["counts"] == {"requests": 10, "shadowed": 10, "failed": 0, "skipped": 0, "pending": 0}
+        comparison = report["comparison"]
+        assert comparison["requests"] == 10 and comparison["k"] == 5
+        assert 0 <= comparison["rank_biased_overlap"] <= 1 and comparison["identical_top_k"] < 1  # another ranker
+        version = report["version"]
+        assert samples["recstack_shadow_calls_total", frozenset({("version", version), ("outcome", "shadowed")})] == 10
+    finally:
+        recommender.close()
+
+    broken = pipeline_config().model_copy(update={"scorer": ["no_such_ranker"]})
+    recommender = Recommender(root, pipeline_config(), shadow=Shadow(broken))
+    try:
+        with serve_in_thread(recommender) as base:
+            assert recommend(base, user_id=3, k=5)[0] == 200
+            status, _, text = call(base, "/shadow")
+        assert status == 404 and "has no shadow pipeline: ValueError" in json.loads(text)["detail"]
+    finally:
+        recommender.close()
+    with pytest.raises(ValueError, match="shadow sample = 0"):
+        Shadow(candidate, sample=0)
