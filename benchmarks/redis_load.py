@@ -6,9 +6,10 @@
 A synthetic snapshot (items: category, price, year, tags, available; users: age, country; lists:
 one of 20 items per user) is written once, then loaded into a private redis-server (no
 persistence) twice, each time into an empty server: by `load_snapshot_into_redis` (JSON built a
-column at a time with Arrow, MSET commands packed as Arrow buffers) and by the baseline it
-replaced (`json.dumps` per row, redis-py's `mset`). Both are read back and must answer alike.
-No pass line: the ratio is the result.
+column at a time with Arrow, lists packed at once, MSET commands packed as Arrow buffers and
+pipelined) and by the per-row encoding it replaced (`json.dumps` per row and `_pack_list` per
+list, redis-py's `mset`; the lists grouped by the store's current `_split_lists`). Both are read
+back and must answer alike. No pass line: the ratio is the result.
 """
 
 from __future__ import annotations

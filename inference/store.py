@@ -364,18 +364,26 @@ def _sort_by_id(table: pa.Table, id_column: str) -> tuple[np.ndarray, pa.Table]:
 def _list_runs(lists: pa.Table) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """The long list table -> (names (L,), bounds (L+1,), ids (R,), scores (R,)): list i is rows
     bounds[i]:bounds[i + 1] of ids and scores, in rank order."""
-    names = lists["list"]
-    if not pa.types.is_dictionary(names.type):
-        names = names.dictionary_encode()
-    names = names.unify_dictionaries().combine_chunks()  # one dictionary, so codes compare across chunks
-    codes, labels = names.indices.to_numpy(zero_copy_only=False), names.dictionary.to_pylist()
     ids, scores = lists["item_id"].to_numpy(), lists["score"].to_numpy()
-    starts = np.flatnonzero(np.diff(codes, prepend=-1))  # where each run of one list begins
-    if len(starts) != len(labels):  # a list in several runs: group its rows, keeping their order
+    starts, labels, offset = [], [], 0
+    for chunk in lists["list"].chunks:  # runs of one name, chunk by chunk: each chunk has its own dictionary
+        chunk = chunk if pa.types.is_dictionary(chunk.type) else chunk.dictionary_encode()
+        codes = chunk.indices.to_numpy(zero_copy_only=False)
+        first = np.flatnonzero(np.diff(codes, prepend=-1))
+        names = chunk.dictionary.take(pa.array(codes[first])).to_pylist()
+        if labels and names and names[0] == labels[-1]:  # the previous chunk's last list goes on
+            first, names = first[1:], names[1:]
+        starts.append(offset + first)
+        labels += names
+        offset += len(chunk)
+    starts = np.concatenate([np.zeros(0, np.int64), *starts])
+    if len(set(labels)) != len(labels):  # a list in several runs: group its rows, keeping their order
+        codes = pd.factorize(np.repeat(labels, np.diff(np.append(starts, len(ids)))))[0]
         order = np.argsort(codes, kind="stable")
-        codes, ids, scores = codes[order], ids[order], scores[order]
+        ids, scores, codes = ids[order], scores[order], codes[order]
         starts = np.flatnonzero(np.diff(codes, prepend=-1))
-    return [labels[c] for c in codes[starts].tolist()], np.append(starts, len(codes)), ids, scores
+        labels = list(dict.fromkeys(labels))  # factorize numbers names in order of first appearance
+    return labels, np.append(starts, len(ids)), ids, scores
 
 
 def _split_lists(lists: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -391,13 +399,13 @@ def _packed_lists(lists: pa.Table) -> tuple[list[str], pa.Array]:
     lengths = np.diff(bounds)
     first = np.repeat(bounds[:-1], lengths)  # (R,) the first row of each row's list
     rank = np.arange(len(ids)) - first
-    id_at = 12 * first + 8 * rank  # (R,) where each row's id goes: a list's ids, then its scores
-    score_at = 12 * first + 8 * np.repeat(lengths, lengths) + 4 * rank
-    out = np.empty(12 * len(ids), np.uint8)
-    out[id_at[:, None] + np.arange(8)] = ids.astype("<i8").view(np.uint8).reshape(-1, 8)
-    out[score_at[:, None] + np.arange(4)] = scores.astype("<f4").view(np.uint8).reshape(-1, 4)
+    words = np.empty(3 * len(ids), "<u4")  # a list's ids (2 words each), then its scores (1 word each)
+    id_at = 3 * first + 2 * rank  # (R,) the word each row's id starts at
+    id_words = ids.astype("<i8").view("<u4")  # (2R,) low and high word of each id
+    words[id_at], words[id_at + 1] = id_words[0::2], id_words[1::2]
+    words[3 * first + 2 * np.repeat(lengths, lengths) + rank] = scores.astype("<f4").view("<u4")
     offsets = pa.py_buffer((12 * bounds).astype(np.int64))
-    return names, pa.Array.from_buffers(pa.large_binary(), len(names), [None, offsets, pa.py_buffer(out)])
+    return names, pa.Array.from_buffers(pa.large_binary(), len(names), [None, offsets, pa.py_buffer(words)])
 
 
 def _to_frame(table: pa.Table) -> pd.DataFrame:

@@ -438,3 +438,20 @@ def test_redis_round_trips_awkward_values_exactly(redis_server, tmp_path):
             assert on_redis.user_features(user) == embedded.user_features(user)
     finally:
         on_redis.close()
+
+
+def test_lists_spanning_read_chunks_or_split_between_groups_read_whole(tmp_path, open_store):
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 10**9, 300_000)  # longer than one read batch of the parquet file
+    first = pd.DataFrame({"list": ["big"] * len(big) + ["x", "x"], "item_id": np.append(big, [1, 2]),
+                          "score": np.arange(len(big) + 2, dtype=np.float32)})
+    second = pd.DataFrame({"list": ["x", "y"], "item_id": [3, 4], "score": [0.5, 0.25]})  # "x" again, in another group
+    directory = tmp_path / "chunked"
+    directory.mkdir()
+    write_snapshot(directory, make_users(), make_items(), {"a": first, "b": second})
+    store = open_store(directory, "chunked")
+    ids, scores = store.get_list("big")
+    np.testing.assert_array_equal(ids, big)
+    np.testing.assert_array_equal(scores, np.arange(len(big), dtype=np.float32))
+    assert store.get_list("x")[0].tolist() == [1, 2, 3]  # group after group, rank order kept
+    assert store.get_list("y")[0].tolist() == [4]
