@@ -8,6 +8,8 @@ Per feature, with r_i and c_i the reference's and the current sample's shares of
     ks_statistic                two-sample Kolmogorov-Smirnov D = max_x |F_ref(x) - F_cur(x)| and its
                                 asymptotic p-value
     drift_report                all of the above for every column of two DataFrames, with missing shares
+    feature_drift               drift_report over a schema's model inputs (multi-hot values exploded),
+                                e.g. the training rows against today's (`recstack evaluate drift`)
 
 PSI is the symmetrised Kullback-Leibler divergence between the binned samples: 0 when the shares
 agree, larger the more they move. A bin empty in one sample would make ln(c / r) infinite, so an
@@ -36,6 +38,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from data.schema import FeatureSpec
 from evaluation.checks import finite_values
 
 EMPTY_BIN_SHARE = 1e-4  # the share an empty bin counts with, so that ln(c / r) stays finite
@@ -121,6 +124,27 @@ def drift_report(reference: pd.DataFrame, current: pd.DataFrame, columns: list[s
     report = pd.DataFrame(rows, index=pd.Index(columns, name="column"))
     report["alert"] = report["psi"] > psi_alert
     return report
+
+
+def feature_drift(reference: pd.DataFrame, current: pd.DataFrame, features: list[FeatureSpec],
+                  psi_alert: float = 0.2) -> pd.DataFrame:
+    """`drift_report` of each feature in ``features`` between two samples of joined rows (e.g.
+    `data.encoders.join_features` of two periods' interactions): categorical features as
+    categories, numerical ones as numbers, a multi-hot feature over its exploded values (each
+    value of each row, e.g. each genre); sequences are left out (their items are the item ids)."""
+    rows = []
+    for feature in features:
+        if feature.kind == "sequence":
+            continue
+        ref, cur = reference[[feature.name]], current[[feature.name]]
+        if feature.kind == "multi_hot":
+            ref, cur = ref.explode(feature.name), cur.explode(feature.name)
+        if feature.kind != "numerical":
+            ref, cur = ref.astype("string"), cur.astype("string")  # integer codes are categories too
+        rows.append(drift_report(ref, cur, psi_alert=psi_alert))
+    if not rows:
+        raise ValueError(f"features {[f.name for f in features]} are all sequences; expected some to compare")
+    return pd.concat(rows)
 
 
 def _column_drift(reference: pd.Series, current: pd.Series) -> dict:

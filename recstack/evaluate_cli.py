@@ -1,10 +1,12 @@
-"""`recstack evaluate replay`: an off-policy estimate of a pipeline config from an impression log."""
+"""`recstack evaluate`: `replay`, an off-policy estimate of a pipeline config from an impression
+log; `drift`, how a dataset's model inputs moved between two samples of its interactions."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +17,7 @@ log = logging.getLogger(__name__)
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a pipeline offline")
-    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{replay}")
+    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{replay,drift}")
     replay = tasks.add_parser("replay", help="estimate a pipeline config's reward on the traffic an impression "
                                              "log holds (recstack serve --log, with an explore orderer)")
     replay.add_argument("--log", required=True, type=Path, help="impression log directory")
@@ -25,6 +27,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     replay.add_argument("--depth", type=int, nargs="+", default=[1, 5, 10],
                         help="report the reward per request in the top d slots, for each d")
     replay.set_defaults(run=_replay)
+    drift = tasks.add_parser("drift", help="population stability (PSI) and KS of every model input between "
+                                           "two samples of interactions, e.g. the training rows and today's")
+    drift.add_argument("--reference", required=True, type=Path, help="canonical dataset directory")
+    drift.add_argument("--current", required=True, type=Path, help="canonical dataset directory (may be the same)")
+    for side in ("reference", "current"):
+        drift.add_argument(f"--{side}-part", choices=("train", "valid", "test"),
+                           help=f"compare only this split part of --{side} (default: every interaction)")
+    drift.add_argument("--psi-alert", type=float, default=0.2, help="alert on a feature whose PSI exceeds this")
+    drift.add_argument("--fail-on-alert", action="store_true", help="exit with status 1 when any feature alerts")
+    drift.set_defaults(run=_drift)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -56,3 +68,25 @@ def _replay(args: argparse.Namespace) -> int:
     print(json.dumps({"version": version, "requests": int(slots["request_id"].nunique()), "failed": failed,
                       "depths": [asdict(e) for e in estimates]}))
     return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from data.dataset import read_dataset, read_part
+    from data.encoders import join_features
+    from evaluation.drift import feature_drift
+
+    samples = {}
+    for side in ("reference", "current"):
+        directory, part = getattr(args, side), getattr(args, f"{side}_part")
+        dataset = read_dataset(directory)
+        rows = dataset.interactions if part is None else read_part(directory, part)
+        samples[side] = join_features(rows, dataset.users, dataset.items)
+        if side == "reference":
+            features = list(dataset.schema.features)
+    report = feature_drift(samples["reference"], samples["current"], features, args.psi_alert)
+    print(report.round(4).to_string(), file=sys.stderr)
+    alerts = report.index[report["alert"]].tolist()
+    rows = json.loads(report.reset_index().to_json(orient="records"))  # NaN (KS of a category) -> null
+    print(json.dumps({"rows": {side: len(frame) for side, frame in samples.items()}, "alerts": alerts,
+                      "features": rows}))
+    return 1 if alerts and args.fail_on_alert else 0

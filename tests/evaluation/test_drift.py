@@ -4,10 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data.schema import FeatureSpec
 from evaluation.drift import (
     EMPTY_BIN_SHARE,
     categorical_psi,
     drift_report,
+    feature_drift,
     ks_statistic,
     population_stability_index,
 )
@@ -202,3 +204,19 @@ def test_drift_report_refuses_bad_frames():
         drift_report(reference.assign(tags=[[1, 2]] * 50), current.assign(tags=[[1]] * 50))
     with pytest.raises(ValueError, match="psi_alert must be a finite PSI > 0, got 0"):
         drift_report(reference, current, psi_alert=0)
+
+
+def test_feature_drift_reads_each_schema_kind():
+    features = [FeatureSpec("genres", "items", "multi_hot"), FeatureSpec("occupation", "users", "categorical"),
+                FeatureSpec("age", "users", "numerical", buckets=4),
+                FeatureSpec("recent", "interactions", "sequence", max_len=5, source="occupation")]
+    rng = np.random.default_rng(0)
+    reference = pd.DataFrame({"genres": [["a", "b"], ["a"]] * 500, "occupation": rng.integers(0, 3, 1000),
+                              "age": rng.normal(30, 5, 1000), "recent": [[1, 2]] * 1000})
+    current = pd.DataFrame({"genres": [["b"], ["b", "c"]] * 500, "occupation": rng.integers(0, 3, 1000),
+                            "age": rng.normal(30, 5, 1000), "recent": [[3]] * 1000})
+    report = feature_drift(reference, current, features)
+    assert report.index.tolist() == ["genres", "occupation", "age"]  # the sequence is left out
+    assert report.loc["genres", "psi"] == pytest.approx(categorical_psi(["a", "b", "a"] * 500, ["b", "b", "c"] * 500))
+    assert report.loc["occupation", "kind"] == "categorical" and report.loc["age", "kind"] == "numerical"
+    assert report["alert"].tolist() == [True, False, False]

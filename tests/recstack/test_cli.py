@@ -210,3 +210,17 @@ def test_evaluate_replay_estimates_a_config_from_an_exploring_servers_log(tiny_d
     assert top1["candidate"]["std_error"] > 0 and top1["effective_sample_size"] > 1
     assert main([*replay, "--config", str(tmp_path / "explore.yaml")]) == 2
     assert "replay estimates deterministic rankings" in capsys.readouterr().err
+
+
+def test_evaluate_drift_compares_every_model_input_between_two_samples(tiny_dataset, capsys):
+    drift = ["evaluate", "drift", "--reference", str(tiny_dataset), "--current", str(tiny_dataset)]
+    assert main([*drift, "--reference-part", "train", "--current-part", "train"]) == 0
+    same = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert same["alerts"] == [] and all(row["psi"] == pytest.approx(0, abs=1e-12) for row in same["features"])
+    assert main([*drift, "--reference-part", "train", "--current-part", "test", "--psi-alert", "1e-9",
+                 "--fail-on-alert"]) == 1
+    moved = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert moved["rows"]["reference"] > moved["rows"]["current"] > 0
+    kinds = {row["column"]: row["kind"] for row in moved["features"]}
+    assert kinds["item_id"] == "categorical" and "numerical" in kinds.values()
+    assert moved["alerts"] and set(moved["alerts"]) <= set(kinds)
