@@ -111,10 +111,11 @@ class TopKSpec(_Strict):
 class ExploreSpec(_Strict):
     kind: Literal["explore"]
     epsilon: float = Field(ge=0, lt=1)  # the share of slots that explore
+    pool: int | None = Field(None, ge=1)  # explore among each source's pool best remaining items; default all
     seed: int | None = None  # fixed draws, for tests; by default they differ per run
 
     def build(self, bandit: SourceBandit) -> Orderer:
-        return ExploreOrderer(bandit, self.epsilon, self.seed)
+        return ExploreOrderer(bandit, self.epsilon, self.pool, self.seed)
 
 
 class MaxPerSourceSpec(_Strict):

@@ -47,22 +47,26 @@ class TopKOrderer:
 
 class ExploreOrderer:
     """The ``query.k`` best candidates by score, except that each slot, with probability
-    ``epsilon``, explores: it takes a random remaining item of a source drawn in proportion to
-    ``bandit``'s estimates (among the sources with items left), so every candidate can be shown
-    and an off-policy estimate of another ranking has support.
+    ``epsilon``, explores: it takes a random one of the ``pool`` best remaining items (default:
+    all of them) of a source drawn in proportion to ``bandit``'s estimates (among the sources with
+    items left), so those candidates can be shown and an off-policy estimate of another ranking
+    has support. A smaller pool explores less far down the ranking, with larger propensities.
 
     A slot's propensity is the probability of its item given the slots above it,
-    (1 - epsilon) [it is the best remaining item] + epsilon q_s / n_s, with q_s its source's share
-    of the estimates and n_s the source's remaining items; the product over the slots is the
-    probability of the whole list. ``seed`` fixes the draws (tests); by default they differ per run.
+    (1 - epsilon) [it is the best remaining item] + epsilon q_s / min(n_s, pool), with q_s its
+    source's share of the estimates and n_s the source's remaining items; the product over the
+    slots is the probability of the whole list. ``seed`` fixes the draws (tests); by default they
+    differ per run.
     """
 
     name = "explore"
 
-    def __init__(self, bandit: SourceBandit, epsilon: float, seed: int | None = None) -> None:
+    def __init__(self, bandit: SourceBandit, epsilon: float, pool: int | None = None, seed: int | None = None) -> None:
         if not 0.0 <= epsilon < 1.0:
             raise ValueError(f"epsilon = {epsilon!r}; expected a probability in [0, 1)")
-        self.bandit, self.epsilon = bandit, epsilon
+        if pool is not None and pool < 1:
+            raise ValueError(f"pool = {pool}; expected at least 1 item to explore, or None for all")
+        self.bandit, self.epsilon, self.pool = bandit, epsilon, pool
         self._rng = np.random.default_rng(seed)
         self._lock = threading.Lock()  # a Generator is not thread-safe; requests run on many threads
 
@@ -77,16 +81,17 @@ class ExploreOrderer:
         chosen, propensities = np.zeros(slots, np.intp), np.zeros(slots)
         for slot in range(slots):
             left = np.array([len(r) for r in remaining])
+            reach = left if self.pool is None else np.minimum(left, self.pool)  # (S,) items exploration draws from
             share = np.where(left > 0, weights, 0.0) / weights[left > 0].sum()  # (S,)
             greedy = min(np.flatnonzero(left), key=lambda s: remaining[s][0])  # the source of the best item
             source, position = greedy, 0
             if explores[slot]:
                 source = min(int(np.searchsorted(np.cumsum(share), draws[slot, 0], side="right")), len(names) - 1)
                 source = source if left[source] else int(np.flatnonzero(left)[-1])  # cumsum rounding at the end
-                position = int(draws[slot, 1] * left[source])
+                position = int(draws[slot, 1] * reach[source])
             chosen[slot] = remaining[source].pop(position)
             best = source == greedy and position == 0
-            propensities[slot] = (1.0 - self.epsilon) * best + self.epsilon * share[source] / left[source]
+            propensities[slot] = (1.0 - self.epsilon) * best + self.epsilon * share[source] / reach[source]
         return scored.take(order[chosen]), np.minimum(propensities, 1.0)  # (1 - e) + e q / n may round above 1
 
 

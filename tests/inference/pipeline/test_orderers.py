@@ -46,12 +46,13 @@ def test_explore_without_epsilon_is_top_k():
     np.testing.assert_array_equal(propensities, np.ones(4))
 
 
-def test_explore_propensities_are_the_probabilities_of_the_lists_it_draws():
+@pytest.mark.parametrize("pool", [None, 2])
+def test_explore_propensities_are_the_probabilities_of_the_lists_it_draws(pool):
     """Each distinct list's frequency over many draws matches the product of its slots' propensities."""
-    scored = Candidates(np.arange(1, 7), np.array(["ann", "ann", "list", "list", "similar", "similar"]),
-                        np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], np.float32))
+    scored = Candidates(np.arange(1, 10), np.array(["ann"] * 3 + ["list"] * 3 + ["similar"] * 3),
+                        np.linspace(0.9, 0.1, 9).astype(np.float32))
     bandit = bandit_with({"ann": (10, 1), "list": (10, 5), "similar": (10, 2)})
-    orderer, draws = ExploreOrderer(bandit, epsilon=0.4, seed=1), 20_000
+    orderer, draws = ExploreOrderer(bandit, epsilon=0.4, pool=pool, seed=1), 20_000
     lists, probability = Counter(), {}
     for _ in range(draws):
         ranked, propensities = orderer(Query(user_id=1, k=3), scored)
@@ -60,7 +61,9 @@ def test_explore_propensities_are_the_probabilities_of_the_lists_it_draws():
         probability.setdefault(key, float(np.prod(propensities)))
         assert probability[key] == pytest.approx(float(np.prod(propensities)))
         assert len(set(key)) == 3
-    assert len(lists) > 50 and sum(probability.values()) == pytest.approx(1.0, abs=0.02)  # nearly every list
+    assert len(lists) > 50 and sum(probability.values()) == pytest.approx(1.0, abs=0.03)  # nearly every list
+    if pool is not None:  # the third item of a source is only shown once the two above it are
+        assert all({1, 2} & set(key[:key.index(3)]) for key in lists if 3 in key)
     for key, count in lists.items():
         p = probability[key]
         assert abs(count / draws - p) < 4 * np.sqrt(p * (1 - p) / draws) + 1e-4, key
@@ -80,3 +83,5 @@ def test_explored_slots_go_to_the_sources_the_bandit_finds_rewarding():
 def test_explore_rejects_epsilon_outside_0_1():
     with pytest.raises(ValueError, match=r"epsilon = 1.0; expected a probability in \[0, 1\)"):
         ExploreOrderer(SourceBandit(), epsilon=1.0)
+    with pytest.raises(ValueError, match="pool = 0; expected at least 1"):
+        ExploreOrderer(SourceBandit(), epsilon=0.1, pool=0)
