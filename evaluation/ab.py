@@ -14,6 +14,8 @@ With means m, sample variances v (ddof 1) and sizes n per group (c control, t tr
                            against the designed split; below 0.001, distrust the whole experiment
     required_sample_size   units per variant to detect a relative change with a two-sided normal test:
                            2 (z_{1-alpha/2} + z_power)^2 std^2 / (minimum_effect * mean)^2
+    logged_experiment      all of it for an experiment the service ran: per user (an anonymous request
+                           is a unit of its own), reward per request, from the impression log's slots
 
 The Student t distribution comes from the regularised incomplete beta function,
 P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2), evaluated by its continued fraction (Lentz's method,
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
+import pandas as pd
 from numpy.typing import ArrayLike
 
 from evaluation.checks import finite_values
@@ -232,3 +235,43 @@ def _check_open_unit(value: float, name: str) -> None:
 def _check_df(df: float) -> None:
     if not (math.isfinite(df) and df > 0):
         raise ValueError(f"df must be finite and > 0, got {df!r}")
+
+
+@dataclass(frozen=True)
+class ExperimentReport:
+    """An experiment from its log: per arm the ``units`` (users), requests and reward (clicks);
+    `compare_means` of the units' reward per request, treatment against control; and the
+    sample-ratio-mismatch p-value of the units against the designed treatment share."""
+
+    arms: dict[str, dict[str, float]]
+    comparison: Comparison
+    sample_ratio_p_value: float
+
+
+def logged_experiment(slots: pd.DataFrame, treatment: str, share: float, control: str = "control",
+                      alpha: float = 0.05) -> ExperimentReport:
+    """The experiment arm ``treatment`` (a ``share`` of users by design) against ``control`` from
+    ``slots``, one row per served slot with its ``variant`` and ``reward`` (`inference.impressions.logged_slots`)."""
+    missing = sorted({"request_id", "user_id", "variant", "reward"} - set(slots.columns))
+    if missing:
+        raise ValueError(f"logged slots lack columns {missing}; expected the columns of logged_slots")
+    requests = slots.groupby("request_id", sort=False).agg(
+        variant=("variant", "first"), user_id=("user_id", "first"), reward=("reward", "sum"))
+    arms = set(requests["variant"])
+    if {control, treatment} - arms:
+        raise ValueError(f"the log holds arms {sorted(arms)}; expected {control!r} and {treatment!r}")
+    requests = requests[requests["variant"].isin([control, treatment])]
+    unit = requests["user_id"].astype("string").fillna("request:" + requests.index.to_series())
+    users = requests.groupby(unit).agg(variant=("variant", "first"), arms=("variant", "nunique"),
+                                       requests=("reward", "size"), reward=("reward", "sum"))
+    switched = users.index[users["arms"] > 1]
+    if len(switched):
+        raise ValueError(f"users {switched[:5].tolist()} were served by both arms; expected a stable split")
+    users["per_request"] = users["reward"] / users["requests"]
+    groups = {arm: users[users["variant"] == arm] for arm in (control, treatment)}
+    summary = {arm: {"units": len(g), "requests": int(g["requests"].sum()), "reward": float(g["reward"].sum()),
+                     "reward_per_request": float(g["reward"].sum() / g["requests"].sum())}
+               for arm, g in groups.items()}
+    comparison = compare_means(groups[control]["per_request"], groups[treatment]["per_request"], alpha)
+    srm = sample_ratio_mismatch(len(groups[control]), len(groups[treatment]), 1 - share)
+    return ExperimentReport(summary, comparison, srm)

@@ -44,6 +44,7 @@ class Impression:
     request_id: str
     served_at: float  # epoch seconds
     version: str  # artefact version that answered
+    variant: str  # the experiment arm that answered: "control", or an `inference.service.Experiment`'s name
     user_id: int | None
     context: dict[str, object]  # JSON-able request context
     recent_items: tuple[int, ...]
@@ -89,12 +90,14 @@ FIELDS = {
         "sources": ("a list of strings", _each(lambda x: isinstance(x, str))),
         "scores": ("a list of finite numbers", _each(_is_number)),
         "propensities": ("a list of numbers in (0, 1]", _each(lambda x: _is_number(x) and 0 < x <= 1)),
+        "variant": STRING,
     },
     "feedback": {"request_id": STRING, "item_id": ("an integer", _is_int), "reward": NUMBER, "received_at": NUMBER},
 }
 SLOT_FIELDS = ("item_ids", "sources", "scores", "propensities")
 KINDS = {Impression: "impressions", Feedback: "feedback"}
-IMPRESSION_DTYPES = {"request_id": object, "served_at": "float64", "version": object, "user_id": "Int64",
+IMPRESSION_DTYPES = {"request_id": object, "served_at": "float64", "version": object, "variant": object,
+                     "user_id": "Int64",
                      "context": object, "recent_items": object, "k": "int64", "position": "int64",
                      "item_id": "int64", "source": object, "score": "float64", "propensity": "float64"}
 FEEDBACK_DTYPES = {"request_id": object, "item_id": "int64", "reward": "float64", "received_at": "float64"}
@@ -273,8 +276,8 @@ def _read(directory: Path, kind: str) -> list[dict]:
 
 def read_impressions(directory: Path) -> pd.DataFrame:
     """One row per served slot, in log order, with the columns of `IMPRESSION_DTYPES`."""
-    slots = [(r["request_id"], r["served_at"], r["version"], r["user_id"], r["context"], tuple(r["recent_items"]),
-              r["k"], position, *slot)
+    slots = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["user_id"], r["context"],
+              tuple(r["recent_items"]), r["k"], position, *slot)
              for r in _read(Path(directory), "impressions")
              for position, slot in enumerate(zip(*(r[name] for name in SLOT_FIELDS), strict=True))]
     return pd.DataFrame(slots, columns=list(IMPRESSION_DTYPES)).astype(IMPRESSION_DTYPES)

@@ -13,7 +13,9 @@ evaluation. `create_app` serves a recommender with FastAPI; `recstack serve` run
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import re
 import socket
 import threading
 import time
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 GRACE_S = 60.0  # a swapped-out pipeline is closed this long after the swap: longer than any request takes
 MAX_RECENT_ITEMS = 1000  # the most recent items one request may send
 MAX_REMEMBERED = 100_000  # answered requests whose items feedback can still name
+CONTROL = "control"  # the arm of the live config in an experiment, and of every request outside one
 PROMETHEUS_TEXT = "text/plain; version=0.0.4"
 
 
@@ -63,18 +66,48 @@ class Serving:
 
     version: str
     pipeline: Pipeline
+    treatment: Pipeline | None = None  # the experiment's arm, when one runs
     shadow: ShadowRunner | None = None
     shadow_error: str | None = None
 
-    def answer(self, query: Query) -> Response:
-        """The live pipeline's answer; the shadow, if any, runs on it later, off this thread."""
+    def answer(self, query: Query, arm: str = CONTROL) -> Response:
+        """The answer of ``arm``'s pipeline; a control request's shadow, if any, runs later, off this thread."""
+        if arm != CONTROL:
+            return self.treatment(query)
         return self.shadow(query) if self.shadow is not None else self.pipeline(query)
 
     def close(self) -> None:
         if self.shadow is not None:
             self.shadow.close()  # waits for the shadow calls it queued
             self.shadow.shadow.close(close_store=False)  # the store is the live pipeline's
+        if self.treatment is not None:
+            self.treatment.close(close_store=False)
         self.pipeline.close()
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An A/B test: the users whose hashed id falls below ``share`` get the pipeline ``config``
+    declares (the arm ``name``), everyone else the live config (`CONTROL`). The hash covers the
+    name and the user id, so a user stays in one arm across requests, versions and servers, and
+    two experiments split users independently; anonymous visitors are assigned per request."""
+
+    name: str
+    config: PipelineConfig
+    share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name) or self.name == CONTROL:
+            raise ValueError(f"experiment name {self.name!r}; expected letters, digits, '_', '.' or '-', "
+                             f"other than {CONTROL!r}")
+        if not 0 < self.share < 1:
+            raise ValueError(f"experiment share = {self.share!r}; expected a share of users in (0, 1)")
+
+    def arm(self, user_id: int | None, request_id: str) -> str:
+        """``name`` or `CONTROL` for a request of ``user_id`` (None: anonymous, split by ``request_id``)."""
+        unit = f"user:{user_id}" if user_id is not None else f"request:{request_id}"
+        digest = hashlib.blake2b(f"{self.name}/{unit}".encode(), digest_size=8).digest()
+        return self.name if int.from_bytes(digest, "big") / 2**64 < self.share else CONTROL
 
 
 @dataclass(frozen=True)
@@ -94,10 +127,11 @@ class Shadow:
 
 @dataclass(frozen=True)
 class Served:
-    """One answered request: its id (for feedback), the version that answered, and the answer."""
+    """One answered request: its id (for feedback), the version and experiment arm that answered, and the answer."""
 
     request_id: str
     version: str
+    variant: str
     response: Response
 
 
@@ -116,17 +150,19 @@ class Recommender:
 
     ``bandit`` counts every served slot by source and the rewards `feedback` reports, across
     versions; feedback can name the items of the last `MAX_REMEMBERED` answered requests. With
-    ``shadow``, each version also builds the shadow pipeline; one that fails to build or warm up
-    leaves the version serving without a shadow.
+    ``experiment``, each version also builds its arm's pipeline, which must answer the probe too.
+    With ``shadow``, each version also builds the shadow pipeline; one that fails to build or warm
+    up leaves the version serving without a shadow.
     """
 
     def __init__(self, root: Path, config: PipelineConfig, probe: Query | None = None, poll_s: float = 5.0,
-                 log: ImpressionLog | None = None, shadow: Shadow | None = None) -> None:
+                 log: ImpressionLog | None = None, shadow: Shadow | None = None,
+                 experiment: Experiment | None = None) -> None:
         probe = probe or Query(user_id=None, k=min(10, config.max_k))
         if probe.user_id is None and not config.allow_anonymous:
             raise ValueError("the pipeline config has allow_anonymous: false, so it would refuse an anonymous "
                              "probe query; expected a probe with a known user (recstack serve --probe-user ID)")
-        self.config, self.probe, self.log, self.shadow = config, probe, log, shadow
+        self.config, self.probe, self.log, self.shadow, self.experiment = config, probe, log, shadow, experiment
         self.bandit = SourceBandit()
         self._served: OrderedDict[str, dict[int, str]] = OrderedDict()  # request id -> {item: source}
         self._lock = threading.Lock()
@@ -142,8 +178,10 @@ class Recommender:
     def recommend(self, query: Query) -> Served:
         """The serving version's answer to ``query``, counted in the bandit and logged."""
         serving = self.live.state  # read once: a swap during the request does not change its pipeline
-        response = serving.answer(query)
-        served = Served(uuid.uuid4().hex, serving.version, response)
+        request_id = uuid.uuid4().hex
+        arm = CONTROL if self.experiment is None else self.experiment.arm(query.user_id, request_id)
+        response = serving.answer(query, arm)
+        served = Served(request_id, serving.version, arm, response)
         items, sources = response.item_ids.tolist(), response.sources.tolist()
         self.bandit.served(sources)
         with self._lock:
@@ -152,7 +190,7 @@ class Recommender:
                 self._served.popitem(last=False)
         if self.log is not None:
             self.log.write(Impression(
-                served.request_id, time.time(), serving.version, query.user_id, query.context, query.recent_items,
+                served.request_id, time.time(), serving.version, arm, query.user_id, query.context, query.recent_items,
                 query.k, tuple(items), tuple(sources), tuple(response.scores.tolist()),
                 tuple(response.propensities.tolist()),
             ))
@@ -188,21 +226,31 @@ class Recommender:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
         version = open_pipeline_version(self.config, directory)
         pipeline = build_pipeline(self.config, version, self.bandit)
+        treatment = None
         try:
-            pipeline.warm_up(self.probe)
-            response = pipeline(self.probe)  # warm_up only logs failures; this call raises them
-            if len(response.item_ids) == 0:
-                raise ValueError(f"{directory}: the warm-up query {self.probe} answered no items; expected some")
+            self._probe(pipeline, directory)
+            if self.experiment is not None:
+                treatment = build_pipeline(self.experiment.config, version, self.bandit)
+                self._probe(treatment, directory, f"experiment {self.experiment.name!r}: ")
         except Exception:
+            if treatment is not None:
+                treatment.close(close_store=False)
             pipeline.close()
             raise
-        pipeline.stats = PipelineStats()  # the probe is not traffic
-        serving = self._with_shadow(Serving(directory.name, pipeline), version)
+        serving = self._with_shadow(Serving(directory.name, pipeline, treatment), version)
         # LiveArtifacts swaps in what a load returns, so what the previous load built retires
         previous, self._latest = self._latest, serving
         if previous is not None:
             self._retire(previous)
         return serving
+
+    def _probe(self, pipeline: Pipeline, directory: Path, what: str = "") -> None:
+        """Warms ``pipeline`` up; raises unless it answers the probe query with some items."""
+        pipeline.warm_up(self.probe)
+        response = pipeline(self.probe)  # warm_up only logs failures; this call raises them
+        if len(response.item_ids) == 0:
+            raise ValueError(f"{directory}: {what}the probe query {self.probe} answered no items; expected some")
+        pipeline.stats = PipelineStats()  # the probe is not traffic
 
     def _with_shadow(self, serving: Serving, version: ServingVersion) -> Serving:
         """``serving`` with the shadow pipeline over the same version, when one is configured and
@@ -259,6 +307,7 @@ class Recommendation(_Strict):
 
     request_id: str
     version: str
+    variant: str  # the experiment arm: "control" outside an experiment
     items: list[RecommendedItem]
     removed: dict[str, int]
 
@@ -318,8 +367,8 @@ def create_app(recommender: Recommender) -> FastAPI:
         items = [RecommendedItem(item_id=i, score=s, source=src, propensity=p)
                  for i, s, src, p in zip(response.item_ids.tolist(), response.scores.tolist(),
                                          response.sources.tolist(), response.propensities.tolist(), strict=True)]
-        return Recommendation(request_id=served.request_id, version=served.version, items=items,
-                              removed=Counter(response.reasons.tolist()))
+        return Recommendation(request_id=served.request_id, version=served.version, variant=served.variant,
+                              items=items, removed=Counter(response.reasons.tolist()))
 
     @app.post("/feedback")
     def feedback(request: FeedbackRequest) -> FeedbackReceipt:

@@ -1,5 +1,6 @@
 """`recstack evaluate`: `replay`, an off-policy estimate of a pipeline config from an impression
-log; `drift`, how a dataset's model inputs moved between two samples of its interactions."""
+log; `ab`, the analysis of an experiment the service ran; `drift`, how a dataset's model inputs
+moved between two samples of its interactions."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ log = logging.getLogger(__name__)
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a pipeline offline")
-    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{replay,drift}")
+    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{replay,ab,drift}")
     replay = tasks.add_parser("replay", help="estimate a pipeline config's reward on the traffic an impression "
                                              "log holds (recstack serve --log, with an explore orderer)")
     replay.add_argument("--log", required=True, type=Path, help="impression log directory")
@@ -27,6 +28,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     replay.add_argument("--depth", type=int, nargs="+", default=[1, 5, 10],
                         help="report the reward per request in the top d slots, for each d")
     replay.set_defaults(run=_replay)
+    ab = tasks.add_parser("ab", help="an experiment's arms from an impression log (recstack serve "
+                                     "--experiment-config): reward per request per user, Welch's t-test, "
+                                     "sample-ratio check")
+    ab.add_argument("--log", required=True, type=Path, help="impression log directory")
+    ab.add_argument("--treatment", default="treatment", help="the experiment arm's name (--experiment-name)")
+    ab.add_argument("--share", type=float, default=0.5, help="the designed share of users in the arm")
+    ab.set_defaults(run=_ab)
     drift = tasks.add_parser("drift", help="population stability (PSI) and KS of every model input between "
                                            "two samples of interactions, e.g. the training rows and today's")
     drift.add_argument("--reference", required=True, type=Path, help="canonical dataset directory")
@@ -90,3 +98,12 @@ def _drift(args: argparse.Namespace) -> int:
     print(json.dumps({"rows": {side: len(frame) for side, frame in samples.items()}, "alerts": alerts,
                       "features": rows}))
     return 1 if alerts and args.fail_on_alert else 0
+
+
+def _ab(args: argparse.Namespace) -> int:
+    from evaluation.ab import logged_experiment
+    from inference.impressions import logged_slots
+
+    report = logged_experiment(logged_slots(args.log), args.treatment, args.share)
+    print(json.dumps({**asdict(report), "sample_ratio_alarm": report.sample_ratio_p_value < 0.001}))
+    return 0

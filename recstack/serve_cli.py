@@ -25,6 +25,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                        help="a candidate pipeline config to run beside the live one on sampled requests (GET /shadow)")
     serve.add_argument("--shadow-sample", type=float, default=0.1, metavar="SHARE",
                        help="share of requests mirrored to the shadow pipeline")
+    serve.add_argument("--experiment-config", type=Path, default=None, metavar="YAML",
+                       help="A/B test: the pipeline config a share of users get instead of --config")
+    serve.add_argument("--experiment-name", default="treatment", help="the experiment arm's name in the log")
+    serve.add_argument("--experiment-share", type=float, default=0.5, metavar="SHARE",
+                       help="share of users in the experiment arm (by a hash of the name and the user id)")
     serve.add_argument("--probe-context", nargs="*", default=[], metavar="NAME=VALUE",
                        help="context of that query, e.g. hour=12 weekday=3")
     serve.set_defaults(run=_serve)
@@ -36,7 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     from inference.impressions import ImpressionLog
     from inference.pipeline.executor import load_pipeline_config
     from inference.pipeline.types import Query
-    from inference.service import Recommender, Shadow, create_app
+    from inference.service import Experiment, Recommender, Shadow, create_app
 
     # swaps and refusals log at INFO and ERROR; force: importing torchrec already added a WARNING root handler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
@@ -45,8 +50,12 @@ def _serve(args: argparse.Namespace) -> int:
     shadow = None
     if args.shadow_config is not None:
         shadow = Shadow(load_pipeline_config(args.shadow_config), args.shadow_sample)
+    experiment = None
+    if args.experiment_config is not None:
+        experiment = Experiment(args.experiment_name, load_pipeline_config(args.experiment_config),
+                                args.experiment_share)
     log = None if args.log is None else ImpressionLog(args.log)
-    recommender = Recommender(args.artifacts, config, probe, args.poll_s, log, shadow).start()
+    recommender = Recommender(args.artifacts, config, probe, args.poll_s, log, shadow, experiment).start()
     try:
         # until SIGTERM or Ctrl-C; uvicorn shuts down gracefully, then re-raises the signal
         uvicorn.run(create_app(recommender), host=args.host, port=args.port)

@@ -2,12 +2,14 @@ import math
 from statistics import NormalDist
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from evaluation.ab import (
     compare_means,
     compare_proportions,
     cuped,
+    logged_experiment,
     required_sample_size,
     sample_ratio_mismatch,
     student_t_cdf,
@@ -210,3 +212,37 @@ def test_required_sample_size_gives_the_power_in_simulation():
 def test_bad_inputs_raise(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def logged_slots_of(rng, users: int, share: float, rates: dict[str, float], slots: int = 5) -> pd.DataFrame:
+    """Slots of 1-4 requests per user, each user in one arm, rewards Bernoulli(rates[arm])."""
+    rows = []
+    for user in range(users):
+        arm = "treatment" if rng.random() < share else "control"
+        for r in range(rng.integers(1, 5)):
+            for position in range(slots):
+                rows.append({"request_id": f"{user}-{r}", "user_id": user, "variant": arm, "position": position,
+                             "reward": float(rng.random() < rates[arm])})
+    return pd.DataFrame(rows).astype({"user_id": "Int64"})
+
+
+def test_logged_experiment_finds_a_real_lift_and_checks_the_split():
+    rng = np.random.default_rng(0)
+    slots = logged_slots_of(rng, 4000, 0.3, {"control": 0.10, "treatment": 0.13})
+    report = logged_experiment(slots, "treatment", share=0.3)
+    assert report.arms["treatment"]["units"] + report.arms["control"]["units"] == 4000
+    assert report.comparison.low < 5 * 0.03 < report.comparison.high and report.comparison.p_value < 0.001
+    assert report.sample_ratio_p_value > 0.001  # the split is as designed
+    assert logged_experiment(slots, "treatment", share=0.5).sample_ratio_p_value < 1e-6  # not 50/50
+
+
+def test_logged_experiment_refuses_logs_it_cannot_trust():
+    slots = logged_slots_of(np.random.default_rng(1), 50, 0.5, {"control": 0.1, "treatment": 0.1})
+    with pytest.raises(ValueError, match=r"the log holds arms \['control', 'treatment'\]; expected 'control' and 'b'"):
+        logged_experiment(slots, "b", share=0.5)
+    extra = pd.DataFrame({"request_id": ["x1", "x2"], "user_id": pd.array([7, 7], "Int64"),
+                          "variant": ["control", "treatment"], "position": [0, 0], "reward": [0.0, 1.0]})
+    with pytest.raises(ValueError, match=r"users \['7'\] were served by both arms"):  # user 7: one request in each
+        logged_experiment(pd.concat([slots, extra]), "treatment", share=0.5)
+    with pytest.raises(ValueError, match=r"lack columns \['variant'\]"):
+        logged_experiment(slots.drop(columns="variant"), "treatment", share=0.5)

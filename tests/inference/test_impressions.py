@@ -27,7 +27,8 @@ DELETED = object()  # a field left out of a record
 
 
 def impression(request_id: str, **changes) -> Impression:
-    served = Impression(request_id=request_id, served_at=1_700_000_000.123456, version="v0007", user_id=42,
+    served = Impression(request_id=request_id, served_at=1_700_000_000.123456, version="v0007", variant="control",
+                        user_id=42,
                         context={"device": "ios", "geo": {"country": "日本"}}, recent_items=(5, 3), k=3,
                         item_ids=(11, 12), sources=("ann", "popular"), scores=(0.75, -1.5e-3),
                         propensities=(1.0, 0.25))
@@ -69,7 +70,7 @@ def test_impressions_and_feedback_round_trip_exactly(tmp_path):
     assert [len(files(tmp_path, kind)) for kind in ("impressions", "feedback")] == [1, 1]
     expected = pd.DataFrame({
         "request_id": ["r1", "r1", "r2"], "served_at": [1_700_000_000.123456] * 3, "version": ["v0007"] * 3,
-        "user_id": pd.array([42, 42, None], dtype="Int64"),
+        "variant": ["control"] * 3, "user_id": pd.array([42, 42, None], dtype="Int64"),
         "context": [{"device": "ios", "geo": {"country": "日本"}}] * 2 + [{}],
         "recent_items": [(5, 3), (5, 3), ()], "k": [3, 3, 1], "position": [0, 1, 0],
         "item_id": [11, 12, 2**40], "source": ["ann", "popular", "editorial"], "score": [0.75, -1.5e-3, 3.0],
@@ -85,7 +86,7 @@ def test_empty_or_missing_directory_gives_empty_frames_with_columns(tmp_path):
         slots, feedback = logged_slots(directory), read_feedback(directory)
         assert (len(slots), len(feedback)) == (0, 0)
         assert list(slots.columns) == [*read_impressions(directory).columns, "reward"]
-        assert list(slots.columns)[:4] == ["request_id", "served_at", "version", "user_id"]
+        assert list(slots.columns)[:5] == ["request_id", "served_at", "version", "variant", "user_id"]
         assert slots["user_id"].dtype == "Int64"
         assert list(feedback.columns) == ["request_id", "item_id", "reward", "received_at"]
 

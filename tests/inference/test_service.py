@@ -22,7 +22,7 @@ from inference.pipeline.sources import ListSource
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
-from inference.service import MAX_RECENT_ITEMS, Recommender, Shadow, serve_in_thread
+from inference.service import MAX_RECENT_ITEMS, Experiment, Recommender, Shadow, serve_in_thread
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
@@ -289,3 +289,35 @@ def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_li
         recommender.close()
     with pytest.raises(ValueError, match="shadow sample = 0"):
         Shadow(candidate, sample=0)
+
+
+def test_an_experiment_splits_users_stably_and_logs_each_answers_arm(root, tmp_path):
+    treatment = pipeline_config().model_copy(update={"scorer": ["linear"]})
+    experiment = Experiment("linear-ranker", treatment, share=0.5)
+    log = ImpressionLog(tmp_path / "log")
+    recommender = Recommender(root, pipeline_config(), log=log, experiment=experiment)
+    try:
+        with serve_in_thread(recommender) as base:
+            first = {user: recommend(base, user_id=user, k=5)[1] for user in range(1, 41)}
+            again = {user: recommend(base, user_id=user, k=5)[1] for user in range(1, 41)}
+        serving = recommender.live.state
+        for user, reply in first.items():  # each arm's answer is its own pipeline's
+            arm = serving.treatment if reply["variant"] == "linear-ranker" else serving.pipeline
+            other = serving.pipeline if reply["variant"] == "linear-ranker" else serving.treatment
+            scores = [item["score"] for item in reply["items"]]
+            np.testing.assert_allclose(scores, arm(Query(user_id=user, k=5)).scores, rtol=1e-6)
+            assert not np.allclose(scores, other(Query(user_id=user, k=5)).scores)
+    finally:
+        recommender.close()
+        log.close()
+    arms = {user: reply["variant"] for user, reply in first.items()}
+    assert arms == {user: reply["variant"] for user, reply in again.items()}  # a user keeps an arm
+    assert set(arms.values()) == {"control", "linear-ranker"} and 10 <= list(arms.values()).count("control") <= 30
+    assert all(arms[user] == experiment.arm(user, "any request") for user in arms)
+    slots = logged_slots(tmp_path / "log")
+    logged = slots.drop_duplicates("request_id").set_index("request_id")["variant"]
+    assert logged.to_dict() == {reply["request_id"]: reply["variant"] for reply in [*first.values(), *again.values()]}
+    with pytest.raises(ValueError, match="experiment name 'control'"):
+        Experiment("control", treatment)
+    with pytest.raises(ValueError, match=r"experiment share = 1; expected a share of users in \(0, 1\)"):
+        Experiment("b", treatment, share=1)

@@ -10,11 +10,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 
-from inference.impressions import ImpressionLog, logged_slots
+from inference.impressions import Feedback, Impression, ImpressionLog, logged_slots
 from inference.pipeline.executor import load_pipeline_config
 from inference.pipeline.types import Query
 from inference.service import Recommender
@@ -224,3 +225,24 @@ def test_evaluate_drift_compares_every_model_input_between_two_samples(tiny_data
     kinds = {row["column"]: row["kind"] for row in moved["features"]}
     assert kinds["item_id"] == "categorical" and "numerical" in kinds.values()
     assert moved["alerts"] and set(moved["alerts"]) <= set(kinds)
+
+
+def test_evaluate_ab_reads_an_experiment_from_the_impression_log(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    log = ImpressionLog(tmp_path / "log")
+    for n in range(600):
+        user = int(rng.integers(0, 300))
+        arm = "bigger-pool" if user % 2 else "control"
+        log.write(Impression(f"r{n}", 1.7e9 + n, "v0001", arm, user, {}, (), 3, (1, 2, 3), ("ann",) * 3,
+                             (0.9, 0.5, 0.1), (1.0, 1.0, 1.0)))
+        if rng.random() < (0.6 if arm == "control" else 0.9):
+            log.write(Feedback(f"r{n}", 1, 1.0, 1.7e9 + n + 1))
+    log.close()
+    assert main(["evaluate", "ab", "--log", str(tmp_path / "log"), "--treatment", "bigger-pool"]) == 0
+    report = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert set(report["arms"]) == {"control", "bigger-pool"}
+    assert report["arms"]["control"]["requests"] + report["arms"]["bigger-pool"]["requests"] == 600
+    assert report["comparison"]["low"] < 0.3 < report["comparison"]["high"] and report["comparison"]["p_value"] < 1e-3
+    assert not report["sample_ratio_alarm"]
+    assert main(["evaluate", "ab", "--log", str(tmp_path / "log"), "--treatment", "other"]) == 2
+    assert "expected 'control' and 'other'" in capsys.readouterr().err
