@@ -396,7 +396,10 @@ def create_app(recommender: Recommender) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         serving = recommender.live.state
-        text = format_metrics(serving.version, serving.pipeline.stats.snapshot())
+        snapshots = {CONTROL: serving.pipeline.stats.snapshot()}
+        if serving.treatment is not None:
+            snapshots[recommender.experiment.name] = serving.treatment.stats.snapshot()
+        text = format_metrics(serving.version, snapshots)
         text += format_bandit_metrics(recommender.bandit.snapshot(),
                                       None if recommender.log is None else recommender.log.dropped)
         if serving.shadow is not None:
@@ -429,9 +432,10 @@ def serve_in_thread(recommender: Recommender, start_timeout_s: float = 10.0) -> 
         thread.join(start_timeout_s)
 
 
-def format_metrics(version: str, snapshot: dict) -> str:
-    """A `PipelineStats.snapshot()` of ``version`` in the Prometheus text format 0.0.4: the request
-    counters, and per stage the calls, failures, timeouts and a latency histogram in seconds."""
+def format_metrics(version: str, snapshots: dict[str, dict]) -> str:
+    """`PipelineStats.snapshot()`s of ``version``'s pipelines by experiment arm (``variant``) in the
+    Prometheus text format 0.0.4: the request counters, and per stage the calls, failures, timeouts
+    and a latency histogram in seconds."""
     lines = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -440,23 +444,25 @@ def format_metrics(version: str, snapshot: dict) -> str:
     for key, help_text in (("requests", "Requests the pipeline ran (not those refused before, e.g. k > max_k)."),
                            ("failed_requests", "Requests the pipeline ran that failed.")):
         family(f"recstack_{key}_total", "counter", help_text)
-        lines.append(f"recstack_{key}_total{_labels(version=version)} {snapshot[key]}")
-    stages = snapshot["stages"]
+        lines.extend(f"recstack_{key}_total{_labels(version=version, variant=arm)} {snapshot[key]}"
+                     for arm, snapshot in snapshots.items())
+    stages = [(arm, stage, counts)
+              for arm, snapshot in snapshots.items() for stage, counts in snapshot["stages"].items()]
     for key, help_text in (("calls", "Completed calls of a pipeline stage."),
                            ("failures", "Calls of a candidate source that raised."),
                            ("timeouts", "Calls of a candidate source that timed out.")):
         family(f"recstack_stage_{key}_total", "counter", help_text)
-        lines.extend(f"recstack_stage_{key}_total{_labels(stage=stage, version=version)} {counts[key]}"
-                     for stage, counts in stages.items())
+        lines.extend(f"recstack_stage_{key}_total{_labels(stage=stage, version=version, variant=arm)} {counts[key]}"
+                     for arm, stage, counts in stages)
     name = "recstack_stage_latency_seconds"
     family(name, "histogram", "Latency of completed calls of a pipeline stage.")
     bounds = [f"{ms / 1000:g}" for ms in LATENCY_BUCKETS_MS] + ["+Inf"]
-    for stage, counts in stages.items():
+    for arm, stage, counts in stages:
+        labels = {"stage": stage, "version": version, "variant": arm}
         cumulative = list(accumulate(counts["latency_ms"].values()))  # per-bucket counts, in bound order
-        lines.extend(f"{name}_bucket{_labels(stage=stage, version=version, le=le)} {n}"
-                     for le, n in zip(bounds, cumulative, strict=True))
-        lines.append(f"{name}_sum{_labels(stage=stage, version=version)} {counts['total_ms'] / 1000!r}")
-        lines.append(f"{name}_count{_labels(stage=stage, version=version)} {cumulative[-1]}")
+        lines.extend(f"{name}_bucket{_labels(**labels, le=le)} {n}" for le, n in zip(bounds, cumulative, strict=True))
+        lines.append(f"{name}_sum{_labels(**labels)} {counts['total_ms'] / 1000!r}")
+        lines.append(f"{name}_count{_labels(**labels)} {cumulative[-1]}")
     return "\n".join(lines) + "\n"
 
 

@@ -114,7 +114,7 @@ def test_bad_bodies_are_refused_naming_the_field(url):
 
 
 def test_a_failing_fail_closed_source_or_scorer_chain_is_503(url, monkeypatch):
-    before = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001")}))]
+    before = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001"), ("variant", "control")}))]
 
     def refuse(self, query, k):
         raise ConnectionError("store unreachable")
@@ -127,7 +127,7 @@ def test_a_failing_fail_closed_source_or_scorer_chain_is_503(url, monkeypatch):
         patch.setattr(TorchScriptScorer, "__call__", refuse)
         status, reply = recommend(url, user_id=7)
     assert status == 503 and reply["detail"].startswith("every scorer of")
-    after = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001")}))]
+    after = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001"), ("variant", "control")}))]
     assert after == before + 2
 
 
@@ -143,7 +143,7 @@ def test_health_names_the_serving_version(url):
 
 
 def test_metrics_are_prometheus_text_and_count_requests(url):
-    requests = ("recstack_requests_total", frozenset({("version", "v0001")}))
+    requests = ("recstack_requests_total", frozenset({("version", "v0001"), ("variant", "control")}))
     before = metrics(url)
     assert recommend(url, user_id=3)[0] == 200
     samples = metrics(url)
@@ -184,7 +184,7 @@ def test_a_new_version_swaps_in_under_traffic_and_a_broken_one_is_refused(url, r
     statuses, versions = zip(*replies, strict=True)
     assert set(statuses) == {200} and versions[0] == "v0001" and versions[-1] == "v0002"
     assert json.loads(call(url, "/healthz")[2]) == {"version": "v0002", "refused": {}}
-    assert ("recstack_requests_total", frozenset({("version", "v0002")})) in metrics(url)
+    assert ("recstack_requests_total", frozenset({("version", "v0002"), ("variant", "control")})) in metrics(url)
 
     artifacts = ArtifactRoot(root)
     with artifacts.build() as (version, staging):  # a version with nothing in it but its manifest
@@ -300,6 +300,10 @@ def test_an_experiment_splits_users_stably_and_logs_each_answers_arm(root, tmp_p
         with serve_in_thread(recommender) as base:
             first = {user: recommend(base, user_id=user, k=5)[1] for user in range(1, 41)}
             again = {user: recommend(base, user_id=user, k=5)[1] for user in range(1, 41)}
+            samples = metrics(base)
+        version = first[1]["version"]
+        requests = {arm: samples["recstack_requests_total", frozenset({("version", version), ("variant", arm)})]
+                    for arm in ("control", "linear-ranker")}
         serving = recommender.live.state
         for user, reply in first.items():  # each arm's answer is its own pipeline's
             arm = serving.treatment if reply["variant"] == "linear-ranker" else serving.pipeline
@@ -312,6 +316,7 @@ def test_an_experiment_splits_users_stably_and_logs_each_answers_arm(root, tmp_p
         log.close()
     arms = {user: reply["variant"] for user, reply in first.items()}
     assert arms == {user: reply["variant"] for user, reply in again.items()}  # a user keeps an arm
+    assert requests == {arm: 2 * list(arms.values()).count(arm) for arm in requests}  # /metrics per arm
     assert set(arms.values()) == {"control", "linear-ranker"} and 10 <= list(arms.values()).count("control") <= 30
     assert all(arms[user] == experiment.arm(user, "any request") for user in arms)
     slots = logged_slots(tmp_path / "log")
