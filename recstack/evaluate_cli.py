@@ -27,6 +27,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="YAML pipeline config of the candidate; it must not explore (a top_k final orderer)")
     replay.add_argument("--depth", type=int, nargs="+", default=[1, 5, 10],
                         help="report the reward per request in the top d slots, for each d")
+    replay.add_argument("--last", type=int, default=None, metavar="N",
+                        help="replay only the log's last N requests (the candidate answers each one)")
     replay.set_defaults(run=_replay)
     ab = tasks.add_parser("ab", help="an experiment's arms from an impression log (recstack serve "
                                      "--experiment-config): reward per request per user, Welch's t-test, "
@@ -53,6 +55,11 @@ def _replay(args: argparse.Namespace) -> int:
     from inference.pipeline.types import Query
 
     slots = logged_slots(args.log)
+    if args.last is not None:
+        if args.last < 1:
+            raise ValueError(f"--last {args.last}; expected a positive number of requests")
+        kept = slots["request_id"].drop_duplicates().iloc[-args.last:]
+        slots = slots[slots["request_id"].isin(kept)]
     version, pipeline = published_pipeline(args.artifacts, args.config)
     failed = 0
 

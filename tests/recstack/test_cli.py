@@ -209,6 +209,8 @@ def test_evaluate_replay_estimates_a_config_from_an_exploring_servers_log(tiny_d
     assert top1["logged"]["value"] == pytest.approx(8 / 40)  # one click per request, at slot user % 5
     assert 0 < top5["matched"] < top1["matched"] <= 1  # the candidate is the logging pipeline without exploring
     assert top1["candidate"]["std_error"] > 0 and top1["effective_sample_size"] > 1
+    assert main([*replay, "--config", str(tmp_path / "top_k.yaml"), "--last", "10"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["requests"] == 10
     assert main([*replay, "--config", str(tmp_path / "explore.yaml")]) == 2
     assert "replay estimates deterministic rankings" in capsys.readouterr().err
 
