@@ -30,7 +30,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 # MovieLens-100K end to end: prepare it (implicit feedback for retrieval, rating >= 4 under a
 # temporal split for the rankers), train two-tower retrieval and the three rankers, then build and
 # publish an artefact version (TorchScript models, Triton repository, item embeddings, FAISS
-# index, candidate lists, store snapshot) and list it.
+# index, candidate lists, store snapshot) and list it; how the rankers' inputs drifted from the
+# training period to the test period; one recommendation.
 demo: install
 	$(BIN)/recstack data prepare --dataset ml-100k --out $(OUT)/ml-100k --overwrite
 	$(BIN)/recstack data prepare --dataset ml-100k --split temporal --positive-rating 4 \
@@ -45,6 +46,8 @@ demo: install
 	$(BIN)/recstack refresh --data $(OUT)/ml-100k --models $(OUT)/models --artifacts $(OUT)/artifacts \
 		--config configs/refresh.yaml
 	$(BIN)/recstack artifacts list --artifacts $(OUT)/artifacts
+	$(BIN)/recstack evaluate drift --reference $(OUT)/ml-100k-ctr --reference-part train \
+		--current $(OUT)/ml-100k-ctr --current-part test
 	$(BIN)/recstack recommend --artifacts $(OUT)/artifacts --config configs/pipeline.yaml \
 		--user 1 --recent 50 181 --context hour=20 weekday=5 --k 10
 
