@@ -2,6 +2,7 @@
 
     python benchmarks/refresh.py            # 1M items, 20k users, 2M interactions
     python benchmarks/refresh.py --small    # 50k items: a quick run
+    python benchmarks/refresh.py --redis    # each version also loaded into a local redis-server
 
 Steps: prepare the dataset and a two-tower run (weights at initialisation: the benchmark times
 the work, which does not depend on what the weights learnt); a full refresh (timed); change
@@ -22,11 +23,13 @@ import argparse
 import json
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from redis_load import redis_server
 from report import describe_machine, finish
 
 from data.encoders import FeatureEncoder
@@ -42,6 +45,7 @@ FULL = {"users": 20_000, "items": 1_000_000, "interactions": 2_000_000}
 SMALL = {"users": 5_000, "items": 50_000, "interactions": 200_000}
 CONFIG = RefreshConfig(rankers=[], cadence_s={"user": 86400, "similar": 86400}, pools={"similar_items": 10_000})
 MAX_RATIO, RECALL_GAP = 0.1, 0.01
+REDIS_PORT = 6391
 
 
 def untrained_run(data_dir: Path, out: Path, model: str = "two_tower") -> None:
@@ -73,9 +77,10 @@ def change_catalogue(data_dir: Path, seed: int) -> dict:
     return {"changed": len(changed), "new": len(new)}
 
 
-def timed_refresh(data_dir: Path, models: Path, root: Path, incremental: bool) -> tuple[float, dict]:
+def timed_refresh(data_dir: Path, models: Path, root: Path, incremental: bool,
+                  config: RefreshConfig = CONFIG) -> tuple[float, dict]:
     start = time.perf_counter()
-    manifest = refresh(data_dir, models, root, CONFIG, incremental)
+    manifest = refresh(data_dir, models, root, config, incremental)
     return time.perf_counter() - start, manifest
 
 
@@ -103,7 +108,8 @@ def format_table(result: dict) -> str:
     return "\n".join([
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; one torch thread; "
         f"load average {m['load_average_1min']:.1f} at the start",
-        f"Sizes: {s['items']:,} items, {s['users']:,} users, {s['interactions']:,} interactions; "
+        f"Sizes: {s['items']:,} items, {s['users']:,} users, {s['interactions']:,} interactions"
+        f"{' (every version also loaded into a local redis-server)' if result['redis'] else ''}; "
         f"changed {result['catalogue']['changed']:,} items, added {result['catalogue']['new']:,}; "
         f"index {result['index']['kind']} {json.dumps({k: v for k, v in result['index']['params'].items() if v})}",
         "",
@@ -134,26 +140,33 @@ def format_table(result: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--redis", action="store_true", help="load every version into a local redis-server too")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refresh.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = SMALL if args.small else FULL
     machine = describe_machine()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         tmp = Path(tmp)
+        config = CONFIG
+        if args.redis:
+            (tmp / "redis").mkdir()
+            stack.enter_context(redis_server(tmp / "redis", REDIS_PORT))
+            config = CONFIG.model_copy(update={"redis": f"127.0.0.1:{REDIS_PORT}"})
         data = prepare(generate(SyntheticConfig(**sizes, seed=args.seed)), tmp / "data", split="temporal",
                        seed=args.seed)
         untrained_run(data, tmp / "models" / "two_tower")
         seconds = {}
-        seconds["full"], first = timed_refresh(data, tmp / "models", tmp / "a", incremental=False)
+        seconds["full"], first = timed_refresh(data, tmp / "models", tmp / "a", False, config)
         catalogue = change_catalogue(data, args.seed)
-        seconds["incremental"], incremental = timed_refresh(data, tmp / "models", tmp / "a", incremental=True)
-        seconds["full_changed"], _ = timed_refresh(data, tmp / "models", tmp / "b", incremental=False)
+        seconds["incremental"], incremental = timed_refresh(data, tmp / "models", tmp / "a", True, config)
+        seconds["full_changed"], _ = timed_refresh(data, tmp / "models", tmp / "b", False, config)
         compare = compare_indexes(ArtifactRoot(tmp / "a").path("v0002"), ArtifactRoot(tmp / "b").path("v0001"))
     passed = (seconds["incremental"] <= MAX_RATIO * min(seconds["full"], seconds["full_changed"])
               and abs(compare["recall@100_incremental"] - compare["recall@100_full"]) <= RECALL_GAP)
-    result = {"machine": machine, "sizes": sizes, "seed": args.seed, "seconds": seconds, "catalogue": catalogue,
+    result = {"machine": machine, "sizes": sizes, "seed": args.seed, "redis": args.redis, "seconds": seconds,
+              "catalogue": catalogue,
               "index": first["index"], "steps": {"full": first["step_seconds"],
                                                  "incremental": incremental["step_seconds"]},
               "incremental_manifest": {k: incremental[k] for k in ("catalogue", "lists")},
