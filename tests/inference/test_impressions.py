@@ -80,6 +80,13 @@ def test_impressions_and_feedback_round_trip_exactly(tmp_path):
         {"request_id": ["r1"], "item_id": [12], "reward": [1.0], "received_at": [1_700_000_001.5]}))
 
 
+def test_user_ids_past_float_precision_stay_exact_beside_anonymous_requests(tmp_path):
+    log = ImpressionLog(tmp_path)
+    assert log.write(impression("r1", user_id=2**60 + 1)) and log.write(impression("r2", user_id=None))
+    log.close()
+    assert read_impressions(tmp_path)["user_id"].tolist() == [2**60 + 1, 2**60 + 1, pd.NA, pd.NA]
+
+
 def test_empty_or_missing_directory_gives_empty_frames_with_columns(tmp_path):
     (tmp_path / "impressions").mkdir()
     for directory in (tmp_path, tmp_path / "missing"):
