@@ -280,7 +280,8 @@ def read_impressions(directory: Path) -> pd.DataFrame:
               tuple(r["recent_items"]), r["k"], position, *slot)
              for r in _read(Path(directory), "impressions")
              for position, slot in enumerate(zip(*(r[name] for name in SLOT_FIELDS), strict=True))]
-    return pd.DataFrame(slots, columns=list(IMPRESSION_DTYPES)).astype(IMPRESSION_DTYPES)
+    # object first: inferred, user ids beside None would be float64, losing those past 2**53
+    return pd.DataFrame(slots, columns=list(IMPRESSION_DTYPES), dtype=object).astype(IMPRESSION_DTYPES)
 
 
 def read_feedback(directory: Path) -> pd.DataFrame:

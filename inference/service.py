@@ -225,7 +225,11 @@ class Recommender:
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
         version = open_pipeline_version(self.config, directory)
-        pipeline = build_pipeline(self.config, version, self.bandit)
+        try:
+            pipeline = build_pipeline(self.config, version, self.bandit)
+        except BaseException:
+            version.store.close()  # a Redis connection no pipeline will close
+            raise
         treatment = None
         try:
             self._probe(pipeline, directory)
@@ -245,11 +249,12 @@ class Recommender:
         return serving
 
     def _probe(self, pipeline: Pipeline, directory: Path, what: str = "") -> None:
-        """Warms ``pipeline`` up; raises unless it answers the probe query with some items."""
-        pipeline.warm_up(self.probe)
-        response = pipeline(self.probe)  # warm_up only logs failures; this call raises them
+        """Warms ``pipeline`` up; raises unless it answers the probe query (at most its max_k) with some items."""
+        probe = dataclasses.replace(self.probe, k=min(self.probe.k, pipeline.max_k))
+        pipeline.warm_up(probe)
+        response = pipeline(probe)  # warm_up only logs failures; this call raises them
         if len(response.item_ids) == 0:
-            raise ValueError(f"{directory}: {what}the probe query {self.probe} answered no items; expected some")
+            raise ValueError(f"{directory}: {what}the probe query {probe} answered no items; expected some")
         pipeline.stats = PipelineStats()  # the probe is not traffic
 
     def _with_shadow(self, serving: Serving, version: ServingVersion) -> Serving:
@@ -258,13 +263,12 @@ class Recommender:
         if self.shadow is None:
             return serving
         try:
-            shadow = build_pipeline(self.shadow.config, version)
+            shadow = build_pipeline(self.shadow.config, version, self.bandit)  # explores as the live one learnt
         except Exception as error:  # noqa: BLE001 -- a broken shadow must not stop the live version
             log.error("version %s serves without its shadow: %s: %s", serving.version, type(error).__name__, error)
             return dataclasses.replace(serving, shadow_error=f"{type(error).__name__}: {error}")
         try:
-            shadow.warm_up(self.probe)
-            shadow(self.probe)
+            self._probe(shadow, version.directory, "shadow: ")
         except Exception as error:  # noqa: BLE001
             shadow.close(close_store=False)
             log.error("version %s serves without its shadow: %s: %s", serving.version, type(error).__name__, error)

@@ -520,9 +520,10 @@ def _json_texts(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArra
     else:  # float32 as its exact float64 value, as Python reads it back (user_features does not re-type)
         texts = pc.cast(pc.cast(column, pa.float64()) if pa.types.is_floating(kind) else column, pa.string())
         if pa.types.is_floating(kind):  # Python's json reads NaN and Infinity, not Arrow's "nan" and "inf",
-            infinite = pc.if_else(pc.greater(column, 0), "Infinity", "-Infinity")  # and "-0" as the integer 0
+            infinite = pc.if_else(pc.greater(column, 0), "Infinity", "-Infinity")  # and "1" or "-0" as integers
             texts = pc.if_else(pc.is_nan(column), "NaN", pc.if_else(pc.is_inf(column), infinite, texts))
-            texts = pc.if_else(pc.equal(texts, "-0"), "-0.0", texts)
+            integral = pc.match_substring_regex(texts, r"^-?\d+$")
+            texts = pc.if_else(integral, pc.binary_join_element_wise(texts, ".0", ""), texts)
     return pc.fill_null(texts, "null")
 
 

@@ -425,7 +425,12 @@ def blend(found: list[Candidates]) -> Candidates:
 
 def open_pipeline(config: PipelineConfig, directory: Path, bandit: SourceBandit | None = None) -> Pipeline:
     """The pipeline ``config`` declares over the version in ``directory``."""
-    return build_pipeline(config, open_pipeline_version(config, directory), bandit)
+    version = open_pipeline_version(config, directory)
+    try:
+        return build_pipeline(config, version, bandit)
+    except BaseException:
+        version.store.close()  # a Redis connection no pipeline will close
+        raise
 
 
 def open_pipeline_version(config: PipelineConfig, directory: Path) -> ServingVersion:

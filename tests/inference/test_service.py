@@ -23,6 +23,7 @@ from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
 from inference.service import MAX_RECENT_ITEMS, Experiment, Recommender, Shadow, serve_in_thread
+from inference.store import EmbeddedStore
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
@@ -135,6 +136,16 @@ def test_a_version_that_fails_the_warm_up_query_is_refused(root, monkeypatch):
     monkeypatch.setattr(ListSource, "__call__", lambda self, query, k: 1 / 0)
     with pytest.raises(ArtifactError, match=r"nothing to serve.*v0001.*SourceError: source 'popular' failed"):
         Recommender(root, pipeline_config())
+
+
+def test_a_version_whose_pipeline_fails_to_build_is_refused_and_its_store_closed(root, monkeypatch):
+    opened, closed, open_store = [], [], EmbeddedStore.open
+    monkeypatch.setattr(EmbeddedStore, "open", lambda *args: opened.append(open_store(*args)) or opened[-1])
+    monkeypatch.setattr(EmbeddedStore, "close", lambda self: closed.append(self))  # a Redis connection, in production
+    broken = pipeline_config().model_copy(update={"scorer": ["no_such_ranker"]})
+    with pytest.raises(ArtifactError, match="nothing to serve.*no_such_ranker"):
+        Recommender(root, broken)
+    assert opened and closed == opened
 
 
 def test_health_names_the_serving_version(url):

@@ -455,3 +455,13 @@ def test_lists_spanning_read_chunks_or_split_between_groups_read_whole(tmp_path,
     np.testing.assert_array_equal(scores, np.arange(len(big), dtype=np.float32))
     assert store.get_list("x")[0].tolist() == [1, 2, 3]  # group after group, rank order kept
     assert store.get_list("y")[0].tolist() == [4]
+
+
+def test_redis_reads_integral_floats_back_as_floats(redis_server, snapshot_dir):
+    load_snapshot_into_redis(snapshot_dir, redis_server.host, redis_server.port, "integral")
+    store = RedisStore(redis_server.host, redis_server.port, "integral", timeout_s=2.0)
+    try:
+        weight = store.user_features(7)["weight"]  # 1.0, which Arrow spells "1" and JSON reads as an int
+        assert type(weight) is float and weight == 1.0
+    finally:
+        store.close()

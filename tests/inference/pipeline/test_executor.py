@@ -262,3 +262,11 @@ def test_a_pipeline_on_redis_answers_as_on_the_embedded_snapshot_and_fails_fast_
     finally:
         embedded.close()
         on_redis.close()
+
+
+def test_a_pipeline_that_fails_to_build_closes_the_store_it_opened(version, monkeypatch):
+    closed = []
+    monkeypatch.setattr(EmbeddedStore, "close", lambda self: closed.append(self))  # a Redis connection, in production
+    with pytest.raises(ValueError, match="no_such_ranker"):
+        open_pipeline(example_config(scorer=["no_such_ranker"]), version.directory)
+    assert len(closed) == 1
