@@ -152,8 +152,12 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
     for source in config["sources"]:
         source["timeout_s"] = 5.0  # the example's milliseconds are for an idle server, not a busy test machine
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "linear.yaml").write_text(yaml.safe_dump({**config, "scorer": ["linear"]}))
     server = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts), "--config",
-                               str(tmp_path / "pipeline.yaml"), "--port", str(port), "--log", str(tmp_path / "log")],
+                               str(tmp_path / "pipeline.yaml"), "--port", str(port), "--log", str(tmp_path / "log"),
+                               "--shadow-config", str(tmp_path / "linear.yaml"), "--shadow-sample", "1",
+                               "--experiment-config", str(tmp_path / "linear.yaml"), "--experiment-name", "lin",
+                               "--experiment-share", "0.5"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -166,19 +170,28 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
                 assert server.poll() is None, server.stdout.read().decode()
                 assert time.monotonic() < deadline, "recstack serve did not answer /healthz in 120 s"
                 time.sleep(0.2)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/recommend", data=b'{"user_id": 7, "k": 3}',
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            served = json.loads(reply.read())
-        assert len(served["items"]) == 3
+        answers = []
+        for user in range(1, 11):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/recommend",
+                                             data=json.dumps({"user_id": user, "k": 3}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                answers.append(json.loads(reply.read()))
+        assert all(len(answer["items"]) == 3 for answer in answers)
+        assert {answer["variant"] for answer in answers} == {"control", "lin"}  # the hash splits users 1-10 between both
+        time.sleep(1)  # the shadow runs off the request thread
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/shadow?k=3", timeout=10) as reply:
+            shadow = json.loads(reply.read())
+        control = sum(answer["variant"] == "control" for answer in answers)
+        assert shadow["counts"]["requests"] == control and shadow["comparison"]["k"] == 3
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
     finally:
         server.kill()
         server.wait()
     logged = logged_slots(tmp_path / "log")  # written out on shutdown
-    assert logged["item_id"].tolist() == [item["item_id"] for item in served["items"]]
-    assert set(logged["request_id"]) == {served["request_id"]}
+    assert logged["item_id"].tolist() == [item["item_id"] for answer in answers for item in answer["items"]]
+    assert logged.drop_duplicates("request_id")["variant"].tolist() == [answer["variant"] for answer in answers]
 
 
 def test_evaluate_replay_estimates_a_config_from_an_exploring_servers_log(tiny_dataset, trained_runs, tmp_path,
