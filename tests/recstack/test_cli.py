@@ -178,7 +178,7 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
             with urllib.request.urlopen(request, timeout=10) as reply:
                 answers.append(json.loads(reply.read()))
         assert all(len(answer["items"]) == 3 for answer in answers)
-        assert {answer["variant"] for answer in answers} == {"control", "lin"}  # the hash splits users 1-10 between both
+        assert {answer["variant"] for answer in answers} == {"control", "lin"}  # users 1-10 hash to both arms
         time.sleep(1)  # the shadow runs off the request thread
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/shadow?k=3", timeout=10) as reply:
             shadow = json.loads(reply.read())
