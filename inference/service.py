@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from evaluation.shadow import ShadowRunner
 from inference.impressions import Feedback, Impression, ImpressionLog
-from inference.pipeline.bandits import SourceBandit
+from inference.pipeline.bandits import SharedSourceBandit, SourceBandit
 from inference.pipeline.executor import (
     LATENCY_BUCKETS_MS,
     Pipeline,
@@ -48,7 +48,7 @@ from inference.pipeline.executor import (
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import LiveArtifacts
 from inference.refresh.job import ServingVersion
-from inference.store import StoreError
+from inference.store import StoreError, redis_address
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,17 @@ class Recommender:
             raise ValueError("the pipeline config has allow_anonymous: false, so it would refuse an anonymous "
                              "probe query; expected a probe with a known user (recstack serve --probe-user ID)")
         self.config, self.probe, self.log, self.shadow, self.experiment = config, probe, log, shadow, experiment
-        self.bandit = SourceBandit()
+        # with a Redis store, every server behind the load balancer learns from all the traffic
+        self.bandit = SharedSourceBandit(*redis_address(config.redis)) if config.redis else SourceBandit()
         self._served: OrderedDict[str, dict[int, str]] = OrderedDict()  # request id -> {item: source}
         self._lock = threading.Lock()
         self._latest: Serving | None = None  # what the last successful load built
         self._retiring: list[tuple[threading.Timer, Serving]] = []
-        self.live: LiveArtifacts[Serving] = LiveArtifacts(root, self._load, poll_s)
+        try:
+            self.live: LiveArtifacts[Serving] = LiveArtifacts(root, self._load, poll_s)  # loads the current version
+        except BaseException:
+            self.bandit.close()
+            raise
 
     def start(self) -> Recommender:
         """Polls for new versions in a background thread."""
@@ -213,7 +218,7 @@ class Recommender:
         return slots[item_id]
 
     def close(self) -> None:
-        """Stops polling and closes every pipeline, the serving one included."""
+        """Stops polling and closes every pipeline, the serving one included, and the bandit."""
         self.live.stop()
         with self._lock:
             for timer, serving in self._retiring:
@@ -221,6 +226,7 @@ class Recommender:
                 serving.close()
             self._retiring.clear()
         self.live.state.close()
+        self.bandit.close()
 
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""

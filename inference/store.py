@@ -191,7 +191,7 @@ class RedisStore(Store):
     def __init__(self, host: str, port: int, version: str, timeout_s: float = 0.1) -> None:
         self.version = _check_version(version)
         self._where = f"{host}:{port}"
-        self._client = _connect(host, port, timeout_s)
+        self._client = connect(host, port, timeout_s)
         self._put_if_complete = self._client.register_script(PUT_IF_COMPLETE)
         users, items = self._read(
             "open", ("GET", _key(version, "schema", "user")), ("GET", _key(version, "schema", "item"))
@@ -265,7 +265,7 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
     users, items = (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items"))
     lists = read_lists(directory)
     where = f"{host}:{port}"
-    with _connect(host, port, timeout_s) as client, _failures(where, "load_snapshot_into_redis", version):
+    with connect(host, port, timeout_s) as client, _failures(where, "load_snapshot_into_redis", version):
         if client.exists(_key(version, "complete")):
             raise StoreError(f"version {version!r} is already complete in redis at {where}; delete_version it first")
         _delete_keys(client, version)
@@ -281,7 +281,7 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
 def delete_version(host: str, port: int, version: str, timeout_s: float = 5.0) -> None:
     """Removes every key of ``version`` from Redis; its ``complete`` key goes first, so readers stop at once."""
     version = _check_version(version)
-    with _connect(host, port, timeout_s) as client, _failures(f"{host}:{port}", "delete_version", version):
+    with connect(host, port, timeout_s) as client, _failures(f"{host}:{port}", "delete_version", version):
         client.delete(_key(version, "complete"))
         _delete_keys(client, version)
 
@@ -472,7 +472,8 @@ def _unpack_list(packed: bytes) -> tuple[np.ndarray, np.ndarray]:
     return ids, scores
 
 
-def _connect(host: str, port: int, timeout_s: float) -> redis.Redis:
+def connect(host: str, port: int, timeout_s: float) -> redis.Redis:
+    """A Redis client whose every call fails after ``timeout_s``, with no retries."""
     if not timeout_s > 0:
         raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
     # no retries: each would add up to another timeout_s to what the caller waits

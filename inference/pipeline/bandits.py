@@ -5,15 +5,26 @@ Beta(1, 1) prior: its estimate of a source's reward per slot is (rewards + 1) / 
 One bandit outlives artefact versions: the service counts each answered slot (`served`) and
 each feedback event (`rewarded`), and `ExploreOrderer` (orderers.py) reads the estimates to
 decide where exploration goes. Rewards are in [0, 1] (a click is 1).
+
+`SharedSourceBandit` shares the counts of every server behind a load balancer through a Redis
+hash, so the handlers stay stateless and a restarted one resumes where they all are.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from collections.abc import Iterable
 
 import numpy as np
+import redis
+
+from inference.store import connect
+
+log = logging.getLogger(__name__)
+
+SHARED_KEY = "recstack:bandit"  # a hash: served:<source> and rewards:<source>, over every version and server
 
 
 class SourceBandit:
@@ -38,14 +49,81 @@ class SourceBandit:
 
     def estimates(self, sources: np.ndarray) -> np.ndarray:
         """(S,) float64 posterior mean reward per slot of each of the (S,) ``sources``."""
-        with self._lock:
-            served = np.array([self._served[s] for s in sources.tolist()], np.float64)
-            rewards = np.array([self._rewards[s] for s in sources.tolist()], np.float64)
+        served, rewards = self._counts()
+        served = np.array([served[s] for s in sources.tolist()], np.float64)
+        rewards = np.array([rewards[s] for s in sources.tolist()], np.float64)
         return (rewards + 1.0) / (served + 2.0)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """{source: {"served", "rewards", "estimate"}} for every source seen so far."""
+        served, rewards = self._counts()
+        return {s: {"served": served[s], "rewards": rewards[s], "estimate": (rewards[s] + 1.0) / (served[s] + 2.0)}
+                for s in sorted(set(served) | set(rewards))}
+
+    def close(self) -> None:
+        """Nothing to release here; `SharedSourceBandit` sends what it holds."""
+
+    def _counts(self) -> tuple[Counter[str], Counter[str]]:
         with self._lock:
-            names = sorted(set(self._served) | set(self._rewards))
-            counts = {s: (self._served[s], self._rewards[s]) for s in names}
-        return {s: {"served": n, "rewards": r, "estimate": (r + 1.0) / (n + 2.0)} for s, (n, r) in counts.items()}
+            return Counter(self._served), Counter(self._rewards)
+
+
+class SharedSourceBandit(SourceBandit):
+    """A `SourceBandit` over the counts of every server, kept in the Redis hash `SHARED_KEY`.
+
+    Each server counts its own slots and rewards here and, every ``sync_s`` seconds on a
+    background thread, adds them to the hash and reads back everyone's totals; its estimates are
+    the last totals read plus what it has not sent yet. A Redis failure is logged and the counts
+    wait for the next sync: the bandit never delays or fails a request. Call `close` when done
+    (it sends what is left).
+    """
+
+    def __init__(self, host: str, port: int, sync_s: float = 1.0, timeout_s: float = 0.5) -> None:
+        super().__init__()
+        self._client = connect(host, port, timeout_s)
+        self._where = f"{host}:{port}"
+        self._totals: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
+        self._stop = threading.Event()
+        self.sync()
+        self._thread = threading.Thread(target=self._sync_every, args=(sync_s,), daemon=True, name="bandit-sync")
+        self._thread.start()
+
+    def sync(self) -> bool:
+        """Sends the counts not sent yet and reads everyone's totals; False (logged) if Redis failed."""
+        with self._lock:  # take what is pending; new counts go on accumulating meanwhile
+            served, rewards, self._served, self._rewards = self._served, self._rewards, Counter(), Counter()
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for kind, counts in (("served", served), ("rewards", rewards)):
+                for source, n in counts.items():
+                    pipe.hincrbyfloat(SHARED_KEY, f"{kind}:{source}", n)
+            pipe.hgetall(SHARED_KEY)
+            stored = pipe.execute()[-1]
+        except redis.RedisError as error:
+            log.warning("bandit counts not shared (redis at %s: %s: %s); they wait for the next sync",
+                        self._where, type(error).__name__, error)
+            with self._lock:
+                self._served.update(served)
+                self._rewards.update(rewards)
+            return False
+        totals: tuple[Counter[str], Counter[str]] = (Counter(), Counter())
+        for field, value in stored.items():
+            kind, _, source = field.decode().partition(":")
+            totals[0 if kind == "served" else 1][source] = float(value)
+        with self._lock:
+            self._totals = totals
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sync()
+        self._client.close()
+
+    def _counts(self) -> tuple[Counter[str], Counter[str]]:
+        with self._lock:
+            return self._totals[0] + self._served, self._totals[1] + self._rewards
+
+    def _sync_every(self, sync_s: float) -> None:
+        while not self._stop.wait(sync_s):
+            self.sync()

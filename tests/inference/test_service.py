@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 import yaml
 
 from inference.impressions import ImpressionLog, logged_slots
@@ -23,7 +24,7 @@ from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
 from inference.service import MAX_RECENT_ITEMS, Experiment, Recommender, Shadow, serve_in_thread
-from inference.store import EmbeddedStore
+from inference.store import EmbeddedStore, load_snapshot_into_redis
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
@@ -337,3 +338,23 @@ def test_an_experiment_splits_users_stably_and_logs_each_answers_arm(root, tmp_p
         Experiment("control", treatment)
     with pytest.raises(ValueError, match=r"experiment share = 1; expected a share of users in \(0, 1\)"):
         Experiment("b", treatment, share=1)
+
+
+def test_servers_on_a_redis_store_share_their_bandit_counts(root, redis_server):
+    for store in sorted(root.glob("v*/store")):  # whichever version the recommenders serve (some are broken)
+        if (store / "users.parquet").is_file():
+            load_snapshot_into_redis(store, redis_server.host, redis_server.port, store.parent.name)
+    config = pipeline_config().model_copy(update={"redis": f"{redis_server.host}:{redis_server.port}",
+                                                  "redis_timeout_s": 2.0})
+    first, second = Recommender(root, config), Recommender(root, config)
+    try:
+        served = first.recommend(Query(user_id=7, k=5))
+        first.feedback(served.request_id, int(served.response.item_ids[0]), 1.0)
+        second.recommend(Query(user_id=8, k=5))
+    finally:
+        first.close()  # each sends its counts on close
+        second.close()
+    source = served.response.sources[0]
+    stored = redis.Redis(redis_server.host, redis_server.port).hgetall("recstack:bandit")
+    assert float(stored[f"rewards:{source}".encode()]) == 1.0
+    assert sum(float(n) for field, n in stored.items() if field.startswith(b"served:")) == 10
