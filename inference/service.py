@@ -149,7 +149,8 @@ class Recommender:
     version every ``poll_s`` seconds. Call `close` when done (it does not close ``log``).
 
     ``bandit`` counts every served slot by source and the rewards `feedback` reports, across
-    versions; feedback can name the items of the last `MAX_REMEMBERED` answered requests. With
+    versions (and across servers, through Redis, when the config names a Redis store); feedback
+    can name the items of the last `MAX_REMEMBERED` answered requests. With
     ``experiment``, each version also builds its arm's pipeline, which must answer the probe too.
     With ``shadow``, each version also builds the shadow pipeline; one that fails to build or warm
     up leaves the version serving without a shadow.
