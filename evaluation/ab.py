@@ -248,15 +248,21 @@ class ExperimentReport:
     sample_ratio_p_value: float
 
 
-def logged_experiment(slots: pd.DataFrame, treatment: str, share: float, control: str = "control",
-                      alpha: float = 0.05) -> ExperimentReport:
+def logged_experiment(requests: pd.DataFrame, slots: pd.DataFrame, treatment: str, share: float,
+                      control: str = "control", alpha: float = 0.05) -> ExperimentReport:
     """The experiment arm ``treatment`` (a ``share`` of users by design) against ``control`` from
-    ``slots``, one row per served slot with its ``variant`` and ``reward`` (`inference.impressions.logged_slots`)."""
-    missing = sorted({"request_id", "user_id", "variant", "reward"} - set(slots.columns))
-    if missing:
-        raise ValueError(f"logged slots lack columns {missing}; expected the columns of logged_slots")
-    requests = slots.groupby("request_id", sort=False).agg(
-        variant=("variant", "first"), user_id=("user_id", "first"), reward=("reward", "sum"))
+    ``requests``, one row per answered request with its ``variant`` and ``user_id``
+    (`inference.impressions.read_requests`: a request that served nothing counts, earning 0), and
+    ``slots``, one row per served slot with its ``reward`` (`inference.impressions.logged_slots`)."""
+    for name, frame, columns in (("requests", requests, {"request_id", "user_id", "variant"}),
+                                 ("slots", slots, {"request_id", "reward"})):
+        missing = sorted(columns - set(frame.columns))
+        if missing:
+            raise ValueError(f"logged {name} lack columns {missing}; expected the columns of "
+                             f"{'read_requests' if name == 'requests' else 'logged_slots'}")
+    rewards = slots.groupby("request_id")["reward"].sum()
+    requests = requests.set_index("request_id")[["variant", "user_id"]]
+    requests["reward"] = rewards.reindex(requests.index, fill_value=0.0)
     arms = set(requests["variant"])
     if {control, treatment} - arms:
         raise ValueError(f"the log holds arms {sorted(arms)}; expected {control!r} and {treatment!r}")

@@ -100,6 +100,8 @@ IMPRESSION_DTYPES = {"request_id": object, "served_at": "float64", "version": ob
                      "user_id": "Int64",
                      "context": object, "recent_items": object, "k": "int64", "position": "int64",
                      "item_id": "int64", "source": object, "score": "float64", "propensity": "float64"}
+REQUEST_DTYPES = {"request_id": object, "served_at": "float64", "version": object, "variant": object,
+                  "user_id": "Int64", "k": "int64", "served": "int64"}
 FEEDBACK_DTYPES = {"request_id": object, "item_id": "int64", "reward": "float64", "received_at": "float64"}
 _STOP = object()  # queued by close(): the writer thread exits once it has written everything before it
 _FILE_NUMBERS = itertools.count()  # shared by every log in this process, so their file names differ
@@ -282,6 +284,14 @@ def read_impressions(directory: Path) -> pd.DataFrame:
              for position, slot in enumerate(zip(*(r[name] for name in SLOT_FIELDS), strict=True))]
     # object first: inferred, user ids beside None would be float64, losing those past 2**53
     return pd.DataFrame(slots, columns=list(IMPRESSION_DTYPES), dtype=object).astype(IMPRESSION_DTYPES)
+
+
+def read_requests(directory: Path) -> pd.DataFrame:
+    """One row per answered request, those that served no item included, in log order:
+    request_id, served_at, version, variant, user_id, k and ``served`` (items)."""
+    rows = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["user_id"], r["k"], len(r["item_ids"]))
+            for r in _read(Path(directory), "impressions")]
+    return pd.DataFrame(rows, columns=list(REQUEST_DTYPES), dtype=object).astype(REQUEST_DTYPES)
 
 
 def read_feedback(directory: Path) -> pd.DataFrame:

@@ -226,23 +226,38 @@ def logged_slots_of(rng, users: int, share: float, rates: dict[str, float], slot
     return pd.DataFrame(rows).astype({"user_id": "Int64"})
 
 
+def requests_of(slots: pd.DataFrame) -> pd.DataFrame:
+    """The requests of logged slots, one row each (as `read_requests` reads them)."""
+    return slots.drop_duplicates("request_id")[["request_id", "user_id", "variant"]]
+
+
 def test_logged_experiment_finds_a_real_lift_and_checks_the_split():
     rng = np.random.default_rng(0)
     slots = logged_slots_of(rng, 4000, 0.3, {"control": 0.10, "treatment": 0.13})
-    report = logged_experiment(slots, "treatment", share=0.3)
+    report = logged_experiment(requests_of(slots), slots, "treatment", share=0.3)
     assert report.arms["treatment"]["units"] + report.arms["control"]["units"] == 4000
     assert report.comparison.low < 5 * 0.03 < report.comparison.high and report.comparison.p_value < 0.001
     assert report.sample_ratio_p_value > 0.001  # the split is as designed
-    assert logged_experiment(slots, "treatment", share=0.5).sample_ratio_p_value < 1e-6  # not 50/50
+    assert logged_experiment(requests_of(slots), slots, "treatment", share=0.5).sample_ratio_p_value < 1e-6
+
+
+def test_requests_that_served_nothing_count_as_earning_nothing():
+    slots = pd.DataFrame({"request_id": ["a", "b", "c", "d"], "user_id": pd.array([1, 2, 3, 4], "Int64"),
+                          "variant": ["control", "control", "treatment", "treatment"], "reward": [1.0, 0.0, 1.0, 1.0]})
+    empty = pd.DataFrame({"request_id": ["e"], "user_id": pd.array([3], "Int64"), "variant": ["treatment"]})
+    report = logged_experiment(pd.concat([requests_of(slots), empty]), slots, "treatment", share=0.5)
+    assert report.arms["treatment"] == {"units": 2, "requests": 3, "reward": 2.0, "reward_per_request": 2 / 3}
+    assert report.comparison.treatment_mean == pytest.approx((0.5 + 1.0) / 2)  # user 3: 1 click in 2 requests
 
 
 def test_logged_experiment_refuses_logs_it_cannot_trust():
     slots = logged_slots_of(np.random.default_rng(1), 50, 0.5, {"control": 0.1, "treatment": 0.1})
     with pytest.raises(ValueError, match=r"the log holds arms \['control', 'treatment'\]; expected 'control' and 'b'"):
-        logged_experiment(slots, "b", share=0.5)
+        logged_experiment(requests_of(slots), slots, "b", share=0.5)
     extra = pd.DataFrame({"request_id": ["x1", "x2"], "user_id": pd.array([7, 7], "Int64"),
                           "variant": ["control", "treatment"], "position": [0, 0], "reward": [0.0, 1.0]})
+    switched = pd.concat([slots, extra])
     with pytest.raises(ValueError, match=r"users \['7'\] were served by both arms"):  # user 7: one request in each
-        logged_experiment(pd.concat([slots, extra]), "treatment", share=0.5)
-    with pytest.raises(ValueError, match=r"lack columns \['variant'\]"):
-        logged_experiment(slots.drop(columns="variant"), "treatment", share=0.5)
+        logged_experiment(requests_of(switched), switched, "treatment", share=0.5)
+    with pytest.raises(ValueError, match=r"logged requests lack columns \['variant'\]"):
+        logged_experiment(requests_of(slots).drop(columns="variant"), slots, "treatment", share=0.5)

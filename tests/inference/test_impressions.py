@@ -20,6 +20,7 @@ from inference.impressions import (
     logged_slots,
     read_feedback,
     read_impressions,
+    read_requests,
 )
 
 WAIT_S = 5.0  # generous: another process shares the CPU
@@ -320,3 +321,14 @@ def test_two_logs_on_one_directory_never_share_a_file(tmp_path):
     assert all(len(lines) == 1 for lines in contents)
     served = read_impressions(tmp_path)
     assert sorted(served["request_id"].unique()) == sorted(f"{name}{i}" for name in logs for i in range(50))
+
+
+def test_read_requests_keeps_requests_that_served_nothing(tmp_path):
+    log = ImpressionLog(tmp_path)
+    log.write(impression("r1"))
+    log.write(impression("r2", item_ids=(), sources=(), scores=(), propensities=(), user_id=None))
+    log.close()
+    requests = read_requests(tmp_path)
+    assert requests["request_id"].tolist() == ["r1", "r2"] and requests["served"].tolist() == [2, 0]
+    assert requests["user_id"].tolist()[0] == 42 and pd.isna(requests["user_id"].tolist()[1])
+    assert requests["variant"].tolist() == ["control", "control"] and len(logged_slots(tmp_path)) == 2
