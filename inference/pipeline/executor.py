@@ -340,10 +340,13 @@ class Pipeline:
         self.stats = PipelineStats()
 
     def close(self, close_store: bool = True) -> None:
-        """Stops the source threads, without waiting for sources that are still running, and
-        closes the store (a Redis connection; nothing for the embedded one) unless another
-        pipeline over the same version still reads it."""
+        """Stops the source threads, without waiting for sources that are still running, closes
+        the scorers' connections (Triton's), and the store (a Redis connection; nothing for the
+        embedded one) unless another pipeline over the same version still reads it."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+        close_scorer = getattr(self.stages.scorer, "close", None)  # scorers without connections have none
+        if close_scorer is not None:
+            close_scorer()
         if close_store:
             self.stages.hydrator.store.close()
 

@@ -120,6 +120,13 @@ class FallbackScorer:
         self.answered: Counter[str] = Counter()
         self._lock = threading.Lock()  # Counter updates are read-modify-write
 
+    def close(self) -> None:
+        """Closes the scorers that hold a connection (a `TritonScorer`)."""
+        for scorer in self.scorers:
+            close = getattr(scorer, "close", None)
+            if close is not None:
+                close()
+
     def __call__(self, query: Query, candidates: Candidates) -> np.ndarray:
         errors = []
         for scorer in self.scorers:

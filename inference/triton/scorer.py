@@ -129,6 +129,14 @@ class TritonScorer:
         version = response["model_version"] if isinstance(response, dict) else response.model_version
         return TritonScores(scores.reshape(n).astype(np.float32, copy=False), str(version))
 
+    def close(self) -> None:
+        """Closes the gRPC channel, or this thread's HTTP connection; later calls fail (TritonScoringError)."""
+        if self._grpc is not None:
+            self._grpc.close()
+        client = getattr(self._http, "client", None)
+        if client is not None:
+            client.close()
+
     def _check_inputs(self) -> None:
         """Raises unless the served model encodes rows as ``inputs`` do (its `INPUTS_DIGEST`),
         asking the server at most every `RECHECK_S` seconds."""

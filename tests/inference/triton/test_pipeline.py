@@ -72,3 +72,13 @@ def test_triton_scorers_need_the_server_named():
     with pytest.raises(ValueError, match=r"scorers \['triton:deepfm'\] run on Triton; expected `triton: host:port`"):
         config(scorer=["triton:deepfm", "deepfm"])
 
+
+
+def test_closing_the_pipeline_closes_its_triton_channel(triton, version, scoring_requests):
+    pipeline = build_pipeline(config(triton=triton.grpc_url, triton_timeout_s=5.0,
+                                     scorer=["triton:deepfm_py", "deepfm"]), version)
+    scorer = pipeline.stages.scorer.scorers[0]
+    assert len(scorer.infer(*scoring_requests[0]).scores) == len(scoring_requests[0][1])
+    pipeline.close()
+    with pytest.raises(TritonScoringError, match="deepfm_py"):
+        scorer.infer(*scoring_requests[0])
