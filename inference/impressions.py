@@ -137,16 +137,21 @@ class ImpressionLog:
     """Appends records to ``directory`` from a daemon thread, fed by a queue of at most ``queue_size``.
 
     A kind's file is replaced once it holds ``rotate_rows`` records or a batch arrives ``rotate_s``
-    seconds after it was opened. Call `close` on shutdown: queued records are lost otherwise.
+    seconds after it was opened. With ``keep_s``, each new file first deletes the kind's files
+    (any server's) last written more than ``keep_s`` seconds ago; ``keep_s`` must exceed
+    ``rotate_s``, so a file old enough to go is one its writer will replace before writing again.
+    Call `close` on shutdown: queued records are lost otherwise.
     """
 
     def __init__(self, directory: Path, rotate_rows: int = 100_000, rotate_s: float = 3600.0,
-                 queue_size: int = 10_000) -> None:
+                 queue_size: int = 10_000, keep_s: float | None = None) -> None:
         for name, value in {"rotate_rows": rotate_rows, "rotate_s": rotate_s, "queue_size": queue_size}.items():
             if not value > 0:
                 raise ValueError(f"{name} = {value!r}, expected a positive number")
+        if keep_s is not None and not keep_s > rotate_s:
+            raise ValueError(f"keep_s = {keep_s!r}, expected more than rotate_s = {rotate_s!r} seconds")
         self.directory = Path(directory)
-        self.rotate_rows, self.rotate_s = rotate_rows, rotate_s
+        self.rotate_rows, self.rotate_s, self.keep_s = rotate_rows, rotate_s, keep_s
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._lock = threading.Lock()  # orders write() against close(), guards _dropped
         self._closed = False
@@ -233,8 +238,18 @@ class ImpressionLog:
             self._close(kind)
             file = None
         if file is None:
+            if self.keep_s is not None:
+                self._prune(kind)
             file = self._files[kind] = _File(_create(self.directory / kind), 0, time.monotonic())
         return file
+
+    def _prune(self, kind: str) -> None:
+        """Deletes ``kind``'s files last written more than ``keep_s`` seconds ago."""
+        oldest = time.time() - self.keep_s
+        for path in (self.directory / kind).glob("*.jsonl"):
+            with suppress(FileNotFoundError):  # another server pruned it first
+                if path.stat().st_mtime < oldest:
+                    path.unlink()
 
     def _close(self, kind: str) -> None:
         file = self._files.pop(kind, None)

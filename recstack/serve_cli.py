@@ -21,6 +21,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                             "required when the config has allow_anonymous: false)")
     serve.add_argument("--log", type=Path, default=None, metavar="DIR",
                        help="write every answer and feedback event to this impression log (for off-policy evaluation)")
+    serve.add_argument("--log-keep-days", type=float, default=None, metavar="DAYS",
+                       help="delete log files last written more than DAYS ago (default: keep them all)")
     serve.add_argument("--shadow-config", type=Path, default=None, metavar="YAML",
                        help="a candidate pipeline config to run beside the live one on sampled requests (GET /shadow)")
     serve.add_argument("--shadow-sample", type=float, default=0.1, metavar="SHARE",
@@ -54,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.experiment_config is not None:
         experiment = Experiment(args.experiment_name, load_pipeline_config(args.experiment_config),
                                 args.experiment_share)
-    log = None if args.log is None else ImpressionLog(args.log)
+    keep_s = None if args.log_keep_days is None else args.log_keep_days * 86400
+    log = None if args.log is None else ImpressionLog(args.log, keep_s=keep_s)
     recommender = Recommender(args.artifacts, config, probe, args.poll_s, log, shadow, experiment).start()
     try:
         # until SIGTERM or Ctrl-C; uvicorn shuts down gracefully, then re-raises the signal

@@ -4,6 +4,7 @@ malformed files, the reward join, and two servers sharing one directory."""
 import builtins
 import errno
 import json
+import os
 import threading
 import time
 from dataclasses import asdict, replace
@@ -332,3 +333,23 @@ def test_read_requests_keeps_requests_that_served_nothing(tmp_path):
     assert requests["request_id"].tolist() == ["r1", "r2"] and requests["served"].tolist() == [2, 0]
     assert requests["user_id"].tolist()[0] == 42 and pd.isna(requests["user_id"].tolist()[1])
     assert requests["variant"].tolist() == ["control", "control"] and len(logged_slots(tmp_path)) == 2
+
+
+def test_keep_s_deletes_files_last_written_long_ago_when_a_new_one_starts(tmp_path):
+    log = ImpressionLog(tmp_path, rotate_s=0.05, keep_s=600)
+    log.write(impression("r0"))
+    wait_until(lambda: log.written == 1)
+    (own,) = files(tmp_path)
+    line = own.read_text()
+    old_foreign, recent_foreign = tmp_path / "impressions" / "0-old.jsonl", tmp_path / "impressions" / "1-new.jsonl"
+    old_foreign.write_text(line.replace("r0", "old"))
+    recent_foreign.write_text(line.replace("r0", "new"))
+    long_ago = time.time() - 3600
+    for path in (own, old_foreign):
+        os.utime(path, (long_ago, long_ago))
+    time.sleep(0.1)
+    log.write(impression("r1"))  # past rotate_s: a new file, which prunes first
+    log.close()
+    assert sorted(read_impressions(tmp_path)["request_id"].unique()) == ["new", "r1"]
+    with pytest.raises(ValueError, match=r"keep_s = 60, expected more than rotate_s = 3600.0"):
+        ImpressionLog(tmp_path, keep_s=60)

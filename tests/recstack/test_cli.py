@@ -155,6 +155,7 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
     (tmp_path / "linear.yaml").write_text(yaml.safe_dump({**config, "scorer": ["linear"]}))
     server = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts), "--config",
                                str(tmp_path / "pipeline.yaml"), "--port", str(port), "--log", str(tmp_path / "log"),
+                               "--log-keep-days", "30",
                                "--shadow-config", str(tmp_path / "linear.yaml"), "--shadow-sample", "1",
                                "--experiment-config", str(tmp_path / "linear.yaml"), "--experiment-name", "lin",
                                "--experiment-share", "0.5"],
