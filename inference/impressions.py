@@ -293,20 +293,13 @@ def _read(directory: Path, kind: str) -> list[dict]:
 
 def read_impressions(directory: Path) -> pd.DataFrame:
     """One row per served slot, in log order, with the columns of `IMPRESSION_DTYPES`."""
-    slots = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["user_id"], r["context"],
-              tuple(r["recent_items"]), r["k"], position, *slot)
-             for r in _read(Path(directory), "impressions")
-             for position, slot in enumerate(zip(*(r[name] for name in SLOT_FIELDS), strict=True))]
-    # object first: inferred, user ids beside None would be float64, losing those past 2**53
-    return pd.DataFrame(slots, columns=list(IMPRESSION_DTYPES), dtype=object).astype(IMPRESSION_DTYPES)
+    return _slots(_read(Path(directory), "impressions"))
 
 
 def read_requests(directory: Path) -> pd.DataFrame:
     """One row per answered request, those that served no item included, in log order:
     request_id, served_at, version, variant, user_id, k and ``served`` (items)."""
-    rows = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["user_id"], r["k"], len(r["item_ids"]))
-            for r in _read(Path(directory), "impressions")]
-    return pd.DataFrame(rows, columns=list(REQUEST_DTYPES), dtype=object).astype(REQUEST_DTYPES)
+    return _requests(_read(Path(directory), "impressions"))
 
 
 def read_feedback(directory: Path) -> pd.DataFrame:
@@ -320,7 +313,33 @@ def logged_slots(directory: Path) -> pd.DataFrame:
 
     Feedback that matches no served slot is left out, and its count logged as a warning.
     """
-    slots, feedback = read_impressions(directory), read_feedback(directory)
+    return _rewarded(read_impressions(directory), directory)
+
+
+def read_log(directory: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`read_requests` and `logged_slots` of the log, its impressions read once."""
+    records = _read(Path(directory), "impressions")
+    return _requests(records), _rewarded(_slots(records), directory)
+
+
+def _slots(records: list[dict]) -> pd.DataFrame:
+    slots = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["user_id"], r["context"],
+              tuple(r["recent_items"]), r["k"], position, *slot)
+             for r in records
+             for position, slot in enumerate(zip(*(r[name] for name in SLOT_FIELDS), strict=True))]
+    # object first: inferred, user ids beside None would be float64, losing those past 2**53
+    return pd.DataFrame(slots, columns=list(IMPRESSION_DTYPES), dtype=object).astype(IMPRESSION_DTYPES)
+
+
+def _requests(records: list[dict]) -> pd.DataFrame:
+    rows = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["user_id"], r["k"], len(r["item_ids"]))
+            for r in records]
+    return pd.DataFrame(rows, columns=list(REQUEST_DTYPES), dtype=object).astype(REQUEST_DTYPES)
+
+
+def _rewarded(slots: pd.DataFrame, directory: Path) -> pd.DataFrame:
+    """``slots`` with the summed rewards of the log's feedback."""
+    feedback = read_feedback(directory)
     keys = ["request_id", "item_id"]
     unmatched = int((~pd.MultiIndex.from_frame(feedback[keys]).isin(pd.MultiIndex.from_frame(slots[keys]))).sum())
     if unmatched:

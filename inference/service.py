@@ -205,7 +205,7 @@ class Recommender:
     def feedback(self, request_id: str, item_id: int, reward: float) -> str:
         """Credits ``reward`` in [0, 1] (a click: 1) for ``item_id`` of an answered request to the
         source that proposed it, which it returns; logs it. `UnknownRequest` for a request id not
-        among the last ``remember`` answered, ValueError for an item that request did not serve."""
+        among the last `MAX_REMEMBERED` answered, ValueError for an item that request did not serve."""
         with self._lock:
             slots = self._served.get(request_id)
         if slots is None:
@@ -232,21 +232,18 @@ class Recommender:
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
         version = open_pipeline_version(self.config, directory)
+        pipeline = treatment = None
         try:
             pipeline = build_pipeline(self.config, version, self.bandit)
-        except BaseException:
-            version.store.close()  # a Redis connection no pipeline will close
-            raise
-        treatment = None
-        try:
             self._probe(pipeline, directory)
             if self.experiment is not None:
                 treatment = build_pipeline(self.experiment.config, version, self.bandit)
                 self._probe(treatment, directory, f"experiment {self.experiment.name!r}: ")
-        except Exception:
-            if treatment is not None:
-                treatment.close(close_store=False)
-            pipeline.close()
+        except BaseException:
+            for built in (treatment, pipeline):
+                if built is not None:
+                    built.close(close_store=False)
+            version.store.close()  # a Redis connection
             raise
         serving = self._with_shadow(Serving(directory.name, pipeline, treatment), version)
         # LiveArtifacts swaps in what a load returns, so what the previous load built retires
@@ -269,15 +266,13 @@ class Recommender:
         answers the probe query; otherwise without, and the reason."""
         if self.shadow is None:
             return serving
+        shadow = None
         try:
             shadow = build_pipeline(self.shadow.config, version, self.bandit)  # explores as the live one learnt
-        except Exception as error:  # noqa: BLE001 -- a broken shadow must not stop the live version
-            log.error("version %s serves without its shadow: %s: %s", serving.version, type(error).__name__, error)
-            return dataclasses.replace(serving, shadow_error=f"{type(error).__name__}: {error}")
-        try:
             self._probe(shadow, version.directory, "shadow: ")
-        except Exception as error:  # noqa: BLE001
-            shadow.close(close_store=False)
+        except Exception as error:  # noqa: BLE001 -- a broken shadow must not stop the live version
+            if shadow is not None:
+                shadow.close(close_store=False)
             log.error("version %s serves without its shadow: %s: %s", serving.version, type(error).__name__, error)
             return dataclasses.replace(serving, shadow_error=f"{type(error).__name__}: {error}")
         runner = ShadowRunner(serving.pipeline, shadow, self.shadow.sample, max_pairs=self.shadow.pairs)

@@ -511,11 +511,10 @@ def _json_texts(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArra
     """(N,) strings: each value of ``column`` as JSON text, "null" where missing."""
     kind = column.type
     if pa.types.is_string(kind):  # few distinct values (categories) in most columns: escape each once
-        encoded = column.dictionary_encode()
-        encoded = encoded.combine_chunks() if isinstance(encoded, pa.ChunkedArray) else encoded
+        encoded = _one_chunk(column.dictionary_encode())
         texts = pa.array([json.dumps(v) for v in encoded.dictionary.to_pylist()], pa.string()).take(encoded.indices)
     elif pa.types.is_list(kind):  # the values' texts, joined within each list
-        lists = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        lists = _one_chunk(column)
         items = pa.ListArray.from_arrays(lists.offsets, _json_texts(lists.values), mask=lists.is_null())
         texts = pc.binary_join_element_wise("[", pc.binary_join(items, ","), "]", "")
     else:  # float32 as its exact float64 value, as Python reads it back (user_features does not re-type)
@@ -528,6 +527,10 @@ def _json_texts(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArra
     return pc.fill_null(texts, "null")
 
 
+def _one_chunk(array: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
 def _write(client: redis.Redis, keys: pa.Array | pa.ChunkedArray, values: pa.Array | pa.ChunkedArray) -> None:
     """SETs every key to its value (binary or string arrays), `WRITE_BATCH` pairs per MSET.
 
@@ -536,8 +539,7 @@ def _write(client: redis.Redis, keys: pa.Array | pa.ChunkedArray, values: pa.Arr
     parts = [b"$", pc.cast(pc.binary_length(keys), pa.string()), b"\r\n", keys, b"\r\n$",  # RESP bulk strings
              pc.cast(pc.binary_length(values), pa.string()), b"\r\n", values, b"\r\n"]
     binary = [pa.scalar(p, pa.large_binary()) if isinstance(p, bytes) else p.cast(pa.large_binary()) for p in parts]
-    pairs = pc.binary_join_element_wise(*binary, pa.scalar(b"", pa.large_binary()))  # large: 64-bit offsets
-    pairs = pairs.combine_chunks() if isinstance(pairs, pa.ChunkedArray) else pairs
+    pairs = _one_chunk(pc.binary_join_element_wise(*binary, pa.scalar(b"", pa.large_binary())))  # 64-bit offsets
     offsets = np.frombuffer(pairs.buffers()[1], np.int64, len(pairs) + 1, pairs.offset * 8)
     data = pairs.buffers()[2]
     starts = range(0, len(pairs), WRITE_BATCH)

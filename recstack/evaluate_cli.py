@@ -109,8 +109,8 @@ def _drift(args: argparse.Namespace) -> int:
 
 def _ab(args: argparse.Namespace) -> int:
     from evaluation.ab import logged_experiment
-    from inference.impressions import logged_slots, read_requests
+    from inference.impressions import read_log
 
-    report = logged_experiment(read_requests(args.log), logged_slots(args.log), args.treatment, args.share)
+    report = logged_experiment(*read_log(args.log), args.treatment, args.share)
     print(json.dumps({**asdict(report), "sample_ratio_alarm": report.sample_ratio_p_value < 0.001}))
     return 0

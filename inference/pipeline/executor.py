@@ -5,8 +5,9 @@
           -> filters (in config order) -> hydrate (request + item features) -> scorer -> orderers
           -> Response (items, scores, source of each item, propensity of each slot, removal reasons)
 
-Start with `build_pipeline`, which builds a `Pipeline` from a `PipelineConfig` (see
-configs/pipeline.yaml) and a loaded `ServingVersion`. `PipelineStats` measures every stage.
+Start with `open_pipeline`, which opens a version directory with the store a `PipelineConfig`
+(see configs/pipeline.yaml) names and builds its `Pipeline` (`build_pipeline`, over a loaded
+`ServingVersion`). `PipelineStats` measures every stage.
 Sources run on a thread pool the pipeline shares between requests; a source that times out
 keeps its thread until it returns, so its timeout bounds the request, not the source's work.
 """

@@ -3,8 +3,8 @@ candidates, never add any. A propensity (M,) float64 is the probability that the
 that item in that slot: 1.0 for a deterministic orderer.
 
     TopKOrderer          the k best by score (a final orderer)
-    ExploreOrderer       the k best by score, each slot explored with probability epsilon: a random
-                         item of a source a `SourceBandit` finds rewarding (a final orderer)
+    ExploreOrderer       the k best by score, each slot explored with probability epsilon: one of the
+                         best items of a source a `SourceBandit` finds rewarding (a final orderer)
     MaxPerSourceOrderer  by score, at most ``cap`` items from each source (diversity of sources)
 """
 

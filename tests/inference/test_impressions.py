@@ -21,6 +21,7 @@ from inference.impressions import (
     logged_slots,
     read_feedback,
     read_impressions,
+    read_log,
     read_requests,
 )
 
@@ -333,6 +334,9 @@ def test_read_requests_keeps_requests_that_served_nothing(tmp_path):
     assert requests["request_id"].tolist() == ["r1", "r2"] and requests["served"].tolist() == [2, 0]
     assert requests["user_id"].tolist()[0] == 42 and pd.isna(requests["user_id"].tolist()[1])
     assert requests["variant"].tolist() == ["control", "control"] and len(logged_slots(tmp_path)) == 2
+    both = read_log(tmp_path)  # the same two frames from one read
+    pd.testing.assert_frame_equal(both[0], requests)
+    pd.testing.assert_frame_equal(both[1], logged_slots(tmp_path))
 
 
 def test_keep_s_deletes_files_last_written_long_ago_when_a_new_one_starts(tmp_path):
