@@ -17,20 +17,19 @@ With means m, sample variances v (ddof 1) and sizes n per group (c control, t tr
     logged_experiment      all of it for an experiment the service ran: per user (an anonymous request
                            is a unit of its own), reward per request, from the impression log's slots
 
-The Student t distribution comes from the regularised incomplete beta function,
-P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2), evaluated by its continued fraction (Lentz's method,
-Numerical Recipes 6.4); `student_t_quantile` inverts it by Newton's method.
+The distributions are scipy.stats'; the sample size is statsmodels' `NormalIndPower`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from scipy import stats
+from statsmodels.stats.power import NormalIndPower
 
 from evaluation.checks import finite_values
 
@@ -69,9 +68,9 @@ def compare_means(control: ArrayLike, treatment: ArrayLike, alpha: float = 0.05)
     mean_c, mean_t = float(c.mean()), float(t.mean())
     difference = mean_t - mean_c
     statistic = difference / std_error
-    half_width = student_t_quantile(1 - alpha / 2, df) * std_error
+    half_width = stats.t.ppf(1 - alpha / 2, df) * std_error
     return Comparison(mean_c, mean_t, difference, _relative(difference, mean_c), std_error, df, statistic,
-                      2 * _t_upper_tail(abs(statistic), df), difference - half_width, difference + half_width)
+                      2 * stats.t.sf(abs(statistic), df), difference - half_width, difference + half_width)
 
 
 def compare_proportions(successes_c: int, n_c: int, successes_t: int, n_t: int,
@@ -86,7 +85,7 @@ def compare_proportions(successes_c: int, n_c: int, successes_t: int, n_t: int,
     difference = rate_t - rate_c
     statistic = difference / math.sqrt(pooled * (1 - pooled) * (1 / n_c + 1 / n_t))
     std_error = math.sqrt(rate_c * (1 - rate_c) / n_c + rate_t * (1 - rate_t) / n_t)
-    half_width = NormalDist().inv_cdf(1 - alpha / 2) * std_error
+    half_width = stats.norm.ppf(1 - alpha / 2) * std_error
     return Comparison(rate_c, rate_t, difference, _relative(difference, rate_c), std_error, math.inf,
                       statistic, _normal_two_sided_p(statistic), difference - half_width, difference + half_width)
 
@@ -130,7 +129,7 @@ def required_sample_size(baseline_mean: float, baseline_std: float, minimum_effe
                          alpha: float = 0.05, power: float = 0.8) -> int:
     """Units per variant for a two-sided test at ``alpha`` to detect, with probability ``power``, a change
     of ``minimum_effect`` times ``baseline_mean`` (relative: 0.02 is a 2% lift), with both groups'
-    standard deviation ``baseline_std`` (normal approximation, rounded up)."""
+    standard deviation ``baseline_std`` (statsmodels' two-sample normal power, rounded up)."""
     _check_open_unit(alpha, "alpha")
     _check_open_unit(power, "power")
     if not (math.isfinite(baseline_mean) and baseline_mean != 0):
@@ -139,79 +138,13 @@ def required_sample_size(baseline_mean: float, baseline_std: float, minimum_effe
         raise ValueError(f"baseline_std must be finite and > 0, got {baseline_std!r}")
     if not (math.isfinite(minimum_effect) and minimum_effect > 0):
         raise ValueError(f"minimum_effect must be a finite relative change > 0, got {minimum_effect!r}")
-    z = NormalDist().inv_cdf(1 - alpha / 2) + NormalDist().inv_cdf(power)
-    return math.ceil(2 * (z * baseline_std / (minimum_effect * baseline_mean)) ** 2)
-
-
-def student_t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t distribution with ``df`` > 0 (not necessarily integer) degrees of freedom."""
-    _check_df(df)
-    tail = _t_upper_tail(abs(t), df)
-    return 1 - tail if t > 0 else tail
-
-
-def student_t_quantile(p: float, df: float) -> float:
-    """The t with P(T <= t) = p, for 0 < p < 1 and ``df`` > 0, by Newton's method on the upper tail."""
-    _check_open_unit(p, "p")
-    _check_df(df)
-    tail = min(p, 1 - p)
-    t = 0.0
-    while True:  # the tail is convex for t >= 0, so from t = 0 Newton climbs to the root without passing it
-        density = _t_density(t, df)
-        if density == 0:
-            raise ValueError(f"p={p} is too far in the tail of the t distribution with df={df}: "
-                             f"the quantile is beyond {t:.3g}, where the density underflows")
-        step = (_t_upper_tail(t, df) - tail) / density
-        if not t + step > t:
-            return t if p > 0.5 else -t
-        t += step
-
-
-def _t_upper_tail(t: float, df: float) -> float:
-    """P(T > t) for t >= 0: half of P(|T| > t) = I_x(df/2, 1/2) with x = df / (df + t^2)."""
-    return 0.5 * _regularized_beta(df / 2, 0.5, df / (df + t * t), t * t / (df + t * t))
-
-
-def _t_density(t: float, df: float) -> float:
-    log_scale = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(log_scale - (df + 1) / 2 * math.log1p(t * t / df))
-
-
-def _regularized_beta(a: float, b: float, x: float, y: float) -> float:
-    """I_x(a, b) for a, b > 0 and 0 <= x <= 1 (Numerical Recipes 6.4, `betai`).
-
-    y = 1 - x, computed by the caller without the cancellation of 1 - x when x is near 1.
-    """
-    if x == 0 or y == 0:
-        return 1 - y
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y)
-    if x < (a + 1) / (a + b + 2):  # where the continued fraction converges fast; else use I_x(a,b) = 1 - I_y(b,a)
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1 - math.exp(log_front) * _beta_continued_fraction(b, a, y) / b
-
-
-def _beta_continued_fraction(a: float, b: float, x: float) -> float:
-    """The continued fraction of I_x(a, b), by the modified Lentz method (Numerical Recipes 6.4, `betacf`)."""
-    tiny, eps = 1e-300, 1e-15
-    c, d = 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    fraction = d
-    for m in range(1, 100_000):
-        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # even step d_{2m}
-                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):  # odd step d_{2m+1}
-            d = 1 + numerator * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + numerator / c
-            c = c if abs(c) > tiny else tiny
-            fraction *= c * d
-        if abs(c * d - 1) < eps:
-            return fraction
-    raise ValueError(f"the incomplete beta continued fraction did not converge for a={a}, b={b}, x={x}")
+    effect_size = abs(minimum_effect * baseline_mean) / baseline_std
+    return math.ceil(NormalIndPower().solve_power(effect_size, alpha=alpha, power=power, ratio=1.0))
 
 
 def _normal_two_sided_p(z: float) -> float:
-    """P(|Z| > |z|), by erfc so that tiny p-values keep their precision."""
-    return math.erfc(abs(z) / math.sqrt(2))
+    """P(|Z| > |z|), from the upper tail so that tiny p-values keep their precision."""
+    return float(2 * stats.norm.sf(abs(z)))
 
 
 def _relative(difference: float, control_mean: float) -> float:
@@ -230,11 +163,6 @@ def _check_count(successes: int, n: int, successes_name: str, n_name: str) -> fl
 def _check_open_unit(value: float, name: str) -> None:
     if not 0 < value < 1:
         raise ValueError(f"{name} must be in (0, 1), got {value!r}")
-
-
-def _check_df(df: float) -> None:
-    if not (math.isfinite(df) and df > 0):
-        raise ValueError(f"df must be finite and > 0, got {df!r}")
 
 
 @dataclass(frozen=True)
