@@ -9,6 +9,13 @@ metric is computed with numpy in float64. Retrieval metrics follow RecBole's def
     mrr@k        1 / rank of the first hit, 0 without one
     ndcg@k       sum over hits of 1 / log2(rank + 1), over the same sum for the first
                  min(|relevant|, k) ranks (binary relevance)
+    map@k        sum over hits of precision@(its rank), over min(|relevant|, k)
+
+Beyond accuracy, over the lists of all users (item indices, -1 for an empty slot):
+
+    coverage               distinct listed items / catalogue size
+    intra_list_diversity   mean over lists of the mean over item pairs of 1 - Jaccard(label sets)
+    novelty                mean over listed items of -log2(share of users who know the item)
 """
 
 from __future__ import annotations
@@ -119,7 +126,7 @@ def topk_from_scores(scores: Any, k: int, exclude: Sequence[Any] | None = None) 
 
 
 def retrieval_metrics(topk: Any, relevant: Sequence[Any], k: int) -> dict[str, float]:
-    """recall, precision, hit, mrr and ndcg at k, averaged over users with at least one relevant item.
+    """recall, precision, hit, mrr, ndcg and map at k, averaged over users with at least one relevant item.
 
     ``topk`` is a (U, K) matrix of ranked item indices (K >= k; -1 marks no item) and
     ``relevant`` one array of relevant item indices per user. Keys read ``"recall@10"``.
@@ -147,19 +154,16 @@ def per_user_retrieval_metrics(topk: Any, relevant: Sequence[Any], k: int) -> di
             "hit": (n_hits > 0) * skipped,
             "mrr": np.where(n_hits > 0, 1.0 / (first_hit + 1), 0.0) * skipped,
             "ndcg": hits @ discount / ideal_dcg,
+            "map": (hits * np.cumsum(hits, axis=1) / np.arange(1, k + 1)).sum(axis=1) / np.minimum(n_relevant, k),
         }
     return {f"{name}@{k}": values for name, values in metrics.items()}
 
 
 def hit_matrix(topk: Any, relevant: Sequence[Any], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Whether each of the first k ranked items is relevant, (U, k) bool, and |relevant| per user, (U,)."""
-    top = _as_array(topk)
-    if top.ndim != 2:
-        raise ValueError(f"topk must be a (users, K) matrix, got shape {top.shape}")
+    top = _listed_items(topk)
     _check_positive(k, "k", limit=(top.shape[1], "columns of topk"))
-    top = _integers(top[:, :k], "topk")
-    if top.size and top.min() < -1:
-        raise ValueError(f"topk holds item index {top.min()}; only -1 may mark a missing item")
+    top = top[:, :k]
     _check_unique_per_row(top)
     n_users = len(top)
     rows, items = _flatten_per_row(relevant, n_users, "relevant")
@@ -169,6 +173,76 @@ def hit_matrix(topk: Any, relevant: Sequence[Any], k: int) -> tuple[np.ndarray, 
     keys = np.arange(n_users)[:, None] * width + top  # (U, k)
     hits = np.isin(keys, relevant_keys) & (top >= 0)  # -1 would alias the previous user's last item
     return hits, n_relevant
+
+
+def coverage(topk: Any, n_items: int) -> float:
+    """The share of the ``n_items`` catalogue that appears in any row of ``topk`` (U, k); -1 is no item."""
+    _check_positive(n_items, "n_items")
+    top = _listed_items(topk)
+    listed = np.unique(top[top >= 0])
+    if listed.size and listed[-1] >= n_items:
+        raise ValueError(f"topk holds item index {listed[-1]}, but the catalogue has {n_items} items")
+    return len(listed) / n_items
+
+
+def intra_list_diversity(topk: Any, labels: Any) -> float:
+    """Mean over lists with two or more items of the mean over their item pairs of 1 - |A & B| / |A | B|,
+    A and B the two items' label sets (e.g. genres): 1 - [a == b] for one label per item; two
+    items without labels count as alike.
+
+    ``topk`` (U, k) item indices, -1 for no item; ``labels`` (I, C) bool, the labels of each item.
+    ValueError when no list holds two items.
+    """
+    top = _listed_items(topk)
+    sets = _as_array(labels)
+    if sets.ndim != 2 or sets.dtype != bool:
+        raise ValueError(f"labels must be an (items, labels) bool matrix, got shape {sets.shape} of {sets.dtype}")
+    if top.size and top.max() >= len(sets):
+        raise ValueError(f"topk holds item index {top.max()}, but labels has {len(sets)} items")
+    listed = top >= 0  # (U, k)
+    per_list = []
+    for lo in range(0, len(top), 1024):  # (U, k, k) pair matrices, in blocks of lists
+        block, present = top[lo:lo + 1024], listed[lo:lo + 1024]
+        onehot = (sets[np.maximum(block, 0)] & present[..., None]).astype(np.float64)  # (B, k, C)
+        common = onehot @ onehot.transpose(0, 2, 1)  # (B, k, k) |A & B|
+        size = onehot.sum(axis=2)  # (B, k)
+        union = size[:, :, None] + size[:, None, :] - common
+        distance = 1 - np.divide(common, union, out=np.ones_like(common), where=union > 0)
+        pairs = present[:, :, None] & present[:, None, :] & ~np.eye(block.shape[1], dtype=bool)
+        n_pairs = pairs.sum(axis=(1, 2))
+        with np.errstate(invalid="ignore"):
+            per_list.append(np.where(pairs, distance, 0).sum(axis=(1, 2)) / n_pairs)
+    values = np.concatenate([np.zeros(0), *per_list])
+    if np.isnan(values).all():
+        raise ValueError(f"none of the {len(top)} lists holds two items; diversity needs pairs")
+    return float(np.nanmean(values))
+
+
+def novelty(topk: Any, item_share: Any) -> float:
+    """Mean self-information, -log2 p_i, over every listed item i of ``topk`` (U, k; -1 is no item),
+    p_i = ``item_share`` (I,) the share of users who know item i, each in (0, 1]."""
+    top = _listed_items(topk)
+    share = _as_array(item_share).astype(np.float64)
+    if share.ndim != 1 or not ((share > 0) & (share <= 1)).all():
+        raise ValueError(f"item_share must be (items,) shares in (0, 1], got shape {share.shape}, "
+                         f"range [{share.min(initial=np.inf)}, {share.max(initial=-np.inf)}]")
+    listed = top[top >= 0]
+    if listed.size == 0:
+        raise ValueError(f"topk lists no item in its {len(top)} rows")
+    if listed.max() >= len(share):
+        raise ValueError(f"topk holds item index {listed.max()}, but item_share has {len(share)} items")
+    return float(-np.log2(share[listed]).mean())
+
+
+def _listed_items(topk: Any) -> np.ndarray:
+    """``topk`` as a (U, k) int64 matrix of item indices, -1 for an empty slot."""
+    top = _as_array(topk)
+    if top.ndim != 2:
+        raise ValueError(f"topk must be a (users, K) matrix, got shape {top.shape}")
+    top = _integers(top, "topk")
+    if top.size and top.min() < -1:
+        raise ValueError(f"topk holds item index {top.min()}; only -1 may mark a missing item")
+    return top
 
 
 def _mann_whitney(groups: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, ...]:

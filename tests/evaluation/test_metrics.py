@@ -8,8 +8,11 @@ from evaluation.metrics import (
     auc,
     calibration,
     calibration_table,
+    coverage,
     grouped_auc,
+    intra_list_diversity,
     log_loss,
+    novelty,
     per_user_retrieval_metrics,
     retrieval_metrics,
     topk_from_scores,
@@ -43,7 +46,7 @@ def _naive_topk(scores, k, exclude):
 
 
 def _naive_retrieval(topk, relevant, k):
-    sums = dict.fromkeys(("recall", "precision", "hit", "mrr", "ndcg"), 0.0)
+    sums = dict.fromkeys(("recall", "precision", "hit", "mrr", "ndcg", "map"), 0.0)
     users = 0
     for ranked, rel in zip(topk, relevant, strict=True):
         rel = set(rel)
@@ -57,6 +60,7 @@ def _naive_retrieval(topk, relevant, k):
         sums["mrr"] += 1 / hit_ranks[0] if hit_ranks else 0.0
         ideal = sum(1 / math.log2(r + 1) for r in range(1, min(len(rel), k) + 1))
         sums["ndcg"] += sum(1 / math.log2(r + 1) for r in hit_ranks) / ideal
+        sums["map"] += sum((n + 1) / r for n, r in enumerate(hit_ranks)) / min(len(rel), k)
     return {f"{name}@{k}": value / users for name, value in sums.items()}
 
 
@@ -169,6 +173,8 @@ def test_per_user_retrieval_metrics_hand_case():
     np.testing.assert_allclose(m["hit@3"], [1, 1, 0, np.nan])
     np.testing.assert_allclose(m["mrr@3"], [1, 1 / 3, 0, np.nan])
     np.testing.assert_allclose(m["ndcg@3"], [(1 + 1 / 2) / ideal_2, (1 / 2) / ideal_3, 0, np.nan])
+    # average precision: user 0 precision 1/1 and 2/3 at its hits over 2; user 1 1/3 over min(4, 3)
+    np.testing.assert_allclose(m["map@3"], [(1 + 2 / 3) / 2, (1 / 3) / 3, 0, np.nan])
 
 
 def test_retrieval_metrics_average_over_users_with_relevant_items():
@@ -176,7 +182,8 @@ def test_retrieval_metrics_average_over_users_with_relevant_items():
     assert m["recall@3"] == pytest.approx((1 + 1 / 4 + 0) / 3, abs=1e-12)
     assert m["mrr@3"] == pytest.approx((1 + 1 / 3 + 0) / 3, abs=1e-12)
     assert retrieval_metrics(TOPK, RELEVANT, k=1) == pytest.approx(
-        {"recall@1": 1 / 6, "precision@1": 1 / 3, "hit@1": 1 / 3, "mrr@1": 1 / 3, "ndcg@1": 1 / 3}, abs=1e-12
+        {"recall@1": 1 / 6, "precision@1": 1 / 3, "hit@1": 1 / 3, "mrr@1": 1 / 3, "ndcg@1": 1 / 3, "map@1": 1 / 3},
+        abs=1e-12
     )
 
 
@@ -194,6 +201,43 @@ def test_retrieval_metrics_match_per_user_loop():
 def test_padding_never_counts_as_a_hit():
     # -1 must not match item width - 1 of the previous user
     assert retrieval_metrics(np.array([[0, 2], [1, -1]]), [[2], [0]], k=2)["hit@2"] == 0.5
+
+
+# Beyond accuracy: LISTS ranks items 0..5; GENRES gives each its label set (item 5 has none)
+
+LISTS = np.array([[0, 1, 2], [0, 3, -1], [4, -1, -1]])
+GENRES = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 0, 0]], dtype=bool)
+
+
+def _naive_diversity(topk, labels):
+    per_list = []
+    for row in topk:
+        items = [i for i in row if i >= 0]
+        sets = [set(np.flatnonzero(labels[i])) for i in items]
+        pairs = [(a, b) for n, a in enumerate(sets) for b in sets[n + 1:]]
+        if pairs:
+            per_list.append(np.mean([1 - len(a & b) / len(a | b) if a | b else 0.0 for a, b in pairs]))
+    return float(np.mean(per_list))
+
+
+def test_beyond_accuracy_hand_case():
+    assert coverage(LISTS, n_items=6) == pytest.approx(5 / 6)  # items 0..4 of 6
+    # list 0: pairs (0,1) 1 - 1/2, (0,2) 1, (1,2) 1 - 1/2 -> 2/3; list 1: (0,3) alike -> 0; list 2 has no pair
+    assert intra_list_diversity(LISTS, GENRES) == pytest.approx((2 / 3 + 0) / 2)
+    share = np.array([1.0, 0.5, 0.25, 0.5, 0.125, 1.0])
+    # listed items 0, 1, 2, 0, 3, 4: self-information 0, 1, 2, 0, 1, 3
+    assert novelty(LISTS, share) == pytest.approx(7 / 6)
+
+
+def test_beyond_accuracy_match_naive_references():
+    rng = np.random.default_rng(6)
+    labels = rng.random((40, 5)) < 0.3  # some items without labels
+    top = topk_from_scores(rng.random((30, 40)), 8, [rng.choice(40, 35, replace=False) for _ in range(30)])
+    assert intra_list_diversity(top, labels) == pytest.approx(_naive_diversity(top, labels), abs=1e-9)
+    assert coverage(top, 40) == pytest.approx(len({i for row in top for i in row if i >= 0}) / 40)
+    share = rng.uniform(0.01, 1, 40)
+    listed = [i for row in top for i in row if i >= 0]
+    assert novelty(top, share) == pytest.approx(sum(-math.log2(share[i]) for i in listed) / len(listed))
 
 
 # Bad values
@@ -226,6 +270,14 @@ def test_padding_never_counts_as_a_hit():
         (lambda: retrieval_metrics(np.array([[1, 1]]), [[1]], k=2), "topk row 0 ranks item 1 more than once"),
         (lambda: retrieval_metrics(np.array([[0, -2]]), [[1]], k=2), "topk holds item index -2"),
         (lambda: retrieval_metrics(TOPK, [[-1], [], [], []], k=3), "relevant holds item index -1"),
+        (lambda: coverage(LISTS, n_items=4), "topk holds item index 4, but the catalogue has 4 items"),
+        (lambda: coverage(LISTS, n_items=0), "n_items must be a positive integer, got 0"),
+        (lambda: intra_list_diversity(LISTS, GENRES.astype(int)), "labels must be an .* bool matrix"),
+        (lambda: intra_list_diversity(LISTS, GENRES[:4]), "topk holds item index 4, but labels has 4 items"),
+        (lambda: intra_list_diversity(LISTS[2:], GENRES), "none of the 1 lists holds two items"),
+        (lambda: novelty(LISTS, np.zeros(6)), r"item_share must be \(items,\) shares in \(0, 1\]"),
+        (lambda: novelty(np.full((2, 2), -1), np.ones(6)), "topk lists no item in its 2 rows"),
+        (lambda: novelty(np.array([[0, -3]]), np.ones(6)), "topk holds item index -3"),
     ],
 )
 def test_bad_values_raise_naming_the_value(call, message):
