@@ -1,14 +1,22 @@
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from data.fetch import fetch_wheel_folder
 from data.obd import load_obd
 from evaluation.ope import (
     Z95,
+    bootstrap_interval,
     direct_method,
     doubly_robust,
     effective_sample_size,
     ips,
+    sndr,
     snips,
+    switch_dr,
 )
 
 # Hand-computed cases. Four logged rows:
@@ -193,8 +201,75 @@ def test_ips_and_snips_recover_the_random_policys_click_rate_from_the_bts_log():
     (lambda: direct_method([0.3]), "at least 2 logged rows, got 1"),
     (lambda: effective_sample_size([1, -2, 3]), r"weights must be >= 0.*rows \[1\]: \[-2.0\]"),
     (lambda: effective_sample_size([0, 0]), "weights need a positive value"),
+    (lambda: switch_dr(R, P, PI, Q_LOGGED, Q_TARGET, tau=-1), "tau must be a weight threshold >= 0, got -1"),
+    (lambda: sndr(R, P, [0, 0, 0, 0], Q_LOGGED, Q_TARGET), "SNDR divides by sum"),
+    (lambda: bootstrap_interval([1.0, 2.0], n_resamples=1), "n_resamples must be an integer >= 2"),
+    (lambda: bootstrap_interval([1.0, 2.0], alpha=0), r"alpha must be in \(0, 1\)"),
 ])
 def test_bad_inputs_raise_value_errors_naming_the_argument_and_rows(call, message):
     with pytest.raises(ValueError, match=message):
         call()
 
+
+
+# The same estimators as obp 0.4.1 on identical inputs (tests/fixtures/obp: the recorded outputs, the
+# script and the environment that made them)
+
+OBP = Path(__file__).parents[1] / "fixtures" / "obp"
+sys.path.insert(0, str(OBP))
+from inputs import BOOTSTRAP, LOGS, TAUS, evaluation_policy, read_log, reward_model  # noqa: E402
+
+OBP_REFERENCE = json.loads((OBP / "reference.json").read_text())
+
+
+@pytest.mark.parametrize(("policy", "campaign"), LOGS)
+def test_estimators_equal_obp_on_the_open_bandit_logs(policy, campaign):
+    log = read_log(fetch_wheel_folder("obp", "0.4.1", "obp/dataset/obd"), policy, campaign)
+    expected = OBP_REFERENCE["logs"][f"{policy}/{campaign}"]
+    rows = np.arange(len(log["action"]))
+    assert (len(rows), log["reward"].sum()) == (expected["rows"], expected["clicks"])
+    pi_all, q_all = evaluation_policy(len(rows), log["n_actions"]), reward_model(len(rows), log["n_actions"])
+    pi_at_position, q_at_position = pi_all[rows, :, log["position"]], q_all[rows, :, log["position"]]  # (N, A)
+    r, p, pi = log["reward"], log["pscore"], pi_at_position[rows, log["action"]]
+    q_logged = q_at_position[rows, log["action"]]
+    q_target = np.average(q_at_position, weights=pi_at_position, axis=1)
+    estimates = {
+        "ips": ips(r, p, pi), "snips": snips(r, p, pi), "dm": direct_method(q_target),
+        "dr": doubly_robust(r, p, pi, q_logged, q_target), "sndr": sndr(r, p, pi, q_logged, q_target),
+        **{f"switch_dr_{tau:g}": switch_dr(r, p, pi, q_logged, q_target, tau) for tau in TAUS},
+    }
+    for name, estimate in estimates.items():
+        assert estimate.value == pytest.approx(expected[name]["value"], rel=1e-12, abs=0), name
+        interval = bootstrap_interval(estimate.rewards, BOOTSTRAP["alpha"], BOOTSTRAP["n_resamples"],
+                                      BOOTSTRAP["seed"])
+        assert [interval.mean, interval.low, interval.high] == pytest.approx(expected[name]["bootstrap"],
+                                                                               rel=1e-12, abs=0), name
+
+
+def test_switch_dr_spans_the_direct_method_and_doubly_robust():
+    # w = [2, 2, 0, 1]: tau 1.5 keeps the correction of rows 2 and 3 only: terms [0.5, 0.2, 0.3, 0]
+    assert switch_dr(R, P, PI, Q_LOGGED, Q_TARGET, tau=1.5).value == pytest.approx(0.25)
+    assert switch_dr(R, P, PI, Q_LOGGED, Q_TARGET, tau=0).value == pytest.approx(direct_method(Q_TARGET).value)
+    assert switch_dr(R, P, PI, Q_LOGGED, Q_TARGET, tau=np.inf).value == pytest.approx(
+        doubly_robust(R, P, PI, Q_LOGGED, Q_TARGET).value)
+
+
+def test_sndr_hand_case():
+    # w (r - q_logged) = [0.8, -0.2, 0, -0.2], sum 0.4, over sum(w) = 5: 0.08; mean(q_target) 0.3, so 0.38
+    assert sndr(R, P, PI, Q_LOGGED, Q_TARGET).value == pytest.approx(0.38)
+    assert sndr(R, P, PI, Q_LOGGED, Q_TARGET).rewards.mean() == pytest.approx(0.38)
+
+
+def test_sndr_and_switch_dr_with_a_biased_model_find_the_true_value(bandit):
+    log, truth = bandit
+    for estimate in (sndr(*log_args(log), *log["biased"]), switch_dr(*log_args(log), *log["biased"], tau=50)):
+        assert abs(estimate.value - truth) < 3 * estimate.std_error
+
+
+def test_bootstrap_interval_covers_like_the_normal_one(bandit):
+    log, _ = bandit
+    estimate = ips(*log_args(log))
+    interval = bootstrap_interval(estimate.rewards, n_resamples=400, seed=1)
+    assert interval.low == pytest.approx(estimate.low, rel=0.05)
+    assert interval.high == pytest.approx(estimate.high, rel=0.05)
+    assert bootstrap_interval(estimate.rewards, n_resamples=400, seed=1) == interval  # the seed fixes it
