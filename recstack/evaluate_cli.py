@@ -1,6 +1,7 @@
-"""`recstack evaluate`: `replay`, an off-policy estimate of a pipeline config from an impression
-log; `ab`, the analysis of an experiment the service ran; `drift`, how a dataset's model inputs
-moved between two samples of its interactions."""
+"""`recstack evaluate`: `offline`, the pipeline stage by stage on a dataset's held-out part;
+`replay`, an off-policy estimate of a pipeline config from an impression log; `ab`, the
+analysis of an experiment the service ran; `drift`, how a dataset's model inputs moved between
+two samples of its interactions."""
 
 from __future__ import annotations
 
@@ -18,7 +19,23 @@ log = logging.getLogger(__name__)
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a pipeline offline")
-    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{replay,ab,drift}")
+    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{offline,replay,ab,drift}")
+    offline = tasks.add_parser("offline", help="the published pipeline stage by stage on a dataset's held-out "
+                                               "users, against retrieval alone and popularity")
+    offline.add_argument("--artifacts", required=True, type=Path, help="artefact root (versions + CURRENT)")
+    offline.add_argument("--config", required=True, type=Path, help="YAML pipeline config (configs/pipeline.yaml)")
+    offline.add_argument("--data", required=True, type=Path, help="canonical dataset directory with a split")
+    offline.add_argument("--part", choices=("valid", "test"), default="test",
+                         help="held-out part; its users' history is train (test: train and valid)")
+    offline.add_argument("--k", type=int, nargs="+", default=[10, 20, 50], help="list lengths to report")
+    offline.add_argument("--users", type=int, metavar="N", help="a seeded sample of N users (default: all)")
+    offline.add_argument("--out", type=Path, help="write report.json, PNG figures and report.html here")
+    offline.add_argument("--truth", action="store_true",
+                         help="synthetic data: expected clicks by the generator's true click probabilities")
+    offline.add_argument("--seed", type=int, default=0, help="seeds the user sample and the bootstrap")
+    offline.add_argument("--diversity-column", default="category",
+                         help="item column of labels for intra-list diversity (e.g. genres)")
+    offline.set_defaults(run=_offline)
     replay = tasks.add_parser("replay", help="estimate a pipeline config's reward on the traffic an impression "
                                              "log holds (recstack serve --log, with an explore orderer)")
     replay.add_argument("--log", required=True, type=Path, help="impression log directory")
@@ -47,6 +64,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     drift.add_argument("--psi-alert", type=float, default=0.2, help="alert on a feature whose PSI exceeds this")
     drift.add_argument("--fail-on-alert", action="store_true", help="exit with status 1 when any feature alerts")
     drift.set_defaults(run=_drift)
+
+
+def _offline(args: argparse.Namespace) -> int:
+    from evaluation.offline import OfflineConfig, evaluate_offline, format_table
+    from evaluation.plots import write_report
+    from inference.pipeline.executor import load_pipeline_config
+
+    config = OfflineConfig(args.part, tuple(args.k), args.users, args.seed, args.diversity_column, args.truth)
+    max_k = load_pipeline_config(args.config).max_k
+    if max(config.ks) > max_k:  # checked before the version loads
+        raise ValueError(f"--k {max(config.ks)} exceeds max_k = {max_k} of {args.config}")
+    version, pipeline = published_pipeline(args.artifacts, args.config)
+    try:
+        report = {"version": version, **evaluate_offline(pipeline, args.data, config)}
+    finally:
+        pipeline.close()
+    table = format_table(report)
+    print(table, file=sys.stderr)
+    if args.out is not None:
+        write_report(report, table, args.out)
+    print(json.dumps(report))
+    return 0
 
 
 def _replay(args: argparse.Namespace) -> int:
