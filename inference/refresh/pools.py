@@ -28,19 +28,317 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import shutil
+import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
+
+from data.schema import Schema
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 POOL_COLUMNS = ("list", "item_id", "score")
 MAX_HISTORY = 100  # most recent distinct items per user in co-occurrence counts
 PAIR_BUDGET = 1 << 24  # co-occurring pairs per block in build_cooccurrence_similar: bounds memory to ~1 GB
+STREAM_ROWS = 1 << 20  # rows per record batch when user lists stream their seen items from DuckDB
+
+
+@dataclass(frozen=True)
+class DuckDBOptions:
+    """How the pool queries may use the machine: DuckDB spills to a temporary directory under
+    ``temp_directory`` (the system's when None) past ``memory_limit_gb``, and runs on ``threads``
+    (``os.cpu_count()`` when None)."""
+
+    memory_limit_gb: float = 4.0
+    threads: int | None = None
+    temp_directory: Path | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("memory_limit_gb", self.memory_limit_gb)
+        if self.threads is not None:
+            _check_count("threads", self.threads)
+
+
+class Events:
+    """The interaction rows the pools count: one parquet file that DuckDB reads, never loaded whole.
+
+    The file has integer ``user_id`` and ``item_id`` and a numeric ``timestamp`` (seconds); when
+    ``label`` names one of its columns, only rows with ``label > 0`` count. Queries see the view
+    ``events(user_id, item_id, timestamp DOUBLE, row)``, ``row`` being the row's place in the file.
+    Close it (or use it in a ``with`` block) to remove DuckDB's spill files.
+    """
+
+    def __init__(self, path: Path, label: str | None = None, options: DuckDBOptions | None = None) -> None:
+        path, options = Path(path), options or DuckDBOptions()
+        if not path.is_file():
+            raise ValueError(f"{path}: no such interactions file")
+        self.spill = Path(tempfile.mkdtemp(prefix="recstack-duckdb-", dir=options.temp_directory))
+        self.con = duckdb.connect(config={
+            "memory_limit": f"{options.memory_limit_gb}GB", "threads": options.threads or os.cpu_count() or 1,
+            "temp_directory": str(self.spill), "preserve_insertion_order": False})
+        try:
+            source = f"read_parquet('{_quote(path)}', file_row_number = true)"
+            types = dict(self.con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})")
+                         .fetchall())
+            for column, kinds in (("user_id", _INTEGER), ("item_id", _INTEGER), ("timestamp", _NUMERIC)):
+                if column not in types:
+                    raise ValueError(f"{path}: interactions are missing column {column!r}; they have "
+                                     f"{[c for c in types if c != 'file_row_number']}")
+                if types[column] not in kinds:
+                    raise ValueError(f"{path}: interactions column {column!r} has type {types[column]}; "
+                                     f"expected one of {sorted(kinds)}")
+            positive = f'WHERE "{label}" > 0' if label is not None and label in types else ""
+            self.con.execute(f"CREATE VIEW events AS SELECT user_id, item_id, timestamp::DOUBLE AS timestamp, "
+                             f"file_row_number AS row FROM {source} {positive}")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.con.close()
+        shutil.rmtree(self.spill, ignore_errors=True)
+
+    def __enter__(self) -> Events:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def open_events(data_dir: Path, options: DuckDBOptions | None = None) -> Events:
+    """The positive interactions of a canonical dataset directory (see `data.dataset`)."""
+    data_dir = Path(data_dir)
+    if not (data_dir / "schema.json").is_file():
+        raise ValueError(f"{data_dir}: not a recstack dataset (no schema.json)")
+    return Events(data_dir / "interactions.parquet", Schema.load(data_dir / "schema.json").label, options)
+
+
+def sql_popular(events: Events, now: int, half_life_s: float, k: int,
+                eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "popular" list: ``score = sum over the item's rows of 0.5 ** ((now - timestamp) / half_life_s)``."""
+    _check_positive("half_life_s", half_life_s)
+    _check_count("k", k)
+    with _allowed(events, eligible) as allowed:
+        top = events.con.execute(f"""
+            WITH weighted AS (
+                SELECT item_id, pow(0.5, ($now - timestamp) / $half_life) AS weight
+                FROM events WHERE timestamp <= $now AND {allowed}),
+            exponent AS (  -- of each item's largest weight: its weights are summed in units of 2**(e - 95)
+                SELECT item_id, floor(log2(max(weight))) AS e FROM weighted WHERE weight > 0 GROUP BY item_id)
+            SELECT item_id, coalesce(  -- through text: DuckDB's HUGEINT to DOUBLE cast can be an ulp off
+                sum(CAST(weight * $up * pow(2, 95 - 600 - e) AS HUGEINT))::VARCHAR::DOUBLE
+                * pow(2, any_value(e) - 95 + 600) * $down, 0) AS score
+            FROM weighted LEFT JOIN exponent USING (item_id)
+            GROUP BY item_id ORDER BY score DESC, item_id LIMIT $k""",
+            {"now": now, "half_life": float(half_life_s), "k": k, "up": 2.0 ** 600, "down": 2.0 ** -600}).fetchnumpy()
+    return _named("popular", top)
+
+
+def sql_trending(events: Events, now: int, recent_s: float, baseline_s: float, k: int, prior: float = 5.0,
+                 eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "trending" list: items whose rate in the recent window rises above their baseline rate.
+
+    The recent window is ``(now - recent_s, now]`` and the baseline window the ``baseline_s``
+    seconds before it. Per item, with ``recent`` and ``baseline`` the row counts in each:
+
+        expected = baseline * recent_s / baseline_s        # the baseline rate over the recent window
+        score    = (recent + prior) / (expected + prior)
+
+    ``prior`` pseudo-events pull both counts toward a ratio of 1, so one recent event on an
+    empty baseline scores (1 + prior) / prior (1.2 with the default), far below a real spike.
+    Only rising items (score > 1) are listed.
+    """
+    _check_positive("recent_s", recent_s)
+    _check_positive("baseline_s", baseline_s)
+    _check_positive("prior", prior)
+    _check_count("k", k)
+    with _allowed(events, eligible) as allowed:
+        top = events.con.execute(f"""
+            SELECT item_id, score FROM (
+                SELECT item_id, (recent + $prior) / (baseline * $recent_s / $baseline_s + $prior) AS score FROM (
+                    SELECT item_id, count(*) FILTER (timestamp > $now - $recent_s) AS recent,
+                           count(*) FILTER (timestamp <= $now - $recent_s) AS baseline
+                    FROM events WHERE timestamp <= $now AND timestamp > $now - $recent_s - $baseline_s AND {allowed}
+                    GROUP BY item_id))
+            WHERE score > 1 ORDER BY score DESC, item_id LIMIT $k""",
+            {"now": now, "recent_s": float(recent_s), "baseline_s": float(baseline_s), "prior": float(prior),
+             "k": k}).fetchnumpy()
+    return _named("trending", top)
+
+
+def sql_first_seen(events: Events) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids (N,) ascending, the timestamp of each one's first row (N,) float64)."""
+    first = events.con.execute("SELECT item_id, min(timestamp) AS first FROM events GROUP BY item_id "
+                               "ORDER BY item_id").fetchnumpy()
+    return first["item_id"].astype(np.int64), first["first"]
+
+
+def sql_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HISTORY,
+                             eligible: np.ndarray | None = None, anchors: np.ndarray | None = None) -> pd.DataFrame:
+    """Lists "similar:{id}" from shared users, the fallback when items have no embeddings.
+
+    Each user's history is their ``max_history`` most recent distinct items (an item counts at
+    its latest row; equal times keep file order), which bounds the pairs at
+    ``users * max_history**2``. For items i != j the score is the cosine of their binary user
+    columns,
+
+        score(i, j) = users(i and j) / sqrt(users(i) * users(j)),
+
+    Item i's list holds the k best eligible j with at least one shared user, ties by smaller id.
+    Lists are built for the ``anchors`` items (every item when None), eligible or not; lists
+    follow item ids.
+    """
+    _check_count("k", k)
+    _check_count("max_history", max_history)
+    with (_allowed(events, eligible, "b.item_id") as allowed,
+          _allowed(events, anchors, "a.item_id", "anchors") as anchored):
+        pairs = events.con.execute(f"""
+            WITH latest AS (
+                SELECT user_id, item_id FROM (
+                    SELECT * FROM events
+                    QUALIFY row_number() OVER (PARTITION BY user_id, item_id ORDER BY timestamp DESC, row) = 1)
+                QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY timestamp DESC, row) <= $max_history),
+            degree AS (SELECT item_id, count(*) AS users FROM latest GROUP BY item_id),
+            shared AS (
+                SELECT a.item_id AS anchor, b.item_id AS other, count(*) AS users
+                FROM latest a JOIN latest b ON a.user_id = b.user_id AND a.item_id <> b.item_id
+                WHERE {anchored} AND {allowed}
+                GROUP BY anchor, other)
+            SELECT anchor, other, shared.users / sqrt(da.users * db.users::DOUBLE) AS score
+            FROM shared JOIN degree da ON da.item_id = anchor JOIN degree db ON db.item_id = other
+            QUALIFY row_number() OVER (PARTITION BY anchor ORDER BY score DESC, other) <= $k
+            ORDER BY anchor, score DESC, other""", {"max_history": max_history, "k": k}).fetchnumpy()
+    return _pool(_names("similar:", pairs["anchor"]), pairs["other"], pairs["score"])
+
+
+def sql_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Search, events: Events, n: int,
+                   eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
+    """Lists "user:{id}": each user's n best unseen items from ``search``'s index.
+
+    ``user_vectors`` (U, D) are the query-tower embeddings of ``user_ids`` (U,); a user has seen
+    the items of their ``events`` rows, which stream from DuckDB one batch of users at a time.
+    Every list holds n items unless the index runs out of unseen eligible ones (see
+    `_search_batches` for how it over-fetches).
+    """
+    _check_count("n", n)
+    _check_count("batch_size", batch_size)
+    ids = _check_ids("user_ids", user_ids)
+    vectors = _check_vectors("user_vectors", user_vectors, len(ids))
+    users = pa.table({"user_id": ids, "row": np.arange(len(ids))})
+    with _registered(events.con, "users", users):
+        seen = events.con.execute("SELECT users.row, count(DISTINCT item_id) AS items FROM events "
+                                  "JOIN users USING (user_id) GROUP BY users.row").fetchnumpy()
+    need = np.full(len(ids), n, dtype=np.int64)
+    need[seen["row"]] += seen["items"]
+    order = np.argsort(need, kind="stable")
+    batches = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+    batch_of = np.empty(len(ids), dtype=np.int64)
+    for b, rows in enumerate(batches):
+        batch_of[rows] = b
+    with events.con.cursor() as stream:  # its own connection: closing it ends the stream however the loop ends
+        stream.register("users", users.append_column("batch", pa.array(batch_of)))
+        seen = stream.sql("SELECT batch, users.row, item_id FROM events JOIN users USING (user_id) ORDER BY batch")
+        rows, found, scores = _search_batches(search, vectors, n, _by_batch(seen.to_arrow_reader(STREAM_ROWS),
+                                                                            batches), eligible)
+    return _pool(_names("user:", ids)[rows], found, scores)
+
+
+def _by_batch(reader: pa.RecordBatchReader, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
+    """(rows, excluded rows, excluded items) per batch of ``batches``, from a reader of
+    (batch, row, item_id) records sorted by batch."""
+    batch, row, item = (np.zeros(0, dtype=np.int64) for _ in range(3))
+    chunks = iter(reader)
+    for b, rows in enumerate(batches):
+        while not len(batch) or batch[-1] <= b:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            batch, row, item = (np.concatenate([old, chunk.column(i).to_numpy()])
+                                for i, old in enumerate((batch, row, item)))
+        cut = int(np.searchsorted(batch, b, side="right"))
+        yield rows, row[:cut], item[:cut]
+        batch, row, item = batch[cut:], row[cut:], item[cut:]
+
+
+def _search_batches(search: Search, queries: np.ndarray, n: int, batches: Iterator[tuple[np.ndarray, ...]],
+                    eligible: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first n results per query row that are eligible and not excluded for that row.
+
+    ``batches`` yields (rows, excluded rows, excluded items): the query rows searched together
+    and the (row, item) pairs they exclude. A batch is searched with ``k = n + its most
+    exclusions in one row``; a row still short of n after filtering (ineligible results) is
+    searched again with k doubled until it has n or the index returns fewer than k (it has no
+    more). Returns rows, ids, scores: long arrays, rows ascending, each row's results in rank order.
+    """
+    eligible_ids = None if eligible is None else pd.Index(np.unique(eligible))
+    parts = []
+    for rows, excluded_rows, excluded_items in batches:
+        # hash lookups (pd.Index): ~10x faster than binary search over a million ids
+        excluded_ids = pd.Index(np.unique(excluded_items))
+        width = max(len(excluded_ids), 1)
+        local = pd.Index(rows).get_indexer(excluded_rows)  # each excluded row's place in the batch
+        keys = np.unique(local * width + _lookup(excluded_ids, excluded_items))
+        k = n + int(np.bincount(keys // width, minlength=len(rows)).max(initial=0))
+        keys = pd.Index(keys)  # one key per distinct (row, excluded item) pair
+        place = np.arange(len(rows))
+        while len(rows):
+            ids, scores = _call_search(search, queries[rows], k)
+            code = _lookup(excluded_ids, ids)  # -1 where no row excludes the id
+            excluded = (code >= 0) & (_lookup(keys, place[:, None] * width + code) >= 0)
+            valid = (ids >= 0) & ~excluded
+            if eligible_ids is not None:
+                valid &= _lookup(eligible_ids, ids) >= 0
+            taken = valid & (np.cumsum(valid, axis=1) <= n)
+            done = (taken.sum(axis=1) == n) | (ids.shape[1] < k) | (ids < 0).any(axis=1)
+            r, c = np.nonzero(taken[done])
+            parts.append((rows[done][r], ids[done][r, c], scores[done][r, c]))
+            rows, place, k = rows[~done], place[~done], 2 * k
+    if not parts:
+        return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([], dtype=np.float32)
+    rows, ids, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
+    by_row = np.argsort(rows, kind="stable")
+    return rows[by_row], ids[by_row], scores[by_row]
+
+
+_INTEGER = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
+_NUMERIC = _INTEGER | {"FLOAT", "DOUBLE"}
+
+
+@contextmanager
+def _registered(con: duckdb.DuckDBPyConnection, name: str, table: pa.Table) -> Iterator[None]:
+    con.register(name, table)
+    try:
+        yield
+    finally:
+        con.unregister(name)
+
+
+@contextmanager
+def _allowed(events: Events, ids: np.ndarray | None, column: str = "item_id", name: str = "eligible") -> Iterator[str]:
+    """A SQL condition: ``column`` is one of ``ids`` (always true when None), registered as table ``name``."""
+    if ids is None:
+        yield "TRUE"
+        return
+    with _registered(events.con, name, pa.table({"item_id": np.asarray(ids, dtype=np.int64)})):
+        yield f"{column} IN (SELECT item_id FROM {name})"
+
+
+def _named(name: str, top: dict[str, np.ndarray]) -> pd.DataFrame:
+    return _pool(np.full(len(top["item_id"]), name, dtype=object), top["item_id"], top["score"])
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def build_popular(interactions: pd.DataFrame, now: int, half_life_s: float, k: int,

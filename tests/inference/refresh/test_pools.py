@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -321,3 +323,55 @@ def test_bad_arguments_name_the_value():
 
     with pytest.raises(ValueError, match=r"search returned ids \(2, 3\) .* expected \(2, at most 2\)"):
         build_similar_items(np.array([1, 2]), vectors, wide_search, k=1)
+
+
+def _tied_dataset(directory: Path) -> Path:
+    """A dataset directory whose interactions tie often: 40 items, whole-day timestamps, labels 0/1."""
+    rng = np.random.default_rng(7)
+    n = 6000
+    frame = pd.DataFrame({"user_id": rng.integers(0, 150, n), "item_id": rng.integers(0, 40, n) * 5,
+                          "timestamp": NOW - rng.integers(0, 60, n) * DAY, "label": rng.integers(0, 2, n)})
+    directory.mkdir()
+    frame.to_parquet(directory / "interactions.parquet")
+    (directory / "schema.json").write_text('{"name": "tied", "features": []}')
+    return directory
+
+
+@pytest.fixture(params=["tiny", "tied"])
+def dataset_dir(request, tmp_path):
+    return request.getfixturevalue("tiny_dataset") if request.param == "tiny" else _tied_dataset(tmp_path / "tied")
+
+
+def _same_lists(built: pd.DataFrame, expected: pd.DataFrame) -> None:
+    _check_pool(built)
+    assert built["list"].tolist() == expected["list"].tolist()
+    assert built["item_id"].tolist() == expected["item_id"].tolist()
+    np.testing.assert_array_equal(built["score"].to_numpy(), expected["score"].to_numpy())
+
+
+def test_duckdb_pools_equal_the_pandas_pools(dataset_dir):
+    positives = pd.read_parquet(dataset_dir / "interactions.parquet")
+    positives = positives[positives["label"] > 0]
+    now = int(positives["timestamp"].max())
+    items = np.unique(positives["item_id"])
+    rng = np.random.default_rng(8)
+    users = np.unique(positives["user_id"])
+    item_vectors = rng.standard_normal((len(items), 4)).astype(np.float32)
+    search = BruteForce(items, item_vectors)
+    user_vectors = rng.standard_normal((len(users), 4)).astype(np.float32)
+    with pools.open_events(dataset_dir, pools.DuckDBOptions(memory_limit_gb=0.5, threads=2)) as events:
+        for eligible in (None, items[rng.random(len(items)) < 0.7]):
+            for half_life in (HOUR, DAY, 7 * DAY):
+                _same_lists(pools.sql_popular(events, now, half_life, 1000, eligible),
+                            build_popular(positives, now, half_life, 1000, eligible))
+            for recent, baseline in ((DAY, 30 * DAY), (7 * DAY, 14 * DAY)):
+                _same_lists(pools.sql_trending(events, now, recent, baseline, 1000, eligible=eligible),
+                            build_trending(positives, now, recent, baseline, 1000, eligible=eligible))
+            for history in (3, 100):
+                _same_lists(pools.sql_cooccurrence_similar(events, 7, history, eligible),
+                            build_cooccurrence_similar(positives, 7, history, eligible))
+            _same_lists(pools.sql_user_lists(users, user_vectors, search, events, 6, eligible, batch_size=16),
+                        build_user_lists(users, user_vectors, search, positives, 6, eligible, batch_size=16))
+        first = positives.groupby("item_id")["timestamp"].min()
+        ids, first_seen = pools.sql_first_seen(events)
+        assert ids.tolist() == first.index.tolist() and first_seen.tolist() == first.tolist()
