@@ -19,6 +19,7 @@ from evaluation import metrics
 from models.deepfm import DeepFM, DeepFMConfig
 from models.dlrm import DLRM, DLRMConfig
 from models.linear import LinearConfig, LinearModel
+from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
 
 RANKERS = {"deepfm": (DeepFM, DeepFMConfig), "dlrm": (DLRM, DLRMConfig), "linear": (LinearModel, LinearConfig)}
 
@@ -33,13 +34,16 @@ def build_ranker(name: str, features: list[FeatureSpec], dense_dim: int, options
 
 
 class RankingModule(L.LightningModule):
-    """Trains ``model`` (dense (B, n), KJT -> logits (B,)) on labelled batches."""
+    """Trains ``model`` (dense (B, n), KJT -> logits (B,)) on labelled batches; its embedding tables
+    update by ``embedding_optimizer``, the rest by Adam(lr, weight_decay)."""
 
-    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
+                 embedding_optimizer: EmbeddingOptimizer = DENSE_ADAM) -> None:
         super().__init__()
         self.model = model
         self.lr = lr
         self.weight_decay = weight_decay
+        self.embedding_optimizer = embedding_optimizer
         self._outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # probs, labels, rows
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -81,4 +85,4 @@ class RankingModule(L.LightningModule):
         self.log_dict({f"{prefix}_{k}": v for k, v in values.items()}, prog_bar=prefix == "val")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return build_optimizer(self.model, self.lr, self.weight_decay, self.embedding_optimizer)

@@ -19,6 +19,7 @@ from data.encoders import Batch
 from evaluation import metrics
 from models.two_tower import TwoTower, TwoTowerConfig, sampled_softmax_loss
 from training.data import EvalQueries
+from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
 
 
 class FullCorpusEvaluation(L.LightningModule):
@@ -88,16 +89,18 @@ class SampledSoftmax:
 
 
 class RetrievalModule(FullCorpusEvaluation):
-    """Trains a `TwoTower` on (query batch, item batch) pairs of positives with ``loss``."""
+    """Trains a `TwoTower` on (query batch, item batch) pairs of positives with ``loss``; its
+    embedding tables update by ``embedding_optimizer``, the rest by Adam(lr, weight_decay)."""
 
     def __init__(self, config: TwoTowerConfig, loss: SampledSoftmax = SampledSoftmax(), lr: float = 1e-3,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, embedding_optimizer: EmbeddingOptimizer = DENSE_ADAM) -> None:
         super().__init__()
         self.model = TwoTower(config)
         self.item_id = config.item_id
         self.loss = loss
         self.lr = lr
         self.weight_decay = weight_decay
+        self.embedding_optimizer = embedding_optimizer
         self.k = loss.k
         self._item_emb: torch.Tensor | None = None
 
@@ -155,7 +158,7 @@ class RetrievalModule(FullCorpusEvaluation):
         return self(query) @ self._item_emb.T
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        return build_optimizer(self.model, self.lr, self.weight_decay, self.embedding_optimizer)
 
 
 def rank_queries(scores: torch.Tensor | np.ndarray, queries: EvalQueries, rows: list[int],

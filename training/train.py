@@ -25,6 +25,7 @@ from data.encoders import FeatureEncoder
 from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
 from training.data import RankingDataModule, RetrievalDataModule
+from training.optimizers import DENSE_ADAM, EmbeddingOptimizer
 from training.ranking import RANKERS, RankingModule, build_ranker
 from training.retrieval import RetrievalModule, SampledSoftmax
 
@@ -72,6 +73,7 @@ class RunConfig(_Strict):
     features: list[str] | None = None  # ranker features; default: every non-sequence feature
     query_features: list[str] | None = None  # two-tower; default: user features and sequences
     item_features: list[str] | None = None  # two-tower; default: item features
+    embedding_optimizer: EmbeddingOptimizer = DENSE_ADAM  # how the embedding tables update
 
 
 def load_config(path: Path | None, **overrides) -> RunConfig:
@@ -109,7 +111,7 @@ def build_ranking_module(name: str, schema: Schema, config: RunConfig) -> tuple[
     features = _features(schema, names, "features")
     dense_dim = sum(f.kind == "numerical" for f in features)
     model = build_ranker(name, features, dense_dim, config.model)
-    return RankingModule(model, config.train.lr, config.train.weight_decay), names
+    return RankingModule(model, config.train.lr, config.train.weight_decay, config.embedding_optimizer), names
 
 
 def build_retrieval_module(schema: Schema, config: RunConfig) -> tuple[RetrievalModule, list[str], list[str]]:
@@ -126,7 +128,7 @@ def build_retrieval_module(schema: Schema, config: RunConfig) -> tuple[Retrieval
     )
     loss = config.loss
     module = RetrievalModule(tower, SampledSoftmax(loss.temperature, loss.logq, loss.negatives, loss.k),
-                             config.train.lr, config.train.weight_decay)
+                             config.train.lr, config.train.weight_decay, config.embedding_optimizer)
     return module, query, items
 
 
