@@ -128,7 +128,7 @@ def read_held_out(data_dir: Path, part: str, context: list[str], users: int | No
         user_ids=user_ids.astype(np.int64),
         history=[np.asarray(history.get(u, []), np.int64) for u in user_ids],
         relevant=[np.asarray(relevant[u], np.int64) for u in user_ids],
-        contexts=first.loc[user_ids, context].to_dict("records"),
+        contexts=first.loc[user_ids, context].to_dict("records") if context else [{} for _ in user_ids],
         times=first.loc[user_ids, "timestamp"].to_numpy(),
         item_ids=item_ids,
         item_share=np.minimum(share, 1.0),
@@ -145,15 +145,20 @@ def ann_slot(pipeline: Pipeline) -> SourceSlot:
 
 
 def request_context(pipeline: Pipeline) -> list[str]:
-    """The request-time columns the ANN source's query tower and the scorer's rows may read: the
-    interaction features of the tower's schema that are not sequences."""
-    schema = ann_slot(pipeline).source.inputs.encoder.schema
-    return [f.name for f in schema.features if f.table == "interactions" and f.kind != "sequence"]
+    """The request-time features the pipeline's models read: the interaction features, other than
+    sequences, of the ANN source's query tower and of each scorer's ranker."""
+    scorer = pipeline.stages.scorer
+    models = [ann_slot(pipeline).source.inputs,
+              *(s.inputs for s in getattr(scorer, "scorers", [scorer]) if hasattr(s, "inputs"))]
+    names = {name for inputs in models for name in inputs.features
+             if inputs.encoder.schema.feature(name).table == "interactions"
+             and inputs.encoder.schema.feature(name).kind != "sequence"}
+    return sorted(names)
 
 
 @dataclass
-class _Lists:
-    """Per-user results of a run, U rows each: ranked lists (U, K) of item ids (-1: no item),
+class StageLists:
+    """Per-user results of `run_pipeline`, U rows each: ranked lists (U, K) of item ids (-1: no item),
     the final list's sources (U, K) ("" for no item), and hit counts (U,) per source and stage."""
 
     final: np.ndarray
@@ -168,7 +173,7 @@ class _Lists:
 
 
 def run_pipeline(pipeline: Pipeline, held_out: HeldOut, k: int, batch_size: int = 256,
-                 seconds: dict[str, float] | None = None) -> _Lists:
+                 seconds: dict[str, float] | None = None) -> StageLists:
     """Every held-out user's request through the pipeline's stages, keeping what each stage
     proposed; ``seconds`` (when given) accumulates each stage's time."""
     if k > pipeline.max_k:
@@ -178,7 +183,7 @@ def run_pipeline(pipeline: Pipeline, held_out: HeldOut, k: int, batch_size: int 
     stage_names = ["blend", *(f"filter:{f.name}" for f in pipeline.stages.filters)]
     source_names = [slot.source.name for slot in pipeline.stages.sources]
     n = len(held_out.user_ids)
-    lists = _Lists(
+    lists = StageLists(
         final=np.full((n, k), -1, np.int64), final_sources=np.full((n, k), "", object),
         retrieval=np.full((n, k), -1, np.int64),
         stage_top={name: np.full((n, k), -1, np.int64) for name in stage_names},
@@ -280,7 +285,7 @@ def _score_batch(pipeline: Pipeline, query: Query, hydrated: list[Candidates]) -
     return [Candidates(c.item_ids, c.sources, s, c.features) for c, s in zip(hydrated, parts, strict=True)]
 
 
-def _count_source_hits(lists: _Lists, u: int, found: list[Candidates], relevant: np.ndarray) -> None:
+def _count_source_hits(lists: StageLists, u: int, found: list[Candidates], relevant: np.ndarray) -> None:
     hits = {c.sources[0]: np.intersect1d(c.item_ids, relevant) for c in found if len(c)}
     for name, items in hits.items():
         others = [other for source, other in hits.items() if source != name]
@@ -288,7 +293,7 @@ def _count_source_hits(lists: _Lists, u: int, found: list[Candidates], relevant:
         lists.alone_hits[name][u] = len(np.setdiff1d(items, np.concatenate([np.zeros(0, np.int64), *others])))
 
 
-def _record_stage(lists: _Lists, stage: str, u: int, item_ids: np.ndarray, relevant: np.ndarray) -> None:
+def _record_stage(lists: StageLists, stage: str, u: int, item_ids: np.ndarray, relevant: np.ndarray) -> None:
     top = lists.stage_top[stage].shape[1]
     lists.stage_top[stage][u, :min(top, len(item_ids))] = item_ids[:top]
     lists.stage_hits[stage][u] = np.isin(relevant, item_ids).sum()
@@ -366,7 +371,7 @@ def evaluate_offline(pipeline: Pipeline, data_dir: Path, config: OfflineConfig) 
     return report
 
 
-def _hits_from(lists: _Lists, source: str, k: int, relevant: list[np.ndarray]) -> np.ndarray:
+def _hits_from(lists: StageLists, source: str, k: int, relevant: list[np.ndarray]) -> np.ndarray:
     """(U,) held-out items in each user's final top k that ``source`` proposed."""
     return np.array([np.isin(top[:k][names[:k] == source], rel).sum()
                      for top, names, rel in zip(lists.final, lists.final_sources, relevant, strict=True)])
