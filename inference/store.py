@@ -11,12 +11,21 @@ Start reading at `Store`. In Redis every key carries its version (``recstack:v00
 so loading a new version never disturbs readers of the old one, and ``recstack:v0007:complete``
 is written last: a version without it is refused. Every Redis failure surfaces as
 `StoreUnavailable`, after at most the configured timeout.
+
+A version in Redis is either full (a base: every key) or a delta over a base (``recstack:v0008:base``
+names it): it holds only the users, items and lists whose value differs from the base's
+snapshot, and an empty value (a tombstone) for each one the base has and it lacks; a read
+takes the version's key where there is one and the base's otherwise. A delta reads through a
+full version, never through another delta, so a lookup is at most two keys in one round trip
+however many deltas follow a base. A base lists its deltas (``recstack:v0007:dependents``) and
+`delete_version` refuses it while one of them is complete.
 """
 
 from __future__ import annotations
 
 import json
 import operator
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
@@ -39,6 +48,8 @@ LISTS = "lists"  # the snapshot's folder of list groups
 LIST_COLUMNS = ("list", "item_id", "score")
 VERSION = re.compile(r"[A-Za-z0-9._-]+")
 WRITE_BATCH = 5_000  # keys per MSET, UNLINK or SCAN step when loading or deleting a version
+REBASE_SHARE = 0.2  # a delta writing more keys than this share of its users and items is loaded in full
+TOMBSTONE = b""  # a delta's value for a key its base has and it lacks (no stored value is empty but a list's)
 # put_list writes only into a complete version, so it cannot bring back a deleted one
 PUT_IF_COMPLETE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -67,6 +78,14 @@ class ItemRows:
     item_ids: np.ndarray
     found: np.ndarray
     features: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A snapshot directory, as `write_snapshot` wrote it, and the version it belongs to."""
+
+    version: str
+    directory: Path
 
 
 class Store(ABC):
@@ -126,8 +145,12 @@ def write_snapshot(directory: Path, users: pd.DataFrame, items: pd.DataFrame,
 
 def read_lists(directory: Path) -> pa.Table:
     """Every list of the snapshot in ``directory``, long (``list`` dictionary-encoded), group after group."""
-    groups = sorted((Path(directory) / LISTS).glob("*.parquet"))
-    tables = [pq.read_table(path, read_dictionary=["list"]) for path in groups]
+    return _read_groups(sorted((Path(directory) / LISTS).glob("*.parquet")))
+
+
+def _read_groups(paths: list[Path]) -> pa.Table:
+    """The list group files at ``paths``, one after the other, as one long table."""
+    tables = [pq.read_table(path, read_dictionary=["list"]) for path in paths]
     if not tables:
         return pa.table({"list": pa.array([], pa.string()).dictionary_encode(), "item_id": pa.array([], pa.int64()),
                          "score": pa.array([], pa.float32())})
@@ -180,12 +203,13 @@ class EmbeddedStore(Store):
 
 
 class RedisStore(Store):
-    """One complete version in a Redis server shared by request handlers.
+    """One complete version in a Redis server shared by request handlers; ``base``, the full
+    version a delta reads through (None for a full version).
 
-    Each call is one round trip that also checks the version's ``complete`` key, so a version
-    deleted while in use raises `StoreError` instead of answering "unknown". Any Redis failure
-    raises `StoreUnavailable` after at most ``timeout_s``, or twice that when the call must first
-    connect to a host that drops packets; nothing is retried.
+    Each call is one round trip that also checks the ``complete`` key of the version and its
+    base, so a version deleted while in use raises `StoreError` instead of answering "unknown".
+    Any Redis failure raises `StoreUnavailable` after at most ``timeout_s``, or twice that when
+    the call must first connect to a host that drops packets; nothing is retried.
     """
 
     def __init__(self, host: str, port: int, version: str, timeout_s: float = 0.1) -> None:
@@ -193,21 +217,26 @@ class RedisStore(Store):
         self._where = f"{host}:{port}"
         self._client = connect(host, port, timeout_s)
         self._put_if_complete = self._client.register_script(PUT_IF_COMPLETE)
-        users, items = self._read(
-            "open", ("GET", _key(version, "schema", "user")), ("GET", _key(version, "schema", "item"))
-        )
+        self._chain: tuple[str, ...] = (version,)  # where a key is looked up, this version first
+        users, items, base = self._read("open", ("GET", _key(version, "schema", "user")),
+                                        ("GET", _key(version, "schema", "item")), ("GET", _key(version, "base")))
+        self.base = None if base is None else base.decode()
+        if self.base is not None:
+            self._chain = (version, self.base)
+            self._read("open")  # the base is complete too
         self._user_schema = pa.ipc.read_schema(pa.py_buffer(users))
         self._item_schema = pa.ipc.read_schema(pa.py_buffer(items))
 
     def user_features(self, user_id: int) -> dict | None:
-        (value,) = self._read("user_features", ("GET", _key(self.version, "user", operator.index(user_id))))
+        value = self._lookup("user_features", "user", operator.index(user_id))
         return None if value is None else dict(zip(self._user_schema.names, json.loads(value), strict=True))
 
     def item_features(self, item_ids: np.ndarray) -> ItemRows:
         ids = _check_ids(item_ids)
-        prefix = _key(self.version, "item", "").encode()
-        keys = [prefix + b"%d" % i for i in ids.tolist()]  # bytes keys: redis-py encodes str keys slowly
-        (values,) = self._read("item_features", ("MGET", *keys)) if keys else ([],)
+        suffixes = [b"%d" % i for i in ids.tolist()]  # bytes keys: redis-py encodes str keys slowly
+        commands = [("MGET", *[_key(version, "item", "").encode() + s for s in suffixes]) for version in self._chain]
+        layers = self._read("item_features", *commands) if len(ids) else []
+        values = [_first_found(found) for found in zip(*layers, strict=True)]
         missing = [None] * len(self._item_schema)
         decoded = json.loads(b"[" + b",".join(value or b"null" for value in values) + b"]")  # one call, not N
         rows = [missing if row is None else row for row in decoded]
@@ -218,7 +247,7 @@ class RedisStore(Store):
         return ItemRows(ids, found, _to_frame(table))
 
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        (value,) = self._read("get_list", ("GET", _key(self.version, "list", name)))
+        value = self._lookup("get_list", "list", name)
         return _EMPTY_LIST if value is None else _unpack_list(value)
 
     def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
@@ -233,16 +262,21 @@ class RedisStore(Store):
     def close(self) -> None:
         self._client.close()
 
+    def _lookup(self, operation: str, *parts: object) -> bytes | None:
+        """The value of one key of this version, else of its base; None when neither has it (or a tombstone)."""
+        return _first_found(self._read(operation, *[("GET", _key(version, *parts)) for version in self._chain]))
+
     def _read(self, operation: str, *commands: tuple) -> list:
-        """Runs the commands and the ``complete`` check in one MULTI/EXEC, so they see one state."""
+        """Runs the commands and the ``complete`` check of the version and its base in one
+        MULTI/EXEC, so they see one state."""
         with _failures(self._where, operation, self.version):
             pipe = self._client.pipeline(transaction=True)
-            pipe.exists(_key(self.version, "complete"))
+            pipe.exists(*[_key(version, "complete") for version in self._chain])
             for command in commands:
                 pipe.execute_command(*command)
             complete, *results = pipe.execute()
-        if not complete:
-            raise _incomplete(self._where, self.version)
+        if complete < len(self._chain):
+            raise _incomplete(self._where, self.version, self.base if len(self._chain) > 1 else None)
         return results
 
 
@@ -254,36 +288,73 @@ def redis_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str, timeout_s: float = 5.0) -> None:
-    """Copies the snapshot in ``directory`` into Redis as ``version``, marking it complete last.
+def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str, timeout_s: float = 5.0,
+                             base: Snapshot | None = None) -> str | None:
+    """Copies the snapshot in ``directory`` into Redis as ``version``, marking it complete last;
+    returns the version its reads fall back to (None: it was loaded in full).
 
+    With ``base``, a full version complete in Redis and its snapshot, ``version`` is loaded as a
+    delta over it: only the users, items and lists whose stored value would differ from the
+    base's, and a tombstone for each one the base has and this snapshot lacks. It is loaded in
+    full instead when its feature schemas differ from the base's, or when the delta would write
+    more keys than `REBASE_SHARE` of its users and items (the version becomes a new base).
     Leftovers of an earlier load that never completed are removed first; a version that is
     already complete is refused (`delete_version` it to load it again).
     """
     version = _check_version(version)
     directory = Path(directory)
     users, items = (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items"))
-    lists = read_lists(directory)
     where = f"{host}:{port}"
     with connect(host, port, timeout_s) as client, _failures(where, "load_snapshot_into_redis", version):
         if client.exists(_key(version, "complete")):
             raise StoreError(f"version {version!r} is already complete in redis at {where}; delete_version it first")
-        _delete_keys(client, version)
+        _remove(client, version)
+        if base is not None:
+            _check_base(client, where, base.version)
+        writes = None if base is None else _delta_writes(version, directory, users, items, base)
+        if writes is None:
+            base = None
+            names, packed = _packed_lists(read_lists(directory))
+            writes = [*(_feature_values(version, kind, table) for kind, table in (("user", users), ("item", items))),
+                      (pa.array([_key(version, "list", name) for name in names], pa.string()), packed)]
+        for keys, values in writes:
+            _write(client, keys, values)
         for kind, table in (("user", users), ("item", items)):
-            ids, features = table[f"{kind}_id"], table.drop_columns([f"{kind}_id"])
-            _write(client, *_feature_values(version, kind, ids, features))
-            client.set(_key(version, "schema", kind), features.schema.serialize().to_pybytes())
-        names, packed = _packed_lists(lists)
-        _write(client, pa.array([_key(version, "list", name) for name in names], pa.string()), packed)
+            schema = table.drop_columns([f"{kind}_id"]).schema
+            client.set(_key(version, "schema", kind), schema.serialize().to_pybytes())
+        if base is not None:
+            client.set(_key(version, "base"), base.version)
+            client.sadd(_key(base.version, "dependents"), version)
         client.set(_key(version, "complete"), 1)
+    return None if base is None else base.version
+
+
+def redis_base(host: str, port: int, version: str, timeout_s: float = 5.0) -> str | None:
+    """The full version that ``version`` reads through in Redis: itself when it was loaded in
+    full, its base when it was loaded as a delta; None when it is not complete there."""
+    version = _check_version(version)
+    with connect(host, port, timeout_s) as client, _failures(f"{host}:{port}", "redis_base", version):
+        pipe = client.pipeline(transaction=True)
+        complete, base = pipe.exists(_key(version, "complete")).get(_key(version, "base")).execute()
+    if not complete:
+        return None
+    return version if base is None else base.decode()
 
 
 def delete_version(host: str, port: int, version: str, timeout_s: float = 5.0) -> None:
-    """Removes every key of ``version`` from Redis; its ``complete`` key goes first, so readers stop at once."""
+    """Removes every key of ``version`` from Redis; its ``complete`` key goes first, so readers stop at once.
+
+    A base is refused while a complete delta reads through it: delete the deltas first.
+    """
     version = _check_version(version)
-    with connect(host, port, timeout_s) as client, _failures(f"{host}:{port}", "delete_version", version):
-        client.delete(_key(version, "complete"))
-        _delete_keys(client, version)
+    where = f"{host}:{port}"
+    with connect(host, port, timeout_s) as client, _failures(where, "delete_version", version):
+        dependents = sorted(d.decode() for d in client.smembers(_key(version, "dependents"))
+                            if client.exists(_key(d.decode(), "complete")))
+        if dependents:
+            raise StoreError(f"version {version!r} is the base of {dependents} in redis at {where}; "
+                             "delete those first")
+        _remove(client, version)
 
 
 def _feature_table(frame: pd.DataFrame, table: str) -> pa.Table:
@@ -491,20 +562,146 @@ def _failures(where: str, operation: str, version: str) -> Iterator[None]:
         raise StoreUnavailable(message) from e
 
 
-def _incomplete(where: str, version: str) -> StoreError:
-    return StoreError(
-        f"version {version!r} is not complete in redis at {where} (no key {_key(version, 'complete')!r}): "
-        "load it with load_snapshot_into_redis, or it was deleted"
-    )
+def _incomplete(where: str, version: str, base: str | None = None) -> StoreError:
+    if base is None:
+        missing = f"version {version!r} is not complete in redis at {where} (no key {_key(version, 'complete')!r})"
+    else:
+        missing = (f"version {version!r} or its base {base!r} is not complete in redis at {where} "
+                   f"(no key {_key(version, 'complete')!r} or {_key(base, 'complete')!r})")
+    return StoreError(f"{missing}: load it with load_snapshot_into_redis, or it was deleted")
 
 
-def _feature_values(version: str, kind: str, ids: pa.ChunkedArray,
-                    features: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """(keys, values) of one key per row: its features as a JSON list in schema order, encoded a
-    column at a time (floats in their shortest round-trip form: JSON round-trips them exactly)."""
+def _first_found(values: list[bytes | None]) -> bytes | None:
+    """The first stored value of a key's lookups (the version's, then its base's); None when
+    none is stored or the first is a tombstone."""
+    return next((value for value in values if value is not None), TOMBSTONE) or None
+
+
+def _check_base(client: redis.Redis, where: str, base: str) -> None:
+    pipe = client.pipeline(transaction=True)
+    complete, has_base = pipe.exists(_key(base, "complete")).exists(_key(base, "base")).execute()
+    if not complete or has_base:
+        state = "a delta itself" if complete else "not complete"
+        raise StoreError(f"base {base!r} is {state} in redis at {where}; a delta reads through a complete full version")
+
+
+def _remove(client: redis.Redis, version: str) -> None:
+    """Deletes every key of ``version``, its ``complete`` key first, and takes it off its base's dependents."""
+    client.delete(_key(version, "complete"))
+    base = client.get(_key(version, "base"))
+    if base is not None:
+        client.srem(_key(base.decode(), "dependents"), version)
+    _delete_keys(client, version)
+
+
+def _delta_writes(version: str, directory: Path, users: pa.Table, items: pa.Table,
+                  base: Snapshot) -> list[tuple[pa.Array, pa.Array]] | None:
+    """The (keys, values) that load the snapshot in ``directory`` (its ``users`` and ``items``
+    read) as a delta over ``base``; None when it must be loaded in full (`load_snapshot_into_redis`)."""
+    theirs = {kind: pq.read_table(base.directory / f"{kind}s.parquet") for kind in ("user", "item")}
+    if not (users.schema.equals(theirs["user"].schema) and items.schema.equals(theirs["item"].schema)):
+        return None
+    writes = [_changed_rows(version, "user", users, theirs["user"]),
+              _changed_rows(version, "item", items, theirs["item"]),
+              _changed_lists(version, directory, base.directory)]
+    if sum(len(keys) for keys, _ in writes) > REBASE_SHARE * (len(users) + len(items)):
+        return None
+    return writes
+
+
+def _changed_rows(version: str, kind: str, table: pa.Table, base: pa.Table) -> tuple[pa.Array, pa.Array]:
+    """(keys, values) of the rows of ``table`` (users or items, as `write_snapshot` wrote them)
+    whose stored value would differ from ``base``'s (a new id or a value not the same), then a
+    tombstone for each id only ``base`` has."""
+    id_column = f"{kind}_id"
+    ids, base_ids = table[id_column].to_numpy(), base[id_column].to_numpy()
+    order = np.argsort(base_ids, kind="stable")  # quick on ids already in order
+    rows = order[np.minimum(np.searchsorted(base_ids[order], ids), max(len(base_ids) - 1, 0))]  # (N,)
+    found = base_ids[rows] == ids if len(base_ids) else np.zeros(len(ids), bool)
+    same = found.copy()
+    mine, theirs = table.filter(pa.array(found)), base.take(rows[found])
+    for name in table.column_names:
+        same[found] &= _same_values(mine[name], theirs[name])
+    gone = np.ones(len(base_ids), bool)
+    gone[rows[found]] = False
+    keys, values = _feature_values(version, kind, table.filter(pa.array(~same)))
+    tombstones = base_ids[gone]
+    return (pa.concat_arrays([_one_chunk(keys), _id_keys(version, kind, pa.array(tombstones))]),
+            pa.concat_arrays([_one_chunk(values), pa.array([TOMBSTONE.decode()] * len(tombstones), pa.string())]))
+
+
+def _same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
+    """(N,) bool: row i of two columns of one type would be stored alike (`_json_texts`): both
+    missing, or equal values (floats bit for bit, as -0.0 and 0.0 are written apart)."""
+    a, b = _one_chunk(a), _one_chunk(b)
+    if pa.types.is_list(a.type):
+        a, b = _json_texts(a), _json_texts(b)
+    elif pa.types.is_floating(a.type):
+        bits = pa.int64() if a.type.bit_width == 64 else pa.int32() if a.type.bit_width == 32 else pa.int16()
+        a, b = (pa.Array.from_buffers(bits, len(x), x.buffers(), x.null_count, x.offset) for x in (a, b))
+    equal = pc.fill_null(pc.equal(a, b), False)
+    return pc.or_(equal, pc.and_(a.is_null(), b.is_null())).to_numpy(zero_copy_only=False)
+
+
+def _changed_lists(version: str, directory: Path, base: Path) -> tuple[pa.Array, pa.Array]:
+    """(keys, values) of the lists of the snapshot in ``directory`` whose packed value differs
+    from the one in the snapshot in ``base``, then a tombstone for each list only ``base`` has.
+
+    A group file hard-linked from the base's (a list kind the refresh carried over) is the
+    same; the lists of the other groups are compared, with those of any linked group whose
+    statistics say it may hold one of their names (a list can span groups)."""
+    mine, theirs = ({path.name: path for path in (d / LISTS).glob("*.parquet")} for d in (directory, base))
+    linked = {group for group in mine.keys() & theirs.keys() if os.path.samefile(mine[group], theirs[group])}
+    compared, names = set(), np.array([], str)
+    while changed := (mine.keys() | theirs.keys()) - linked - compared:
+        compared |= changed
+        for files in (mine, theirs):
+            for group in changed & files.keys():
+                for chunk in pq.read_table(files[group], columns=["list"], read_dictionary=["list"])["list"].chunks:
+                    names = np.union1d(names, np.array(chunk.dictionary.to_pylist(), str))
+        linked = {group for group in linked if not _may_hold(mine[group], names)}
+    new_names, new_packed = _packed_lists(_read_groups([mine[g] for g in sorted(compared & mine.keys())]))
+    old_names, old_packed = _packed_lists(_read_groups([theirs[g] for g in sorted(compared & theirs.keys())]))
+    rows = pd.Index(old_names).get_indexer(new_names)  # (L,) -1 for a new list
+    same = rows >= 0
+    if same.any():
+        same[same] = pc.equal(new_packed.filter(pa.array(same)), old_packed.take(rows[same])).to_numpy(
+            zero_copy_only=False)
+    kept = set(new_names)
+    gone = [name for name in old_names if name not in kept]
+    keys = [_key(version, "list", name) for name in np.array(new_names, object)[~same].tolist() + gone]
+    tombstones = pa.array([TOMBSTONE] * len(gone), pa.large_binary())
+    values = pa.concat_arrays([new_packed.filter(pa.array(~same)), tombstones])
+    return pa.array(keys, pa.string()), values
+
+
+def _may_hold(path: Path, names: np.ndarray) -> bool:
+    """Whether the list group file at ``path`` may hold a list named in ``names`` (sorted), by
+    each row group's min and max name."""
+    metadata = pq.ParquetFile(path).metadata
+    column = metadata.schema.to_arrow_schema().get_field_index("list")
+    for group in range(metadata.num_row_groups):
+        stats = metadata.row_group(group).column(column).statistics
+        if stats is None or not stats.has_min_max:
+            return True
+        first = np.searchsorted(names, stats.min)
+        if first < len(names) and names[first] <= stats.max:
+            return True
+    return False
+
+
+def _id_keys(version: str, kind: str, ids: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    return pc.binary_join_element_wise(_key(version, kind, ""), pc.cast(ids, pa.string()), "")
+
+
+def _feature_values(version: str, kind: str, table: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(keys, values) of one key per row of a users or items table: its features as a JSON list
+    in schema order, encoded a column at a time (floats in their shortest round-trip form: JSON
+    round-trips them exactly)."""
+    features = table.drop_columns([f"{kind}_id"])
     texts = [_json_texts(column) for column in features.columns]
     values = pc.binary_join_element_wise("[", pc.binary_join_element_wise(*texts, ","), "]", "")
-    return pc.binary_join_element_wise(_key(version, kind, ""), pc.cast(ids, pa.string()), ""), values
+    return _id_keys(version, kind, table[f"{kind}_id"]), values
 
 
 def _json_texts(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
@@ -536,6 +733,8 @@ def _write(client: redis.Redis, keys: pa.Array | pa.ChunkedArray, values: pa.Arr
 
     The commands are packed here in the Redis protocol, a batch's pairs being one slice of an
     Arrow buffer: redis-py packs each argument in Python, which took longer than the encoding."""
+    if len(keys) == 0:
+        return
     parts = [b"$", pc.cast(pc.binary_length(keys), pa.string()), b"\r\n", keys, b"\r\n$",  # RESP bulk strings
              pc.cast(pc.binary_length(values), pa.string()), b"\r\n", values, b"\r\n"]
     binary = [pa.scalar(p, pa.large_binary()) if isinstance(p, bytes) else p.cast(pa.large_binary()) for p in parts]

@@ -10,12 +10,16 @@ import pytest
 import redis
 
 from inference.store import (
+    LISTS,
     EmbeddedStore,
     RedisStore,
+    Snapshot,
     StoreError,
     StoreUnavailable,
     delete_version,
     load_snapshot_into_redis,
+    read_lists,
+    redis_base,
     write_snapshot,
 )
 
@@ -465,3 +469,152 @@ def test_redis_reads_integral_floats_back_as_floats(redis_server, snapshot_dir):
         assert type(weight) is float and weight == 1.0
     finally:
         store.close()
+
+
+# Redis deltas: versions that write only their changes over a full base
+
+
+def with_filler(items: pd.DataFrame, title_suffix: str = "") -> pd.DataFrame:
+    """``items`` and 100 more, so that a few changes are a delta (`REBASE_SHARE`)."""
+    filler = pd.concat([make_items(title_suffix)] * 17, ignore_index=True).iloc[:100]
+    filler = filler.assign(item_id=np.arange(1000, 1100), **{c: 0 for c in items.columns if c not in filler})
+    return pd.concat([items, filler], ignore_index=True)
+
+
+def write_version(tmp_path, name: str, users: pd.DataFrame, items: pd.DataFrame, groups: dict,
+                  linked: dict | None = None):
+    """A snapshot directory of ``items`` `with_filler`; ``linked`` maps group names to a directory whose file of
+    that group is hard-linked in (a list kind the refresh carried over)."""
+    directory = tmp_path / name
+    directory.mkdir(parents=True)
+    write_snapshot(directory, users, with_filler(items), groups)
+    for group, source in (linked or {}).items():
+        os.link(source / LISTS / f"{group}.parquet", directory / LISTS / f"{group}.parquet")
+    return directory
+
+
+def list_frame(lists: dict) -> pd.DataFrame:
+    rows = [(name, item, score) for name, entries in lists.items() for item, score in entries]
+    return pd.DataFrame(rows, columns=["list", "item_id", "score"]).astype({"item_id": np.int64, "score": float})
+
+
+def delta_versions(tmp_path) -> dict:
+    """v1 (a base) and three later snapshots: changed, added and removed users, items and lists; an item
+    changed back to v1's value; a price from 0.0 to -0.0; a list spanning two groups, one of them linked."""
+    v1 = write_version(tmp_path, "v1", make_users(), make_items().assign(price=np.float32([9.99, 0.1, 3.5, 0, 1, 7])),
+                       {"hot": list_frame({"popular": [(3, 0.9), (10, 0.5)], "similar:3": [(5, 2.0)]}),
+                        "old": list_frame({"retired": [(1, 1.0)]}),
+                        "user": list_frame({"similar:3": [(8, 1.0)], "user:42": [(1, -1.5)], "user:7": [(3, 1.0)]})})
+    users2 = pd.concat([make_users().iloc[:2], make_users().iloc[[0]].assign(user_id=99)], ignore_index=True)
+    users2.loc[1, "age"] = 26
+    items2 = make_items().assign(price=np.float32([9.99, 0.1, 3.5, -0.0, 1, 7]))
+    items2.loc[1, "title"] = "Aliens"
+    items2.at[0, "genres"] = [1, 5]
+    items2.loc[2, "year"] = 2001
+    items2 = pd.concat([items2[items2["item_id"] != 1], items2.iloc[[0]].assign(item_id=11)], ignore_index=True)
+    v2 = write_version(tmp_path, "v2", users2, items2,
+                       {"hot": list_frame({"popular": [(10, 0.9), (3, 0.5)], "similar:3": [(1, 2.0)]}),
+                        "fresh": list_frame({"new": [(11, 1.0)]})}, linked={"user": v1})
+    items3 = items2.copy()
+    items3.loc[1, "title"] = "Alien"  # back to v1's
+    items3.loc[0, "available"] = False
+    v3 = write_version(tmp_path, "v3", make_users(), items3, {"fresh": list_frame({"new": []})},
+                       linked={"hot": v2, "user": v1})
+    v4 = write_version(tmp_path, "v4", make_users(), items3.assign(rank=np.arange(len(items3))),  # a new column
+                       {"hot": list_frame({"popular": [(5, 1.0)]})})
+    return {"v1": v1, "v2": v2, "v3": v3, "v4": v4}
+
+
+def assert_answers_as_snapshot(server, version: str, directory) -> None:
+    """Every user, item and list of every snapshot in ``directory``'s folder, and unknown ones, read from Redis
+    as ``version`` and from its own snapshot: the same answers."""
+    snapshots = sorted(p for p in directory.parent.iterdir() if (p / "items.parquet").is_file())
+    users = set().union(*(pd.read_parquet(p / "users.parquet")["user_id"] for p in snapshots)) | {12345}
+    items = np.array(sorted(set().union(*(pd.read_parquet(p / "items.parquet")["item_id"] for p in snapshots))))
+    names = set().union(*(read_lists(p).column("list").to_pylist() for p in snapshots)) | {"unknown"}
+    embedded = EmbeddedStore.open(directory, version)
+    on_redis = RedisStore(server.host, server.port, version, timeout_s=2.0)
+    try:
+        for user in sorted(users):
+            assert on_redis.user_features(user) == embedded.user_features(user), (version, user)
+        requested = np.append(items, [-1, 999])
+        got, want = on_redis.item_features(requested), embedded.item_features(requested)
+        np.testing.assert_array_equal(got.found, want.found)
+        assert list(got.features.columns) == list(want.features.columns)
+        for column in want.features.columns:
+            for i, (a, b) in enumerate(zip(got.features[column], want.features[column], strict=True)):
+                assert repr(a) == repr(b), (version, column, requested[i], a, b)  # -0.0 is not 0.0
+        for name in sorted(names):
+            for a, b in zip(on_redis.get_list(name), embedded.get_list(name), strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"{version} {name}")
+    finally:
+        on_redis.close()
+
+
+def test_redis_deltas_write_only_their_changes_and_answer_as_their_snapshots(redis_server, tmp_path):
+    host, port = redis_server.host, redis_server.port
+    snapshots = delta_versions(tmp_path / "snapshots")
+    assert load_snapshot_into_redis(snapshots["v1"], host, port, "v1") is None
+    assert redis_base(host, port, "v1") == "v1" and redis_base(host, port, "v2") is None
+    assert load_snapshot_into_redis(snapshots["v2"], host, port, "v2", base=Snapshot("v1", snapshots["v1"])) == "v1"
+    assert redis_base(host, port, "v2") == "v1"  # a delta's successor reads through the same base
+    assert load_snapshot_into_redis(snapshots["v3"], host, port, "v3", base=Snapshot("v1", snapshots["v1"])) == "v1"
+    assert load_snapshot_into_redis(snapshots["v4"], host, port, "v4", base=Snapshot("v1", snapshots["v1"])) is None
+
+    metadata = {"schema:user", "schema:item", "base", "complete"}
+    written = {version: {key.decode().removeprefix(f"recstack:{version}:") for key in redis_keys(redis_server, version)}
+               for version in ("v2", "v3")}
+    assert written["v2"] == metadata | {  # user:42 and user:7 (lists in a linked group) are the base's
+        "user:7", "user:99", "user:1000000007", "item:10", "item:3", "item:5", "item:8", "item:1", "item:11",
+        "list:popular", "list:similar:3", "list:retired", "list:new"}
+    assert written["v3"] == metadata | {  # its users are v1's; item 3 is back to v1's; an empty list is no list
+        "item:10", "item:5", "item:8", "item:1", "item:11", "list:popular", "list:similar:3", "list:retired"}
+    with redis.Redis(host, port) as client:
+        assert client.get("recstack:v2:item:1") == b"" and client.get("recstack:v2:list:retired") == b""
+        assert client.smembers("recstack:v1:dependents") == {b"v2", b"v3"}
+    assert len(redis_keys(redis_server, "v4")) > 100  # a schema change loads in full
+    for version, directory in snapshots.items():
+        assert_answers_as_snapshot(redis_server, version, directory)
+    assert RedisStore(host, port, "v2").base == "v1" and RedisStore(host, port, "v4").base is None
+
+
+def test_redis_retention_keeps_a_base_while_a_delta_reads_through_it(redis_server, tmp_path):
+    host, port = redis_server.host, redis_server.port
+    snapshots = delta_versions(tmp_path / "snapshots")
+    base = Snapshot("v1", snapshots["v1"])
+    load_snapshot_into_redis(snapshots["v1"], host, port, "v1")
+    for version in ("v2", "v3"):
+        load_snapshot_into_redis(snapshots[version], host, port, version, base=base)
+    v2 = RedisStore(host, port, "v2", timeout_s=2.0)
+    with pytest.raises(StoreError, match=r"version 'v1' is the base of \['v2', 'v3'\]"):
+        delete_version(host, port, "v1")
+    delete_version(host, port, "v3")
+    assert redis_keys(redis_server, "v3") == []
+    assert_answers_as_snapshot(redis_server, "v2", snapshots["v2"])
+    with redis.Redis(host, port) as client:
+        client.delete("recstack:v1:complete")  # the base gone under a delta: its reads fail, never answer "unknown"
+    with pytest.raises(StoreError, match=r"version 'v2' or its base 'v1' is not complete"):
+        v2.item_features(np.array([3]))
+    with pytest.raises(StoreError, match="'v1' is not complete"):
+        load_snapshot_into_redis(snapshots["v3"], host, port, "v3", base=base)
+    delete_version(host, port, "v2")
+    delete_version(host, port, "v1")
+    assert redis_keys(redis_server, "*") == []
+    v2.close()
+
+
+def test_redis_delta_loads_in_full_when_it_changes_too_much_and_refuses_a_delta_base(redis_server, tmp_path):
+    host, port = redis_server.host, redis_server.port
+    snapshots = delta_versions(tmp_path / "snapshots")
+    load_snapshot_into_redis(snapshots["v1"], host, port, "v1")
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    write_snapshot(changed, make_users(), with_filler(make_items(" II"), " II"), {"all": make_lists()})
+    assert load_snapshot_into_redis(changed, host, port, "changed", base=Snapshot("v1", snapshots["v1"])) is None
+    assert_answers_as_snapshot(redis_server, "changed", changed)
+    load_snapshot_into_redis(snapshots["v2"], host, port, "v2", base=Snapshot("v1", snapshots["v1"]))
+    with pytest.raises(StoreError, match="base 'v2' is a delta itself"):
+        load_snapshot_into_redis(snapshots["v3"], host, port, "v3", base=Snapshot("v2", snapshots["v2"]))
+    with pytest.raises(StoreError, match="base 'absent' is not complete"):
+        load_snapshot_into_redis(snapshots["v3"], host, port, "v3", base=Snapshot("absent", snapshots["v2"]))
+    assert redis_base(host, port, "v3") is None
