@@ -109,6 +109,9 @@ class PoolOptions(_Strict):
     similar_items: int = Field(10_000, ge=0)  # lists for this many of the most popular items
     user_n: int = Field(100, ge=1)
     editorial: Path | None = None  # CSV: item_id,score
+    memory_limit_gb: float = Field(4, gt=0)  # DuckDB's memory for the pool queries; past it, it spills to disk
+    threads: int | None = Field(None, ge=1)  # DuckDB's threads; None: one per CPU
+    temp_directory: Path | None = None  # where DuckDB spills; None: the system's temporary directory
 
 
 class RefreshConfig(_Strict):
@@ -142,6 +145,7 @@ def load_refresh_config(path: Path | None) -> RefreshConfig:
 class Inputs:
     """What one refresh reads: the dataset, the trained runs, the config, and the parent version."""
 
+    data_dir: Path  # the dataset directory; the pools query its interactions file (`pools.open_events`)
     interactions: pd.DataFrame  # positive rows only
     users: pd.DataFrame
     items: pd.DataFrame
@@ -217,7 +221,7 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
     versions = {name: retrieval.version if name == config.retrieval else run_version(path)
                 for name, path in runs.items()}
     parent, parent_manifest = _parent(root, versions, config) if incremental else (None, None)
-    return Inputs(positives, dataset.users, dataset.items, retrieval,
+    return Inputs(Path(data_dir), positives, dataset.users, dataset.items, retrieval,
                   {n: runs[n] for n in config.rankers}, versions, config, load_rules({"rules": config.rules}),
                   int(positives["timestamp"].max()) if now is None else now, parent, parent_manifest)
 
@@ -414,18 +418,21 @@ def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
     ({kind: built_at, rows, rebuilt}, {kind: its lists, or None to keep the parent's file as it is})."""
     built, lists = {}, {}
     parent_built = inputs.parent_manifest["lists"] if inputs.parent is not None else None
-    for kind in LIST_KINDS:
-        parent_file = inputs.parent / "store" / LISTS / f"{kind}.parquet" if inputs.parent is not None else None
-        due = (parent_file is None or not parent_file.is_file()
-               or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0))
-        if due:
-            lists[kind] = frame = _build_list(kind, inputs, catalogue, index)
-            built[kind] = {"built_at": started, "rows": len(frame), "rebuilt": True}
-            continue
-        ids = pq.read_table(parent_file, columns=["item_id"])["item_id"].to_numpy()
-        gone = np.isin(ids, catalogue.delta.gone)
-        lists[kind] = pd.read_parquet(parent_file)[~gone] if gone.any() else None
-        built[kind] = {"built_at": parent_built[kind]["built_at"], "rows": int((~gone).sum()), "rebuilt": False}
+    opts = inputs.config.pools
+    options = pools.DuckDBOptions(opts.memory_limit_gb, opts.threads, opts.temp_directory)
+    with pools.open_events(inputs.data_dir, options) as events:
+        for kind in LIST_KINDS:
+            parent_file = inputs.parent / "store" / LISTS / f"{kind}.parquet" if inputs.parent is not None else None
+            due = (parent_file is None or not parent_file.is_file()
+                   or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0))
+            if due:
+                lists[kind] = frame = _build_list(kind, inputs, catalogue, index, events)
+                built[kind] = {"built_at": started, "rows": len(frame), "rebuilt": True}
+                continue
+            ids = pq.read_table(parent_file, columns=["item_id"])["item_id"].to_numpy()
+            gone = np.isin(ids, catalogue.delta.gone)
+            lists[kind] = pd.read_parquet(parent_file)[~gone] if gone.any() else None
+            built[kind] = {"built_at": parent_built[kind]["built_at"], "rows": int((~gone).sum()), "rebuilt": False}
     return built, lists
 
 
@@ -481,33 +488,33 @@ def open_version(directory: Path, open_store: Callable[[str], Store] | None = No
     return ServingVersion(directory, manifest, store, index, query_tower)
 
 
-def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemIndex) -> pd.DataFrame:
-    opts, rows, now, eligible = inputs.config.pools, inputs.interactions, inputs.now, catalogue.ids
+def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
+                events: pools.Events) -> pd.DataFrame:
+    opts, now, eligible = inputs.config.pools, inputs.now, catalogue.ids
     if kind == "popular":
-        return pools.build_popular(rows, now, opts.half_life_s, opts.popular_k, eligible)
+        return pools.sql_popular(events, now, opts.half_life_s, opts.popular_k, eligible)
     if kind == "trending":
-        return pools.build_trending(rows, now, opts.trending_recent_s, opts.trending_baseline_s, opts.trending_k,
-                                    eligible=eligible)
+        return pools.sql_trending(events, now, opts.trending_recent_s, opts.trending_baseline_s, opts.trending_k,
+                                  eligible=eligible)
     if kind == "new":
         if "created_at" in inputs.items.columns:
-            first_seen = inputs.items.set_index("item_id")["created_at"]
+            ids, first_seen = inputs.items["item_id"].to_numpy(), inputs.items["created_at"].to_numpy()
         else:
-            first_seen = rows.groupby("item_id")["timestamp"].min()
-        return pools.build_new_items(first_seen.index.to_numpy(), first_seen.to_numpy(), now, opts.new_max_age_s,
-                                     opts.new_k, eligible)
+            ids, first_seen = pools.sql_first_seen(events)
+        return pools.build_new_items(ids, first_seen, now, opts.new_max_age_s, opts.new_k, eligible)
     if kind == "editorial":
         if opts.editorial is None:
             return pd.DataFrame({"list": pd.Series(dtype=str), "item_id": pd.Series(dtype=np.int64),
                                  "score": pd.Series(dtype=np.float32)})
         return pools.read_editorial(opts.editorial, inputs.items["item_id"].to_numpy(), eligible)
     if kind == "similar":
-        hot = pools.build_popular(rows, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
+        hot = pools.sql_popular(events, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
         ids, vectors = catalogue.embeddings()
         chosen = np.isin(ids, hot)
         return pools.build_similar_items(ids[chosen], vectors[chosen], index.search,
                                          opts.similar_k, eligible)
     users = inputs.users["user_id"].to_numpy()
-    return pools.build_user_lists(users, _user_vectors(inputs, users), index.search, rows, opts.user_n, eligible)
+    return pools.sql_user_lists(users, _user_vectors(inputs, users), index.search, events, opts.user_n, eligible)
 
 
 def _live_items(inputs: Inputs) -> pd.DataFrame:
