@@ -1,5 +1,15 @@
 """Bandits over candidate sources: which sources earn rewards (clicks) when their items are shown.
 
+Policies choose among arms (sources) from their counts, each as the probability of every arm,
+so that the orderer drawing from them logs the propensity of what it drew:
+
+    EpsilonGreedy  the best posterior mean with probability 1 - epsilon, else a uniform arm
+    UCB1           the best upper confidence bound, mean + sqrt(2 ln N / n) (Auer et al. 2002):
+                   deterministic, so its propensities are degenerate
+    Thompson       the arm whose Beta(1 + rewards, 1 + failures) draw is highest; its probabilities
+                   are estimated from ``draws`` posterior draws and the arm is drawn from them, so
+                   the logged propensity is exact given the estimate (draws=1 is plain Thompson)
+
 `SourceBandit` keeps, per source, the slots it served and the rewards they earned, with a
 Beta(1, 1) prior: its estimate of a source's reward per slot is (rewards + 1) / (served + 2).
 One bandit outlives artefact versions: the service counts each answered slot (`served`) and
@@ -16,6 +26,8 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import redis
@@ -49,10 +61,14 @@ class SourceBandit:
 
     def estimates(self, sources: np.ndarray) -> np.ndarray:
         """(S,) float64 posterior mean reward per slot of each of the (S,) ``sources``."""
-        served, rewards = self._counts()
-        served = np.array([served[s] for s in sources.tolist()], np.float64)
-        rewards = np.array([rewards[s] for s in sources.tolist()], np.float64)
+        served, rewards = self.counts(sources)
         return (rewards + 1.0) / (served + 2.0)
+
+    def counts(self, sources: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(S,) float64 served slots and (S,) rewards of each of the (S,) ``sources``."""
+        served, rewards = self._counts()
+        return (np.array([served[s] for s in sources.tolist()], np.float64),
+                np.array([rewards[s] for s in sources.tolist()], np.float64))
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """{source: {"served", "rewards", "estimate"}} for every source seen so far."""
@@ -127,3 +143,81 @@ class SharedSourceBandit(SourceBandit):
     def _sync_every(self, sync_s: float) -> None:
         while not self._stop.wait(sync_s):
             self.sync()
+
+
+class BanditPolicy(Protocol):
+    """Chooses among K arms from their counts."""
+
+    deterministic: bool  # its probabilities are 0 or 1: no propensity to weight by
+
+    def probabilities(self, served: np.ndarray, rewards: np.ndarray, available: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+        """(K,) probability of choosing each arm, from (K,) served and rewards; 0 where not ``available``."""
+        ...
+
+
+@dataclass(frozen=True)
+class EpsilonGreedy:
+    """The arm of best posterior mean (rewards + 1) / (served + 2), first of ties, with probability
+    1 - epsilon; a uniform available arm otherwise. epsilon 0 is greedy, and deterministic."""
+
+    epsilon: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"epsilon = {self.epsilon!r}; expected a probability in [0, 1]")
+
+    @property
+    def deterministic(self) -> bool:
+        return self.epsilon == 0.0
+
+    def probabilities(self, served: np.ndarray, rewards: np.ndarray, available: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+        greedy = np.argmax(np.where(available, (rewards + 1.0) / (served + 2.0), -np.inf))
+        p = np.where(available, self.epsilon / available.sum(), 0.0)
+        p[greedy] += 1.0 - self.epsilon
+        return p
+
+
+@dataclass(frozen=True)
+class UCB1:
+    """Each available arm once (first unplayed first), then the best mean + sqrt(2 ln N / n), N the
+    available arms' plays; deterministic."""
+
+    deterministic = True
+
+    def probabilities(self, served: np.ndarray, rewards: np.ndarray, available: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+        unplayed = available & (served == 0)
+        if unplayed.any():
+            arm = np.argmax(unplayed)
+        else:
+            total = served[available].sum()
+            with np.errstate(divide="ignore", invalid="ignore"):
+                bound = np.minimum(rewards / served, 1.0) + np.sqrt(2.0 * np.log(total) / served)
+            arm = np.argmax(np.where(available, bound, -np.inf))
+        return np.eye(len(served))[arm]
+
+
+@dataclass(frozen=True)
+class Thompson:
+    """The share of ``draws`` posterior draws (Beta(1 + rewards, 1 + failures) per arm) each arm wins."""
+
+    draws: int = 1000
+    deterministic = False
+
+    def __post_init__(self) -> None:
+        if self.draws < 1:
+            raise ValueError(f"draws = {self.draws}; expected at least 1 posterior draw")
+
+    def probabilities(self, served: np.ndarray, rewards: np.ndarray, available: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+        arms = np.flatnonzero(available)
+        wins = rng.beta(1.0 + rewards[arms], 1.0 + np.maximum(served[arms] - rewards[arms], 0.0),
+                        size=(self.draws, len(arms)))  # (draws, available arms)
+        p = np.zeros(len(served))
+        p[arms] = np.bincount(np.argmax(wins, axis=1), minlength=len(arms)) / self.draws
+        return p
+
+
+POLICIES = {"epsilon_greedy": EpsilonGreedy, "ucb1": UCB1, "thompson": Thompson}

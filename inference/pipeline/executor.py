@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import numpy as np
 import pandas as pd
@@ -34,7 +34,7 @@ from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.bandits import SourceBandit
 from inference.pipeline.filters import Filter, ItemFeatureFilter, SeenItemsFilter
-from inference.pipeline.orderers import ExploreOrderer, MaxPerSourceOrderer, Orderer, TopKOrderer
+from inference.pipeline.orderers import FINAL_ORDERERS, ORDERER_SPECS, Orderer, by_score
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer, TorchScriptScorer
 from inference.pipeline.sources import (
     QUERY_TOWER,
@@ -102,34 +102,6 @@ class ItemFeatureSpec(_Strict):
         return ItemFeatureFilter(version.store, self.column, self.equals)
 
 
-class TopKSpec(_Strict):
-    kind: Literal["top_k"]
-
-    def build(self, bandit: SourceBandit) -> Orderer:
-        return TopKOrderer()
-
-
-class ExploreSpec(_Strict):
-    kind: Literal["explore"]
-    epsilon: float = Field(ge=0, lt=1)  # the share of slots that explore
-    pool: int | None = Field(None, ge=1)  # explore among each source's pool best remaining items; default all
-    seed: int | None = None  # fixed draws, for tests; by default they differ per run
-
-    def build(self, bandit: SourceBandit) -> Orderer:
-        return ExploreOrderer(bandit, self.epsilon, self.pool, self.seed)
-
-
-class MaxPerSourceSpec(_Strict):
-    kind: Literal["max_per_source"]
-    cap: int = Field(ge=1)
-
-    def build(self, bandit: SourceBandit) -> Orderer:
-        return MaxPerSourceOrderer(self.cap)
-
-
-FINAL_ORDERERS = ("top_k", "explore")  # the orderers that cut the list to Query.k
-
-
 class PipelineConfig(_Strict):
     """A YAML pipeline config (see configs/pipeline.yaml); each stage is picked by its ``kind``."""
 
@@ -149,7 +121,7 @@ class PipelineConfig(_Strict):
     # exported rankers of the version, each the next one's fallback: "deepfm" runs in process,
     # "triton:deepfm" on the `triton` server ("triton:deepfm_py": its Python-backend twin)
     scorer: list[str] = Field(min_length=1)
-    orderers: list[Annotated[TopKSpec | ExploreSpec | MaxPerSourceSpec, Field(discriminator="kind")]] = Field(
+    orderers: list[Annotated[Union[ORDERER_SPECS], Field(discriminator="kind")]] = Field(  # noqa: UP007
         min_length=1)
 
     @model_validator(mode="after")
@@ -165,6 +137,14 @@ class PipelineConfig(_Strict):
         if kinds[-1] not in FINAL_ORDERERS or any(kind in FINAL_ORDERERS for kind in kinds[:-1]):
             raise ValueError(f"orderers {kinds}; expected exactly one of {list(FINAL_ORDERERS)}, last "
                              "(the final top-k)")
+        return self
+
+    @model_validator(mode="after")
+    def _pins_within_max_k(self) -> PipelineConfig:
+        for spec in self.orderers:
+            if spec.kind == "pin" and max(spec.positions) >= self.max_k:
+                raise ValueError(f"pin positions {spec.positions}: {max(spec.positions)} is past the longest "
+                                 f"list, max_k = {self.max_k} (positions count from 0)")
         return self
 
 
@@ -403,7 +383,9 @@ class Pipeline:
         return Candidates(candidates.item_ids, candidates.sources, scores, candidates.features)
 
     def _order(self, query: Query, candidates: Candidates) -> tuple[Candidates, np.ndarray]:
-        """The orderers in turn; a slot's propensity is the product of each orderer's for its item."""
+        """The orderers in turn over the candidates ranked by score (ties in blend order); a slot's
+        propensity is the product of each orderer's for its item."""
+        candidates = candidates.take(by_score(candidates))
         propensities = np.ones(len(candidates))
         for orderer in self.stages.orderers:
             started = time.perf_counter()
@@ -459,7 +441,7 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
         filters=[spec.build(version) for spec in config.filters],
         hydrator=Hydrator(version.store, ModelInputs.load(models, QUERY_TOWER).encoder.schema),
         scorer=FallbackScorer([_scorer(config, models, name) for name in config.scorer]),
-        orderers=[spec.build(bandit) for spec in config.orderers],
+        orderers=[spec.build(version, bandit) for spec in config.orderers],
     )
     return Pipeline(stages, config.max_k, config.allow_anonymous, config.workers)
 

@@ -1,23 +1,41 @@
-"""Orderers: ``(query, scored) -> (ranked candidates, propensities)``; they may drop or reorder
-candidates, never add any. A propensity (M,) float64 is the probability that the orderer puts
-that item in that slot: 1.0 for a deterministic orderer.
+"""Orderers: ``(query, ranked) -> (ranked candidates, propensities)``; they may drop or reorder
+candidates, never add any. The first receives the scored candidates ranked by score (ties in
+blend order); each hands the next a ranking. A propensity (M,) float64 is the probability that
+the orderer puts that item in that slot given the slots above it: 1.0 for a deterministic
+orderer, NaN where a deterministic policy chose among arms (UCB1, greedy), which replay refuses.
 
-    TopKOrderer          the k best by score (a final orderer)
-    ExploreOrderer       the k best by score, each slot explored with probability epsilon: one of the
-                         best items of a source a `SourceBandit` finds rewarding (a final orderer)
-    MaxPerSourceOrderer  by score, at most ``cap`` items from each source (diversity of sources)
+    MaxPerSourceOrderer  at most ``cap`` items from each source (diversity of sources)
+    BoostOrderer         scores of items matching a rule raised (promotions), then ranked again
+    MMROrderer           maximal marginal relevance over an item column (diversity of content)
+    SpacingOrderer       no two items sharing a column value within ``gap`` positions
+    PinOrderer           editorial items at fixed positions
+    TopKOrderer          the first k (a final orderer)
+    ExploreOrderer       the first k, each slot explored with probability epsilon: one of the best
+                         items of a source a `SourceBandit` finds rewarding (a final orderer)
+    BanditOrderer        k slots allocated among sources by a bandit policy (a final orderer)
+
+Each orderer's config spec (its ``kind:`` in the pipeline's ``orderers:``) is defined beside it.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, model_validator
 
-from inference.pipeline.bandits import SourceBandit
+from inference.pipeline.bandits import POLICIES, BanditPolicy, SourceBandit
+from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
+
+if TYPE_CHECKING:
+    from inference.refresh.job import ServingVersion
+
+log = logging.getLogger(__name__)
 
 
 class Orderer(Protocol):
@@ -35,18 +53,26 @@ def by_score(scored: Candidates) -> np.ndarray:
     return np.argsort(-scored.scores, kind="stable")
 
 
+def item_column(scored: Candidates, column: str) -> list:
+    """The hydrated item ``column`` of the N candidates, one value each."""
+    if scored.features is None or column not in scored.features:
+        raise ValueError(f"orderers read item column {column!r}, but the candidates carry "
+                         f"{[] if scored.features is None else sorted(scored.features.columns)}")
+    return list(scored.features[column])
+
+
 class TopKOrderer:
-    """The ``query.k`` best candidates by score."""
+    """The first ``query.k`` candidates of the ranking."""
 
     name = "top_k"
 
     def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
-        best = by_score(scored)[:query.k]
-        return scored.take(best), np.ones(len(best))
+        first = np.arange(min(query.k, len(scored)))
+        return scored.take(first), np.ones(len(first))
 
 
 class ExploreOrderer:
-    """The ``query.k`` best candidates by score, except that each slot, with probability
+    """The first ``query.k`` candidates of the ranking, except that each slot, with probability
     ``epsilon``, explores: it takes a random one of the ``pool`` best remaining items (default:
     all of them) of a source drawn in proportion to ``bandit``'s estimates (among the sources with
     items left), so those candidates can be shown and an off-policy estimate of another ranking
@@ -71,7 +97,7 @@ class ExploreOrderer:
         self._lock = threading.Lock()  # a Generator is not thread-safe; requests run on many threads
 
     def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
-        order = by_score(scored)
+        order = np.arange(len(scored))
         names, source_of = np.unique(scored.sources[order], return_inverse=True)
         remaining = [np.flatnonzero(source_of == s).tolist() for s in range(len(names))]  # ranks, best first
         weights = self.bandit.estimates(names)  # (S,)
@@ -96,7 +122,7 @@ class ExploreOrderer:
 
 
 class MaxPerSourceOrderer:
-    """All candidates by score, except that only the ``cap`` best of each source stay."""
+    """All candidates in their order, except that only the ``cap`` best ranked of each source stay."""
 
     name = "max_per_source"
 
@@ -106,8 +132,304 @@ class MaxPerSourceOrderer:
         self.cap = cap
 
     def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
-        order = by_score(scored)
-        sources = pd.Series(scored.sources[order])
+        sources = pd.Series(scored.sources)
         rank_in_source = sources.groupby(sources).cumcount().to_numpy()  # 0 = the source's best
-        kept = order[rank_in_source < self.cap]
+        kept = np.flatnonzero(rank_in_source < self.cap)
         return scored.take(kept), np.ones(len(kept))
+
+
+class MMROrderer:
+    """Maximal marginal relevance over an item column: the first ``depth`` slots (default
+    ``query.k``) are filled one at a time with the item maximising
+    lambda * relevance - (1 - lambda) * (its largest similarity to the items above it),
+    relevance being the score rescaled to [0, 1] over the candidates; the rest follow in order.
+
+    Similarity is Jaccard's between value sets for a list-valued column (e.g. genres) and
+    equality for a scalar one (e.g. category). lambda 1 keeps the ranking; lambda 0 takes, after
+    the first item, the one least like those above it (ties go to the better ranked).
+    """
+
+    name = "mmr"
+
+    def __init__(self, column: str, lambda_: float, depth: int | None = None) -> None:
+        if not 0.0 <= lambda_ <= 1.0:
+            raise ValueError(f"lambda = {lambda_!r}; expected a weight in [0, 1]")
+        self.column, self.lambda_, self.depth = column, lambda_, depth
+
+    def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
+        n = len(scored)
+        slots = min(self.depth or query.k, n)
+        if self.lambda_ == 1.0 or slots < 2:
+            return scored, np.ones(n)
+        members = _value_sets(item_column(scored, self.column))  # (N, V) 0/1
+        sizes = members.sum(axis=1)
+        spread = scored.scores.max() - scored.scores.min()
+        relevance = (scored.scores - scored.scores.min()) / spread if spread > 0 else np.zeros(n)
+        chosen, left = [0], np.ones(n, bool)
+        left[0] = False
+        closest = np.zeros(n)  # (N,) each item's largest similarity to the chosen ones
+        for _ in range(slots - 1):
+            last = chosen[-1]
+            common = members @ members[last]  # (N,)
+            union = sizes + sizes[last] - common
+            closest = np.maximum(closest, np.divide(common, union, out=np.zeros(n), where=union > 0))
+            gain = np.where(left, self.lambda_ * relevance - (1 - self.lambda_) * closest, -np.inf)
+            best = int(np.argmax(gain))  # the first of equal gains: the better ranked
+            chosen.append(best)
+            left[best] = False
+        order = np.concatenate([chosen, np.flatnonzero(left)])
+        return scored.take(order), np.ones(n)
+
+
+class SpacingOrderer:
+    """No two items with the same ``column`` value within ``gap`` positions of each other among the
+    first ``depth`` slots (default ``query.k``), whenever an alternative exists: each slot takes the
+    best ranked remaining item whose value differs from the ``gap`` slots above it. When none does,
+    the slot takes the best ranked item anyway, and `broken` counts it (and a debug line says so)."""
+
+    name = "spacing"
+
+    def __init__(self, column: str, gap: int, depth: int | None = None) -> None:
+        if gap < 1:
+            raise ValueError(f"gap = {gap}; expected at least 1 position")
+        self.column, self.gap, self.depth = column, gap, depth
+        self._lock = threading.Lock()
+        self.broken = 0  # slots where every remaining item repeated a value within the gap
+
+    def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
+        values = [_hashable(v) for v in item_column(scored, self.column)]
+        remaining, chosen, broken = list(range(len(scored))), [], 0
+        for _ in range(min(self.depth or query.k, len(scored))):
+            recent = {values[i] for i in chosen[-self.gap:]}
+            pick = next((i for i in remaining if values[i] not in recent), None)
+            if pick is None:
+                pick, broken = remaining[0], broken + 1
+                log.debug("spacing on %s: slot %d repeats %r within %d positions: no alternative left",
+                          self.column, len(chosen), values[pick], self.gap)
+            chosen.append(pick)
+            remaining.remove(pick)
+        if broken:
+            with self._lock:
+                self.broken += broken
+        return scored.take(np.array(chosen + remaining, np.intp)), np.ones(len(scored))
+
+
+class BoostOrderer:
+    """Scores of the items matching a rule (``column`` equal to, or in, ``values``; or on the
+    store's list ``list_name``) become score * ``multiply`` + ``add``, for at most ``cap`` of them
+    (the best ranked); then the list is ranked again by score, ties in their order."""
+
+    name = "boost"
+
+    def __init__(self, matches: Callable[[Candidates], np.ndarray], multiply: float = 1.0, add: float = 0.0,
+                 cap: int | None = None) -> None:
+        self.matches, self.multiply, self.add, self.cap = matches, multiply, add, cap
+
+    def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
+        boosted = np.flatnonzero(self.matches(scored))[:self.cap]
+        scores = scored.scores.copy()
+        scores[boosted] = scores[boosted] * self.multiply + self.add
+        ranked = Candidates(scored.item_ids, scored.sources, scores, scored.features)
+        return ranked.take(by_score(ranked)), np.ones(len(scored))
+
+
+class PinOrderer:
+    """Editorial items at fixed positions: ``items[i]`` moves to ``positions[i]`` (0 is the top)
+    when it is among the candidates, that is when a source proposed it and it passed the filters;
+    the other items keep their order around them. A position past the list's end puts it last."""
+
+    name = "pin"
+
+    def __init__(self, items: Callable[[], np.ndarray], positions: list[int]) -> None:
+        self.items, self.positions = items, positions
+
+    def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
+        pinned = self.items()[:len(self.positions)]
+        rows = pd.Index(scored.item_ids).get_indexer(pinned)  # -1: not among the candidates
+        placed = sorted((position, row) for position, row in zip(self.positions, rows, strict=False) if row >= 0)
+        order = [i for i in range(len(scored)) if i not in {row for _, row in placed}]
+        for position, row in placed:
+            order.insert(min(position, len(order)), row)
+        return scored.take(np.array(order, np.intp)), np.ones(len(scored))
+
+
+class BanditOrderer:
+    """``query.k`` slots allocated among the sources by a bandit ``policy`` over ``bandit``'s counts:
+    each slot draws a source among those with items left and takes its best ranked remaining item.
+    A slot's propensity is its source's probability under the policy (NaN when the policy is
+    deterministic). ``seed`` fixes the draws (tests); by default they differ per run."""
+
+    name = "bandit"
+
+    def __init__(self, bandit: SourceBandit, policy: BanditPolicy, seed: int | None = None) -> None:
+        self.bandit, self.policy = bandit, policy
+        self._seeds = np.random.SeedSequence(seed)
+        self._lock = threading.Lock()  # spawning is not thread-safe; requests run on many threads
+
+    def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
+        with self._lock:
+            rng = np.random.default_rng(self._seeds.spawn(1)[0])
+        names, source_of = np.unique(scored.sources, return_inverse=True)
+        remaining = [np.flatnonzero(source_of == s).tolist() for s in range(len(names))]  # positions, best first
+        served, rewards = self.bandit.counts(names)
+        slots = min(query.k, len(scored))
+        chosen, propensities = np.zeros(slots, np.intp), np.zeros(slots)
+        for slot in range(slots):
+            p = self.policy.probabilities(served, rewards, np.array([len(r) > 0 for r in remaining]), rng)
+            source = rng.choice(len(names), p=p / p.sum())
+            chosen[slot] = remaining[source].pop(0)
+            propensities[slot] = np.nan if self.policy.deterministic else p[source]
+        return scored.take(chosen), propensities
+
+
+def _value_sets(values: list) -> np.ndarray:
+    """(N, V) 0/1 membership of each of N cells' values (a list cell holds several) in the V seen."""
+    vocabulary: dict = {}
+    rows, columns = [], []
+    for row, value in enumerate(values):
+        for member in set(_members(value)):
+            rows.append(row)
+            columns.append(vocabulary.setdefault(member, len(vocabulary)))
+    members = np.zeros((len(values), max(len(vocabulary), 1)))
+    members[rows, columns] = 1.0
+    return members
+
+
+def _members(value: object) -> tuple:
+    return tuple(value) if isinstance(value, list | tuple | np.ndarray) else (value,)
+
+
+def _hashable(value: object) -> object:
+    return tuple(value) if isinstance(value, list | np.ndarray) else value
+
+
+def _check_item_column(version: ServingVersion, column: str, field: str) -> None:
+    """ValueError naming ``field`` unless the version's items have ``column``."""
+    popular, _ = version.store.get_list("popular")
+    columns = version.store.item_features(popular[:1]).features.columns
+    if column not in columns:
+        raise ValueError(f"{field} = {column!r} is not an item column; expected one of {sorted(columns)}")
+
+
+class TopKSpec(StageSpec):
+    kind: Literal["top_k"]
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        return TopKOrderer()
+
+
+class ExploreSpec(StageSpec):
+    kind: Literal["explore"]
+    epsilon: float = Field(ge=0, lt=1)  # the share of slots that explore
+    pool: int | None = Field(None, ge=1)  # explore among each source's pool best remaining items; default all
+    seed: int | None = None  # fixed draws, for tests; by default they differ per run
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        return ExploreOrderer(bandit, self.epsilon, self.pool, self.seed)
+
+
+class BanditSpec(StageSpec):
+    kind: Literal["bandit"]
+    policy: Literal["epsilon_greedy", "ucb1", "thompson"]
+    epsilon: float = Field(0.1, ge=0, le=1)  # epsilon_greedy's share of uniform draws
+    draws: int = Field(1000, ge=1)  # thompson's posterior draws per slot, which estimate its propensities
+    seed: int | None = None
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        policy = {"epsilon_greedy": lambda: POLICIES["epsilon_greedy"](self.epsilon), "ucb1": POLICIES["ucb1"],
+                  "thompson": lambda: POLICIES["thompson"](self.draws)}[self.policy]()
+        return BanditOrderer(bandit, policy, self.seed)
+
+
+class MaxPerSourceSpec(StageSpec):
+    kind: Literal["max_per_source"]
+    cap: int = Field(ge=1)
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        return MaxPerSourceOrderer(self.cap)
+
+
+class MMRSpec(StageSpec):
+    kind: Literal["mmr"]
+    column: str  # an item column: categorical (category) or a list of values (genres)
+    lambda_: float = Field(alias="lambda", ge=0, le=1)  # 1: relevance only; 0: dissimilarity only
+    depth: int | None = Field(None, ge=1)  # the slots rearranged; default the request's k
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        _check_item_column(version, self.column, "mmr column")
+        return MMROrderer(self.column, self.lambda_, self.depth)
+
+
+class SpacingSpec(StageSpec):
+    kind: Literal["spacing"]
+    column: str  # e.g. category or seller
+    gap: int = Field(ge=1)  # items sharing a value are more than gap positions apart
+    depth: int | None = Field(None, ge=1)  # the slots spaced; default the request's k
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        _check_item_column(version, self.column, "spacing column")
+        return SpacingOrderer(self.column, self.gap, self.depth)
+
+
+class BoostSpec(StageSpec):
+    kind: Literal["boost"]
+    column: str | None = None  # the rule: column equals a value, or is in values ...
+    equals: bool | int | float | str | None = None
+    in_: list[bool | int | float | str] | None = Field(None, alias="in")
+    list_name: str | None = None  # ... or the item is on this store list (e.g. promoted)
+    multiply: float = Field(1.0, gt=0)
+    add: float = 0.0
+    cap: int | None = Field(None, ge=1)  # at most this many boosted items per list
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> BoostSpec:
+        rules = {"column with equals": self.column is not None and self.equals is not None,
+                 "column with in": self.column is not None and self.in_ is not None,
+                 "list_name": self.list_name is not None}
+        if sum(rules.values()) != 1 or (self.column is None) != (self.equals is None and self.in_ is None):
+            raise ValueError(f"boost takes one rule: one of {list(rules)}; got column={self.column!r}, "
+                             f"equals={self.equals!r}, in={self.in_!r}, list_name={self.list_name!r}")
+        if self.multiply == 1.0 and self.add == 0.0:
+            raise ValueError("boost changes no score: set multiply (not 1) or add (not 0)")
+        return self
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        if self.list_name is not None:
+            store, name = version.store, self.list_name
+            return BoostOrderer(lambda scored: np.isin(scored.item_ids, store.get_list(name)[0]),
+                                self.multiply, self.add, self.cap)
+        _check_item_column(version, self.column, "boost column")
+        wanted = {_hashable(self.equals)} if self.in_ is None else {_hashable(v) for v in self.in_}
+        column = self.column
+        return BoostOrderer(lambda scored: np.array([bool(wanted & set(_members(v)))
+                                                     for v in item_column(scored, column)], bool),
+                            self.multiply, self.add, self.cap)
+
+
+class PinSpec(StageSpec):
+    kind: Literal["pin"]
+    items: list[int] | None = None  # the items to pin, in the order of positions ...
+    list_name: str | None = None  # ... or the first ones of this store list (e.g. editorial)
+    positions: list[int] = Field(min_length=1)  # 0 is the top
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PinSpec:
+        if (self.items is None) == (self.list_name is None):
+            raise ValueError(f"pin takes items or list_name, not both or neither; got items={self.items!r}, "
+                             f"list_name={self.list_name!r}")
+        if min(self.positions) < 0 or len(set(self.positions)) < len(self.positions):
+            raise ValueError(f"pin positions {self.positions}; expected distinct positions >= 0")
+        if self.items is not None and len(self.items) != len(self.positions):
+            raise ValueError(f"pin has {len(self.items)} items for {len(self.positions)} positions; expected one each")
+        return self
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
+        if self.items is not None:
+            items = np.array(self.items, np.int64)
+            return PinOrderer(lambda: items, self.positions)
+        store, name = version.store, self.list_name
+        return PinOrderer(lambda: store.get_list(name)[0], self.positions)
+
+
+ORDERER_SPECS = (MaxPerSourceSpec, BoostSpec, MMRSpec, SpacingSpec, PinSpec, TopKSpec, ExploreSpec, BanditSpec)
+FINAL_ORDERERS = ("top_k", "explore", "bandit")  # the orderers that cut the list to Query.k

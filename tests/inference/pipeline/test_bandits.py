@@ -1,11 +1,12 @@
-"""SourceBandit: posterior means from served slots and rewards, shared safely between threads."""
+"""SourceBandit: posterior means from served slots and rewards, shared safely between threads; the
+policies (epsilon-greedy, UCB1, Thompson) on simulated Bernoulli arms with known means."""
 
 import threading
 
 import numpy as np
 import pytest
 
-from inference.pipeline.bandits import SharedSourceBandit, SourceBandit
+from inference.pipeline.bandits import UCB1, EpsilonGreedy, SharedSourceBandit, SourceBandit, Thompson
 
 
 def test_estimates_are_beta_1_1_posterior_means():
@@ -71,3 +72,81 @@ def test_a_shared_bandit_keeps_its_counts_while_redis_is_down(redis_server, capl
     assert not bandit.sync() and "bandit counts not shared" in caplog.text
     assert bandit.snapshot()["ann"] == {"served": 3, "rewards": 1.0, "estimate": 2 / 5}
     bandit.close()  # its last sync fails too, logged, not raised
+
+
+MEANS = np.array([0.1, 0.2, 0.3, 0.5])  # Bernoulli arms; the last is the best
+
+
+def simulate(policy, rounds, seed):
+    """(rounds,) arms the policy pulled, each round drawn from its probabilities given the counts so far."""
+    rng = np.random.default_rng(seed)
+    served, rewards = np.zeros(len(MEANS)), np.zeros(len(MEANS))
+    available, pulled = np.ones(len(MEANS), bool), np.zeros(rounds, np.intp)
+    for t in range(rounds):
+        p = policy.probabilities(served, rewards, available, rng)
+        arm = rng.choice(len(MEANS), p=p)
+        served[arm] += 1
+        rewards[arm] += rng.random() < MEANS[arm]
+        pulled[t] = arm
+    return pulled
+
+
+@pytest.fixture(scope="module")
+def pulls():
+    """10 seeds of 10,000 rounds per policy; plain Thompson sampling is one posterior draw per round."""
+    policies = {"epsilon_greedy": EpsilonGreedy(0.1), "ucb1": UCB1(), "thompson": Thompson(draws=1)}
+    return {name: [simulate(policy, 10_000, seed) for seed in range(10)] for name, policy in policies.items()}
+
+
+def test_thompson_and_ucb1_regret_less_than_epsilon_greedy(pulls):
+    regret = {name: np.mean([np.sum(MEANS.max() - MEANS[p]) for p in runs]) for name, runs in pulls.items()}
+    # epsilon-greedy keeps paying epsilon * mean gap per round: about 0.1 * 0.3 * 10,000 = 300
+    assert regret["thompson"] < regret["epsilon_greedy"] and regret["ucb1"] < regret["epsilon_greedy"], regret
+
+
+def test_every_policy_ends_on_the_best_arm(pulls):
+    for name, runs in pulls.items():
+        for pulled in runs:
+            assert np.mean(pulled[-1000:] == len(MEANS) - 1) >= 0.9, name
+
+
+@pytest.mark.parametrize("policy", [EpsilonGreedy(0.3), Thompson(draws=1000)])
+def test_logged_propensities_match_the_frequencies_of_the_arms_drawn(policy):
+    rng = np.random.default_rng(4)
+    served, rewards = np.array([20.0, 30.0, 10.0, 25.0]), np.array([4.0, 9.0, 3.0, 6.0])
+    available = np.array([True, True, True, False])
+    draws, n = np.zeros(4), 4000
+    logged = np.zeros(4)
+    for _ in range(n):
+        p = policy.probabilities(served, rewards, available, rng)
+        arm = rng.choice(4, p=p)
+        draws[arm] += 1
+        logged[arm] += p[arm]
+    frequency = draws / n
+    mean_logged = np.divide(logged, draws, out=np.zeros(4), where=draws > 0)  # E[p(arm) | arm drawn]
+    expected = np.array([np.mean([policy.probabilities(served, rewards, available, rng)[a] for _ in range(50)])
+                         for a in range(4)])
+    assert frequency[3] == 0 and expected[3] == 0  # an arm with nothing left is never drawn
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(frequency - expected) <= 3 * se + 1e-12), (frequency, expected)
+    drawn = draws > 0
+    assert np.all(np.abs(mean_logged[drawn] - expected[drawn]) < 0.02)
+
+
+def test_ucb1_tries_every_arm_then_follows_the_bound_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    available = np.ones(3, bool)
+    assert UCB1().probabilities(np.array([2.0, 0.0, 0.0]), np.zeros(3), available, rng).tolist() == [0, 1, 0]
+    # means 0.5, 0.4, 0.9 with 10, 100, 10 plays: bounds 0.5 + sqrt(2 ln 120 / 10) = 1.479, 0.4 + 0.309, 1.879
+    p = UCB1().probabilities(np.array([10.0, 100.0, 10.0]), np.array([5.0, 40.0, 9.0]), available, rng)
+    assert p.tolist() == [0, 0, 1] and UCB1.deterministic and EpsilonGreedy(0.0).deterministic
+    assert not Thompson().deterministic and not EpsilonGreedy(0.1).deterministic
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: EpsilonGreedy(1.5), r"epsilon = 1.5; expected a probability in \[0, 1\]"),
+    (lambda: Thompson(draws=0), "draws = 0; expected at least 1"),
+])
+def test_bad_policy_parameters_are_refused(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()

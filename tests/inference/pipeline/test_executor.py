@@ -270,3 +270,39 @@ def test_a_pipeline_that_fails_to_build_closes_the_store_it_opened(version, monk
     with pytest.raises(ValueError, match="no_such_ranker"):
         open_pipeline(example_config(scorer=["no_such_ranker"]), version.directory)
     assert len(closed) == 1
+
+
+def test_every_orderer_kind_runs_in_a_pipeline_and_only_reorders_or_drops(version):
+    popular = version.store.get_list("popular")[0]
+    orderers = [{"kind": "max_per_source", "cap": 60},
+                {"kind": "boost", "column": "category", "in": ["category_1", "category_2"], "multiply": 1.5,
+                 "cap": 3},
+                {"kind": "boost", "list_name": "popular", "add": 0.01},
+                {"kind": "mmr", "column": "category", "lambda": 0.5},
+                {"kind": "spacing", "column": "category", "gap": 1},
+                {"kind": "pin", "items": [int(popular[0])], "positions": [2]},
+                {"kind": "bandit", "policy": "thompson", "draws": 200, "seed": 0}]
+    pipeline = build_pipeline(example_config(orderers=orderers), version)
+    try:
+        response = pipeline(Query(user_id=7, k=10))
+    finally:
+        pipeline.close()
+    assert len(response.item_ids) == 10 and len(set(response.item_ids)) == 10
+    assert ((response.propensities > 0) & (response.propensities <= 1)).all()
+    assert set(pipeline.stats.snapshot()["stages"]) >= {f"orderer:{kind}" for kind in
+                                                       ("boost", "mmr", "spacing", "pin", "bandit")}
+
+
+@pytest.mark.parametrize(("orderers", "message"), [
+    ([{"kind": "mmr", "column": "colour", "lambda": 0.5}, {"kind": "top_k"}], "mmr column = 'colour' is not an item"),
+    ([{"kind": "spacing", "column": "seller", "gap": 2}, {"kind": "top_k"}], "spacing column = 'seller'"),
+    ([{"kind": "mmr", "column": "category", "lambda": 1.5}, {"kind": "top_k"}], r"lambda\n.*less than or equal to 1"),
+    ([{"kind": "pin", "items": [1], "positions": [100]}, {"kind": "top_k"}], "100 is past the longest list, max_k"),
+    ([{"kind": "pin", "items": [1, 2], "positions": [0]}, {"kind": "top_k"}], "2 items for 1 positions"),
+    ([{"kind": "boost", "column": "category", "multiply": 2.0}, {"kind": "top_k"}], "boost takes one rule"),
+    ([{"kind": "bandit", "policy": "softmax"}], r"policy\n.*'epsilon_greedy', 'ucb1' or 'thompson'"),
+    ([{"kind": "bandit", "policy": "ucb1"}, {"kind": "top_k"}], r"expected exactly one of \['top_k', 'explore'"),
+])
+def test_bad_orderer_configs_name_the_field(version, orderers, message):
+    with pytest.raises(ValueError, match=message):
+        build_pipeline(example_config(orderers=orderers), version).close()
