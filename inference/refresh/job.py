@@ -492,15 +492,15 @@ def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemInde
                 events: pools.Events) -> pd.DataFrame:
     opts, now, eligible = inputs.config.pools, inputs.now, catalogue.ids
     if kind == "popular":
-        return pools.sql_popular(events, now, opts.half_life_s, opts.popular_k, eligible)
+        return pools.build_popular(events, now, opts.half_life_s, opts.popular_k, eligible)
     if kind == "trending":
-        return pools.sql_trending(events, now, opts.trending_recent_s, opts.trending_baseline_s, opts.trending_k,
-                                  eligible=eligible)
+        return pools.build_trending(events, now, opts.trending_recent_s, opts.trending_baseline_s, opts.trending_k,
+                                    eligible=eligible)
     if kind == "new":
         if "created_at" in inputs.items.columns:
             ids, first_seen = inputs.items["item_id"].to_numpy(), inputs.items["created_at"].to_numpy()
         else:
-            ids, first_seen = pools.sql_first_seen(events)
+            ids, first_seen = pools.read_first_seen(events)
         return pools.build_new_items(ids, first_seen, now, opts.new_max_age_s, opts.new_k, eligible)
     if kind == "editorial":
         if opts.editorial is None:
@@ -508,13 +508,13 @@ def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemInde
                                  "score": pd.Series(dtype=np.float32)})
         return pools.read_editorial(opts.editorial, inputs.items["item_id"].to_numpy(), eligible)
     if kind == "similar":
-        hot = pools.sql_popular(events, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
+        hot = pools.build_popular(events, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
         ids, vectors = catalogue.embeddings()
         chosen = np.isin(ids, hot)
         return pools.build_similar_items(ids[chosen], vectors[chosen], index.search,
                                          opts.similar_k, eligible)
     users = inputs.users["user_id"].to_numpy()
-    return pools.sql_user_lists(users, _user_vectors(inputs, users), index.search, events, opts.user_n, eligible)
+    return pools.build_user_lists(users, _user_vectors(inputs, users), index.search, events, opts.user_n, eligible)
 
 
 def _live_items(inputs: Inputs) -> pd.DataFrame:

@@ -11,12 +11,22 @@ Every builder returns a pool: one long frame with columns ``list`` (str), ``item
                    or, without embeddings, from co-occurrence  build_cooccurrence_similar
     user:{id}      per-user retrieval minus seen items         build_user_lists
 
+The interactions stay on disk: `Events` (`open_events` for a dataset directory) is a DuckDB
+view over the parquet file, and the lists built from it are SQL queries that DuckDB runs out
+of core, spilling to disk past its memory limit (`DuckDBOptions`). Only per-item and per-user
+results come back to Python, and user lists stream each batch of users' seen items.
+
 The builders count every interaction row they are given, so the job decides what counts
-(e.g. positive labels only). Builders that take ``now`` ignore rows after it: a refresh as
-of a past time sees only its past. Every builder takes ``eligible``, the item ids that passed the static
-rules (`inference.refresh.rules.apply_rules`), or None for every item; ineligible items
-are dropped before the top k is taken, so a list stays full while enough eligible items
-exist. Ties rank the smaller item id first.
+(e.g. positive labels only: `Events`' ``label``). Builders that take ``now`` ignore rows after
+it: a refresh as of a past time sees only its past. Every builder takes ``eligible``, the item
+ids that passed the static rules (`inference.refresh.rules.apply_rules`), or None for every
+item; ineligible items are dropped before the top k is taken, so a list stays full while
+enough eligible items exist.
+
+Lists rank by the score in float64, then the smaller item id first. Scores are computed in
+DOUBLE in the order their formulas are written; popular's sum is exact (see `build_popular`),
+so it does not depend on the order DuckDB's threads add the rows in, and items with the same
+rows tie exactly.
 
 A ``search`` is the index's search (`inference.index.ItemIndex.search`):
 ``search(queries (B, D) float32, k) -> (ids (B, k') int64, scores (B, k'))``, best first,
@@ -31,7 +41,6 @@ import math
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,7 +50,6 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from data.schema import Schema
 
@@ -49,7 +57,6 @@ Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 POOL_COLUMNS = ("list", "item_id", "score")
 MAX_HISTORY = 100  # most recent distinct items per user in co-occurrence counts
-PAIR_BUDGET = 1 << 24  # co-occurring pairs per block in build_cooccurrence_similar: bounds memory to ~1 GB
 STREAM_ROWS = 1 << 20  # rows per record batch when user lists stream their seen items from DuckDB
 
 
@@ -123,9 +130,14 @@ def open_events(data_dir: Path, options: DuckDBOptions | None = None) -> Events:
     return Events(data_dir / "interactions.parquet", Schema.load(data_dir / "schema.json").label, options)
 
 
-def sql_popular(events: Events, now: int, half_life_s: float, k: int,
+def build_popular(events: Events, now: int, half_life_s: float, k: int,
                 eligible: np.ndarray | None = None) -> pd.DataFrame:
-    """The "popular" list: ``score = sum over the item's rows of 0.5 ** ((now - timestamp) / half_life_s)``."""
+    """The "popular" list: ``score = sum over the item's rows of 0.5 ** ((now - timestamp) / half_life_s)``.
+
+    Each item's weights are added as integers (HUGEINT) in units of 2**-96 of its largest
+    weight, rounded to a power of two, and the total is rounded to the nearest double once:
+    the sum is the same in any row order and on any number of threads.
+    """
     _check_positive("half_life_s", half_life_s)
     _check_count("k", k)
     with _allowed(events, eligible) as allowed:
@@ -144,7 +156,7 @@ def sql_popular(events: Events, now: int, half_life_s: float, k: int,
     return _named("popular", top)
 
 
-def sql_trending(events: Events, now: int, recent_s: float, baseline_s: float, k: int, prior: float = 5.0,
+def build_trending(events: Events, now: int, recent_s: float, baseline_s: float, k: int, prior: float = 5.0,
                  eligible: np.ndarray | None = None) -> pd.DataFrame:
     """The "trending" list: items whose rate in the recent window rises above their baseline rate.
 
@@ -176,14 +188,105 @@ def sql_trending(events: Events, now: int, recent_s: float, baseline_s: float, k
     return _named("trending", top)
 
 
-def sql_first_seen(events: Events) -> tuple[np.ndarray, np.ndarray]:
+def read_first_seen(events: Events) -> tuple[np.ndarray, np.ndarray]:
     """(item ids (N,) ascending, the timestamp of each one's first row (N,) float64)."""
     first = events.con.execute("SELECT item_id, min(timestamp) AS first FROM events GROUP BY item_id "
                                "ORDER BY item_id").fetchnumpy()
     return first["item_id"].astype(np.int64), first["first"]
 
 
-def sql_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HISTORY,
+def build_new_items(item_ids: np.ndarray, first_seen: np.ndarray, now: int, max_age_s: float, k: int,
+                    eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "new" list: items with ``0 <= now - first_seen <= max_age_s``, newest first.
+
+    ``first_seen`` (N,) holds each item's first appearance in int seconds: its ``created_at``
+    or its first interaction, whichever the caller chooses. ``score = 1 - age / max_age_s``.
+    """
+    _check_positive("max_age_s", max_age_s)
+    _check_count("k", k)
+    ids = _check_ids("item_ids", item_ids)
+    first_seen = np.asarray(first_seen)
+    if first_seen.shape != ids.shape:
+        raise ValueError(f"first_seen has shape {first_seen.shape}; expected one timestamp per item, {ids.shape}")
+    if not np.issubdtype(first_seen.dtype, np.number):
+        raise ValueError(f"first_seen must hold timestamps in seconds, got dtype {first_seen.dtype}")
+    missing = np.isnan(first_seen.astype(np.float64))
+    if missing.any():
+        raise ValueError(f"first_seen is missing for {int(missing.sum())} items, e.g. {ids[missing][:5].tolist()}")
+    age = now - first_seen.astype(np.float64)
+    new = (age >= 0) & (age <= max_age_s)
+    return _top("new", ids[new], 1 - age[new] / max_age_s, k, eligible)
+
+
+def read_editorial(path: Path, known_item_ids: np.ndarray, eligible: np.ndarray | None = None) -> pd.DataFrame:
+    """The "editorial" list from a CSV file, one item a line under a header:
+
+        item_id,score
+        42,0.9
+        17,0.8
+
+    ``score`` is optional. With it, items rank by score (file order breaks ties); without
+    it, the file order is the rank and ``score = 1 - position / items``. Blank lines are
+    skipped. An empty file, a bad header, a malformed row, a repeated id or an id missing
+    from ``known_item_ids`` raises ValueError naming the file and the line.
+    """
+    path = Path(path)
+    header, lines, rows = _read_csv(path)
+    if header is None:
+        raise ValueError(f"{path}: empty editorial file; expected a header 'item_id[,score]' and one item a line")
+    if not rows:
+        raise ValueError(f"{path}, line {lines[0]}: a header but no items")
+    ids = np.empty(len(rows), dtype=np.int64)
+    scores = np.empty(len(rows), dtype=np.float64)
+    first_line: dict[int, int] = {}
+    for i, (line, fields) in enumerate(zip(lines[1:], rows, strict=True)):
+        if len(fields) != len(header):
+            raise ValueError(f"{path}, line {line}: expected {len(header)} fields ({','.join(header)}), "
+                             f"got {len(fields)}: {','.join(fields)!r}")
+        record = dict(zip(header, fields, strict=True))
+        try:
+            ids[i] = int(record["item_id"])
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: item_id {record['item_id']!r} is not an integer") from None
+        if ids[i] in first_line:
+            raise ValueError(f"{path}, line {line}: item_id {ids[i]} repeats line {first_line[ids[i]]}")
+        first_line[ids[i]] = line
+        try:
+            scores[i] = float(record["score"]) if "score" in record else 1 - i / len(rows)
+        except ValueError:
+            raise ValueError(f"{path}, line {line}: score {record['score']!r} is not a number") from None
+        if not math.isfinite(scores[i]):
+            raise ValueError(f"{path}, line {line}: score {record['score']!r} is not a finite number")
+    unknown = ~np.isin(ids, np.asarray(known_item_ids))
+    if unknown.any():
+        first = int(np.argmax(unknown))
+        raise ValueError(f"{path}, line {lines[1 + first]}: item_id {ids[first]} is not a known item "
+                         f"({int(unknown.sum())} unknown in all)")
+    order = np.argsort(-scores, kind="stable")
+    ids, scores = ids[order], scores[order]
+    keep = _is_eligible(ids, eligible)
+    return _pool(np.full(int(keep.sum()), "editorial", dtype=object), ids[keep], scores[keep])
+
+
+def build_similar_items(item_ids: np.ndarray, item_vectors: np.ndarray, search: Search, k: int,
+                        eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
+    """Lists "similar:{id}": each item's k nearest items in ``search``'s index, itself excluded.
+
+    ``item_vectors`` (N, D) are the embeddings of ``item_ids`` (N,), used as the queries; the
+    index is searched ``batch_size`` items at a time. Every item gets a list, eligible or not
+    (a user may have just seen an item that is now blocked); only its contents are filtered.
+    """
+    _check_count("k", k)
+    _check_count("batch_size", batch_size)
+    ids = _check_ids("item_ids", item_ids)
+    vectors = _check_vectors("item_vectors", item_vectors, len(ids))
+    batches = ((rows, rows, ids[rows]) for rows in np.array_split(np.arange(len(ids)), range(batch_size, len(ids),
+                                                                                            batch_size)))
+    rows, found, scores = _search_batches(search, vectors, k, batches, eligible)
+    return _pool(_names("similar:", ids)[rows], found, scores)
+
+
+def build_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HISTORY,
                              eligible: np.ndarray | None = None, anchors: np.ndarray | None = None) -> pd.DataFrame:
     """Lists "similar:{id}" from shared users, the fallback when items have no embeddings.
 
@@ -221,7 +324,7 @@ def sql_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HIST
     return _pool(_names("similar:", pairs["anchor"]), pairs["other"], pairs["score"])
 
 
-def sql_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Search, events: Events, n: int,
+def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Search, events: Events, n: int,
                    eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
     """Lists "user:{id}": each user's n best unseen items from ``search``'s index.
 
@@ -310,6 +413,15 @@ def _search_batches(search: Search, queries: np.ndarray, n: int, batches: Iterat
     return rows[by_row], ids[by_row], scores[by_row]
 
 
+def _call_search(search: Search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids, scores = search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    ids, scores = np.asarray(ids), np.asarray(scores)
+    if ids.ndim != 2 or ids.shape != scores.shape or len(ids) != len(queries) or ids.shape[1] > k:
+        raise ValueError(f"search returned ids {ids.shape} and scores {scores.shape} for {len(queries)} queries "
+                         f"and k={k}; expected ({len(queries)}, at most {k}) each")
+    return ids.astype(np.int64, copy=False), scores
+
+
 _INTEGER = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
 _NUMERIC = _INTEGER | {"FLOAT", "DOUBLE"}
 
@@ -337,271 +449,6 @@ def _named(name: str, top: dict[str, np.ndarray]) -> pd.DataFrame:
     return _pool(np.full(len(top["item_id"]), name, dtype=object), top["item_id"], top["score"])
 
 
-def _quote(path: Path) -> str:
-    return str(path).replace("'", "''")
-
-
-def build_popular(interactions: pd.DataFrame, now: int, half_life_s: float, k: int,
-                  eligible: np.ndarray | None = None) -> pd.DataFrame:
-    """The "popular" list: ``score = sum over the item's rows of 0.5 ** ((now - timestamp) / half_life_s)``."""
-    _check_positive("half_life_s", half_life_s)
-    _check_count("k", k)
-    item, timestamp = _past_events(interactions, now)
-    ids, inverse = np.unique(item, return_inverse=True)
-    score = np.bincount(inverse, weights=0.5 ** ((now - timestamp) / half_life_s), minlength=len(ids))
-    return _top("popular", ids, score, k, eligible)
-
-
-def build_trending(interactions: pd.DataFrame, now: int, recent_s: float, baseline_s: float, k: int,
-                   prior: float = 5.0, eligible: np.ndarray | None = None) -> pd.DataFrame:
-    """The "trending" list: items whose rate in the recent window rises above their baseline rate.
-
-    The recent window is ``(now - recent_s, now]`` and the baseline window the ``baseline_s``
-    seconds before it. Per item, with ``recent`` and ``baseline`` the row counts in each:
-
-        expected = baseline * recent_s / baseline_s        # the baseline rate over the recent window
-        score    = (recent + prior) / (expected + prior)
-
-    ``prior`` pseudo-events pull both counts toward a ratio of 1, so one recent event on an
-    empty baseline scores (1 + prior) / prior (1.2 with the default), far below a real spike.
-    Only rising items (score > 1) are listed.
-    """
-    _check_positive("recent_s", recent_s)
-    _check_positive("baseline_s", baseline_s)
-    _check_positive("prior", prior)
-    _check_count("k", k)
-    item, timestamp = _past_events(interactions, now)
-    in_window = timestamp > now - recent_s - baseline_s
-    item, is_recent = item[in_window], timestamp[in_window] > now - recent_s
-    ids, inverse = np.unique(item, return_inverse=True)
-    recent = np.bincount(inverse, weights=is_recent, minlength=len(ids))
-    baseline = np.bincount(inverse, weights=~is_recent, minlength=len(ids))
-    score = (recent + prior) / (baseline * recent_s / baseline_s + prior)
-    rising = score > 1
-    return _top("trending", ids[rising], score[rising], k, eligible)
-
-
-def build_new_items(item_ids: np.ndarray, first_seen: np.ndarray, now: int, max_age_s: float, k: int,
-                    eligible: np.ndarray | None = None) -> pd.DataFrame:
-    """The "new" list: items with ``0 <= now - first_seen <= max_age_s``, newest first.
-
-    ``first_seen`` (N,) holds each item's first appearance in int seconds: its ``created_at``
-    or its first interaction, whichever the caller chooses. ``score = 1 - age / max_age_s``.
-    """
-    _check_positive("max_age_s", max_age_s)
-    _check_count("k", k)
-    ids = _check_ids("item_ids", item_ids)
-    first_seen = np.asarray(first_seen)
-    if first_seen.shape != ids.shape:
-        raise ValueError(f"first_seen has shape {first_seen.shape}; expected one timestamp per item, {ids.shape}")
-    if not np.issubdtype(first_seen.dtype, np.number):
-        raise ValueError(f"first_seen must hold timestamps in seconds, got dtype {first_seen.dtype}")
-    missing = np.isnan(first_seen.astype(np.float64))
-    if missing.any():
-        raise ValueError(f"first_seen is missing for {int(missing.sum())} items, e.g. {ids[missing][:5].tolist()}")
-    age = now - first_seen.astype(np.float64)
-    new = (age >= 0) & (age <= max_age_s)
-    return _top("new", ids[new], 1 - age[new] / max_age_s, k, eligible)
-
-
-def read_editorial(path: Path, known_item_ids: np.ndarray, eligible: np.ndarray | None = None) -> pd.DataFrame:
-    """The "editorial" list from a CSV file, one item a line under a header:
-
-        item_id,score
-        42,0.9
-        17,0.8
-
-    ``score`` is optional. With it, items rank by score (file order breaks ties); without
-    it, the file order is the rank and ``score = 1 - position / items``. Blank lines are
-    skipped. An empty file, a bad header, a malformed row, a repeated id or an id missing
-    from ``known_item_ids`` raises ValueError naming the file and the line.
-    """
-    path = Path(path)
-    header, lines, rows = _read_csv(path)
-    if header is None:
-        raise ValueError(f"{path}: empty editorial file; expected a header 'item_id[,score]' and one item a line")
-    if not rows:
-        raise ValueError(f"{path}, line {lines[0]}: a header but no items")
-    ids = np.empty(len(rows), dtype=np.int64)
-    scores = np.empty(len(rows), dtype=np.float64)
-    first_line: dict[int, int] = {}
-    for i, (line, fields) in enumerate(zip(lines[1:], rows, strict=True)):
-        if len(fields) != len(header):
-            raise ValueError(f"{path}, line {line}: expected {len(header)} fields ({','.join(header)}), "
-                             f"got {len(fields)}: {','.join(fields)!r}")
-        record = dict(zip(header, fields, strict=True))
-        try:
-            ids[i] = int(record["item_id"])
-        except ValueError:
-            raise ValueError(f"{path}, line {line}: item_id {record['item_id']!r} is not an integer") from None
-        if ids[i] in first_line:
-            raise ValueError(f"{path}, line {line}: item_id {ids[i]} repeats line {first_line[ids[i]]}")
-        first_line[ids[i]] = line
-        try:
-            scores[i] = float(record["score"]) if "score" in record else 1 - i / len(rows)
-        except ValueError:
-            raise ValueError(f"{path}, line {line}: score {record['score']!r} is not a number") from None
-        if not math.isfinite(scores[i]):
-            raise ValueError(f"{path}, line {line}: score {record['score']!r} is not a finite number")
-    unknown = ~np.isin(ids, np.asarray(known_item_ids))
-    if unknown.any():
-        first = int(np.argmax(unknown))
-        raise ValueError(f"{path}, line {lines[1 + first]}: item_id {ids[first]} is not a known item "
-                         f"({int(unknown.sum())} unknown in all)")
-    order = np.argsort(-scores, kind="stable")
-    ids, scores = ids[order], scores[order]
-    keep = _is_eligible(ids, eligible)
-    return _pool(np.full(int(keep.sum()), "editorial", dtype=object), ids[keep], scores[keep])
-
-
-def build_similar_items(item_ids: np.ndarray, item_vectors: np.ndarray, search: Search, k: int,
-                        eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
-    """Lists "similar:{id}": each item's k nearest items in ``search``'s index, itself excluded.
-
-    ``item_vectors`` (N, D) are the embeddings of ``item_ids`` (N,), used as the queries; the
-    index is searched ``batch_size`` items at a time. Every item gets a list, eligible or not
-    (a user may have just seen an item that is now blocked); only its contents are filtered.
-    """
-    _check_count("k", k)
-    _check_count("batch_size", batch_size)
-    ids = _check_ids("item_ids", item_ids)
-    vectors = _check_vectors("item_vectors", item_vectors, len(ids))
-    rows, found, scores = _search_lists(search, vectors, k, np.arange(len(ids)), ids, eligible, batch_size)
-    return _pool(_names("similar:", ids)[rows], found, scores)
-
-
-def build_cooccurrence_similar(interactions: pd.DataFrame, k: int, max_history: int = MAX_HISTORY,
-                               eligible: np.ndarray | None = None) -> pd.DataFrame:
-    """Lists "similar:{id}" from shared users, the fallback when items have no embeddings.
-
-    Each user's history is their ``max_history`` most recent distinct items, which bounds
-    the cost at ``users * max_history**2`` pairs. For items i != j the score is the cosine of
-    their binary user columns,
-
-        score(i, j) = users(i and j) / sqrt(users(i) * users(j)),
-
-    from ``X^T X`` over the sparse user x item matrix X, computed for blocks of items i so
-    that at most ``PAIR_BUDGET`` pairs are held at once. Item i's list holds the k best j
-    with at least one shared user.
-    """
-    _check_columns(interactions, ("user_id", "item_id", "timestamp"), "interactions")
-    _check_count("k", k)
-    _check_count("max_history", max_history)
-    latest = (interactions[["user_id", "item_id", "timestamp"]]
-              .sort_values("timestamp", ascending=False, kind="stable")
-              .drop_duplicates(["user_id", "item_id"]))
-    latest = latest[latest.groupby("user_id", sort=False).cumcount().to_numpy() < max_history]
-    items, item = np.unique(latest["item_id"].to_numpy(), return_inverse=True)
-    users, user = np.unique(latest["user_id"].to_numpy(), return_inverse=True)
-    n_users, n_items = len(users), len(items)
-    degree = np.bincount(item, minlength=n_items)  # users per item
-    by_item = np.argsort(item, kind="stable")
-    item_start = np.concatenate([[0], np.cumsum(degree)])  # item i's rows are by_item[item_start[i]:item_start[i+1]]
-    cost = np.concatenate([[0], np.cumsum(np.bincount(item, weights=np.bincount(user)[user], minlength=n_items))])
-    eligible_item = _is_eligible(items, eligible)
-    names = _names("similar:", items)
-    x = _csr(user, item, (n_users, n_items))
-    parts = []
-    start = 0
-    while start < n_items:
-        stop = max(start + 1, int(np.searchsorted(cost, cost[start] + PAIR_BUDGET, side="right")) - 1)
-        rows = by_item[item_start[start]:item_start[stop]]
-        counts = _csr(item[rows] - start, user[rows], (stop - start, n_users)) @ x  # (stop - start, n_items)
-        anchor = start + np.repeat(np.arange(stop - start), np.diff(counts.crow_indices().numpy()))
-        other = counts.col_indices().numpy()
-        keep = (other != anchor) & eligible_item[other]
-        anchor, other = anchor[keep], other[keep]
-        score = counts.values().numpy()[keep] / np.sqrt(degree[anchor] * degree[other].astype(np.float64))
-        order = np.lexsort((other, -score, anchor))
-        anchor, other, score = anchor[order], other[order], score[order]
-        best = np.arange(len(anchor)) - np.searchsorted(anchor, anchor) < k
-        parts.append(_pool(names[anchor[best]], items[other[best]], score[best]))
-        start = stop
-    return pd.concat(parts, ignore_index=True) if parts else _pool(np.array([], dtype=object), [], [])
-
-
-def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Search, seen: pd.DataFrame, n: int,
-                     eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
-    """Lists "user:{id}": each user's n best unseen items from ``search``'s index.
-
-    ``user_vectors`` (U, D) are the query-tower embeddings of ``user_ids`` (U,); ``seen`` has
-    ``user_id`` and ``item_id`` columns. Every list holds n items unless the index runs out
-    of unseen eligible ones (see `_search_lists` for how it over-fetches).
-    """
-    _check_columns(seen, ("user_id", "item_id"), "seen")
-    _check_count("n", n)
-    _check_count("batch_size", batch_size)
-    ids = _check_ids("user_ids", user_ids)
-    vectors = _check_vectors("user_vectors", user_vectors, len(ids))
-    sorter = np.argsort(ids)
-    seen_user = seen["user_id"].to_numpy()
-    known = np.isin(seen_user, ids)
-    row = sorter[np.searchsorted(ids, seen_user[known], sorter=sorter)]
-    rows, found, scores = _search_lists(search, vectors, n, row, seen["item_id"].to_numpy()[known], eligible,
-                                        batch_size)
-    return _pool(_names("user:", ids)[rows], found, scores)
-
-
-def _search_lists(search: Search, queries: np.ndarray, n: int, excluded_rows: np.ndarray,
-                  excluded_items: np.ndarray, eligible: np.ndarray | None,
-                  batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The first n results per query row that are eligible and not excluded for that row.
-
-    Rows are searched in batches of similar exclusion counts with ``k = n + the batch's most
-    exclusions``; a row still short of n after filtering (ineligible results) is searched
-    again with k doubled until it has n or the index returns fewer than k (it has no more).
-    Returns rows, ids, scores: long arrays, rows ascending, each row's results in rank order.
-    """
-    # hash lookups (pd.Index): ~10x faster than binary search over a million ids
-    excluded_ids = pd.Index(np.unique(excluded_items))
-    width = max(len(excluded_ids), 1)
-    keys = np.unique(excluded_rows.astype(np.int64) * width + _lookup(excluded_ids, excluded_items))
-    need = n + np.bincount(keys // width, minlength=len(queries))
-    keys = pd.Index(keys)  # one key per distinct (row, excluded item) pair
-    eligible_ids = None if eligible is None else pd.Index(np.unique(eligible))
-    order = np.argsort(need, kind="stable")
-    parts = []
-    for lo in range(0, len(order), batch_size):
-        rows = order[lo:lo + batch_size]
-        k = int(need[rows].max())
-        while len(rows):
-            ids, scores = _call_search(search, queries[rows], k)
-            code = _lookup(excluded_ids, ids)  # -1 where no row excludes the id
-            excluded = (code >= 0) & (_lookup(keys, rows[:, None] * width + code) >= 0)
-            valid = (ids >= 0) & ~excluded
-            if eligible_ids is not None:
-                valid &= _lookup(eligible_ids, ids) >= 0
-            taken = valid & (np.cumsum(valid, axis=1) <= n)
-            done = (taken.sum(axis=1) == n) | (ids.shape[1] < k) | (ids < 0).any(axis=1)
-            r, c = np.nonzero(taken[done])
-            parts.append((rows[done][r], ids[done][r, c], scores[done][r, c]))
-            rows, k = rows[~done], 2 * k
-    if not parts:
-        return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([], dtype=np.float32)
-    rows, ids, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
-    by_row = np.argsort(rows, kind="stable")
-    return rows[by_row], ids[by_row], scores[by_row]
-
-
-def _call_search(search: Search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    ids, scores = search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    ids, scores = np.asarray(ids), np.asarray(scores)
-    if ids.ndim != 2 or ids.shape != scores.shape or len(ids) != len(queries) or ids.shape[1] > k:
-        raise ValueError(f"search returned ids {ids.shape} and scores {scores.shape} for {len(queries)} queries "
-                         f"and k={k}; expected ({len(queries)}, at most {k}) each")
-    return ids.astype(np.int64, copy=False), scores
-
-
-def _csr(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    """A float32 CSR matrix of ones at the distinct (rows, cols) pairs."""
-    order = np.lexsort((cols, rows))
-    crow = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=shape[0]))])
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(cols[order].astype(np.int64)),
-                                       torch.ones(len(rows)), shape, check_invariants=False)
-
-
 def _top(name: str, ids: np.ndarray, scores: np.ndarray, k: int, eligible: np.ndarray | None) -> pd.DataFrame:
     keep = _is_eligible(ids, eligible)
     ids, scores = ids[keep], scores[keep]
@@ -627,14 +474,8 @@ def _lookup(index: pd.Index, values: np.ndarray) -> np.ndarray:
     return index.get_indexer(values.ravel()).reshape(values.shape)
 
 
-def _past_events(interactions: pd.DataFrame, now: int) -> tuple[np.ndarray, np.ndarray]:
-    """item_id and timestamp (float64) of the rows at or before now."""
-    _check_columns(interactions, ("item_id", "timestamp"), "interactions")
-    timestamp = interactions["timestamp"].to_numpy()
-    if not np.issubdtype(timestamp.dtype, np.number):
-        raise ValueError(f"interactions column 'timestamp' must hold seconds, got dtype {timestamp.dtype}")
-    past = timestamp <= now
-    return interactions["item_id"].to_numpy()[past], timestamp[past].astype(np.float64)
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
 
 
 def _read_csv(path: Path) -> tuple[list[str] | None, list[int], list[list[str]]]:
@@ -660,14 +501,6 @@ def _read_csv(path: Path) -> tuple[list[str] | None, list[int], list[list[str]]]
         except (csv.Error, UnicodeDecodeError) as e:
             raise ValueError(f"{path}, line {reader.line_num}: not readable as CSV: {e}") from e
     return header, lines, rows
-
-
-def _check_columns(frame: pd.DataFrame, columns: tuple[str, ...], what: str) -> None:
-    if not isinstance(frame, pd.DataFrame):
-        raise ValueError(f"{what} must be a pandas DataFrame, got {type(frame).__name__}")
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{what} is missing column {missing[0]!r}; it has {list(frame.columns)}")
 
 
 def _check_positive(name: str, value: float) -> None:

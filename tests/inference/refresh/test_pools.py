@@ -1,19 +1,23 @@
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from inference.refresh import pools
 from inference.refresh.pools import (
     POOL_COLUMNS,
+    DuckDBOptions,
+    Events,
     build_cooccurrence_similar,
     build_new_items,
     build_popular,
     build_similar_items,
     build_trending,
     build_user_lists,
+    open_events,
     read_editorial,
+    read_first_seen,
 )
 
 NOW = 1_700_000_000
@@ -52,6 +56,25 @@ def _check_pool(pool: pd.DataFrame) -> None:
     assert not pool.duplicated(["list", "item_id"]).any()
 
 
+OPTIONS = DuckDBOptions(memory_limit_gb=0.5, threads=2)
+
+
+@pytest.fixture
+def events_of(tmp_path):
+    """``events_of(frame)``: the frame written to parquet and opened as `Events` (closed after the test)."""
+    opened = []
+
+    def open_frame(frame: pd.DataFrame) -> Events:
+        path = tmp_path / f"interactions-{len(opened)}.parquet"
+        frame.to_parquet(path, index=False)
+        opened.append(Events(path, "label", OPTIONS))
+        return opened[-1]
+
+    yield open_frame
+    for events in opened:
+        events.close()
+
+
 def _events(item_ids, timestamps) -> pd.DataFrame:
     n = len(item_ids)
     return pd.DataFrame(
@@ -64,9 +87,9 @@ def _events(item_ids, timestamps) -> pd.DataFrame:
     )
 
 
-def test_popular_decay_halves_a_count_after_each_half_life():
+def test_popular_decay_halves_a_count_after_each_half_life(events_of):
     h = 6 * HOUR
-    events = _events([1, 2, 3, 3, 4, 5], [NOW, NOW - h, NOW - 2 * h, NOW - 2 * h, NOW - 3 * h, NOW + 60])
+    events = events_of(_events([1, 2, 3, 3, 4, 5], [NOW, NOW - h, NOW - 2 * h, NOW - 2 * h, NOW - 3 * h, NOW + 60]))
     pool = build_popular(events, NOW, h, k=10)
     _check_pool(pool)
     assert pool["list"].eq("popular").all()
@@ -76,23 +99,23 @@ def test_popular_decay_halves_a_count_after_each_half_life():
     assert build_popular(events, NOW, h, k=2)["item_id"].tolist() == [1, 2]
 
 
-def test_popular_matches_a_pandas_reference():
+def test_popular_matches_a_pandas_reference(events_of):
     rng = np.random.default_rng(0)
-    events = _events(rng.integers(0, 300, 5000), NOW - rng.integers(0, 30 * DAY, 5000))
+    frame = _events(rng.integers(0, 300, 5000), NOW - rng.integers(0, 30 * DAY, 5000))
     half_life = 3 * DAY
     reference = (
-        events.assign(w=0.5 ** ((NOW - events["timestamp"]) / half_life))
+        frame.assign(w=0.5 ** ((NOW - frame["timestamp"]) / half_life))
         .groupby("item_id")["w"]
         .sum()
         .sort_values(ascending=False)
         .head(20)
     )
-    pool = build_popular(events, NOW, half_life, k=20)
+    pool = build_popular(events_of(frame), NOW, half_life, k=20)
     assert pool["item_id"].tolist() == reference.index.tolist()
     np.testing.assert_allclose(pool["score"], reference.to_numpy(), rtol=1e-6)
 
 
-def test_trending_ranks_a_planted_spike_first():
+def test_trending_ranks_a_planted_spike_first(events_of):
     rng = np.random.default_rng(1)
     # 100 items with a steady ~10 events a day over 29 days, item 7 with 60 extra in the last day,
     # item 500 with a single event and nothing before it
@@ -100,24 +123,24 @@ def test_trending_ranks_a_planted_spike_first():
     steady_ts = NOW - rng.integers(0, 29 * DAY, 29_000)
     items = np.concatenate([steady, np.full(60, 7), [500]])
     times = np.concatenate([steady_ts, NOW - rng.integers(0, DAY, 60), [NOW - HOUR]])
-    pool = build_trending(_events(items, times), NOW, recent_s=DAY, baseline_s=28 * DAY, k=5)
+    pool = build_trending(events_of(_events(items, times)), NOW, recent_s=DAY, baseline_s=28 * DAY, k=5)
     _check_pool(pool)
     assert pool["item_id"].iloc[0] == 7
     assert pool["score"].iloc[0] > 3
     assert (pool["score"] > 1).all() and pool["list"].eq("trending").all()
     # the lone event scores (1 + prior) / prior and stays far below the spike
-    lone = build_trending(_events([500], [NOW - HOUR]), NOW, recent_s=DAY, baseline_s=28 * DAY, k=5)
+    lone = build_trending(events_of(_events([500], [NOW - HOUR])), NOW, recent_s=DAY, baseline_s=28 * DAY, k=5)
     assert lone["score"].tolist() == [np.float32(6 / 5)]
 
 
-def test_trending_score_follows_the_documented_formula():
+def test_trending_score_follows_the_documented_formula(events_of):
     # item 1: 3 recent, 8 baseline over a baseline 4x the recent window -> (3+2)/(8/4+2) = 1.25
     # item 2: 1 recent, 8 baseline -> (1+2)/(2+2) < 1, not rising; item 3: only older than both windows
     recent, baseline, older = NOW - HOUR, NOW - 2 * DAY, NOW - 6 * DAY
-    events = _events(
+    events = events_of(_events(
         [1] * 3 + [1] * 8 + [2] + [2] * 8 + [3] * 5,
         [recent] * 3 + [baseline] * 8 + [recent] + [baseline] * 8 + [older] * 5,
-    )
+    ))
     pool = build_trending(events, NOW, recent_s=DAY, baseline_s=4 * DAY, k=5, prior=2.0)
     assert pool["item_id"].tolist() == [1]
     assert pool["score"].tolist() == [np.float32(1.25)]
@@ -154,7 +177,7 @@ def test_similar_items_exclude_self_and_match_brute_force():
     assert max(b for b, _ in search.calls) <= 64
 
 
-def test_user_lists_exclude_seen_items_and_still_hold_n():
+def test_user_lists_exclude_seen_items_and_still_hold_n(events_of):
     rng = np.random.default_rng(3)
     item_ids = np.arange(100, 400, dtype=np.int64)
     items = rng.standard_normal((300, 8)).astype(np.float32)
@@ -168,7 +191,8 @@ def test_user_lists_exclude_seen_items_and_still_hold_n():
         columns=["user_id", "item_id"],
     )
     search = BruteForce(item_ids, items)
-    pool = build_user_lists(user_ids, users, search, seen, n=10, batch_size=16)
+    seen_events = events_of(seen.assign(timestamp=NOW, label=1.0))
+    pool = build_user_lists(user_ids, users, search, seen_events, n=10, batch_size=16)
     _check_pool(pool)
     lists = _lists(pool)
     assert list(lists) == [f"user:{u}" for u in user_ids]
@@ -180,14 +204,14 @@ def test_user_lists_exclude_seen_items_and_still_hold_n():
 
 
 @pytest.mark.parametrize("pad", [False, True])
-def test_user_lists_refetch_past_ineligible_items_and_stop_when_the_index_runs_out(pad):
+def test_user_lists_refetch_past_ineligible_items_and_stop_when_the_index_runs_out(pad, events_of):
     rng = np.random.default_rng(4)
     item_ids = np.arange(200, dtype=np.int64)
     items = rng.standard_normal((200, 4)).astype(np.float32)
     users = rng.standard_normal((3, 4)).astype(np.float32)
     eligible = item_ids[item_ids % 10 == 0]  # 20 items
     # user 2 has seen all but 3 eligible items
-    seen = pd.DataFrame({"user_id": 2, "item_id": eligible[3:]})
+    seen = events_of(pd.DataFrame({"user_id": 2, "item_id": eligible[3:], "timestamp": NOW, "label": 1.0}))
     search = BruteForce(item_ids, items, pad)
     pool = build_user_lists(np.arange(3), users, search, seen, n=8, eligible=eligible)
     lists = _lists(pool)
@@ -198,58 +222,63 @@ def test_user_lists_refetch_past_ineligible_items_and_stop_when_the_index_runs_o
     assert max(k for _, k in search.calls) >= 200  # it doubled k until the index ran out
 
 
-def test_cooccurrence_finds_a_planted_pair():
+def test_cooccurrence_finds_a_planted_pair(events_of):
     rng = np.random.default_rng(5)
     background = pd.DataFrame({"user_id": rng.integers(0, 400, 3000), "item_id": rng.integers(0, 200, 3000)})
     pair_users = np.arange(1000, 1030)
     planted = pd.DataFrame({"user_id": np.repeat(pair_users, 2), "item_id": np.tile([500, 501], 30)})
     noise = pd.DataFrame({"user_id": pair_users, "item_id": rng.integers(0, 200, 30)})
-    events = pd.concat([background, planted, noise], ignore_index=True)
-    events["timestamp"] = np.arange(len(events))
-    pool = build_cooccurrence_similar(events, k=5)
+    frame = pd.concat([background, planted, noise], ignore_index=True)
+    frame["timestamp"] = np.arange(len(frame))
+    pool = build_cooccurrence_similar(events_of(frame), k=5)
     _check_pool(pool)
     lists = _lists(pool)
     assert lists["similar:500"][0] == 501 and lists["similar:501"][0] == 500
     assert pool.loc[pool["list"] == "similar:500", "score"].iloc[0] == 1.0
+    anchored = build_cooccurrence_similar(events_of(frame), k=5, anchors=np.array([500, 7]))
+    assert list(_lists(anchored)) == ["similar:7", "similar:500"]
+    assert _lists(anchored)["similar:500"] == lists["similar:500"]
 
 
-def _dense_cosine_reference(events: pd.DataFrame, k: int) -> dict[str, list[int]]:
-    x = pd.crosstab(events["user_id"], events["item_id"]).clip(upper=1)
-    ids, m = x.columns.to_numpy(), x.to_numpy(dtype=np.float64)
-    counts = m.T @ m
-    norm = np.sqrt(np.outer(m.sum(0), m.sum(0)))
-    cosine = np.where(counts > 0, counts / norm, -1.0)
-    np.fill_diagonal(cosine, -1.0)
+def _cooccurrence_reference(events: pd.DataFrame, k: int, max_history: int,
+                            eligible: np.ndarray | None = None) -> dict[str, list[int]]:
+    """Dense cosine over each user's ``max_history`` latest distinct items, one user at a time."""
+    history = {}
+    for user, rows in events.groupby("user_id"):
+        latest: dict[int, tuple[float, int]] = {}  # item -> (-time, row) of its latest row
+        for row, (item, time) in enumerate(zip(rows["item_id"], rows["timestamp"], strict=True)):
+            latest[item] = min(latest.get(item, (np.inf, 0)), (-time, row))
+        history[user] = sorted(latest, key=latest.get)[:max_history]
+    ids = np.unique([i for items in history.values() for i in items])
+    m = np.zeros((len(history), len(ids)))
+    for u, items in enumerate(history.values()):
+        m[u, np.searchsorted(ids, items)] = 1
+    counts, degree = m.T @ m, m.sum(0)
     out = {}
-    for i, row in zip(ids, cosine, strict=True):
-        order = np.lexsort((ids, -row))
-        out[f"similar:{i}"] = [ids[j] for j in order[:k] if row[j] > 0]
-    return {name: items for name, items in out.items() if items}
+    for i, row in zip(ids, counts, strict=True):
+        scored = [(-(c / np.sqrt(degree[ids == i][0] * d)), j) for j, c, d in zip(ids, row, degree, strict=True)
+                  if c > 0 and j != i and (eligible is None or j in eligible)]
+        if scored:
+            out[f"similar:{i}"] = [j for _, j in sorted(scored)[:k]]
+    return out
 
 
-def test_cooccurrence_matches_dense_cosine_in_small_blocks(monkeypatch):
+def test_cooccurrence_matches_dense_cosine(events_of):
     rng = np.random.default_rng(6)
-    events = pd.DataFrame(
+    frame = pd.DataFrame(
         {
             "user_id": rng.integers(0, 60, 600),
             "item_id": rng.integers(0, 80, 600) * 3,
             "timestamp": rng.integers(0, 1000, 600),
         }
     )
-    reference = _dense_cosine_reference(events, k=4)
-    assert _lists(build_cooccurrence_similar(events, k=4)) == reference
-    monkeypatch.setattr(pools, "PAIR_BUDGET", 50)  # many blocks of a few items each
-    shapes = []
-    csr = pools._csr
-    monkeypatch.setattr(pools, "_csr", lambda rows, cols, shape: shapes.append(shape) or csr(rows, cols, shape))
-    assert _lists(build_cooccurrence_similar(events, k=4)) == reference
-    blocks = [rows for rows, _ in shapes[1:]]  # shapes[0] is the user x item matrix, then (block items, users)
-    assert len(blocks) > 10 and sum(blocks) == events["item_id"].nunique()
+    assert _lists(build_cooccurrence_similar(events_of(frame), k=4)) == _cooccurrence_reference(frame, 4, 100)
 
 
-def test_cooccurrence_keeps_only_each_users_recent_history():
+def test_cooccurrence_keeps_only_each_users_recent_history(events_of):
     # user 0 saw 1, then 2, then 3: with a history of 2, item 1 shares no user with 2 or 3
-    events = pd.DataFrame({"user_id": [0, 0, 0, 1, 1], "item_id": [1, 2, 3, 1, 4], "timestamp": [1, 2, 3, 1, 2]})
+    events = events_of(pd.DataFrame({"user_id": [0, 0, 0, 1, 1], "item_id": [1, 2, 3, 1, 4],
+                                     "timestamp": [1, 2, 3, 1, 2]}))
     assert _lists(build_cooccurrence_similar(events, k=5, max_history=2)) == {
         "similar:1": [4],
         "similar:2": [3],
@@ -296,18 +325,29 @@ def test_editorial_errors_name_the_file_and_line(tmp_path, text, message):
     assert str(e.value).startswith(str(path))
 
 
-def test_bad_arguments_name_the_value():
-    events = _events([1, 2], [NOW, NOW])
+def test_bad_arguments_name_the_value(events_of, tmp_path):
+    frame = _events([1, 2], [NOW, NOW])
+    events = events_of(frame)
     with pytest.raises(ValueError, match="k must be an integer > 0, got 0"):
         build_popular(events, NOW, 10.0, k=0)
     with pytest.raises(ValueError, match="half_life_s must be > 0, got 0"):
         build_popular(events, NOW, 0, k=5)
     with pytest.raises(ValueError, match="baseline_s must be > 0, got -1"):
         build_trending(events, NOW, 10, -1, k=5)
-    with pytest.raises(ValueError, match="interactions is missing column 'timestamp'"):
-        build_popular(events.drop(columns="timestamp"), NOW, 10.0, k=5)
-    with pytest.raises(ValueError, match="interactions is missing column 'user_id'"):
-        build_cooccurrence_similar(events.drop(columns="user_id"), k=5)
+    with pytest.raises(ValueError, match="max_history must be an integer > 0, got 0"):
+        build_cooccurrence_similar(events, k=5, max_history=0)
+    with pytest.raises(ValueError, match="interactions are missing column 'timestamp'"):
+        events_of(frame.drop(columns="timestamp"))
+    with pytest.raises(ValueError, match="interactions column 'user_id' has type VARCHAR"):
+        events_of(frame.astype({"user_id": str}))
+    with pytest.raises(ValueError, match="no such interactions file"):
+        Events(tmp_path / "missing.parquet")
+    with pytest.raises(ValueError, match="not a recstack dataset"):
+        open_events(tmp_path)
+    with pytest.raises(ValueError, match="memory_limit_gb must be > 0, got 0"):
+        DuckDBOptions(memory_limit_gb=0)
+    with pytest.raises(ValueError, match="threads must be an integer > 0, got 0"):
+        DuckDBOptions(threads=0)
     with pytest.raises(ValueError, match="max_age_s must be > 0"):
         build_new_items(np.array([1]), np.array([NOW]), NOW, 0, k=5)
     vectors = np.ones((2, 3), dtype=np.float32)
@@ -315,8 +355,6 @@ def test_bad_arguments_name_the_value():
         build_similar_items(np.array([4, 4]), vectors, BruteForce(np.array([1, 2]), vectors), k=1)
     with pytest.raises(ValueError, match=r"user_vectors has shape \(2, 3\); expected \(3, D\)"):
         build_user_lists(np.arange(3), vectors, BruteForce(np.array([1, 2]), vectors), events, n=1)
-    with pytest.raises(ValueError, match="seen is missing column 'item_id'"):
-        build_user_lists(np.arange(2), vectors, BruteForce(np.array([1, 2]), vectors), events[["user_id"]], n=1)
 
     def wide_search(queries, k):
         return np.zeros((len(queries), k + 1), dtype=np.int64), np.zeros((len(queries), k + 1), dtype=np.float32)
@@ -342,6 +380,30 @@ def dataset_dir(request, tmp_path):
     return request.getfixturevalue("tiny_dataset") if request.param == "tiny" else _tied_dataset(tmp_path / "tied")
 
 
+def _ranked(name: str, scores: dict[int, float], k: int) -> pd.DataFrame:
+    """The top k of ``scores`` (item -> score), by score then smaller id, as a pool."""
+    top = sorted(scores, key=lambda i: (-scores[i], i))[:k]
+    return pd.DataFrame({"list": name, "item_id": np.array(top, dtype=np.int64),
+                         "score": np.array([scores[i] for i in top], dtype=np.float32)})
+
+
+def _popular_reference(events: pd.DataFrame, now: int, half_life: float, k: int) -> pd.DataFrame:
+    """Each item's weights summed exactly (math.fsum), weights from libm's pow."""
+    past = events[events["timestamp"] <= now]
+    return _ranked("popular", {item: math.fsum(math.pow(0.5, (now - t) / half_life) for t in times.astype(float))
+                               for item, times in past.groupby("item_id")["timestamp"]}, k)
+
+
+def _trending_reference(events: pd.DataFrame, now: int, recent_s: float, baseline_s: float, k: int,
+                        prior: float = 5.0) -> pd.DataFrame:
+    t = events["timestamp"].astype(float)
+    window = events[(t <= now) & (t > now - recent_s - baseline_s)]
+    recent = (window["timestamp"] > now - recent_s).groupby(window["item_id"]).agg(["sum", "count"])
+    scores = {item: (r + prior) / ((c - r) * recent_s / baseline_s + prior)
+              for item, r, c in zip(recent.index, recent["sum"].astype(float), recent["count"], strict=True)}
+    return _ranked("trending", {item: s for item, s in scores.items() if s > 1}, k)
+
+
 def _same_lists(built: pd.DataFrame, expected: pd.DataFrame) -> None:
     _check_pool(built)
     assert built["list"].tolist() == expected["list"].tolist()
@@ -349,29 +411,60 @@ def _same_lists(built: pd.DataFrame, expected: pd.DataFrame) -> None:
     np.testing.assert_array_equal(built["score"].to_numpy(), expected["score"].to_numpy())
 
 
-def test_duckdb_pools_equal_the_pandas_pools(dataset_dir):
+def test_pools_equal_naive_references_on_the_test_datasets(dataset_dir):
     positives = pd.read_parquet(dataset_dir / "interactions.parquet")
     positives = positives[positives["label"] > 0]
     now = int(positives["timestamp"].max())
-    items = np.unique(positives["item_id"])
+    items, users = np.unique(positives["item_id"]), np.unique(positives["user_id"])
     rng = np.random.default_rng(8)
-    users = np.unique(positives["user_id"])
     item_vectors = rng.standard_normal((len(items), 4)).astype(np.float32)
-    search = BruteForce(items, item_vectors)
     user_vectors = rng.standard_normal((len(users), 4)).astype(np.float32)
-    with pools.open_events(dataset_dir, pools.DuckDBOptions(memory_limit_gb=0.5, threads=2)) as events:
+    search = BruteForce(items, item_vectors)
+    best = items[np.argsort(-(user_vectors @ item_vectors.T), axis=1, kind="stable")]
+    seen = positives.groupby("user_id")["item_id"].agg(set)
+    with open_events(dataset_dir, OPTIONS) as events:
         for eligible in (None, items[rng.random(len(items)) < 0.7]):
+            allowed = positives if eligible is None else positives[positives["item_id"].isin(eligible)]
             for half_life in (HOUR, DAY, 7 * DAY):
-                _same_lists(pools.sql_popular(events, now, half_life, 1000, eligible),
-                            build_popular(positives, now, half_life, 1000, eligible))
+                _same_lists(build_popular(events, now, half_life, 1000, eligible),
+                            _popular_reference(allowed, now, half_life, 1000))
             for recent, baseline in ((DAY, 30 * DAY), (7 * DAY, 14 * DAY)):
-                _same_lists(pools.sql_trending(events, now, recent, baseline, 1000, eligible=eligible),
-                            build_trending(positives, now, recent, baseline, 1000, eligible=eligible))
+                _same_lists(build_trending(events, now, recent, baseline, 1000, eligible=eligible),
+                            _trending_reference(allowed, now, recent, baseline, 1000))
             for history in (3, 100):
-                _same_lists(pools.sql_cooccurrence_similar(events, 7, history, eligible),
-                            build_cooccurrence_similar(positives, 7, history, eligible))
-            _same_lists(pools.sql_user_lists(users, user_vectors, search, events, 6, eligible, batch_size=16),
-                        build_user_lists(users, user_vectors, search, positives, 6, eligible, batch_size=16))
+                assert (_lists(build_cooccurrence_similar(events, 7, history, eligible))
+                        == _cooccurrence_reference(positives, 7, history, None if eligible is None else set(eligible)))
+            lists = _lists(build_user_lists(users, user_vectors, search, events, 6, eligible, batch_size=16))
+            unseen = {u: [i for i in row if i not in seen[u] and (eligible is None or i in eligible)]
+                      for u, row in zip(users, best, strict=True)}
+            assert lists == {f"user:{u}": items[:6] for u, items in unseen.items()}
         first = positives.groupby("item_id")["timestamp"].min()
-        ids, first_seen = pools.sql_first_seen(events)
+        ids, first_seen = read_first_seen(events)
         assert ids.tolist() == first.index.tolist() and first_seen.tolist() == first.tolist()
+
+
+def test_popular_sums_are_exact_whatever_the_row_order(events_of):
+    # 0.1 + 0.2 + 0.3 is 0.6000000000000001 added left to right, 0.6 right to left: summed in file order,
+    # item 2 (0.1, 0.2, 0.3) would outrank item 1 (0.3, 0.2, 0.1); an exact sum
+    # ties the two items in any order (the weights are those of the ages below at a half-life of 1)
+    ages = -np.log2([0.1, 0.2, 0.3])
+    frame = _events([1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0]).assign(timestamp=-np.concatenate([ages[::-1], ages]))
+    pool = build_popular(events_of(frame), 0, 1.0, k=2)
+    assert pool["item_id"].tolist() == [1, 2] and pool["score"].tolist() == [np.float32(0.6)] * 2
+    weights = [math.pow(0.5, a) for a in ages]
+    assert sum(weights) != sum(weights[::-1])  # the case is one where the order matters
+
+
+def test_duckdb_spills_to_its_temp_directory_and_removes_it(tmp_path):
+    rng = np.random.default_rng(9)
+    n = 400_000
+    path = tmp_path / "interactions.parquet"
+    pd.DataFrame({"user_id": rng.integers(0, 50_000, n), "item_id": rng.integers(0, 5_000, n),
+                  "timestamp": rng.integers(0, 10**6, n)}).to_parquet(path)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    with Events(path, options=DuckDBOptions(memory_limit_gb=0.05, threads=1, temp_directory=spill)) as events:
+        pool = build_cooccurrence_similar(events, k=3, max_history=20)
+        assert len(list(spill.iterdir())) == 1  # the connection's own directory
+    assert pool["list"].nunique() == 5_000
+    assert not list(spill.iterdir())

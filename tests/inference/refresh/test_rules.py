@@ -5,6 +5,7 @@ from pydantic import ValidationError
 
 from data.synthetic import START, SyntheticConfig, generate
 from inference.refresh.pools import (
+    Events,
     build_cooccurrence_similar,
     build_new_items,
     build_popular,
@@ -146,6 +147,8 @@ def test_ineligible_items_appear_in_no_pool(tmp_path):
 
     editorial = tmp_path / "editorial.csv"
     editorial.write_text("item_id\n" + "\n".join(map(str, ids[:40])) + "\n")
+    events.to_parquet(tmp_path / "interactions.parquet")
+    events = Events(tmp_path / "interactions.parquet")
     built = {
         "popular": build_popular(events, now, 7 * 86_400, k, eligible=eligible),
         "trending": build_trending(events, now, 7 * 86_400, 30 * 86_400, k, eligible=eligible),
@@ -163,3 +166,4 @@ def test_ineligible_items_appear_in_no_pool(tmp_path):
         assert built[kind].groupby("list").size().eq(k).all(), kind  # lists stay full after filtering
     assert len(built["editorial"]) == len(set(ids[:40]) - blocked)
     assert build_popular(events, now, 7 * 86_400, k)["item_id"].isin(list(blocked)).any()  # the filter mattered
+    events.close()
