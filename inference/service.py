@@ -12,8 +12,11 @@ evaluation. `create_app` serves a recommender with FastAPI; `recstack serve` run
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import hmac
+import json
 import logging
 import re
 import socket
@@ -21,29 +24,39 @@ import threading
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+from typing import Annotated
 
 import uvicorn
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
 from fastapi import Query as QueryParameter
-from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evaluation.shadow import ShadowRunner
 from inference.impressions import Feedback, Impression, ImpressionLog
 from inference.pipeline.bandits import SharedSourceBandit, SourceBandit
 from inference.pipeline.executor import (
     LATENCY_BUCKETS_MS,
+    Budget,
+    BudgetSpent,
     Pipeline,
     PipelineConfig,
     PipelineStats,
     Response,
     build_pipeline,
     open_pipeline_version,
+    within,
 )
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import LiveArtifacts
@@ -54,9 +67,18 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 60.0  # a swapped-out pipeline is closed this long after the swap: longer than any request takes
 MAX_RECENT_ITEMS = 1000  # the most recent items one request may send
+MAX_CONTEXT_KEYS = 64  # the most context features one request may send
+MAX_CONTEXT_TEXT = 256  # the longest context name or text value
+MAX_SHADOW_K = 1000
 MAX_REMEMBERED = 100_000  # answered requests whose items feedback can still name
+MAX_REPORTED_ERRORS = 10  # validation errors a 422 body lists
+EXCERPT_CHARS = 100  # the most of an input an error body quotes
 CONTROL = "control"  # the arm of the live config in an experiment, and of every request outside one
-PROMETHEUS_TEXT = "text/plain; version=0.0.4"
+OPEN_PATHS = ("/healthz",)  # answered without the API key
+UNQUEUED_PATHS = ("/healthz", "/metrics")  # answered at any load, without waiting for a turn
+RETRY_AFTER_S = 1
+RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_S).encode())]
+RETRY_AFTER_HEADER = {"Retry-After": str(RETRY_AFTER_S)}
 
 
 @dataclass(frozen=True)
@@ -287,17 +309,23 @@ class Recommender:
         timer.start()
 
 
+Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTEXT_TEXT)]
+ContextValue = bool | Int64 | float | Annotated[str, StringConstraints(max_length=MAX_CONTEXT_TEXT)]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN and Infinity are not JSON numbers
 
 
 class RecommendRequest(_Strict):
-    """The body of ``POST /recommend``: a `Query`."""
+    """The body of ``POST /recommend``: a `Query`. Context features it leaves out are derived
+    from the request time or read as missing (see `PipelineConfig.time_features`)."""
 
-    user_id: int | None = None  # None: an anonymous visitor
-    context: dict[str, bool | int | float | str] = {}
-    recent_items: list[int] = Field([], max_length=MAX_RECENT_ITEMS)  # oldest first
-    k: int = Field(10, ge=1)  # at most the config's max_k
+    user_id: Int64 | None = None  # None: an anonymous visitor
+    context: dict[ContextKey, ContextValue] = Field({}, max_length=MAX_CONTEXT_KEYS)
+    recent_items: list[Int64] = Field([], max_length=MAX_RECENT_ITEMS)  # oldest first
+    k: int = Field(10, ge=1, le=2**31)  # at most the config's max_k
 
 
 class RecommendedItem(_Strict):
@@ -321,8 +349,8 @@ class Recommendation(_Strict):
 class FeedbackRequest(_Strict):
     """The body of ``POST /feedback``: a reward for one item of an answered request."""
 
-    request_id: str
-    item_id: int
+    request_id: str = Field(max_length=64)
+    item_id: Int64
     reward: float = Field(1.0, ge=0, le=1)  # a click: 1
 
 
@@ -348,27 +376,209 @@ class Health(_Strict):
     refused: dict[str, str]
 
 
-def create_app(recommender: Recommender) -> FastAPI:
-    """The HTTP API over ``recommender``.
+@dataclass(frozen=True)
+class Limits:
+    """What one server admits. At most ``max_in_flight`` requests run at once; up to ``max_queue``
+    more wait for a turn, each at most ``queue_timeout_s``; the others are shed at once (503 with
+    ``Retry-After``). An admitted request has ``request_timeout_s`` from its arrival (its `Budget`).
+    A body over ``max_body_bytes`` is refused (413) before the rest of it is read. ``/healthz``
+    and ``/metrics`` are never queued."""
+
+    max_in_flight: int = 4
+    max_queue: int = 32
+    queue_timeout_s: float = 0.02
+    request_timeout_s: float = 1.0
+    max_body_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if self.max_in_flight < 1 or self.max_queue < 0 or self.max_body_bytes < 1:
+            raise ValueError(f"max_in_flight = {self.max_in_flight}, max_queue = {self.max_queue}, max_body_bytes = "
+                             f"{self.max_body_bytes}; expected at least 1, 0 and 1")
+        if not 0 < self.queue_timeout_s < self.request_timeout_s:
+            raise ValueError(f"queue_timeout_s = {self.queue_timeout_s}, request_timeout_s = {self.request_timeout_s}; "
+                             "expected 0 < queue_timeout_s < request_timeout_s")
+
+
+class Turned(Counter):
+    """Requests turned away, by reason: a thread-safe `Counter`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+
+    def count(self, reason: str) -> None:
+        with self._lock:
+            self[reason] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self)
+
+
+class Guard:
+    """Pure ASGI middleware in front of the API: the API key, the body size and admission
+    (`Limits`), before any request is parsed. Counts in ``refused`` (401, 413) and ``shed`` (503)
+    by reason; ``in_flight`` requests hold a turn. Each admitted request's `Budget` is in its
+    ``state``; its ``abandoned`` event is set when the client goes away."""
+
+    def __init__(self, app: ASGIApp, limits: Limits, api_key: str | None) -> None:
+        self.app, self.limits, self.api_key = app, limits, api_key
+        self.refused, self.shed = Turned(), Turned()
+        self.in_flight = self._waiting = 0
+        self._turns = asyncio.Semaphore(limits.max_in_flight)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        budget = Budget(time.monotonic() + self.limits.request_timeout_s)
+        path = scope["path"]
+        if self.api_key is not None and path not in OPEN_PATHS and not self._authorised(scope):
+            self.refused.count("unauthorized")
+            await reply(send, 401, "a valid API key is required (Authorization: Bearer <key>, or X-API-Key)",
+                        [(b"www-authenticate", b"Bearer")])
+            return
+        try:
+            body = await self._body(scope, receive)
+        except _ClientGone:
+            return
+        if body is None:
+            self.refused.count("body_too_large")
+            await reply(send, 413, f"the request body exceeds {self.limits.max_body_bytes} bytes")
+            return
+        if path in UNQUEUED_PATHS:
+            await self._run(scope, receive, send, body, budget)
+            return
+        shed = await self._admit()
+        if shed is not None:
+            self.shed.count(shed)
+            await reply(send, 503, "the server is at capacity; retry later", RETRY_AFTER)
+            return
+        self.in_flight += 1
+        try:
+            await self._run(scope, receive, send, body, budget)
+        finally:
+            self.in_flight -= 1
+            self._turns.release()
+
+    def _authorised(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key") or headers.get(b"authorization", b"").removeprefix(b"Bearer ")
+        return hmac.compare_digest(given, self.api_key.encode())
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes | None:
+        """The whole body, or None as soon as it is known to exceed the limit (nothing more is read)."""
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > self.limits.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limits.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _admit(self) -> str | None:
+        """Takes a turn, waiting at most ``queue_timeout_s``; or the reason the request is shed."""
+        if self._turns.locked() and self._waiting >= self.limits.max_queue:
+            return "queue_full"
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._turns.acquire(), self.limits.queue_timeout_s)
+        except TimeoutError:
+            return "queue_timeout"
+        finally:
+            self._waiting -= 1
+        return None
+
+    async def _run(self, scope: Scope, receive: Receive, send: Send, body: bytes, budget: Budget) -> None:
+        """The app on the request whose ``body`` was read; a disconnect from then on abandons ``budget``."""
+        scope.setdefault("state", {})["budget"] = budget
+        gone = asyncio.Event()
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            budget.abandoned.set()
+            gone.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            watcher.cancel()
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+async def reply(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    """Sends a JSON ``{"detail": detail}`` response with ``status`` (ASGI)."""
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """``value`` as short text: at most ``limit`` characters of it, so an error never echoes a large input."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
+    """The HTTP API over ``recommender``, behind a `Guard` (``limits``, and ``api_key`` when given:
+    every path but ``/healthz`` then needs it).
 
     ``POST /recommend`` answers 400 for a request the pipeline refuses (``k`` above ``max_k``, a
-    user the config does not answer, a bad context) and 503 when a fail-closed source, every
-    scorer or the Redis store fails. ``POST /feedback`` answers 404 for a request id it does not
-    remember and 400 for an item that request did not serve. ``GET /metrics`` exposes the serving
-    pipeline's `PipelineStats`, the bandit's counts per source and the impression log's losses.
+    user the config does not answer, a bad context) and 503, with ``Retry-After``, when it cannot
+    answer in time or a fail-closed source, every scorer or the Redis store fails. ``POST
+    /feedback`` answers 404 for a request id it does not remember and 400 for an item that request
+    did not serve. A body that fails validation is 422, naming the fields, with short excerpts of
+    the values. Error bodies name no internals (addresses, columns); the log has the details.
+    ``GET /metrics`` exposes the serving pipeline's `PipelineStats`, the bandit's counts per
+    source, the impression log's losses and the requests the `Guard` turned away.
     """
     app = FastAPI(title="recstack")
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        detail = [{"loc": list(e["loc"]), "msg": excerpt(e["msg"]), "type": e["type"], "input": excerpt(e.get("input"))}
+                  for e in error.errors()[:MAX_REPORTED_ERRORS]]
+        return JSONResponse({"detail": detail}, status_code=422)
+
     @app.post("/recommend")
-    def recommend(request: RecommendRequest) -> Recommendation:
-        query = Query(request.user_id, request.context, tuple(request.recent_items), request.k)
+    def recommend(body: RecommendRequest, request: Request) -> Recommendation:
+        query = Query(body.user_id, body.context, tuple(body.recent_items), body.k)
+        budget: Budget = request.state.budget
         try:
-            served = recommender.recommend(query)
+            with within(budget):
+                served = recommender.recommend(query)
         except ValueError as e:
-            raise HTTPException(400, str(e)) from e
+            raise HTTPException(400, excerpt(str(e))) from e
+        except BudgetSpent as e:
+            guard.shed.count("abandoned" if budget.abandoned.is_set() else "deadline")
+            raise HTTPException(503, "the request could not be answered in time; retry later",
+                                RETRY_AFTER_HEADER) from e
         except (RuntimeError, StoreError) as e:  # a SourceError, every scorer failed, or Redis is down
             log.warning("request %s failed: %s", query, e)
-            raise HTTPException(503, str(e)) from e
+            raise HTTPException(503, "the recommendation could not be computed; retry later", RETRY_AFTER_HEADER) from e
         response = served.response
         items = [RecommendedItem(item_id=i, score=s, source=src, propensity=p)
                  for i, s, src, p in zip(response.item_ids.tolist(), response.scores.tolist(),
@@ -377,52 +587,93 @@ def create_app(recommender: Recommender) -> FastAPI:
                               items=items, removed=Counter(response.reasons.tolist()))
 
     @app.post("/feedback")
-    def feedback(request: FeedbackRequest) -> FeedbackReceipt:
+    def feedback(body: FeedbackRequest) -> FeedbackReceipt:
         try:
-            return FeedbackReceipt(source=recommender.feedback(request.request_id, request.item_id, request.reward))
+            return FeedbackReceipt(source=recommender.feedback(body.request_id, body.item_id, body.reward))
         except UnknownRequest as e:
-            raise HTTPException(404, e.args[0]) from e
+            raise HTTPException(404, excerpt(e.args[0])) from e
         except ValueError as e:
-            raise HTTPException(400, str(e)) from e
+            raise HTTPException(400, excerpt(str(e))) from e
 
     @app.get("/shadow")
-    def shadow(k: int = QueryParameter(10, ge=1)) -> ShadowReport:
+    def shadow(k: int = QueryParameter(10, ge=1, le=MAX_SHADOW_K)) -> ShadowReport:
         serving = recommender.live.state
         if serving.shadow is None:
             reason = serving.shadow_error or "no shadow config (recstack serve --shadow-config)"
-            raise HTTPException(404, f"version {serving.version} has no shadow pipeline: {reason}")
+            raise HTTPException(404, f"version {serving.version} has no shadow pipeline: {excerpt(reason)}")
         counts = serving.shadow.counts
         comparison = dataclasses.asdict(serving.shadow.report(k)) if counts["shadowed"] else None
         return ShadowReport(version=serving.version, counts=counts, comparison=comparison)
 
     @app.get("/healthz")
-    def healthz() -> Health:
+    async def healthz() -> Health:  # on the event loop: it answers while every worker thread is busy
         return Health(version=recommender.live.version, refused=dict(recommender.live.refused))
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ServiceCollector(recommender, lambda: guard))
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        serving = recommender.live.state
-        snapshots = {CONTROL: serving.pipeline.stats.snapshot()}
-        if serving.treatment is not None:
-            snapshots[recommender.experiment.name] = serving.treatment.stats.snapshot()
-        text = format_metrics(serving.version, snapshots)
-        text += format_bandit_metrics(recommender.bandit.snapshot(),
-                                      None if recommender.log is None else recommender.log.dropped)
-        if serving.shadow is not None:
-            text += format_shadow_metrics(serving.version, serving.shadow.counts)
-        return PlainTextResponse(text, media_type=PROMETHEUS_TEXT)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    return app
+    guard = Guard(app, limits, api_key)
+    return guard
+
+
+class ServiceCollector(Collector):
+    """The server's metrics for prometheus-client: the serving version's `PipelineStats` per
+    experiment arm (``variant``), its scorers' fallbacks, the bandit's counts per source, the
+    impression log's losses, the shadow's calls and the requests the `Guard` turned away."""
+
+    def __init__(self, recommender: Recommender, guard: Callable[[], Guard]) -> None:
+        self.recommender, self.guard = recommender, guard
+
+    def collect(self) -> Iterator[Metric]:
+        recommender = self.recommender
+        serving = recommender.live.state
+        pipelines = {CONTROL: serving.pipeline}
+        if serving.treatment is not None:
+            pipelines[recommender.experiment.name] = serving.treatment
+        yield from pipeline_metrics(serving.version, {arm: p.stats.snapshot() for arm, p in pipelines.items()})
+        fallbacks = CounterMetricFamily("recstack_scorer_fallbacks", "Scorer calls that failed over to the next "
+                                        "scorer, by scorer.", labels=["scorer", "version", "variant"])
+        for arm, pipeline in pipelines.items():
+            for scorer, n in sorted(getattr(pipeline.stages.scorer, "fallbacks", {}).items()):
+                fallbacks.add_metric([scorer, serving.version, arm], n)
+        yield fallbacks
+        dropped = None if recommender.log is None else recommender.log.dropped
+        yield from bandit_metrics(recommender.bandit.snapshot(), dropped)
+        if serving.shadow is not None:
+            calls = CounterMetricFamily("recstack_shadow_calls", "Requests mirrored to the shadow pipeline, by "
+                                        "outcome.", labels=["version", "outcome"])
+            for outcome in ("shadowed", "failed", "skipped"):
+                calls.add_metric([serving.version, outcome], serving.shadow.counts[outcome])
+            yield calls
+        guard = self.guard()
+        for name, help_text, counts in (
+                ("recstack_shed_requests", "Requests answered 503 at once: no turn free in time (queue_full, "
+                 "queue_timeout), or their budget spent or client gone before a stage (deadline, abandoned).",
+                 guard.shed.snapshot()),
+                ("recstack_refused_requests", "Requests refused before parsing (unauthorized, body_too_large).",
+                 guard.refused.snapshot())):
+            family = CounterMetricFamily(name, help_text, labels=["reason"])
+            for reason, n in sorted(counts.items()):
+                family.add_metric([reason], n)
+            yield family
+        yield GaugeMetricFamily("recstack_in_flight_requests", "Requests holding a turn.", value=guard.in_flight)
 
 
 @contextmanager
-def serve_in_thread(recommender: Recommender, start_timeout_s: float = 10.0) -> Iterator[str]:
-    """Serves ``recommender``'s app with uvicorn on a free loopback port in a daemon thread of this
-    process (tests, benchmarks, notebooks); yields its base URL and stops the server on exit."""
+def serve_in_thread(recommender: Recommender, start_timeout_s: float = 10.0, limits: Limits = Limits(),
+                    api_key: str | None = None) -> Iterator[str]:
+    """Serves ``create_app(recommender, limits, api_key)`` with uvicorn on a free loopback port in
+    a daemon thread of this process (tests, benchmarks, notebooks); yields its base URL and stops
+    the server on exit."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(recommender), host="127.0.0.1", port=port, log_level="warning"))
+    app = create_app(recommender, limits, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
@@ -438,65 +689,42 @@ def serve_in_thread(recommender: Recommender, start_timeout_s: float = 10.0) -> 
         thread.join(start_timeout_s)
 
 
-def format_metrics(version: str, snapshots: dict[str, dict]) -> str:
-    """`PipelineStats.snapshot()`s of ``version``'s pipelines by experiment arm (``variant``) in the
-    Prometheus text format 0.0.4: the request counters, and per stage the calls, failures, timeouts
-    and a latency histogram in seconds."""
-    lines = []
-
-    def family(name: str, kind: str, help_text: str) -> None:
-        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"])
-
+def pipeline_metrics(version: str, snapshots: dict[str, dict]) -> Iterator[Metric]:
+    """`PipelineStats.snapshot()`s of ``version``'s pipelines by experiment arm (``variant``): the
+    request counters, and per stage the calls, failures, timeouts and a latency histogram in seconds."""
     for key, help_text in (("requests", "Requests the pipeline ran (not those refused before, e.g. k > max_k)."),
                            ("failed_requests", "Requests the pipeline ran that failed.")):
-        family(f"recstack_{key}_total", "counter", help_text)
-        lines.extend(f"recstack_{key}_total{_labels(version=version, variant=arm)} {snapshot[key]}"
-                     for arm, snapshot in snapshots.items())
+        family = CounterMetricFamily(f"recstack_{key}", help_text, labels=["version", "variant"])
+        for arm, snapshot in snapshots.items():
+            family.add_metric([version, arm], snapshot[key])
+        yield family
     stages = [(arm, stage, counts)
               for arm, snapshot in snapshots.items() for stage, counts in snapshot["stages"].items()]
     for key, help_text in (("calls", "Completed calls of a pipeline stage."),
                            ("failures", "Calls of a candidate source that raised."),
                            ("timeouts", "Calls of a candidate source that timed out.")):
-        family(f"recstack_stage_{key}_total", "counter", help_text)
-        lines.extend(f"recstack_stage_{key}_total{_labels(stage=stage, version=version, variant=arm)} {counts[key]}"
-                     for arm, stage, counts in stages)
-    name = "recstack_stage_latency_seconds"
-    family(name, "histogram", "Latency of completed calls of a pipeline stage.")
+        family = CounterMetricFamily(f"recstack_stage_{key}", help_text, labels=["stage", "version", "variant"])
+        for arm, stage, counts in stages:
+            family.add_metric([stage, version, arm], counts[key])
+        yield family
+    latency = HistogramMetricFamily("recstack_stage_latency_seconds", "Latency of completed calls of a pipeline "
+                                    "stage.", labels=["stage", "version", "variant"])
     bounds = [f"{ms / 1000:g}" for ms in LATENCY_BUCKETS_MS] + ["+Inf"]
     for arm, stage, counts in stages:
-        labels = {"stage": stage, "version": version, "variant": arm}
-        cumulative = list(accumulate(counts["latency_ms"].values()))  # per-bucket counts, in bound order
-        lines.extend(f"{name}_bucket{_labels(**labels, le=le)} {n}" for le, n in zip(bounds, cumulative, strict=True))
-        lines.append(f"{name}_sum{_labels(**labels)} {counts['total_ms'] / 1000!r}")
-        lines.append(f"{name}_count{_labels(**labels)} {cumulative[-1]}")
-    return "\n".join(lines) + "\n"
+        cumulative = accumulate(counts["latency_ms"].values())  # per-bucket counts, in bound order
+        latency.add_metric([stage, version, arm], list(zip(bounds, cumulative, strict=True)), counts["total_ms"] / 1000)
+    yield latency
 
 
-def format_bandit_metrics(sources: dict[str, dict[str, float]], dropped: int | None) -> str:
+def bandit_metrics(sources: dict[str, dict[str, float]], dropped: int | None) -> Iterator[Metric]:
     """A `SourceBandit.snapshot()` (served slots and rewards per source) and the impression log's
-    dropped records (None: no log) in the Prometheus text format."""
-    lines = []
+    dropped records (None: no log)."""
     for key, help_text in (("served", "Slots served from a candidate source."),
                            ("rewards", "Rewards (clicks) credited to a candidate source's slots.")):
-        name = f"recstack_source_{key}_total"
-        lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} counter"])
-        lines.extend(f"{name}{_labels(source=source)} {counts[key]!r}" for source, counts in sources.items())
+        family = CounterMetricFamily(f"recstack_source_{key}", help_text, labels=["source"])
+        for source, counts in sources.items():
+            family.add_metric([source], counts[key])
+        yield family
     if dropped is not None:
-        name = "recstack_impressions_dropped_total"
-        lines.extend([f"# HELP {name} Impressions and feedback the log could not write.", f"# TYPE {name} counter",
-                      f"{name} {dropped}"])
-    return "\n".join(lines) + "\n"
-
-
-def format_shadow_metrics(version: str, counts: dict[str, int]) -> str:
-    """A `ShadowRunner`'s counts in the Prometheus text format: shadow calls by outcome."""
-    name = "recstack_shadow_calls_total"
-    lines = [f"# HELP {name} Requests mirrored to the shadow pipeline, by outcome.", f"# TYPE {name} counter"]
-    lines.extend(f"{name}{_labels(version=version, outcome=outcome)} {counts[outcome]}"
-                 for outcome in ("shadowed", "failed", "skipped"))
-    return "\n".join(lines) + "\n"
-
-
-def _labels(**labels: str) -> str:
-    escaped = {k: v.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n") for k, v in labels.items()}
-    return "{" + ",".join(f'{k}="{v}"' for k, v in escaped.items()) + "}"
+        yield CounterMetricFamily("recstack_impressions_dropped", "Impressions and feedback the log could not write.",
+                                  value=dropped)

@@ -10,20 +10,26 @@ Start with `open_pipeline`, which opens a version directory with the store a `Pi
 `ServingVersion`). `PipelineStats` measures every stage.
 Sources run on a thread pool the pipeline shares between requests; a source that times out
 keeps its thread until it returns, so its timeout bounds the request, not the source's work.
+A server bounds each request by a `Budget` (`within`): every source waits at most the budget's
+remaining time, and the stages after retrieval do not start once it is spent or its client is gone.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import numpy as np
 import pandas as pd
@@ -102,6 +108,24 @@ class ItemFeatureSpec(_Strict):
         return ItemFeatureFilter(version.store, self.column, self.equals)
 
 
+TimeField = Literal["hour", "weekday", "day", "month"]
+TIME_FIELDS = {  # a request-time feature derivable from the request's clock, as data.movielens encodes it
+    "hour": lambda now: now.hour,
+    "weekday": lambda now: now.weekday(),  # Monday is 0
+    "day": lambda now: now.day,
+    "month": lambda now: now.month,
+}
+
+
+def time_zone(name: str) -> ZoneInfo:
+    """The IANA time zone ``name``; ValueError naming it when there is none."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as error:
+        raise ValueError(f"time_zone {name!r} is not an IANA time zone; expected e.g. 'UTC' or 'Europe/Paris'") \
+            from error
+
+
 class PipelineConfig(_Strict):
     """A YAML pipeline config (see configs/pipeline.yaml); each stage is picked by its ``kind``."""
 
@@ -115,6 +139,10 @@ class PipelineConfig(_Strict):
     triton: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
     triton_timeout_s: float = Field(0.05, gt=0)  # per Triton call; a failure or timeout falls back to the next scorer
     allow_anonymous: bool = True  # answer anonymous users (user_id None) and users the store does not know
+    # request-time features a query's context may leave out, derived from the request's clock in
+    # `time_zone` (e.g. {hour: hour, weekday: weekday}); any other one the models read as missing
+    time_features: dict[str, TimeField] = {}
+    time_zone: str = "UTC"  # an IANA name, e.g. Europe/Paris
     workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
     sources: list[Annotated[AnnSpec | ListSpec | SimilarSpec, Field(discriminator="kind")]] = Field(min_length=1)
     filters: list[Annotated[SeenSpec | ItemFeatureSpec, Field(discriminator="kind")]] = []  # cheapest first
@@ -123,6 +151,11 @@ class PipelineConfig(_Strict):
     scorer: list[str] = Field(min_length=1)
     orderers: list[Annotated[Union[ORDERER_SPECS], Field(discriminator="kind")]] = Field(  # noqa: UP007
         min_length=1)
+
+    @model_validator(mode="after")
+    def _known_time_zone(self) -> PipelineConfig:
+        time_zone(self.time_zone)
+        return self
 
     @model_validator(mode="after")
     def _triton_named(self) -> PipelineConfig:
@@ -155,6 +188,60 @@ def load_pipeline_config(path: Path) -> PipelineConfig:
 
 class SourceError(RuntimeError):
     """A fail-closed source raised or timed out, so the request fails."""
+
+
+class BudgetSpent(RuntimeError):
+    """A request's `Budget` ran out, or its client went away, before a stage could start."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long a request may still run: until ``deadline`` (``time.monotonic()``), and only while
+    its client waits (``abandoned`` is set when it goes away)."""
+
+    deadline: float
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def remaining(self) -> float:
+        """Seconds left, 0 once the deadline passed or the client went away."""
+        return 0.0 if self.abandoned.is_set() else max(0.0, self.deadline - time.monotonic())
+
+    def check(self, stage: str) -> None:
+        """Raises `BudgetSpent` unless ``stage`` may still start."""
+        if self.abandoned.is_set():
+            raise BudgetSpent(f"the client went away before stage {stage!r}")
+        if time.monotonic() >= self.deadline:
+            raise BudgetSpent(f"the request's time budget was spent before stage {stage!r}")
+
+
+_budget: ContextVar[Budget | None] = ContextVar("request_budget", default=None)
+
+
+@contextmanager
+def within(budget: Budget) -> Iterator[None]:
+    """Pipelines called in this block (on this thread, shadows excepted) stay within ``budget``."""
+    token = _budget.set(budget)
+    try:
+        yield
+    finally:
+        _budget.reset(token)
+
+
+class ContextCompleter:
+    """Fills in the request-time features (``features``) a query's context lacks: each one that
+    ``derived`` maps to a `TIME_FIELDS` key from the request's clock in ``zone``; any other as None,
+    which the encoders read as a missing value (the out-of-vocabulary id, the train mean)."""
+
+    def __init__(self, features: list[str], derived: dict[str, str], zone: ZoneInfo) -> None:
+        self.features, self.derived, self.zone = features, derived, zone
+
+    def __call__(self, query: Query) -> Query:
+        missing = [name for name in self.features if name not in query.context]
+        if not missing:
+            return query
+        now = datetime.now(self.zone)
+        filled = {name: TIME_FIELDS[self.derived[name]](now) if name in self.derived else None for name in missing}
+        return dataclasses.replace(query, context={**query.context, **filled})
 
 
 class Hydrator:
@@ -190,13 +277,14 @@ class SourceSlot:
 
 @dataclass(frozen=True)
 class Stages:
-    """A pipeline's stages, in the order they run."""
+    """A pipeline's stages, in the order they run, after ``completer`` filled in the query's context."""
 
     sources: list[SourceSlot]
     filters: list[Filter]
     hydrator: Hydrator
     scorer: Scorer
     orderers: list[Orderer]
+    completer: ContextCompleter = field(default_factory=lambda: ContextCompleter([], {}, ZoneInfo("UTC")))
 
 
 @dataclass(frozen=True)
@@ -280,20 +368,26 @@ class Pipeline:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pipeline-source")
 
     def __call__(self, query: Query) -> Response:
+        """The answer to ``query``, within the `Budget` of the enclosing `within` block, if any."""
         self._check(query)
+        query = self.stages.completer(query)
+        budget = _budget.get()
         with self.stats.request():
-            candidates = self._retrieve(query)
+            candidates = self._retrieve(query, budget)
             removed, reasons = [np.zeros(0, np.int64)], [np.zeros(0, str)]
             for stage in self.stages.filters:
+                _check_budget(budget, f"filter:{stage.name}")
                 started = time.perf_counter()
                 result = stage(query, candidates)
                 self.stats.record(f"filter:{stage.name}", started, len(candidates), len(result.kept))
                 candidates = result.kept
                 removed.append(result.removed)
                 reasons.append(result.reasons)
+            _check_budget(budget, "hydrate")
             started = time.perf_counter()
             candidates = self.stages.hydrator(query, candidates)
             self.stats.record("hydrate", started, len(candidates), len(candidates))
+            _check_budget(budget, "scorer")
             candidates = self._score(query, candidates)
             candidates, propensities = self._order(query, candidates)
         return Response(candidates.item_ids, candidates.scores, candidates.sources, propensities,
@@ -307,10 +401,11 @@ class Pipeline:
         a source's timeout of tens of milliseconds would cut; a server warms up before traffic.
         A stage that fails here is logged and left to fail (or not) on real requests.
         """
+        complete = self.stages.completer(query)
         for _ in range(calls):
             for slot in self.stages.sources:
                 try:
-                    slot.source(query, slot.quota)
+                    slot.source(complete, slot.quota)
                 except Exception as error:  # noqa: BLE001 -- warming up, not answering
                     log.warning("source %r failed while warming up: %s", slot.source.name, error)
         for _ in range(calls):
@@ -343,23 +438,30 @@ class Pipeline:
             raise ValueError(f"Query.user_id = {query.user_id} is unknown to store version {store.version!r}; "
                              "expected a known user (allow_anonymous is false)")
 
-    def _retrieve(self, query: Query) -> Candidates:
-        """Every source's candidates, blended; each source waited for until its own deadline."""
+    def _retrieve(self, query: Query, budget: Budget | None) -> Candidates:
+        """Every source's candidates, blended; each source waited for until its own deadline, or
+        the budget's if that comes first."""
+        _check_budget(budget, "sources")
         started = time.perf_counter()
         futures = [self._pool.submit(self._fetch, slot, query) for slot in self.stages.sources]
         found = []
         for slot, future in zip(self.stages.sources, futures, strict=True):
+            wait = started + slot.timeout_s - time.perf_counter()
+            if budget is not None:
+                wait = min(wait, budget.remaining())
             try:
-                found.append(future.result(timeout=max(0.0, started + slot.timeout_s - time.perf_counter())))
+                found.append(future.result(timeout=max(0.0, wait)))
             except Exception as error:  # the source's own error, or the wait's timeout
                 timed_out = not future.done()
                 future.cancel()
                 self.stats.count_failure(f"source:{slot.source.name}", timed_out)
+                _check_budget(budget, f"source:{slot.source.name}")  # cut short by the budget, not failed
                 what = (f"timed out after {slot.timeout_s} s" if timed_out
                         else f"failed: {type(error).__name__}: {error}")
                 if not slot.fail_open:
                     raise SourceError(f"source {slot.source.name!r} {what}") from error
                 log.warning("source %r %s; it is fail-open, so it contributes nothing", slot.source.name, what)
+        _check_budget(budget, "blend")  # a source cut short by the budget fails the request
         started = time.perf_counter()
         blended = blend(found)
         self.stats.record("blend", started, sum(map(len, found)), len(blended))
@@ -399,6 +501,11 @@ class Pipeline:
         return candidates, propensities
 
 
+def _check_budget(budget: Budget | None, stage: str) -> None:
+    if budget is not None:
+        budget.check(stage)
+
+
 def blend(found: list[Candidates]) -> Candidates:
     """The candidates of every source in turn, each item once: the first source proposing it keeps it."""
     ids = np.concatenate([np.zeros(0, np.int64), *(c.item_ids for c in found)])
@@ -435,15 +542,31 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
     server passes the one that outlives its versions; default: a fresh one)."""
     bandit = bandit or SourceBandit()
     models = version.directory / "models"
+    tower = ModelInputs.load(models, QUERY_TOWER)
+    scorers = [_scorer(config, models, name) for name in config.scorer]
     stages = Stages(
         sources=[SourceSlot(spec.build(version), spec.quota, spec.timeout_s, spec.fail_open)
                  for spec in config.sources],
         filters=[spec.build(version) for spec in config.filters],
-        hydrator=Hydrator(version.store, ModelInputs.load(models, QUERY_TOWER).encoder.schema),
-        scorer=FallbackScorer([_scorer(config, models, name) for name in config.scorer]),
+        hydrator=Hydrator(version.store, tower.encoder.schema),
+        scorer=FallbackScorer(scorers),
         orderers=[spec.build(version, bandit) for spec in config.orderers],
+        completer=_completer(config, [tower, *(scorer.inputs for scorer in scorers)]),
     )
     return Pipeline(stages, config.max_k, config.allow_anonymous, config.workers)
+
+
+def _completer(config: PipelineConfig, models: list[ModelInputs]) -> ContextCompleter:
+    """The `ContextCompleter` of the request-time features ``models`` read (their schemas'
+    interaction features, sequences and labels aside); ValueError when ``config.time_features``
+    names another feature."""
+    features = sorted({f.name for inputs in models for f in inputs.encoder.schema.features
+                       if f.table == "interactions" and f.kind != "sequence" and f.name in inputs.features})
+    unknown = sorted(set(config.time_features) - set(features))
+    if unknown:
+        raise ValueError(f"time_features {unknown} are not request-time features the models read; "
+                         f"expected some of {features}")
+    return ContextCompleter(features, config.time_features, time_zone(config.time_zone))
 
 
 def _scorer(config: PipelineConfig, models: Path, name: str) -> Scorer:

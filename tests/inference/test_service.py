@@ -4,17 +4,23 @@ one serving."""
 
 import json
 import re
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pytest
 import redis
+import schemathesis
 import yaml
+from hypothesis import strategies
+from prometheus_client.parser import text_string_to_metric_families
+from schemathesis import GenerationMode
 
 from inference.impressions import ImpressionLog, logged_slots
 from inference.pipeline.executor import PipelineConfig
@@ -23,13 +29,12 @@ from inference.pipeline.sources import ListSource
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
-from inference.service import MAX_RECENT_ITEMS, Experiment, Recommender, Shadow, serve_in_thread
+from inference.service import MAX_RECENT_ITEMS, Experiment, Limits, Recommender, Shadow, create_app, serve_in_thread
 from inference.store import EmbeddedStore, load_snapshot_into_redis
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
+FUZZ_EXAMPLES = 400  # per endpoint: the three with inputs make at least 1,000 requests
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? (\S+)$")
-LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def pipeline_config() -> PipelineConfig:
@@ -61,12 +66,13 @@ def url(recommender):
         yield base
 
 
-def call(url: str, path: str, body: dict | None = None) -> tuple[int, str, str]:
+def call(url: str, path: str, body: dict | None = None, headers: dict | None = None,
+         timeout_s: float = 30) -> tuple[int, str, str]:
     """(status, content type, body text) of a GET, or of a POST of ``body`` as JSON."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data, {"Content-Type": "application/json"})
+    request = urllib.request.Request(url + path, data, {"Content-Type": "application/json", **(headers or {})})
     try:
-        with urllib.request.urlopen(request, timeout=30) as reply:
+        with urllib.request.urlopen(request, timeout=timeout_s) as reply:
             return reply.status, reply.headers["Content-Type"], reply.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.headers["Content-Type"], error.read().decode()
@@ -77,20 +83,12 @@ def recommend(url: str, **body) -> tuple[int, dict]:
     return status, json.loads(text)
 
 
-def metrics(url: str) -> dict[tuple[str, frozenset], float]:
-    """The samples of /metrics by (name, labels), after checking it is Prometheus text."""
-    status, content_type, text = call(url, "/metrics")
+def metrics(url: str, headers: dict | None = None) -> dict[tuple[str, frozenset], float]:
+    """The samples of /metrics by (name, labels), parsed by prometheus-client's own parser."""
+    status, content_type, text = call(url, "/metrics", headers=headers)
     assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
-    samples = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            assert re.match(r"^# (HELP|TYPE) \w+ \S", line), line
-            continue
-        match = SAMPLE.match(line)
-        assert match, f"not a Prometheus sample: {line!r}"
-        name, labels, value = match.groups()
-        samples[name, frozenset(LABEL.findall(labels or ""))] = float(value)
-    return samples
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
 
 
 def test_a_recommendation_has_k_items_and_none_of_the_recent_ones(url):
@@ -115,7 +113,7 @@ def test_bad_bodies_are_refused_naming_the_field(url):
     assert status == 400 and reply["detail"] == "Query.k = 101; expected at most max_k = 100"
 
 
-def test_a_failing_fail_closed_source_or_scorer_chain_is_503(url, monkeypatch):
+def test_a_failing_fail_closed_source_or_scorer_chain_is_503_naming_no_internals(url, monkeypatch, caplog):
     before = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001"), ("variant", "control")}))]
 
     def refuse(self, query, k):
@@ -124,11 +122,12 @@ def test_a_failing_fail_closed_source_or_scorer_chain_is_503(url, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(ListSource, "__call__", refuse)  # "popular" is fail-closed, "user" fail-open
         status, reply = recommend(url, user_id=7)
-    assert status == 503 and reply["detail"] == "source 'popular' failed: ConnectionError: store unreachable"
+    assert status == 503 and reply["detail"] == "the recommendation could not be computed; retry later"
+    assert "source 'popular' failed: ConnectionError: store unreachable" in caplog.text  # the log has the details
     with monkeypatch.context() as patch:
         patch.setattr(TorchScriptScorer, "__call__", refuse)
         status, reply = recommend(url, user_id=7)
-    assert status == 503 and reply["detail"].startswith("every scorer of")
+    assert status == 503 and "every scorer of" in caplog.text
     after = metrics(url)[("recstack_failed_requests_total", frozenset({("version", "v0001"), ("variant", "control")}))]
     assert after == before + 2
 
@@ -358,3 +357,150 @@ def test_servers_on_a_redis_store_share_their_bandit_counts(root, redis_server):
     stored = redis.Redis(redis_server.host, redis_server.port).hgetall("recstack:bandit")
     assert float(stored[f"rewards:{source}".encode()]) == 1.0
     assert sum(float(n) for field, n in stored.items() if field.startswith(b"served:")) == 10
+
+
+def slow_popular(seconds: float):
+    """A ListSource call that takes ``seconds`` for the "popular" list, as a loaded store might."""
+    original = ListSource.__call__
+
+    def call_slowly(self, query, k):
+        if self.name == "popular":
+            time.sleep(seconds)
+        return original(self, query, k)
+
+    return call_slowly
+
+
+def raw_http(url: str, request: bytes, timeout_s: float = 10) -> bytes:
+    """The server's reply to the raw bytes ``request``, read until it closes the connection or the timeout."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as connection:
+        connection.sendall(request)
+        chunks = []
+        try:
+            while chunk := connection.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            pass
+    return b"".join(chunks)
+
+
+def test_a_large_body_is_refused_before_it_is_read_and_errors_quote_short_excerpts(url):
+    head = (b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 10000000\r\nConnection: close\r\n\r\n")
+    reply = raw_http(url, head + b'{"user_id": 1, "context": {"a": "')  # the other 10 MB never come
+    assert reply.startswith(b"HTTP/1.1 413 ") and b"exceeds 65536 bytes" in reply
+    chunked = (b"POST /recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n" + b"8000\r\n" + b" " * 0x8000 + b"\r\n") * 1
+    reply = raw_http(url, chunked + b"8000\r\n" + b" " * 0x8000 + b"\r\n" + b"8000\r\n" + b" " * 0x8000 + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 413 ")
+    assert json.loads(call(url, "/healthz")[2])["version"]  # the server is not stalled
+
+    status, _, text = call(url, "/recommend", {"user_id": 7, "context": {"note": "x" * 60_000}})
+    assert status == 422 and len(text) < 2000
+    detail = json.loads(text)["detail"][0]
+    assert detail["loc"][:3] == ["body", "context", "note"] and detail["input"].endswith("... (60000 characters)")
+
+
+def test_nan_infinity_and_out_of_range_numbers_are_refused(url):
+    for path, body in (("/recommend", '{"user_id": 7, "context": {"hour": NaN}}'),
+                       ("/feedback", '{"request_id": "a", "item_id": 1, "reward": NaN}'),
+                       ("/feedback", '{"request_id": "a", "item_id": 1, "reward": Infinity}'),
+                       ("/recommend", '{"user_id": 99999999999999999999999}'),
+                       ("/recommend", '{"recent_items": [-99999999999999999999999]}'),
+                       ("/recommend", json.dumps({"context": {f"f{i}": i for i in range(65)}}))):
+        request = urllib.request.Request(url + path, body.encode(), {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 422, (path, body)
+
+
+def test_requests_beyond_the_limits_are_shed_at_once_with_retry_after_and_counted(root, monkeypatch):
+    monkeypatch.setattr(ListSource, "__call__", slow_popular(0.5))
+    recommender = Recommender(root, pipeline_config())
+    limits = Limits(max_in_flight=1, max_queue=0, queue_timeout_s=0.01)
+    try:
+        with serve_in_thread(recommender, limits=limits) as base:
+            first = threading.Thread(target=recommend, args=(base,), kwargs={"user_id": 7})
+            first.start()
+            wait_for(lambda: metrics(base)["recstack_in_flight_requests", frozenset()] == 1)
+            request = urllib.request.Request(base + "/recommend", b'{"user_id": 8}',
+                                             {"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as shed:
+                urllib.request.urlopen(request, timeout=30)
+            assert shed.value.code == 503 and shed.value.headers["Retry-After"] == "1"
+            assert call(base, "/healthz")[0] == 200  # never queued
+            first.join()
+            samples = metrics(base)
+        assert samples["recstack_shed_requests_total", frozenset({("reason", "queue_full")})] == 1
+        assert samples["recstack_in_flight_requests", frozenset()] == 0
+    finally:
+        recommender.close()
+
+
+def test_a_request_past_its_budget_or_abandoned_by_its_client_is_not_computed_further(root, monkeypatch):
+    recommender = Recommender(root, pipeline_config())
+    scored = []
+    score = TorchScriptScorer.__call__
+    monkeypatch.setattr(TorchScriptScorer, "__call__", lambda self, q, c: scored.append(q) or score(self, q, c))
+    monkeypatch.setattr(ListSource, "__call__", slow_popular(0.6))
+    try:
+        with serve_in_thread(recommender, limits=Limits(request_timeout_s=0.2)) as base:
+            status, _, text = call(base, "/recommend", {"user_id": 7})
+            assert status == 503 and "in time" in text
+            with pytest.raises(TimeoutError):  # the client gives up while the popular list loads
+                call(base, "/recommend", {"user_id": 7}, timeout_s=0.1)
+            wait_for(lambda: metrics(base).get(("recstack_shed_requests_total",
+                                                frozenset({("reason", "abandoned")}))) == 1)
+            samples = metrics(base)
+        assert samples["recstack_shed_requests_total", frozenset({("reason", "deadline")})] == 1
+        assert scored == []
+    finally:
+        recommender.close()
+
+
+@pytest.mark.parametrize("path,body", [("/recommend", {"user_id": 7}), ("/feedback", {"request_id": "a", "item_id": 1}),
+                                       ("/shadow", None), ("/metrics", None), ("/openapi.json", None),
+                                       ("/healthz", None)])
+def test_with_an_api_key_every_endpoint_but_health_needs_it(recommender, path, body):
+    with serve_in_thread(recommender, api_key="s3cret") as base:
+        without = call(base, path, body)[0]
+        wrong = call(base, path, body, {"Authorization": "Bearer guess"})[0]
+        bearer = call(base, path, body, {"Authorization": "Bearer s3cret"})[0]
+        header = call(base, path, body, {"X-API-Key": "s3cret"})[0]
+    expected = {"/recommend": 200, "/feedback": 404, "/shadow": 404}.get(path, 200)
+    if path == "/healthz":
+        assert without == wrong == bearer == header == 200
+    else:
+        assert (without, wrong, bearer, header) == (401, 401, expected, expected)
+
+
+def test_without_an_api_key_every_endpoint_answers(url):
+    statuses = {path: call(url, path, body)[0] for path, body in (
+        ("/recommend", {"user_id": 7}), ("/feedback", {"request_id": "a", "item_id": 1}), ("/shadow", None),
+        ("/metrics", None), ("/openapi.json", None), ("/healthz", None))}
+    assert statuses == {"/recommend": 200, "/feedback": 404, "/shadow": 404, "/metrics": 200, "/openapi.json": 200,
+                        "/healthz": 200}
+
+
+def test_fuzzed_requests_to_every_endpoint_get_no_server_error(recommender):
+    """schemathesis generates bodies and parameters from /openapi.json, in and out of the schema."""
+    app = create_app(recommender)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    answered = Counter()
+    def fuzzer(operation):
+        @hypothesis.settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck))
+        @hypothesis.given(case=strategies.one_of([operation.as_strategy(mode) for mode in GenerationMode]))
+        def fuzz(case):
+            response = case.call()
+            answered[operation.label, response.status_code] += 1
+            assert response.status_code < 500, (operation.label, case.body, response.text[:300])
+
+        return fuzz
+
+    for result in schema.get_all_operations():
+        fuzzer(result.ok())()
+    assert sum(answered.values()) >= 1000
+    assert {label for label, _ in answered} == {"POST /recommend", "POST /feedback", "GET /shadow", "GET /healthz",
+                                                "GET /metrics"}
