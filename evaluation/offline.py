@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +47,8 @@ from data.dataset import read_dataset, read_part
 from data.synthetic import load_ground_truth
 from data.tables import KEYS
 from evaluation import metrics
-from inference.pipeline.executor import Pipeline, SourceSlot, blend
+from inference.pipeline.executor import Hydrator, Pipeline, SourceSlot, blend
+from inference.pipeline.filters import Filter, ItemFeatureFilter
 from inference.pipeline.sources import AnnSource, query_row
 from inference.pipeline.types import Candidates, Query
 
@@ -197,52 +200,82 @@ def run_pipeline(pipeline: Pipeline, held_out: HeldOut, k: int, batch_size: int 
         users = range(lo, min(lo + batch_size, n))
         queries = [Query(int(held_out.user_ids[u]), held_out.contexts[u], tuple(held_out.history[u].tolist()), k)
                    for u in users]
-        depth = max(ann.quota, k + max(len(q.recent_items) for q in queries))  # retrieval alone skips seen items
-        started = time.perf_counter()
-        ann_ids, ann_scores = search_ann(ann.source, queries, depth)  # (B, depth') each
-        seconds[f"source:{ann.source.name}"] += time.perf_counter() - started
-        hydrated = []
-        for row, (u, query) in enumerate(zip(users, queries, strict=True)):
+        found: list[list[Candidates]] = [[] for _ in queries]
+        for slot in pipeline.stages.sources:
+            with _timed(seconds, f"source:{slot.source.name}"):
+                if slot is ann:  # searched deeper for retrieval alone, which skips seen items
+                    depth = max(ann.quota, k + max(len(q.recent_items) for q in queries))
+                    ann_ids, ann_scores = search_ann(ann.source, queries, depth)  # (B, depth') each
+                    proposed = [Candidates(ids[:ann.quota], np.full(len(ids[:ann.quota]), ann.source.name),
+                                           scores[:ann.quota]) for ids, scores in zip(ann_ids, ann_scores, strict=True)]
+                else:
+                    proposed = [_propose(slot, query) for query in queries]
+            lists.failures[slot.source.name] += sum(p is None for p in proposed)
+            for row, candidates in enumerate(proposed):
+                if candidates is not None:
+                    found[row].append(candidates)
+        for row, u in enumerate(users):
             unseen = ann_ids[row][~np.isin(ann_ids[row], held_out.history[u])][:k]
             lists.retrieval[u, :len(unseen)] = unseen
-            found = []
-            for slot in pipeline.stages.sources:
-                if slot is ann:
-                    found.append(Candidates(ann_ids[row, :ann.quota], np.full(min(ann.quota, ann_ids.shape[1]),
-                                                                               ann.source.name),
-                                            ann_scores[row, :ann.quota]))
-                    continue
-                started = time.perf_counter()
-                proposed = _propose(slot, query)
-                seconds[f"source:{slot.source.name}"] += time.perf_counter() - started
-                if proposed is None:
-                    lists.failures[slot.source.name] += 1
-                else:
-                    found.append(proposed)
-            _count_source_hits(lists, u, found, held_out.relevant[u])
-            started = time.perf_counter()
-            candidates = blend(found)
-            seconds["blend"] += time.perf_counter() - started
-            _record_stage(lists, "blend", u, candidates.item_ids, held_out.relevant[u])
-            for stage in pipeline.stages.filters:
-                started = time.perf_counter()
-                candidates = stage(query, candidates).kept
-                seconds[f"filter:{stage.name}"] += time.perf_counter() - started
-                _record_stage(lists, f"filter:{stage.name}", u, candidates.item_ids, held_out.relevant[u])
-            started = time.perf_counter()
-            hydrated.append(pipeline.stages.hydrator(query, candidates))
-            seconds["hydrate"] += time.perf_counter() - started
-        started = time.perf_counter()
-        scored = _score_batch(pipeline, queries[0], hydrated)
-        seconds["scorer"] += time.perf_counter() - started
-        started = time.perf_counter()
-        for u, query, candidates in zip(users, queries, scored, strict=True):
-            for orderer in pipeline.stages.orderers:
-                candidates, _ = orderer(query, candidates)
-            lists.final[u, :len(candidates)] = candidates.item_ids
-            lists.final_sources[u, :len(candidates)] = candidates.sources
-        seconds["orderers"] += time.perf_counter() - started
+            _count_source_hits(lists, u, found[row], held_out.relevant[u])
+        with _timed(seconds, "blend"):
+            candidates = [blend(sources) for sources in found]
+        _record_stage(lists, "blend", users, candidates, held_out.relevant)
+        for stage in pipeline.stages.filters:
+            with _timed(seconds, f"filter:{stage.name}"):
+                candidates = filter_batch(stage, queries, candidates)
+            _record_stage(lists, f"filter:{stage.name}", users, candidates, held_out.relevant)
+        with _timed(seconds, "hydrate"):
+            batch = hydrate_batch(pipeline.stages.hydrator, queries, candidates)
+        with _timed(seconds, "scorer"):
+            scored = Candidates(batch.item_ids, batch.sources, _score(pipeline, queries[0], batch), batch.features)
+        with _timed(seconds, "orderers"):
+            bounds = np.cumsum([0, *(len(c) for c in candidates)])
+            for u, query, a, b in zip(users, queries, bounds[:-1], bounds[1:], strict=True):
+                ranked, _ = pipeline._order(query, scored.take(np.arange(a, b)))  # the serving ranking and orderers
+                lists.final[u, :len(ranked)] = ranked.item_ids
+                lists.final_sources[u, :len(ranked)] = ranked.sources
     return lists
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    seconds[stage] += time.perf_counter() - started
+
+
+def filter_batch(stage: Filter, queries: list[Query], candidates: list[Candidates]) -> list[Candidates]:
+    """What ``stage`` keeps of each request's candidates. An `ItemFeatureFilter` reads the store,
+    not the request, so it filters the whole batch in one call; other filters, one request at a time."""
+    if not isinstance(stage, ItemFeatureFilter):
+        return [stage(query, c).kept for query, c in zip(queries, candidates, strict=True)]
+    sizes = [len(c) for c in candidates]
+    request = pd.DataFrame({"request": np.repeat(np.arange(len(candidates)), sizes)})  # follows the kept rows
+    kept = stage(queries[0], _concatenate(candidates, request)).kept
+    bounds = np.searchsorted(kept.features["request"].to_numpy(), np.arange(len(candidates) + 1))
+    return [Candidates(kept.item_ids[a:b], kept.sources[a:b], kept.scores[a:b])
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def hydrate_batch(hydrator: Hydrator, queries: list[Query], candidates: list[Candidates]) -> Candidates:
+    """Every request's candidates in turn, with the feature rows the `Hydrator` gives each (the
+    request's row, ``item_id``, the store's item columns); the store is read once for the batch."""
+    requests = pd.concat([query_row(query, hydrator.store, hydrator.schema) for query in queries], ignore_index=True)
+    batch = _concatenate(candidates)
+    items = hydrator.store.item_features(batch.item_ids).features
+    clash = sorted(set(requests.columns) & {KEYS["items"], *items.columns})
+    if clash:
+        raise ValueError(f"request features {clash} are also item columns; expected each column from one place")
+    rows = requests.iloc[np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])].reset_index(drop=True)
+    features = pd.concat([rows, pd.DataFrame({KEYS["items"]: batch.item_ids}), items], axis=1)
+    return Candidates(batch.item_ids, batch.sources, batch.scores, features)
+
+
+def _concatenate(candidates: list[Candidates], features: pd.DataFrame | None = None) -> Candidates:
+    return Candidates(np.concatenate([np.zeros(0, np.int64), *(c.item_ids for c in candidates)]),
+                      np.concatenate([np.zeros(0, str), *(c.sources for c in candidates)]),
+                      np.concatenate([np.zeros(0, np.float32), *(c.scores for c in candidates)]), features)
 
 
 def search_ann(source: AnnSource, queries: list[Query], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,19 +303,14 @@ def _propose(slot: SourceSlot, query: Query) -> Candidates | None:
     return found.take(np.arange(min(len(found), slot.quota)))
 
 
-def _score_batch(pipeline: Pipeline, query: Query, hydrated: list[Candidates]) -> list[Candidates]:
-    """Each request's candidates with the scorer's scores, scored in one call (a scorer reads
-    only the candidates' feature rows, which carry each request's own columns)."""
-    sizes = [len(c) for c in hydrated]
-    batch = Candidates(np.concatenate([c.item_ids for c in hydrated]), np.concatenate([c.sources for c in hydrated]),
-                       np.concatenate([c.scores for c in hydrated]),
-                       pd.concat([c.features for c in hydrated], ignore_index=True))
+def _score(pipeline: Pipeline, query: Query, batch: Candidates) -> np.ndarray:
+    """(N,) scores of a batch of many requests' hydrated candidates, in one scorer call (a scorer
+    reads only the candidates' feature rows, which carry each request's own columns)."""
     scores = np.asarray(pipeline.stages.scorer(query, batch), np.float32)
     if scores.shape != (len(batch),):
         raise RuntimeError(f"scorer {pipeline.stages.scorer.name!r} returned scores of shape {scores.shape}; "
                            f"expected ({len(batch)},)")
-    parts = np.split(scores, np.cumsum(sizes)[:-1])
-    return [Candidates(c.item_ids, c.sources, s, c.features) for c, s in zip(hydrated, parts, strict=True)]
+    return scores
 
 
 def _count_source_hits(lists: StageLists, u: int, found: list[Candidates], relevant: np.ndarray) -> None:
@@ -293,11 +321,13 @@ def _count_source_hits(lists: StageLists, u: int, found: list[Candidates], relev
         lists.alone_hits[name][u] = len(np.setdiff1d(items, np.concatenate([np.zeros(0, np.int64), *others])))
 
 
-def _record_stage(lists: StageLists, stage: str, u: int, item_ids: np.ndarray, relevant: np.ndarray) -> None:
+def _record_stage(lists: StageLists, stage: str, users: range, candidates: list[Candidates],
+                  relevant: list[np.ndarray]) -> None:
     top = lists.stage_top[stage].shape[1]
-    lists.stage_top[stage][u, :min(top, len(item_ids))] = item_ids[:top]
-    lists.stage_hits[stage][u] = np.isin(relevant, item_ids).sum()
-    lists.stage_sizes[stage][u] = len(item_ids)
+    for u, c in zip(users, candidates, strict=True):
+        lists.stage_top[stage][u, :min(top, len(c))] = c.item_ids[:top]
+        lists.stage_hits[stage][u] = np.isin(relevant[u], c.item_ids).sum()
+        lists.stage_sizes[stage][u] = len(c)
 
 
 def popularity_lists(held_out: HeldOut, k: int) -> np.ndarray:
