@@ -90,9 +90,13 @@ class Events:
         if not path.is_file():
             raise ValueError(f"{path}: no such interactions file")
         self.spill = Path(tempfile.mkdtemp(prefix="recstack-duckdb-", dir=options.temp_directory))
-        self.con = duckdb.connect(config={
-            "memory_limit": f"{options.memory_limit_gb}GB", "threads": options.threads or os.cpu_count() or 1,
-            "temp_directory": str(self.spill), "preserve_insertion_order": False})
+        try:
+            self.con = duckdb.connect(config={
+                "memory_limit": f"{options.memory_limit_gb}GB", "threads": options.threads or os.cpu_count() or 1,
+                "temp_directory": str(self.spill), "preserve_insertion_order": False})
+        except BaseException:
+            shutil.rmtree(self.spill, ignore_errors=True)
+            raise
         try:
             source = f"read_parquet('{_quote(path)}', file_row_number = true)"
             types = dict(self.con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})")
@@ -131,7 +135,7 @@ def open_events(data_dir: Path, options: DuckDBOptions | None = None) -> Events:
 
 
 def build_popular(events: Events, now: int, half_life_s: float, k: int,
-                eligible: np.ndarray | None = None) -> pd.DataFrame:
+                  eligible: np.ndarray | None = None) -> pd.DataFrame:
     """The "popular" list: ``score = sum over the item's rows of 0.5 ** ((now - timestamp) / half_life_s)``.
 
     Each item's weights are added as integers (HUGEINT) in units of 2**-96 of its largest
@@ -145,7 +149,8 @@ def build_popular(events: Events, now: int, half_life_s: float, k: int,
             WITH weighted AS (
                 SELECT item_id, pow(0.5, ($now - timestamp) / $half_life) AS weight
                 FROM events WHERE timestamp <= $now AND {allowed}),
-            exponent AS (  -- of each item's largest weight: its weights are summed in units of 2**(e - 95)
+            exponent AS (  -- of each item's largest weight: its weights are summed in units of 2**(e - 95),
+                           -- scaled by 2**(95 - e) in two factors, as that alone can pass a double's range
                 SELECT item_id, floor(log2(max(weight))) AS e FROM weighted WHERE weight > 0 GROUP BY item_id)
             SELECT item_id, coalesce(  -- through text: DuckDB's HUGEINT to DOUBLE cast can be an ulp off
                 sum(CAST(weight * $up * pow(2, 95 - 600 - e) AS HUGEINT))::VARCHAR::DOUBLE
@@ -157,7 +162,7 @@ def build_popular(events: Events, now: int, half_life_s: float, k: int,
 
 
 def build_trending(events: Events, now: int, recent_s: float, baseline_s: float, k: int, prior: float = 5.0,
-                 eligible: np.ndarray | None = None) -> pd.DataFrame:
+                   eligible: np.ndarray | None = None) -> pd.DataFrame:
     """The "trending" list: items whose rate in the recent window rises above their baseline rate.
 
     The recent window is ``(now - recent_s, now]`` and the baseline window the ``baseline_s``
@@ -287,7 +292,7 @@ def build_similar_items(item_ids: np.ndarray, item_vectors: np.ndarray, search: 
 
 
 def build_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HISTORY,
-                             eligible: np.ndarray | None = None, anchors: np.ndarray | None = None) -> pd.DataFrame:
+                               eligible: np.ndarray | None = None, anchors: np.ndarray | None = None) -> pd.DataFrame:
     """Lists "similar:{id}" from shared users, the fallback when items have no embeddings.
 
     Each user's history is their ``max_history`` most recent distinct items (an item counts at
@@ -325,7 +330,7 @@ def build_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HI
 
 
 def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Search, events: Events, n: int,
-                   eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
+                     eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
     """Lists "user:{id}": each user's n best unseen items from ``search``'s index.
 
     ``user_vectors`` (U, D) are the query-tower embeddings of ``user_ids`` (U,); a user has seen
