@@ -3,6 +3,7 @@
     python benchmarks/refresh.py            # 1M items, 20k users, 2M interactions
     python benchmarks/refresh.py --small    # 50k items: a quick run
     python benchmarks/refresh.py --redis    # each version also loaded into a local redis-server
+                                            # (the incremental one as a delta over the first)
 
 Steps: prepare the dataset and a two-tower run (weights at initialisation: the benchmark times
 the work, which does not depend on what the weights learnt); a full refresh (timed); change
@@ -14,7 +15,10 @@ daily cadence (carried over by the incremental refresh), the other lists rebuilt
 It passes when the incremental refresh takes at most 0.1x the wall time of a full refresh (the
 faster of the two: on a shared machine the load can change between them),
 and, on queries from 1,000 unchanged items, the incremental index's recall@100 against exact
-search is within 0.01 of the full rebuild's.
+search is within 0.01 of the full rebuild's. With ``--redis`` it also counts the keys each
+version wrote, and the incremental version must answer from Redis as its snapshot does (a
+sample of users, items and lists); Redis is emptied before the reference full refresh, so
+that it loads into an empty server as the first one did.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from data.synthetic import SyntheticConfig, generate
 from inference.index import load_index, search_exact
 from inference.refresh.artifacts import ArtifactRoot
 from inference.refresh.job import RefreshConfig, read_embeddings, refresh
+from inference.store import EmbeddedStore, RedisStore, read_lists
 from training.train import RunConfig, build_ranking_module, build_retrieval_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +106,26 @@ def compare_indexes(incremental_dir: Path, full_dir: Path, queries: int = 1000) 
             "top100_agreement": float(agree)}
 
 
+def compare_redis(version_dir: Path, port: int, samples: int = 2000) -> bool:
+    """Whether the version in ``version_dir`` answers from Redis as from its snapshot, on a sample
+    of its users, items (and unknown ids) and lists."""
+    rng = np.random.default_rng(0)
+    store = version_dir / "store"
+    embedded = EmbeddedStore.open(store, version_dir.name)
+    on_redis = RedisStore("127.0.0.1", port, version_dir.name, timeout_s=10)
+    users = pd.read_parquet(store / "users.parquet", columns=["user_id"])["user_id"].to_numpy()
+    items = pd.read_parquet(store / "items.parquet", columns=["item_id"])["item_id"].to_numpy()
+    names = read_lists(store)["list"].unique().to_pylist()
+    same = all(on_redis.user_features(u) == embedded.user_features(u) for u in rng.choice(users, samples).tolist())
+    requested = np.append(rng.choice(items, 10 * samples), [-1, items.max() + 1])
+    got, want = on_redis.item_features(requested), embedded.item_features(requested)
+    same &= bool(np.array_equal(got.found, want.found)) and got.features.equals(want.features)
+    for name in [*rng.choice(names, samples).tolist(), "popular", "trending", "new", "unknown"]:
+        same &= all(np.array_equal(a, b) for a, b in zip(on_redis.get_list(name), embedded.get_list(name), strict=True))
+    on_redis.close()
+    return same
+
+
 def format_table(result: dict) -> str:
     m, s, t = result["machine"], result["sizes"], result["seconds"]
     c = result["compare"]
@@ -132,6 +157,11 @@ def format_table(result: dict) -> str:
         f"| full rebuild | {c['recall@100_full']:.4f} |",
         f"| gap (target <= {RECALL_GAP}) | {abs(c['recall@100_incremental'] - c['recall@100_full']):.4f} |",
         f"| top-100 agreement between the two | {c['top100_agreement']:.4f} |",
+        *([] if not result["redis"] else [
+            "",
+            f"Redis keys written: full {result['redis_keys']['full']:,}, incremental "
+            f"{result['redis_keys']['incremental']:,} (a delta over {result['redis_keys']['base']}); "
+            f"the incremental version answers as its snapshot: {result['redis_keys']['same_answers']}"]),
         "",
         f"Result: {'pass' if result['passed'] else 'FAIL'}",
     ])
@@ -149,10 +179,10 @@ def main() -> int:
     machine = describe_machine()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         tmp = Path(tmp)
-        config = CONFIG
+        config, client, redis_keys = CONFIG, None, {}
         if args.redis:
             (tmp / "redis").mkdir()
-            stack.enter_context(redis_server(tmp / "redis", REDIS_PORT))
+            client = stack.enter_context(redis_server(tmp / "redis", REDIS_PORT))
             config = CONFIG.model_copy(update={"redis": f"127.0.0.1:{REDIS_PORT}"})
         data = prepare(generate(SyntheticConfig(**sizes, seed=args.seed)), tmp / "data", split="temporal",
                        seed=args.seed)
@@ -160,13 +190,20 @@ def main() -> int:
         seconds = {}
         seconds["full"], first = timed_refresh(data, tmp / "models", tmp / "a", False, config)
         catalogue = change_catalogue(data, args.seed)
+        if client is not None:
+            redis_keys["full"] = client.dbsize()
         seconds["incremental"], incremental = timed_refresh(data, tmp / "models", tmp / "a", True, config)
+        if client is not None:
+            redis_keys.update(incremental=client.dbsize() - redis_keys["full"], base=incremental["redis_base"],
+                              same_answers=compare_redis(ArtifactRoot(tmp / "a").path("v0002"), REDIS_PORT))
+            client.flushall()  # the reference loads into an empty server too, as its own v0001
         seconds["full_changed"], _ = timed_refresh(data, tmp / "models", tmp / "b", False, config)
         compare = compare_indexes(ArtifactRoot(tmp / "a").path("v0002"), ArtifactRoot(tmp / "b").path("v0001"))
     passed = (seconds["incremental"] <= MAX_RATIO * min(seconds["full"], seconds["full_changed"])
-              and abs(compare["recall@100_incremental"] - compare["recall@100_full"]) <= RECALL_GAP)
+              and abs(compare["recall@100_incremental"] - compare["recall@100_full"]) <= RECALL_GAP
+              and redis_keys.get("same_answers", True))
     result = {"machine": machine, "sizes": sizes, "seed": args.seed, "redis": args.redis, "seconds": seconds,
-              "catalogue": catalogue,
+              "catalogue": catalogue, "redis_keys": redis_keys,
               "index": first["index"], "steps": {"full": first["step_seconds"],
                                                  "incremental": incremental["step_seconds"]},
               "incremental_manifest": {k: incremental[k] for k in ("catalogue", "lists")},

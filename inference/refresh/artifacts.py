@@ -175,13 +175,23 @@ class ArtifactRoot:
         self.publish(version)
         return version
 
-    def prune(self, keep: int) -> list[str]:
-        """Deletes all but the newest ``keep`` versions, never the published one; returns the deleted."""
+    def prune(self, keep: int, release: Callable[[str], object] | None = None) -> list[str]:
+        """Deletes all but the newest ``keep`` versions; returns the deleted, newest first.
+
+        It never deletes the published version, nor the version whose Redis keys a kept one reads
+        through (its manifest's ``redis_base``). ``release(version)`` runs before each directory
+        goes (e.g. to delete its Redis keys: newest first, a delta goes before its base); if it
+        raises, that directory stays and the next prune tries again.
+        """
         if keep < 1:
             raise ValueError(f"keep = {keep}; expected at least 1")
-        current = self.current()
-        doomed = [v for v in self.versions()[:-keep] if v != current]
+        versions, current = self.versions(), self.current()
+        kept = {*versions[-keep:], *([current] if current else [])}
+        kept |= {read_manifest(self.root / v).get("redis_base") for v in kept} - {None}
+        doomed = [v for v in reversed(versions) if v not in kept]
         for version in doomed:
+            if release is not None:
+                release(version)
             shutil.rmtree(self.root / version)
         return doomed
 

@@ -76,10 +76,12 @@ from inference.refresh.rules import Rules, apply_rules, load_rules
 from inference.store import (
     LISTS,
     EmbeddedStore,
+    Snapshot,
     Store,
     delete_version,
     load_snapshot_into_redis,
     redis_address,
+    redis_base,
     write_snapshot,
 )
 from inference.triton.repository import write_repository
@@ -182,13 +184,12 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
         with timer("pools"):
             manifest["lists"], lists = pools_step(inputs, catalogue, index, started)
         with timer("store"):
-            store_step(inputs, staging, lists, version)
+            manifest["redis_base"] = store_step(inputs, staging, lists, version)
         manifest["seconds"] = round(time.time() - started, 3)
         manifest = write_manifest(staging, manifest, inputs.parent)
     publish_step(artifacts, version, inputs.parent)
-    for old in artifacts.prune(config.retention):
-        if config.redis:
-            delete_version(*redis_address(config.redis), old)
+    artifacts.prune(config.retention, (lambda old: delete_version(*redis_address(config.redis), old))
+                    if config.redis else None)
     return manifest
 
 
@@ -436,19 +437,31 @@ def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
     return built, lists
 
 
-def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | None], version: str) -> None:
+def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | None], version: str) -> str | None:
     """The store snapshot into ``store/``: user and item features, and the lists (the parent's file of
     each kind ``lists`` maps to None, hard-linked); with ``redis`` configured, also into Redis under
-    ``version`` (readers only use it once it is published)."""
+    ``version`` (readers only use it once it is published). Returns the full version whose keys
+    it reads through in Redis (the manifest's ``redis_base``): None when it was loaded in full.
+
+    An incremental refresh loads its store as a delta over the full version its parent reads
+    through (`load_snapshot_into_redis`), unless that version is not in Redis or its directory
+    is gone; retention keeps a base while a kept version reads through it (`ArtifactRoot.prune`)."""
     (staging / "store").mkdir()
     write_snapshot(staging / "store", inputs.users, inputs.items,
                    {kind: frame for kind, frame in lists.items() if frame is not None})
     for kind in (kind for kind, frame in lists.items() if frame is None):
         link_or_copy(inputs.parent / "store" / LISTS / f"{kind}.parquet", staging / "store" / LISTS / f"{kind}.parquet")
-    if inputs.config.redis:
-        host, port = redis_address(inputs.config.redis)
-        delete_version(host, port, version)  # left by a build of this number that never published
-        load_snapshot_into_redis(staging / "store", host, port, version)
+    if not inputs.config.redis:
+        return None
+    host, port = redis_address(inputs.config.redis)
+    delete_version(host, port, version)  # left by a build of this number that never published
+    base = redis_base(host, port, inputs.parent.name) if inputs.parent is not None else None
+    over = Snapshot(base, inputs.parent.parent / base / "store") if base is not None else None
+    if over is not None and not over.directory.is_dir():
+        log.warning("%s reads through %s in redis, whose directory is gone: loading the store in full",
+                    inputs.parent.name, base)
+        over = None
+    return load_snapshot_into_redis(staging / "store", host, port, version, base=over)
 
 
 def publish_step(artifacts: ArtifactRoot, version: str, parent: Path | None) -> None:

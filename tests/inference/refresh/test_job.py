@@ -11,13 +11,15 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import redis
 import torch
 
 from data.dataset import read_dataset
+from inference import store
 from inference.refresh import job
 from inference.refresh.artifacts import ArtifactRoot, LiveArtifacts, verify_version
 from inference.refresh.job import RefreshConfig, load_refresh_config, open_version, read_embeddings, refresh
-from inference.store import RedisStore, StoreError, read_lists
+from inference.store import EmbeddedStore, RedisStore, StoreUnavailable, read_lists, redis_address
 
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
 
@@ -290,23 +292,93 @@ def test_config_errors_name_the_field(tmp_path):
         load_refresh_config(path)
 
 
-def test_versions_load_into_redis_and_pruned_ones_leave_it(tiny_dataset, models_dir, redis_server, tmp_path):
-    address = f"{redis_server.host}:{redis_server.port}"
-    config = CONFIG.model_copy(update={"redis": address, "retention": 1})
-    refresh(tiny_dataset, models_dir, tmp_path, config)
-    embedded = open_version(ArtifactRoot(tmp_path).path("v0001")).store
-    shared = RedisStore(redis_server.host, redis_server.port, "v0001", timeout_s=1.0)
-    for name in ("popular", "trending", "user:1"):
-        ids, scores = shared.get_list(name)
-        assert ids.size and np.array_equal(ids, embedded.get_list(name)[0])
-        np.testing.assert_array_equal(scores, embedded.get_list(name)[1])
-    assert shared.user_features(1) == embedded.user_features(1)
+def assert_redis_answers_as_snapshots(server, root_dir, data_dir):
+    """Each complete version under ``root_dir`` answers from Redis as from its embedded snapshot: every user
+    and item of the dataset, every list of any version, and unknown ones."""
+    users = [*pd.read_parquet(data_dir / "users.parquet")["user_id"], -1]
+    items = np.append(pd.read_parquet(data_dir / "items.parquet")["item_id"].to_numpy(), [-1, 99_999])
+    root = ArtifactRoot(root_dir)
+    names = {"unknown", *(name for v in root.versions() for name in lists_of(root.path(v))["list"].unique())}
+    for version in root.versions():
+        embedded = EmbeddedStore.open(root.path(version) / "store", version)
+        on_redis = RedisStore(server.host, server.port, version, timeout_s=2.0)
+        assert all(on_redis.user_features(user) == embedded.user_features(user) for user in users)
+        got, want = on_redis.item_features(items), embedded.item_features(items)
+        np.testing.assert_array_equal(got.found, want.found)
+        pd.testing.assert_frame_equal(got.features, want.features)
+        for name in sorted(names):
+            for a, b in zip(on_redis.get_list(name), embedded.get_list(name), strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=f"{version} {name}")
+        on_redis.close()
 
-    refresh(tiny_dataset, models_dir, tmp_path, config, incremental=True)  # retention 1: v0001 goes
-    assert ArtifactRoot(tmp_path).versions() == ["v0002"]
-    assert RedisStore(redis_server.host, redis_server.port, "v0002", timeout_s=1.0).get_list("popular")[0].size
-    with pytest.raises(StoreError, match="v0001"):
-        shared.get_list("popular")
+
+def redis_versions(server) -> dict[str, int]:
+    """The versions that have keys in Redis, with how many."""
+    with redis.Redis(server.host, server.port) as client:
+        keys = [key.decode().split(":")[1] for key in client.scan_iter(match="recstack:v*")]
+    return {version: keys.count(version) for version in sorted(set(keys))}
+
+
+def test_incremental_versions_load_into_redis_as_deltas_and_retention_keeps_their_base(data_copy, models_dir,
+                                                                                     redis_server, tmp_path):
+    config = CONFIG.model_copy(update={"redis": f"{redis_server.host}:{redis_server.port}", "retention": 2,
+                                       "cadence_s": {"user": 1e9, "similar": 1e9}})
+    first = refresh(data_copy, models_dir, tmp_path, config)
+    assert first["redis_base"] is None
+    change_catalogue(data_copy, first["now"])
+    bases = [refresh(data_copy, models_dir, tmp_path, config, incremental=True)["redis_base"]]
+    written = redis_versions(redis_server)["v0002"]
+    reprice(data_copy, 5)
+    bases += [refresh(data_copy, models_dir, tmp_path, config, incremental=True)["redis_base"] for _ in range(2)]
+    assert bases == ["v0001"] * 3  # each delta reads through the full version, not through its parent
+    keys = redis_versions(redis_server)
+    assert max(written, keys["v0003"]) < keys["v0001"] / 5  # only what differs from v0001
+    assert keys["v0004"] == keys["v0003"]  # v0004 changed nothing since v0003: the same keys differ from v0001
+    # retention 2 keeps v0003, v0004 and their base v0001; v0002 left the disk and Redis
+    assert ArtifactRoot(tmp_path).versions() == ["v0001", "v0003", "v0004"] == list(keys)
+    assert_redis_answers_as_snapshots(redis_server, tmp_path, data_copy)
+
+    assert refresh(data_copy, models_dir, tmp_path, config)["redis_base"] is None  # a full refresh: a new base
+    assert ArtifactRoot(tmp_path).versions() == ["v0001", "v0004", "v0005"] == list(redis_versions(redis_server))
+    assert refresh(data_copy, models_dir, tmp_path, config, incremental=True)["redis_base"] == "v0005"
+    assert ArtifactRoot(tmp_path).versions() == ["v0005", "v0006"] == list(redis_versions(redis_server))
+    assert_redis_answers_as_snapshots(redis_server, tmp_path, data_copy)
+
+
+def test_redis_failing_during_a_load_publishes_nothing_and_the_previous_version_serves(
+        data_copy, models_dir, redis_server, tmp_path, monkeypatch):
+    address = f"{redis_server.host}:{redis_server.port}"
+    config = CONFIG.model_copy(update={"redis": address})
+    refresh(data_copy, models_dir, tmp_path, config)
+    live = LiveArtifacts(tmp_path, lambda d: open_version(d, lambda v: RedisStore(*redis_address(address), v, 2.0)))
+    reprice(data_copy, 5)
+    write, writes = store._write, []
+
+    def drop_after_the_first_write(*args):  # the connection drops midway through the load
+        if writes:
+            raise redis.ConnectionError("Connection reset by peer")
+        writes.append(write(*args))
+
+    monkeypatch.setattr(store, "_write", drop_after_the_first_write)
+    with pytest.raises(StoreUnavailable, match=f"redis at {address} failed during load_snapshot_into_redis"):
+        refresh(data_copy, models_dir, tmp_path, config, incremental=True)
+    assert writes and redis_versions(redis_server)["v0002"]  # a partial load, never complete
+    assert_previous_serves(tmp_path, "v0001")
+    assert ArtifactRoot(tmp_path).versions() == ["v0001"] and not list(tmp_path.glob(".staging-*"))
+    assert live.refresh() and live.version == "v0001"  # the published version, still serving
+    assert live.state.store.get_list("popular")[0].size  # from Redis
+    assert_redis_answers_as_snapshots(redis_server, tmp_path, data_copy)
+
+    def die(*args):  # the server dies while the delta is being written
+        redis_server.process.kill()
+        redis_server.process.wait()
+        write(*args)
+
+    monkeypatch.setattr(store, "_write", die)
+    with pytest.raises(StoreUnavailable, match=address):
+        refresh(data_copy, models_dir, tmp_path, config, incremental=True)
+    assert_previous_serves(tmp_path, "v0001")
+    assert ArtifactRoot(tmp_path).versions() == ["v0001"] and live.version == "v0001"
 
 
 def test_the_index_is_tuned_to_the_target_recall_unless_the_config_fixes_it(tiny_dataset, models_dir, tmp_path):
