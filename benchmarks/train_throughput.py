@@ -53,6 +53,7 @@ from torchrec import KeyedJaggedTensor
 from data.encoders import Batch
 from data.schema import FeatureSpec
 from models.dlrm import DLRM, DLRMConfig
+from training.optimizers import build_optimizer
 from training.ranking import RankingModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ class Timing(NamedTuple):
 
 def train_plain(model: DLRM, batches: list[Batch], bf16: bool) -> Timing:
     device = batches[0].dense.device
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    optimizer = build_optimizer(model, LR, 0.0)  # as RankingModule.configure_optimizers
     start = None
     for step, batch in enumerate(batches):
         if step == WARMUP_STEPS:

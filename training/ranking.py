@@ -7,7 +7,6 @@ probabilities.
 
 from __future__ import annotations
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,6 +19,7 @@ from models.deepfm import DeepFM, DeepFMConfig
 from models.dlrm import DLRM, DLRMConfig
 from models.linear import LinearConfig, LinearModel
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
+from training.train_loss import TrainLossLogging
 
 RANKERS = {"deepfm": (DeepFM, DeepFMConfig), "dlrm": (DLRM, DLRMConfig), "linear": (LinearModel, LinearConfig)}
 
@@ -33,7 +33,7 @@ def build_ranker(name: str, features: list[FeatureSpec], dense_dim: int, options
     return model(config(tuple(f for f in features if f.sparse), dense_dim, **options))
 
 
-class RankingModule(L.LightningModule):
+class RankingModule(TrainLossLogging):
     """Trains ``model`` (dense (B, n), KJT -> logits (B,)) on labelled batches; its embedding tables
     update by ``embedding_optimizer``, the rest by Adam(lr, weight_decay)."""
 
@@ -53,7 +53,7 @@ class RankingModule(L.LightningModule):
     def training_step(self, step: tuple, _: int) -> torch.Tensor:
         batch = step[0]
         loss = F.binary_cross_entropy_with_logits(self.model(batch.dense, batch.sparse), batch.labels)
-        self.log("train_loss", loss, batch_size=len(batch), prog_bar=True)
+        self.log_train_loss(loss, len(batch))
         return loss
 
     def validation_step(self, step: tuple, _: int) -> None:

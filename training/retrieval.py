@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import lightning as L
 import numpy as np
 import torch
 
@@ -20,9 +19,10 @@ from evaluation import metrics
 from models.two_tower import TwoTower, TwoTowerConfig, sampled_softmax_loss
 from training.data import EvalQueries
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
+from training.train_loss import TrainLossLogging
 
 
-class FullCorpusEvaluation(L.LightningModule):
+class FullCorpusEvaluation(TrainLossLogging):
     """Validation and test by `rank_queries` of ``corpus_scores``; subclasses set ``k``.
 
     Metrics are means over queries of every rank's results: the distributed sampler repeats a
@@ -134,7 +134,7 @@ class RetrievalModule(FullCorpusEvaluation):
                 if self.loss.logq else None
         loss = sampled_softmax_loss(self(query), self.embed_items(items), log_q, self.loss.temperature,
                                     extra, extra_log_q, item_ids)
-        self.log("train_loss", loss, batch_size=len(query), prog_bar=True)
+        self.log_train_loss(loss, len(query))
         return loss
 
     def _log_q(self) -> torch.Tensor:
