@@ -100,7 +100,11 @@ def load_run(run_dir: Path) -> TrainedRun:
     if not checkpoint.is_file():
         raise ValueError(f"{run_dir}: no checkpoints/best.ckpt; expected a finished training run")
     run = json.loads((run_dir / "run.json").read_text())
-    encoder = FeatureEncoder.load(Path(run["data"]) / "encoders.json")
+    encoders = Path(run["data"]) / "encoders.json"
+    if not encoders.is_file():
+        raise ValueError(f"{run_dir}/run.json: dataset {run['data']!r} has no encoders.json (from {Path.cwd()}); "
+                         "expected the prepared dataset the run trained on (runs record it as an absolute path)")
+    encoder = FeatureEncoder.load(encoders)
     config = RunConfig.model_validate(run["config"])
     if run["task"] == "retrieval":
         module, query, items = build_retrieval_module(encoder.schema, config)
@@ -108,7 +112,8 @@ def load_run(run_dir: Path) -> TrainedRun:
     else:
         module, names = build_ranking_module(run["model"], encoder.schema, config)
         features = {"features": names}
-    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+    # weights_only: a checkpoint holds tensors and plain values; nothing under --models is unpickled as code
+    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
     return TrainedRun(run_dir, module.eval(), run, encoder, features, run_version(run_dir))
 
 

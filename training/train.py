@@ -175,13 +175,14 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
     )
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps({**run, "data": str(data.data_dir), "config": config.model_dump()},
-                                                 indent=2))
+        # absolute, so an export or refresh started from any directory finds the dataset's encoders
+        (out / "run.json").write_text(json.dumps({**run, "data": str(Path(data.data_dir).resolve()),
+                                                  "config": config.model_dump()}, indent=2))
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None)
     results = {**trainer.validate(module, datamodule=data, ckpt_path=best.best_model_path, verbose=False)[0],
                **trainer.test(module, datamodule=data, ckpt_path=best.best_model_path, verbose=False)[0],
-               "best_epoch": torch.load(best.best_model_path, weights_only=False)["epoch"],
+               "best_epoch": torch.load(best.best_model_path, weights_only=True)["epoch"],
                "epochs": trainer.current_epoch}
     if not trainer.is_global_zero:
         return None  # every rank computed the same metrics; rank 0 reports them

@@ -2,6 +2,7 @@
 The refresh and artefact commands run in this process (`main`), which keeps their tests quick."""
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -262,3 +263,20 @@ def test_evaluate_ab_reads_an_experiment_from_the_impression_log(tmp_path, capsy
     assert not report["sample_ratio_alarm"]
     assert main(["evaluate", "ab", "--log", str(tmp_path / "log"), "--treatment", "other"]) == 2
     assert "expected 'control' and 'other'" in capsys.readouterr().err
+
+
+def test_a_run_trained_in_one_directory_refreshes_from_another(tiny_dataset, trained_runs, tmp_path, monkeypatch,
+                                                               capsys):
+    models = tmp_path / "runs"
+    shutil.copytree(trained_runs["two_tower"].parent, models, ignore=shutil.ignore_patterns("linear"))
+    trained = recstack("train", "ranker", "--model", "linear", "--data", tiny_dataset.name, "--out",
+                       models / "linear", "--max-epochs", 1, "--batch-size", 512, "--accelerator", "cpu",
+                       cwd=tiny_dataset.parent)  # the dataset named relative to where training runs, as in a Makefile
+    assert trained.returncode == 0, trained.stderr
+    assert json.loads((models / "linear" / "run.json").read_text())["data"] == str(tiny_dataset.resolve())
+    elsewhere = tmp_path / "cron"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # as cron starts it
+    assert main(["refresh", "--data", str(tiny_dataset), "--models", str(models), "--artifacts",
+                 str(tmp_path / "artifacts")]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["version"] == "v0001"
