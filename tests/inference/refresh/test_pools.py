@@ -455,7 +455,7 @@ def test_popular_sums_are_exact_whatever_the_row_order(events_of):
     assert sum(weights) != sum(weights[::-1])  # the case is one where the order matters
 
 
-def test_duckdb_spills_to_its_temp_directory_and_removes_it(tmp_path):
+def test_duckdb_runs_within_its_memory_limit_spilling_under_temp_directory(tmp_path):
     rng = np.random.default_rng(9)
     n = 400_000
     path = tmp_path / "interactions.parquet"
@@ -464,7 +464,10 @@ def test_duckdb_spills_to_its_temp_directory_and_removes_it(tmp_path):
     spill = tmp_path / "spill"
     spill.mkdir()
     with Events(path, options=DuckDBOptions(memory_limit_gb=0.05, threads=1, temp_directory=spill)) as events:
-        pool = build_cooccurrence_similar(events, k=3, max_history=20)
-        assert len(list(spill.iterdir())) == 1  # the connection's own directory
+        settings = dict(events.con.execute("SELECT name, value FROM duckdb_settings() "
+                                           "WHERE name IN ('memory_limit', 'temp_directory', 'threads')").fetchall())
+        assert settings["memory_limit"] == "47.6 MiB" and settings["threads"] == "1"
+        assert [Path(settings["temp_directory"])] == list(spill.iterdir())  # the connection's own directory
+        pool = build_cooccurrence_similar(events, k=3, max_history=20)  # ~3M pairs: past 50 MB
     assert pool["list"].nunique() == 5_000
     assert not list(spill.iterdir())
