@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
     stats.set_defaults(run=_stats)
 
+    cands = data_commands.add_parser("candidates", help="a ranker table of what retrieval proposes, on its split")
+    cands.add_argument("--data", required=True, type=Path, help="the retrieval model's canonical dataset directory")
+    cands.add_argument("--models", required=True, type=Path, help="directory of training runs (the two-tower one)")
+    cands.add_argument("--out", required=True, type=Path, help="dataset directory to create")
+    cands.add_argument("--config", type=Path, help="YAML candidates config (see configs/candidates.yaml)")
+    cands.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    cands.set_defaults(run=_candidates)
+
     train = commands.add_parser("train", help="train a retrieval model or a ranker")
     train_commands = train.add_subparsers(title="train commands")
     retrieval = train_commands.add_parser("retrieval", help="two-tower retrieval")
@@ -157,6 +165,18 @@ def _need(value, flag: str):
     if value is None:
         raise ValueError(f"{flag} is required for this dataset")
     return value
+
+
+def _candidates(args: argparse.Namespace) -> int:
+    from data.candidates import build_candidates, load_candidates_config
+    from data.dataset import write_dataset
+    from data.stats import dataset_stats, format_stats
+
+    table = build_candidates(args.data, args.models, load_candidates_config(args.config))
+    out = write_dataset(table, args.out, overwrite=args.overwrite)
+    print(f"wrote {out}")
+    print(format_stats(dataset_stats(out)))
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
