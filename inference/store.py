@@ -317,6 +317,7 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
             names, packed = _packed_lists(read_lists(directory))
             writes = [*(_feature_values(version, kind, table) for kind, table in (("user", users), ("item", items))),
                       (pa.array([_key(version, "list", name) for name in names], pa.string()), packed)]
+        client.set(_key(version, "begun"), 1)
         for keys, values in writes:
             _write(client, keys, values)
         for kind, table in (("user", users), ("item", items)):
@@ -586,12 +587,24 @@ def _check_base(client: redis.Redis, where: str, base: str) -> None:
 
 
 def _remove(client: redis.Redis, version: str) -> None:
-    """Deletes every key of ``version``, its ``complete`` key first, and takes it off its base's dependents."""
+    """Deletes every key of ``version``, its ``complete`` key first and its ``begun`` key last, and
+    takes it off its base's dependents.
+
+    A load writes ``begun`` before any other key, so a version with neither key has none: the
+    scan of the whole key space is skipped (most calls clear the leftovers of a load that never ran).
+    """
+    if not client.exists(_key(version, "begun"), _key(version, "complete")):
+        return
     client.delete(_key(version, "complete"))
     base = client.get(_key(version, "base"))
     if base is not None:
         client.srem(_key(base.decode(), "dependents"), version)
-    _delete_keys(client, version)
+    begun = _key(version, "begun").encode()
+    keys = client.scan_iter(match=_key(version, "*"), count=WRITE_BATCH)
+    while batch := list(islice(keys, WRITE_BATCH)):
+        if doomed := [key for key in batch if key != begun]:
+            client.unlink(*doomed)
+    client.delete(begun)
 
 
 def _delta_writes(version: str, directory: Path, users: pa.Table, items: pa.Table,
@@ -757,8 +770,3 @@ def _write(client: redis.Redis, keys: pa.Array | pa.ChunkedArray, values: pa.Arr
     finally:
         client.connection_pool.release(connection)
 
-
-def _delete_keys(client: redis.Redis, version: str) -> None:
-    keys = client.scan_iter(match=_key(version, "*"), count=WRITE_BATCH)
-    while batch := list(islice(keys, WRITE_BATCH)):
-        client.unlink(*batch)

@@ -308,7 +308,7 @@ def test_redis_refuses_an_incomplete_version(redis_server, snapshot_dir):
 def test_redis_reload_clears_leftovers_and_refuses_a_complete_version(redis_server, snapshot_dir):
     host, port = redis_server.host, redis_server.port
     with redis.Redis(host, port) as client:
-        client.set("recstack:v1:item:12345", "[]")  # left by a crashed load
+        client.mset({"recstack:v1:begun": 1, "recstack:v1:item:12345": "[]"})  # left by a crashed load
     load_snapshot_into_redis(snapshot_dir, host, port, "v1")
     assert b"recstack:v1:item:12345" not in redis_keys(redis_server, "v1")
     assert not RedisStore(host, port, "v1").item_features(np.array([12345])).found[0]
@@ -561,7 +561,7 @@ def test_redis_deltas_write_only_their_changes_and_answer_as_their_snapshots(red
     assert load_snapshot_into_redis(snapshots["v3"], host, port, "v3", base=Snapshot("v1", snapshots["v1"])) == "v1"
     assert load_snapshot_into_redis(snapshots["v4"], host, port, "v4", base=Snapshot("v1", snapshots["v1"])) is None
 
-    metadata = {"schema:user", "schema:item", "base", "complete"}
+    metadata = {"schema:user", "schema:item", "base", "begun", "complete"}
     written = {version: {key.decode().removeprefix(f"recstack:{version}:") for key in redis_keys(redis_server, version)}
                for version in ("v2", "v3")}
     assert written["v2"] == metadata | {  # user:42 and user:7 (lists in a linked group) are the base's
