@@ -12,7 +12,9 @@ makes the mean over requests of sum_{j<d} w_j r_j an unbiased estimate of the ca
 expected reward in its top d: the reward-interaction IPS of McInerney et al., "Counterfactual
 Evaluation of Slate Recommendations with Sequential Reward Interactions" (KDD 2020), for a
 deterministic target. It needs support: a candidate whose lists the logging pipeline could not
-have drawn (items it never retrieved) is estimated low, which a low `matched` share shows.
+have drawn (items it never retrieved) is estimated low, which a low `matched` share shows. It
+needs propensities too: slots a deterministic policy chose (a `bandit` orderer on UCB1 or greedy,
+logged with a null propensity) are refused, since weighting them by 1 would be wrong.
 Start with `replay`.
 """
 
@@ -66,6 +68,12 @@ def replay(slots: pd.DataFrame, rank: Callable[[Query], np.ndarray], depths: Seq
     queries = logged_queries(slots)
     width = max(depths)
     shown = slots[slots["position"] < width]
+    degenerate = shown["propensity"].isna()
+    if degenerate.any():
+        examples = shown.loc[degenerate, "request_id"].unique()[:3].tolist()
+        raise ValueError(f"{int(degenerate.sum())} logged slots within depth {width} have no propensity (a "
+                         f"deterministic policy chose them, e.g. requests {examples}); expected an exploring "
+                         "log (explore, or a bandit orderer on epsilon_greedy or thompson)")
     row = pd.Index(list(queries)).get_indexer(shown["request_id"])
     logged = np.full((len(queries), width), -1, np.int64)  # (N, D) logged items; -1: no slot
     propensity, reward = np.ones((len(queries), width)), np.zeros((len(queries), width))

@@ -52,7 +52,7 @@ class Impression:
     item_ids: tuple[int, ...]  # the M served items, slot 0 first
     sources: tuple[str, ...]
     scores: tuple[float, ...]
-    propensities: tuple[float, ...]  # probability of each slot's choice
+    propensities: tuple[float, ...]  # probability of each slot's choice; NaN (logged null): degenerate
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ FIELDS = {
         "item_ids": ("a list of integers", _each(_is_int)),
         "sources": ("a list of strings", _each(lambda x: isinstance(x, str))),
         "scores": ("a list of finite numbers", _each(_is_number)),
-        "propensities": ("a list of numbers in (0, 1]", _each(lambda x: _is_number(x) and 0 < x <= 1)),
+        "propensities": ("a list of numbers in (0, 1], null where a deterministic policy chose",
+                         _each(lambda x: x is None or (_is_number(x) and 0 < x <= 1))),
         "variant": STRING,
     },
     "feedback": {"request_id": STRING, "item_id": ("an integer", _is_int), "reward": NUMBER, "received_at": NUMBER},
@@ -204,6 +205,8 @@ class ImpressionLog:
                     break
                 try:
                     row = asdict(record)
+                    if "propensities" in row:  # JSON has no NaN: a degenerate propensity is logged as null
+                        row["propensities"] = [None if p != p else p for p in row["propensities"]]
                     _check(KINDS[type(record)], row)
                     lines[KINDS[type(record)]].append(json.dumps(row, separators=(",", ":")) + "\n")
                 except Exception:  # noqa: BLE001 -- an unloggable record is dropped, never the writer

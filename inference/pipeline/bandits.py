@@ -203,7 +203,7 @@ class UCB1:
 class Thompson:
     """The share of ``draws`` posterior draws (Beta(1 + rewards, 1 + failures) per arm) each arm wins."""
 
-    draws: int = 1000
+    draws: int = 200  # the estimates' standard error is at most 0.5 / sqrt(draws)
     deterministic = False
 
     def __post_init__(self) -> None:

@@ -257,7 +257,9 @@ class BanditOrderer:
     """``query.k`` slots allocated among the sources by a bandit ``policy`` over ``bandit``'s counts:
     each slot draws a source among those with items left and takes its best ranked remaining item.
     A slot's propensity is its source's probability under the policy (NaN when the policy is
-    deterministic). ``seed`` fixes the draws (tests); by default they differ per run."""
+    deterministic). The policy's probabilities are computed once per request and again only when a
+    source runs out (Thompson's estimate is then shared by the request's slots, and each draw is
+    exact given it). ``seed`` fixes the draws (tests); by default they differ per run."""
 
     name = "bandit"
 
@@ -274,9 +276,12 @@ class BanditOrderer:
         served, rewards = self.bandit.counts(names)
         slots = min(query.k, len(scored))
         chosen, propensities = np.zeros(slots, np.intp), np.zeros(slots)
+        available = None
         for slot in range(slots):
-            p = self.policy.probabilities(served, rewards, np.array([len(r) > 0 for r in remaining]), rng)
-            source = rng.choice(len(names), p=p / p.sum())
+            left = np.array([len(r) > 0 for r in remaining])
+            if available is None or (left != available).any():  # the counts only change between requests
+                available, p = left, self.policy.probabilities(served, rewards, left, rng)
+            source = min(int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right")), len(p) - 1)
             chosen[slot] = remaining[source].pop(0)
             propensities[slot] = np.nan if self.policy.deterministic else p[source]
         return scored.take(chosen), propensities
@@ -332,7 +337,7 @@ class BanditSpec(StageSpec):
     kind: Literal["bandit"]
     policy: Literal["epsilon_greedy", "ucb1", "thompson"]
     epsilon: float = Field(0.1, ge=0, le=1)  # epsilon_greedy's share of uniform draws
-    draws: int = Field(1000, ge=1)  # thompson's posterior draws per slot, which estimate its propensities
+    draws: int = Field(200, ge=1)  # thompson's posterior draws per request, which estimate its propensities
     seed: int | None = None
 
     def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:

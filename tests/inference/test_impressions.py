@@ -90,6 +90,14 @@ def test_user_ids_past_float_precision_stay_exact_beside_anonymous_requests(tmp_
     assert read_impressions(tmp_path)["user_id"].tolist() == [2**60 + 1, 2**60 + 1, pd.NA, pd.NA]
 
 
+def test_a_degenerate_propensity_is_logged_as_null_and_read_as_nan(tmp_path):
+    log = ImpressionLog(tmp_path)
+    assert log.write(impression("r1", propensities=(float("nan"), 0.5)))
+    log.close()
+    assert '"propensities":[null,0.5]' in files(tmp_path, "impressions")[0].read_text()
+    assert read_impressions(tmp_path)["propensity"].isna().tolist() == [True, False]
+
+
 def test_empty_or_missing_directory_gives_empty_frames_with_columns(tmp_path):
     (tmp_path / "impressions").mkdir()
     for directory in (tmp_path, tmp_path / "missing"):
