@@ -34,7 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pandas as pd
@@ -82,24 +84,30 @@ def fixed_search(ranking: np.ndarray):
     return search
 
 
+def build_lists(engine: ModuleType, source: object, first_seen: Callable[[], tuple], users: np.ndarray,
+                seconds: dict[str, float]) -> dict[str, pd.DataFrame]:
+    """Every list of `LISTS` from ``engine``'s builders over ``source`` (its interactions), timed into ``seconds``."""
+    built = {}
+    for name, k in LISTS.items():
+        start = time.perf_counter()
+        if name in ("popular", "hot"):
+            built[name] = engine.build_popular(source, NOW, 7 * DAY, k)
+        elif name == "trending":
+            built[name] = engine.build_trending(source, NOW, DAY, 30 * DAY, k)
+        elif name == "new":
+            built[name] = engine.build_new_items(*first_seen(), NOW, 30 * DAY, k)
+        else:
+            search = fixed_search(built["hot"]["item_id"].to_numpy())
+            built[name] = engine.build_user_lists(users, np.zeros((len(users), 1), np.float32), search, source, k)
+        seconds[name] = time.perf_counter() - start
+    return built
+
+
 def build_duckdb(data: Path, users: np.ndarray, memory_gb: float) -> tuple[dict[str, pd.DataFrame], dict]:
     """The lists and the seconds each took, from `inference.refresh.pools`."""
-    built, seconds = {}, {}
+    seconds = {}
     with pools.Events(data, "label", pools.DuckDBOptions(memory_limit_gb=memory_gb)) as events:
-        for name, k in LISTS.items():
-            start = time.perf_counter()
-            if name == "popular" or name == "hot":
-                built[name] = pools.build_popular(events, NOW, 7 * DAY, k)
-            elif name == "trending":
-                built[name] = pools.build_trending(events, NOW, DAY, 30 * DAY, k)
-            elif name == "new":
-                built[name] = pools.build_new_items(*pools.read_first_seen(events), NOW, 30 * DAY, k)
-            else:
-                ranking = built["hot"]["item_id"].to_numpy()
-                built[name] = pools.build_user_lists(users, np.zeros((len(users), 1), np.float32),
-                                                     fixed_search(ranking), events, k)
-            seconds[name] = time.perf_counter() - start
-    return built, seconds
+        return build_lists(pools, events, lambda: pools.read_first_seen(events), users, seconds), seconds
 
 
 def build_pandas(data: Path, users: np.ndarray, revision: str) -> tuple[dict[str, pd.DataFrame], dict]:
@@ -112,26 +120,16 @@ def build_pandas(data: Path, users: np.ndarray, revision: str) -> tuple[dict[str
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
     os.unlink(f.name)
-    built, seconds = {}, {}
     start = time.perf_counter()
     rows = pd.read_parquet(data)
     rows = rows[rows["label"] > 0]
-    seconds["read"] = time.perf_counter() - start
-    for name, k in LISTS.items():
-        start = time.perf_counter()
-        if name == "popular" or name == "hot":
-            built[name] = old.build_popular(rows, NOW, 7 * DAY, k)
-        elif name == "trending":
-            built[name] = old.build_trending(rows, NOW, DAY, 30 * DAY, k)
-        elif name == "new":
-            first = rows.groupby("item_id")["timestamp"].min()
-            built[name] = old.build_new_items(first.index.to_numpy(), first.to_numpy(), NOW, 30 * DAY, k)
-        else:
-            ranking = built["hot"]["item_id"].to_numpy()
-            built[name] = old.build_user_lists(users, np.zeros((len(users), 1), np.float32), fixed_search(ranking),
-                                               rows, k)
-        seconds[name] = time.perf_counter() - start
-    return built, seconds
+    seconds = {"read": time.perf_counter() - start}
+
+    def first_seen() -> tuple[np.ndarray, np.ndarray]:
+        first = rows.groupby("item_id")["timestamp"].min()
+        return first.index.to_numpy(), first.to_numpy()
+
+    return build_lists(old, rows, first_seen, users, seconds), seconds
 
 
 def run_child(engine: str, data: Path, out: Path, args: argparse.Namespace) -> dict:
