@@ -332,14 +332,13 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
 
 def redis_base(host: str, port: int, version: str, timeout_s: float = 5.0) -> str | None:
     """The full version that ``version`` reads through in Redis: itself when it was loaded in
-    full, its base when it was loaded as a delta; None when it is not complete there."""
+    full, its base when it was loaded as a delta; None when it or its base is not complete there."""
     version = _check_version(version)
     with connect(host, port, timeout_s) as client, _failures(f"{host}:{port}", "redis_base", version):
         pipe = client.pipeline(transaction=True)
         complete, base = pipe.exists(_key(version, "complete")).get(_key(version, "base")).execute()
-    if not complete:
-        return None
-    return version if base is None else base.decode()
+        base = version if base is None else base.decode()
+        return base if complete and client.exists(_key(base, "complete")) else None
 
 
 def delete_version(host: str, port: int, version: str, timeout_s: float = 5.0) -> None:
@@ -628,9 +627,11 @@ def _changed_rows(version: str, kind: str, table: pa.Table, base: pa.Table) -> t
     tombstone for each id only ``base`` has."""
     id_column = f"{kind}_id"
     ids, base_ids = table[id_column].to_numpy(), base[id_column].to_numpy()
-    order = np.argsort(base_ids, kind="stable")  # quick on ids already in order
-    rows = order[np.minimum(np.searchsorted(base_ids[order], ids), max(len(base_ids) - 1, 0))]  # (N,)
-    found = base_ids[rows] == ids if len(base_ids) else np.zeros(len(ids), bool)
+    rows, found = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)  # (N,) each id's row in base, if there
+    if len(base_ids):
+        order = np.argsort(base_ids, kind="stable")  # quick on ids already in order
+        rows = order[np.minimum(np.searchsorted(base_ids[order], ids), len(base_ids) - 1)]
+        found = base_ids[rows] == ids
     same = found.copy()
     mine, theirs = table.filter(pa.array(found)), base.take(rows[found])
     for name in table.column_names:

@@ -595,6 +595,7 @@ def test_redis_retention_keeps_a_base_while_a_delta_reads_through_it(redis_serve
         client.delete("recstack:v1:complete")  # the base gone under a delta: its reads fail, never answer "unknown"
     with pytest.raises(StoreError, match=r"version 'v2' or its base 'v1' is not complete"):
         v2.item_features(np.array([3]))
+    assert redis_base(host, port, "v2") is None  # nothing to load a delta over
     with pytest.raises(StoreError, match="'v1' is not complete"):
         load_snapshot_into_redis(snapshots["v3"], host, port, "v3", base=base)
     delete_version(host, port, "v2")
@@ -618,3 +619,9 @@ def test_redis_delta_loads_in_full_when_it_changes_too_much_and_refuses_a_delta_
     with pytest.raises(StoreError, match="base 'absent' is not complete"):
         load_snapshot_into_redis(snapshots["v3"], host, port, "v3", base=Snapshot("absent", snapshots["v2"]))
     assert redis_base(host, port, "v3") is None
+    ages = make_users()[["user_id", "age"]]
+    none = write_version(tmp_path / "snapshots", "none", ages.iloc[:0], make_items(), {"all": make_lists()})
+    back = write_version(tmp_path / "snapshots", "back", ages, make_items(), {"all": make_lists()})
+    load_snapshot_into_redis(none, host, port, "none")  # a base without users
+    assert load_snapshot_into_redis(back, host, port, "back", base=Snapshot("none", none)) == "none"
+    assert_answers_as_snapshot(redis_server, "back", back)
