@@ -166,8 +166,8 @@ class Recommender:
 
     Each version is loaded, warmed up and must answer ``probe`` with at least one item before it
     serves. The default probe is an anonymous query for 10 items (a pipeline with
-    ``allow_anonymous: false`` needs a probe with a user every version knows); its context must
-    hold what the models read, e.g. {"hour": 12, "weekday": 3}. Once started, it looks for a new
+    ``allow_anonymous: false`` needs a probe with a user every version knows); the context it
+    leaves out is completed as any request's is (`PipelineConfig.time_features`). Once started, it looks for a new
     version every ``poll_s`` seconds. Call `close` when done (it does not close ``log``).
 
     ``bandit`` counts every served slot by source and the rewards `feedback` reports, across

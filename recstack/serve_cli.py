@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from recstack.recommend_cli import parse_context
+
+API_KEY_ENV = "RECSTACK_API_KEY"
+LIMITS = ("max_in_flight", "max_queue", "queue_timeout_s", "request_timeout_s", "max_body_bytes")  # Limits' fields
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -33,8 +37,28 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--experiment-share", type=float, default=0.5, metavar="SHARE",
                        help="share of users in the experiment arm (by a hash of the name and the user id)")
     serve.add_argument("--probe-context", nargs="*", default=[], metavar="NAME=VALUE",
-                       help="context of that query, e.g. hour=12 weekday=3")
+                       help="context of that query, e.g. hour=12 weekday=3 (default: derived, as for any request)")
+    limits = serve.add_argument_group("limits (what the server admits, the rest shed at once with 503; "
+                                      "defaults: inference.service.Limits)")
+    for flag, kind, what in (("--max-in-flight", int, "requests computed at once"),
+                             ("--max-queue", int, "requests waiting for a turn"),
+                             ("--queue-timeout-s", float, "longest wait for a turn"),
+                             ("--request-timeout-s", float, "each request's time budget from its arrival; its "
+                              "stages get what is left"),
+                             ("--max-body-bytes", int, "larger bodies are refused (413) before they are read")):
+        limits.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=what)
+    serve.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                       help=f"require the key this file holds (or ${API_KEY_ENV}) on every path but /healthz, as "
+                            "'Authorization: Bearer KEY' or 'X-API-Key: KEY'")
     serve.set_defaults(run=_serve)
+
+
+def read_api_key(path: Path | None) -> str | None:
+    """The API key in file ``path`` (surrounding whitespace stripped), else in ${API_KEY_ENV}, else None."""
+    key = path.read_text().strip() if path is not None else os.environ.get(API_KEY_ENV, "").strip()
+    if path is not None and not key:
+        raise ValueError(f"--api-key-file {path} is empty; expected the API key")
+    return key or None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -43,11 +67,13 @@ def _serve(args: argparse.Namespace) -> int:
     from inference.impressions import ImpressionLog
     from inference.pipeline.executor import load_pipeline_config
     from inference.pipeline.types import Query
-    from inference.service import Experiment, Recommender, Shadow, create_app
+    from inference.service import Experiment, Limits, Recommender, Shadow, create_app
 
     # swaps and refusals log at INFO and ERROR; force: importing torchrec already added a WARNING root handler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     config = load_pipeline_config(args.config)
+    limits = Limits(**{name: getattr(args, name) for name in LIMITS if hasattr(args, name)})
+    api_key = read_api_key(args.api_key_file)
     probe = Query(args.probe_user, parse_context(args.probe_context, "--probe-context"), k=min(10, config.max_k))
     shadow = None
     if args.shadow_config is not None:
@@ -61,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
     recommender = Recommender(args.artifacts, config, probe, args.poll_s, log, shadow, experiment).start()
     try:
         # until SIGTERM or Ctrl-C; uvicorn shuts down gracefully, then re-raises the signal
-        uvicorn.run(create_app(recommender), host=args.host, port=args.port)
+        uvicorn.run(create_app(recommender, limits, api_key), host=args.host, port=args.port)
     except KeyboardInterrupt:  # Ctrl-C is how an operator stops it, not an error
         pass
     finally:

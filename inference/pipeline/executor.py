@@ -557,16 +557,12 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
 
 
 def _completer(config: PipelineConfig, models: list[ModelInputs]) -> ContextCompleter:
-    """The `ContextCompleter` of the request-time features ``models`` read (their schemas'
-    interaction features, sequences and labels aside); ValueError when ``config.time_features``
-    names another feature."""
+    """The `ContextCompleter` of the request-time features ``models`` read: their schemas'
+    interaction features (sequences aside). Of ``config.time_features``, those the models read."""
     features = sorted({f.name for inputs in models for f in inputs.encoder.schema.features
                        if f.table == "interactions" and f.kind != "sequence" and f.name in inputs.features})
-    unknown = sorted(set(config.time_features) - set(features))
-    if unknown:
-        raise ValueError(f"time_features {unknown} are not request-time features the models read; "
-                         f"expected some of {features}")
-    return ContextCompleter(features, config.time_features, time_zone(config.time_zone))
+    derived = {name: field for name, field in config.time_features.items() if name in features}
+    return ContextCompleter(features, derived, time_zone(config.time_zone))
 
 
 def _scorer(config: PipelineConfig, models: Path, name: str) -> Scorer:

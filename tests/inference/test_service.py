@@ -2,7 +2,9 @@
 health, Prometheus metrics, a hot swap under traffic, and refused versions that leave the old
 one serving."""
 
+import dataclasses
 import json
+import os
 import re
 import socket
 import threading
@@ -10,18 +12,25 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
+from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import hypothesis
 import numpy as np
+import pandas as pd
 import pytest
 import redis
 import schemathesis
+import torch
 import yaml
 from hypothesis import strategies
 from prometheus_client.parser import text_string_to_metric_families
 from schemathesis import GenerationMode
 
+from data.prepare import prepare
+from data.schema import FeatureSpec
+from data.synthetic import SyntheticConfig, generate
 from inference.impressions import ImpressionLog, logged_slots
 from inference.pipeline.executor import PipelineConfig
 from inference.pipeline.scorers import TorchScriptScorer
@@ -31,6 +40,7 @@ from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manif
 from inference.refresh.job import RefreshConfig, refresh
 from inference.service import MAX_RECENT_ITEMS, Experiment, Limits, Recommender, Shadow, create_app, serve_in_thread
 from inference.store import EmbeddedStore, load_snapshot_into_redis
+from training.train import RunConfig, train_ranker, train_retrieval
 
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 FUZZ_EXAMPLES = 400  # per endpoint: the three with inputs make at least 1,000 requests
@@ -504,3 +514,50 @@ def test_fuzzed_requests_to_every_endpoint_get_no_server_error(recommender):
     assert sum(answered.values()) >= 1000
     assert {label for label, _ in answered} == {"POST /recommend", "POST /feedback", "GET /shadow", "GET /healthz",
                                                 "GET /metrics"}
+
+
+@pytest.fixture(scope="module")
+def clocked_root(tmp_path_factory) -> Path:
+    """A published version whose linear ranker reads request-time ``hour`` and ``weekday`` features."""
+    base = tmp_path_factory.mktemp("clocked")
+    dataset = generate(SyntheticConfig(users=120, items=80, interactions=4000, seed=3))
+    time = pd.to_datetime(dataset.interactions["timestamp"], unit="s", utc=True)
+    interactions = dataset.interactions.assign(hour=time.dt.hour, weekday=time.dt.weekday)
+    clock = [FeatureSpec("hour", "interactions", "categorical"), FeatureSpec("weekday", "interactions", "categorical")]
+    schema = dataset.schema.with_features([*dataset.schema.features, *clock])
+    data = prepare(dataclasses.replace(dataset, interactions=interactions, schema=schema), base / "data",
+                   split="temporal", seed=1)
+    train = {"lr": 0.03, "max_epochs": 1, "batch_size": 512, "accelerator": "cpu"}
+    environ, deterministic = dict(os.environ), torch.are_deterministic_algorithms_enabled()
+    try:
+        train_retrieval(data, base / "runs" / "two_tower", RunConfig.model_validate(
+            {"train": train, "model": {"hidden_sizes": [16], "output_dim": 8}}))
+        train_ranker("linear", data, base / "runs" / "linear", RunConfig.model_validate({"train": train}))
+    finally:  # training sets deterministic algorithms and PL_* variables process-wide
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.use_deterministic_algorithms(deterministic)
+    root = base / "artifacts"
+    refresh(data, base / "runs", root, CONFIG.model_copy(update={"rankers": ["linear"]}))
+    return root
+
+
+def test_minimal_requests_get_k_items_with_the_context_derived_from_the_clock(clocked_root):
+    config = pipeline_config().model_copy(update={"scorer": ["linear"], "time_zone": "Asia/Tokyo",
+                                                  "time_features": {"hour": "hour"}})
+    recommender = Recommender(clocked_root, config)  # probed with an anonymous query without context
+    try:
+        with serve_in_thread(recommender) as base:
+            replies = [recommend(base), recommend(base, user_id=1), recommend(base, user_id=1, k=7, context={})]
+            samples = metrics(base)
+        assert [(status, len(reply["items"])) for status, reply in replies] == [(200, 10), (200, 10), (200, 7)]
+        assert not [key for key in samples if key[0] == "recstack_scorer_fallbacks_total"]  # the ranker scored them
+        completer = recommender.live.state.pipeline.stages.completer
+        before = datetime.now(ZoneInfo("Asia/Tokyo")).hour
+        context = completer(Query(user_id=None)).context
+        assert context["hour"] in {before, datetime.now(ZoneInfo("Asia/Tokyo")).hour} and context["weekday"] is None
+        assert completer(Query(user_id=None, context={"hour": 3, "weekday": 1})).context == {"hour": 3, "weekday": 1}
+    finally:
+        recommender.close()
+    with pytest.raises(ValueError, match="time_zone 'Mars/Olympus' is not an IANA time zone"):
+        PipelineConfig.model_validate(config.model_dump() | {"time_zone": "Mars/Olympus"})
