@@ -2,6 +2,7 @@
 
     python benchmarks/offline_eval.py            # 1M items, 25k users, 2.5M interactions
     python benchmarks/offline_eval.py --small    # 50k items, 2,000 evaluated users: a quick run
+    python benchmarks/offline_eval.py --truth    # trained models on small synthetic data, expected clicks
 
 Steps, as in benchmarks/pipeline.py: the synthetic dataset (split at random per user, 80/10/10,
 so most users have held-out rows); untrained two-tower, DeepFM and linear runs (the time does
@@ -12,6 +13,12 @@ path: the same pipeline answering a sample of the same users one request at a ti
 per-request time scaled to every evaluated user.
 
 It passes when the evaluation takes at most 10 minutes.
+
+With ``--truth`` it measures quality instead of time: a synthetic dataset of `TRUTH_SIZES`
+(random split), a two-tower (`TRUTH_RUNS`), DeepFM (configs/synthetic_ctr_deepfm.yaml) and linear
+ranker trained on it, one full refresh, and `evaluate_offline --truth` on the test part at k = 10.
+It passes when the pipeline's expected clicks@10 by the generator's click probabilities are at
+least 0.9x the oracle's (the best available unseen items) and above retrieval alone's.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -29,10 +37,11 @@ from report import describe_machine, finish
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
 from evaluation.offline import OfflineConfig, evaluate_offline, read_held_out, request_context
-from inference.pipeline.executor import build_pipeline
+from inference.pipeline.executor import Pipeline, PipelineConfig, build_pipeline
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import ArtifactRoot
 from inference.refresh.job import open_version, refresh
+from training.train import RunConfig, load_config, train_ranker, train_retrieval
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"users": 25_000, "items": 1_000_000, "interactions": 2_500_000}
@@ -41,6 +50,13 @@ EVALUATED = {"full": 20_000, "small": 2_000}
 SERIAL_USERS = 300  # requests of the one-at-a-time baseline
 KS = (10, 20, 50)
 TARGET_S = 600.0
+TRUTH_SIZES = {"users": 2_000, "items": 2_000, "interactions": 200_000}
+TRUTH_RUNS = {
+    "two_tower": {"train": {"lr": 0.005, "max_epochs": 8, "batch_size": 1024, "patience": 2, "accelerator": "cpu"},
+                  "model": {"hidden_sizes": [], "output_dim": 32}},
+    "linear": {"train": {"lr": 0.01, "max_epochs": 4, "batch_size": 8192, "accelerator": "cpu"}},
+}
+TRUTH_TARGETS = {"vs_oracle": 0.9, "vs_retrieval": 1.0}
 
 
 def time_serial(pipeline, data_dir: Path, users: int, seed: int) -> float:
@@ -82,23 +98,92 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def synthetic_pipeline(root: Path) -> Pipeline:
+    """The benchmark pipeline (configs/pipeline.yaml, timeouts 5 s) over the version under ``root``;
+    the synthetic models read no request-time features, so none is derived from the clock."""
+    config = pipeline_config().model_dump()
+    config.pop("time_features", None)
+    return build_pipeline(PipelineConfig.model_validate(config), open_version(ArtifactRoot(root).path("v0001")))
+
+
+def build_version(work: Path, sizes: dict, seed: int, trained: bool) -> Path:
+    """The dataset of ``sizes`` under ``work``/data and a refreshed version under ``work``/artifacts,
+    from trained or untrained runs; both are reused when ``work`` already holds them."""
+    data = work / "data"
+    if (work / "artifacts" / "CURRENT").is_file():
+        return data
+    prepare(generate(SyntheticConfig(**sizes, seed=seed)), data, split="random", seed=seed, overwrite=True)
+    models = work / "models"
+    if trained:
+        train_retrieval(data, models / "two_tower", RunConfig.model_validate(TRUTH_RUNS["two_tower"]))
+        deepfm = load_config(ROOT / "configs" / "synthetic_ctr_deepfm.yaml", accelerator="cpu", max_epochs=6)
+        train_ranker("deepfm", data, models / "deepfm", deepfm)
+        train_ranker("linear", data, models / "linear", RunConfig.model_validate(TRUTH_RUNS["linear"]))
+    else:
+        for model in ("two_tower", "deepfm", "linear"):
+            untrained_run(data, models / model, model)
+    refresh(data, models, work / "artifacts", CONFIG)
+    return data
+
+
+def run_truth(work: Path, seed: int) -> dict:
+    """Expected clicks@10 of the pipeline, retrieval alone and the oracle with trained models."""
+    data = build_version(work, TRUTH_SIZES, seed, trained=True)
+    pipeline = synthetic_pipeline(work / "artifacts")
+    try:
+        report = evaluate_offline(pipeline, data, OfflineConfig("test", (10,), seed=seed, truth=True))
+    finally:
+        pipeline.close()
+    clicks = {name: values["clicks@10"] for name, values in report["truth"].items()}
+    ratios = {"vs_oracle": clicks["pipeline"] / clicks["oracle"],
+              "vs_retrieval": clicks["pipeline"] / clicks["retrieval"]}
+    return {"sizes": TRUTH_SIZES, "users": report["users"], "clicks@10": clicks, "ratios": ratios,
+            "ndcg@10": {name: report["lists"][name]["ndcg@10"] for name in ("pipeline", "retrieval", "popularity")},
+            "passed": ratios["vs_oracle"] >= TRUTH_TARGETS["vs_oracle"] and ratios["vs_retrieval"] > 1.0}
+
+
+def format_truth(result: dict) -> str:
+    m, t = result["machine"], result["truth"]
+    clicks, ratios = t["clicks@10"], t["ratios"]
+    return "\n".join([
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; load average {m['load_average_1min']:.1f}",
+        f"Synthetic: {t['sizes']['items']:,} items, {t['sizes']['users']:,} users, {t['sizes']['interactions']:,} "
+        f"interactions (random split); {t['users']:,} evaluated users (test part)",
+        "",
+        "| list | expected clicks@10 | NDCG@10 (held-out clicks) |",
+        "|---|---:|---:|",
+        *[f"| {name} | {clicks[name]:.4f} | {t['ndcg@10'][name]:.4f} |" for name in ("pipeline", "retrieval")],
+        f"| oracle (best available unseen items) | {clicks['oracle']:.4f} | |",
+        "",
+        "| check | value | target | result |",
+        "|---|---:|---:|---|",
+        f"| pipeline / oracle | {ratios['vs_oracle']:.3f} | >= {TRUTH_TARGETS['vs_oracle']} | "
+        f"{'pass' if ratios['vs_oracle'] >= TRUTH_TARGETS['vs_oracle'] else 'FAIL'} |",
+        f"| pipeline / retrieval alone | {ratios['vs_retrieval']:.3f} | > {TRUTH_TARGETS['vs_retrieval']} | "
+        f"{'pass' if ratios['vs_retrieval'] > TRUTH_TARGETS['vs_retrieval'] else 'FAIL'} |",
+    ])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true")
+    parser.add_argument("--truth", action="store_true", help="expected clicks with trained models, not time")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "offline_eval.json")
+    parser.add_argument("--work", type=Path,
+                        help="keep the dataset, runs and version here and reuse them (default: a temp dir)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    sizes, evaluated = (SMALL, EVALUATED["small"]) if args.small else (FULL, EVALUATED["full"])
-    machine = describe_machine()
-    with tempfile.TemporaryDirectory(prefix="offline-eval-") as tmp:
-        tmp = Path(tmp)
-        data = prepare(generate(SyntheticConfig(**sizes, seed=args.seed)), tmp / "data", split="random",
-                       seed=args.seed)
-        for model in ("two_tower", "deepfm", "linear"):
-            untrained_run(data, tmp / "models" / model, model)
-        refresh(data, tmp / "models", tmp / "artifacts", CONFIG)
-        pipeline = build_pipeline(pipeline_config(), open_version(ArtifactRoot(tmp / "artifacts").path("v0001")))
+    with ExitStack() as stack:
+        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="offline-eval-")))
+        if args.truth:
+            result = {"machine": describe_machine(), "seed": args.seed, "truth": run_truth(work, args.seed)}
+            result["passed"] = result["truth"]["passed"]
+            return finish(result, format_truth(result), args.out.with_name("offline_truth.json"))
+        torch.set_num_threads(1)
+        sizes, evaluated = (SMALL, EVALUATED["small"]) if args.small else (FULL, EVALUATED["full"])
+        machine = describe_machine()
+        data = build_version(work, sizes, args.seed, trained=False)
+        pipeline = synthetic_pipeline(work / "artifacts")
         try:
             started = time.perf_counter()
             report = evaluate_offline(pipeline, data, OfflineConfig("test", KS, evaluated, args.seed))
