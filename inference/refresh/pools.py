@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ class Events:
     The file has integer ``user_id`` and ``item_id`` and a numeric ``timestamp`` (seconds); when
     ``label`` names one of its columns, only rows with ``label > 0`` count. Queries see the view
     ``events(user_id, item_id, timestamp DOUBLE, row)``, ``row`` being the row's place in the file.
-    Close it (or use it in a ``with`` block) to remove DuckDB's spill files.
+    Close it (or use it in a ``with`` block) to remove DuckDB's spill directory; one left open is
+    removed when it is garbage collected or the interpreter exits (a killed process leaves it).
     """
 
     def __init__(self, path: Path, label: str | None = None, options: DuckDBOptions | None = None) -> None:
@@ -97,6 +99,7 @@ class Events:
         except BaseException:
             shutil.rmtree(self.spill, ignore_errors=True)
             raise
+        self._finalizer = weakref.finalize(self, _close, self.con, self.spill)
         try:
             source = f"read_parquet('{_quote(path)}', file_row_number = true)"
             types = dict(self.con.execute(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {source})")
@@ -116,14 +119,18 @@ class Events:
             raise
 
     def close(self) -> None:
-        self.con.close()
-        shutil.rmtree(self.spill, ignore_errors=True)
+        self._finalizer()
 
     def __enter__(self) -> Events:
         return self
 
     def __exit__(self, *_: object) -> None:
         self.close()
+
+
+def _close(con: duckdb.DuckDBPyConnection, spill: Path) -> None:
+    con.close()
+    shutil.rmtree(spill, ignore_errors=True)
 
 
 def open_events(data_dir: Path, options: DuckDBOptions | None = None) -> Events:

@@ -1,3 +1,4 @@
+import gc
 import math
 from pathlib import Path
 
@@ -457,9 +458,9 @@ def test_popular_sums_are_exact_whatever_the_row_order(events_of):
 
 def test_duckdb_runs_within_its_memory_limit_spilling_under_temp_directory(tmp_path):
     rng = np.random.default_rng(9)
-    n = 400_000
+    n = 200_000
     path = tmp_path / "interactions.parquet"
-    pd.DataFrame({"user_id": rng.integers(0, 50_000, n), "item_id": rng.integers(0, 5_000, n),
+    pd.DataFrame({"user_id": rng.integers(0, 25_000, n), "item_id": rng.integers(0, 5_000, n),
                   "timestamp": rng.integers(0, 10**6, n)}).to_parquet(path)
     spill = tmp_path / "spill"
     spill.mkdir()
@@ -468,6 +469,17 @@ def test_duckdb_runs_within_its_memory_limit_spilling_under_temp_directory(tmp_p
                                            "WHERE name IN ('memory_limit', 'temp_directory', 'threads')").fetchall())
         assert settings["memory_limit"] == "47.6 MiB" and settings["threads"] == "1"
         assert [Path(settings["temp_directory"])] == list(spill.iterdir())  # the connection's own directory
-        pool = build_cooccurrence_similar(events, k=3, max_history=20)  # ~3M pairs: past 50 MB
+        pool = build_cooccurrence_similar(events, k=3, max_history=20)  # 1.4M pairs
     assert pool["list"].nunique() == 5_000
     assert not list(spill.iterdir())
+
+
+def test_events_left_open_remove_their_spill_directory_when_collected(tmp_path):
+    path = tmp_path / "interactions.parquet"
+    _events([1], [NOW]).to_parquet(path)
+    events = Events(path, options=DuckDBOptions(temp_directory=tmp_path))
+    spill = events.spill
+    assert spill.parent == tmp_path and spill.is_dir()
+    del events
+    gc.collect()
+    assert not spill.exists()
