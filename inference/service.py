@@ -31,6 +31,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Annotated
 
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Query as QueryParameter
@@ -55,13 +56,20 @@ from inference.pipeline.executor import (
     PipelineStats,
     Response,
     build_pipeline,
-    open_pipeline_version,
     within,
 )
 from inference.pipeline.types import Query
 from inference.refresh.artifacts import LiveArtifacts
-from inference.refresh.job import ServingVersion
-from inference.store import StoreError, redis_address
+from inference.refresh.job import ServingVersion, open_version
+from inference.store import (
+    EmbeddedStore,
+    ItemRows,
+    RedisStore,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    redis_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +105,11 @@ class Serving:
         if arm != CONTROL:
             return self.treatment(query)
         return self.shadow(query) if self.shadow is not None else self.pipeline(query)
+
+    @property
+    def degraded(self) -> str | None:
+        """Why the version answers without its Redis store (`DegradingStore`), or None."""
+        return getattr(self.pipeline.stages.hydrator.store, "degraded", None)
 
     def close(self) -> None:
         if self.shadow is not None:
@@ -155,6 +168,76 @@ class Served:
     version: str
     variant: str
     response: Response
+    degraded: bool = False  # answered from the version's embedded snapshot: Redis failed
+
+
+class DegradingStore(Store):
+    """A version's store in Redis (``connect()``, a `RedisStore`) while Redis answers, and its
+    embedded snapshot (``fallback``) while it does not: a read that raises `StoreError` (Redis
+    down, or back without the version) is answered from the snapshot, and the store stays
+    ``degraded`` (why, for `/healthz`) until a read, tried again every ``retry_s`` by one request,
+    succeeds. So a request never fails for Redis; it is only marked degraded."""
+
+    def __init__(self, connect: Callable[[], Store], fallback: Store, retry_s: float = 1.0) -> None:
+        self.version, self.fallback, self.retry_s = fallback.version, fallback, retry_s
+        self._connect = connect
+        self._primary: Store | None = None
+        self._lock = threading.Lock()
+        self._retry_at = 0.0
+        self.degraded: str | None = None
+        self._call("get_list", "popular")  # connects now, or starts degraded
+
+    def user_features(self, user_id: int) -> dict | None:
+        return self._call("user_features", user_id)
+
+    def item_features(self, item_ids: np.ndarray) -> ItemRows:
+        return self._call("item_features", item_ids)
+
+    def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        return self._call("get_list", name)
+
+    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
+        self._call("put_list", name, item_ids, scores)
+
+    def close(self) -> None:
+        if self._primary is not None:
+            self._primary.close()
+        self.fallback.close()
+
+    def _call(self, operation: str, *args: object) -> object:
+        if self._turn_to_try():
+            try:
+                if self._primary is None:
+                    self._primary = self._connect()
+                result = getattr(self._primary, operation)(*args)
+            except StoreError as error:
+                self._failed(error)
+            else:
+                if self.degraded is not None:
+                    log.warning("store %s: redis answers again; leaving the degraded mode", self.version)
+                    self.degraded = None
+                return result
+        return getattr(self.fallback, operation)(*args)
+
+    def _turn_to_try(self) -> bool:
+        """True unless degraded and another request tried Redis less than ``retry_s`` ago."""
+        with self._lock:
+            if self.degraded is None:
+                return True
+            now = time.monotonic()
+            if now < self._retry_at:
+                return False
+            self._retry_at = now + self.retry_s
+            return True
+
+    def _failed(self, error: StoreError) -> None:
+        with self._lock:
+            if self.degraded is None:
+                log.error("store %s: %s; answering from the version's embedded snapshot (degraded)", self.version,
+                          error)
+            self.degraded = ("redis is unavailable" if isinstance(error, StoreUnavailable)
+                             else "redis does not hold the serving version")
+            self._retry_at = time.monotonic() + self.retry_s
 
 
 class UnknownRequest(KeyError):
@@ -189,6 +272,7 @@ class Recommender:
         # with a Redis store, every server behind the load balancer learns from all the traffic
         self.bandit = SharedSourceBandit(*redis_address(config.redis)) if config.redis else SourceBandit()
         self._served: OrderedDict[str, dict[int, str]] = OrderedDict()  # request id -> {item: source}
+        self.degraded_requests = 0  # answered without Redis
         self._lock = threading.Lock()
         self._latest: Serving | None = None  # what the last successful load built
         self._retiring: list[tuple[threading.Timer, Serving]] = []
@@ -209,7 +293,10 @@ class Recommender:
         request_id = uuid.uuid4().hex
         arm = CONTROL if self.experiment is None else self.experiment.arm(query.user_id, request_id)
         response = serving.answer(query, arm)
-        served = Served(request_id, serving.version, arm, response)
+        served = Served(request_id, serving.version, arm, response, serving.degraded is not None)
+        if served.degraded:
+            with self._lock:
+                self.degraded_requests += 1
         items, sources = response.item_ids.tolist(), response.sources.tolist()
         self.bandit.served(sources)
         with self._lock:
@@ -253,7 +340,7 @@ class Recommender:
 
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
-        version = open_pipeline_version(self.config, directory)
+        version = self._open(directory)
         pipeline = treatment = None
         try:
             pipeline = build_pipeline(self.config, version, self.bandit)
@@ -273,6 +360,19 @@ class Recommender:
         if previous is not None:
             self._retire(previous)
         return serving
+
+    def _open(self, directory: Path) -> ServingVersion:
+        """The version in ``directory``; with a Redis store in the config, a `DegradingStore` over
+        the version's keys there and its embedded snapshot."""
+        if self.config.redis is None:
+            return open_version(directory)
+        host, port = redis_address(self.config.redis)
+
+        def open_store(version: str) -> Store:
+            return DegradingStore(lambda: RedisStore(host, port, version, self.config.redis_timeout_s),
+                                  EmbeddedStore.open(directory / "store", version))
+
+        return open_version(directory, open_store)
 
     def _probe(self, pipeline: Pipeline, directory: Path, what: str = "") -> None:
         """Warms ``pipeline`` up; raises unless it answers the probe query (at most its max_k) with some items."""
@@ -344,6 +444,7 @@ class Recommendation(_Strict):
     variant: str  # the experiment arm: "control" outside an experiment
     items: list[RecommendedItem]
     removed: dict[str, int]
+    degraded: bool  # answered without the Redis store, from the version's own snapshot
 
 
 class FeedbackRequest(_Strict):
@@ -370,10 +471,12 @@ class ShadowReport(_Strict):
 
 
 class Health(_Strict):
-    """The reply of ``GET /healthz``: the serving version, and each refused version's error."""
+    """The reply of ``GET /healthz``: the serving version, each refused version's error, and why
+    it answers degraded (without Redis), if it does."""
 
     version: str
     refused: dict[str, str]
+    degraded: str | None
 
 
 @dataclass(frozen=True)
@@ -584,7 +687,7 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
                  for i, s, src, p in zip(response.item_ids.tolist(), response.scores.tolist(),
                                          response.sources.tolist(), response.propensities.tolist(), strict=True)]
         return Recommendation(request_id=served.request_id, version=served.version, variant=served.variant,
-                              items=items, removed=Counter(response.reasons.tolist()))
+                              items=items, removed=Counter(response.reasons.tolist()), degraded=served.degraded)
 
     @app.post("/feedback")
     def feedback(body: FeedbackRequest) -> FeedbackReceipt:
@@ -607,7 +710,8 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
 
     @app.get("/healthz")
     async def healthz() -> Health:  # on the event loop: it answers while every worker thread is busy
-        return Health(version=recommender.live.version, refused=dict(recommender.live.refused))
+        return Health(version=recommender.live.version, refused=dict(recommender.live.refused),
+                      degraded=recommender.live.state.degraded)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServiceCollector(recommender, lambda: guard))
@@ -661,6 +765,10 @@ class ServiceCollector(Collector):
                 family.add_metric([reason], n)
             yield family
         yield GaugeMetricFamily("recstack_in_flight_requests", "Requests holding a turn.", value=guard.in_flight)
+        yield CounterMetricFamily("recstack_degraded_requests", "Requests answered without the Redis store, from "
+                                  "the version's embedded snapshot.", value=recommender.degraded_requests)
+        yield GaugeMetricFamily("recstack_store_degraded", "1 while the serving version answers without Redis.",
+                                value=float(serving.degraded is not None))
 
 
 @contextmanager

@@ -6,7 +6,9 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -160,7 +162,7 @@ def test_a_version_whose_pipeline_fails_to_build_is_refused_and_its_store_closed
 
 def test_health_names_the_serving_version(url):
     status, _, text = call(url, "/healthz")
-    assert status == 200 and json.loads(text) == {"version": "v0001", "refused": {}}
+    assert status == 200 and json.loads(text) == {"version": "v0001", "refused": {}, "degraded": None}
 
 
 def test_metrics_are_prometheus_text_and_count_requests(url):
@@ -204,7 +206,7 @@ def test_a_new_version_swaps_in_under_traffic_and_a_broken_one_is_refused(url, r
         client.join()
     statuses, versions = zip(*replies, strict=True)
     assert set(statuses) == {200} and versions[0] == "v0001" and versions[-1] == "v0002"
-    assert json.loads(call(url, "/healthz")[2]) == {"version": "v0002", "refused": {}}
+    assert json.loads(call(url, "/healthz")[2]) == {"version": "v0002", "refused": {}, "degraded": None}
     assert ("recstack_requests_total", frozenset({("version", "v0002"), ("variant", "control")})) in metrics(url)
 
     artifacts = ArtifactRoot(root)
@@ -561,3 +563,59 @@ def test_minimal_requests_get_k_items_with_the_context_derived_from_the_clock(cl
         recommender.close()
     with pytest.raises(ValueError, match="time_zone 'Mars/Olympus' is not an IANA time zone"):
         PipelineConfig.model_validate(config.model_dump() | {"time_zone": "Mars/Olympus"})
+
+
+def test_with_redis_down_or_back_empty_requests_are_answered_degraded_until_it_holds_the_version(root, tmp_path):
+    executable = shutil.which("redis-server")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+
+    def start_redis() -> subprocess.Popen:
+        server = subprocess.Popen([executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        wait_for(lambda: _answers(port))
+        return server
+
+    def load_versions() -> None:
+        for store in sorted(root.glob("v*/store")):
+            if (store / "users.parquet").is_file():
+                load_snapshot_into_redis(store, "127.0.0.1", port, store.parent.name)
+
+    server = start_redis()
+    load_versions()
+    config = pipeline_config().model_copy(update={"redis": f"127.0.0.1:{port}", "redis_timeout_s": 0.5})
+    recommender = Recommender(root, config)
+    try:
+        with serve_in_thread(recommender) as base:
+            status, reply = recommend(base, user_id=7)
+            assert status == 200 and reply["degraded"] is False
+            server.kill()
+            server.wait()
+            down = [recommend(base, user_id=user) for user in range(1, 6)]
+            assert [(status, reply["degraded"], len(reply["items"])) for status, reply in down] == [(200, True, 10)] * 5
+            assert json.loads(call(base, "/healthz")[2])["degraded"] == "redis is unavailable"
+            server = start_redis()  # back, empty
+            time.sleep(1.1)  # the retry interval
+            status, reply = recommend(base, user_id=7)
+            assert status == 200 and reply["degraded"] is True
+            assert json.loads(call(base, "/healthz")[2])["degraded"] == "redis does not hold the serving version"
+            load_versions()
+            time.sleep(1.1)
+            wait_for(lambda: recommend(base, user_id=7)[1]["degraded"] is False)
+            samples = metrics(base)
+            assert json.loads(call(base, "/healthz")[2])["degraded"] is None
+        assert samples["recstack_degraded_requests_total", frozenset()] >= 6
+        assert samples["recstack_store_degraded", frozenset()] == 0
+    finally:
+        recommender.close()
+        server.kill()
+        server.wait()
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
