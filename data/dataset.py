@@ -6,6 +6,8 @@
       items.parquet          item_id, category, available, moderated, created_at + features
       schema.json            feature kinds, vocabulary sizes or hashing, embedding dims
       split/{train,valid,test}.parquet   the interaction rows of each part
+      encoders.json, encoded/            with a split and fitted encoders: the encoders and each part
+                                         encoded for training (see `data.encoded`)
       [extra files a source adds, e.g. ground_truth.npz for synthetic data]
 
 A directory is written into a temporary sibling and renamed into place at the end, so a
@@ -83,6 +85,10 @@ def write_dataset(ds: Dataset, out: Path, overwrite: bool = False) -> Path:
                 ds.part(part).to_parquet(tmp / "split" / f"{part}.parquet", index=False)
         for write in ds.extras.values():
             write(tmp)
+        if ds.split is not None and (tmp / "encoders.json").is_file():
+            from data.encoded import ENCODED, write_encoded  # it reads datasets: imported here, not at the top
+
+            write_encoded(tmp, tmp / ENCODED)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,5 @@
-"""`recstack data prepare`: load a source, check it, split it, fit encoders, write the directory."""
+"""`recstack data prepare`: load a source, check it, split it, fit encoders, write the directory
+with its encoded parts."""
 
 from __future__ import annotations
 

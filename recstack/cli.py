@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     obd.add_argument("--campaign", default="all")
     prep.set_defaults(run=_prepare)
 
+    encode = data_commands.add_parser("encode", help="(re)write a prepared dataset's encoded training inputs")
+    encode.add_argument("--data", required=True, type=Path, help="canonical dataset directory; writes DATA/encoded")
+    encode.add_argument("--row-group-rows", type=int, default=65_536, help="rows per parquet row group")
+    encode.set_defaults(run=_encode)
+
     stats = data_commands.add_parser("stats", help="print a dataset's statistics")
     stats.add_argument("path", type=Path)
     stats.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -176,6 +181,13 @@ def _candidates(args: argparse.Namespace) -> int:
     out = write_dataset(table, args.out, overwrite=args.overwrite)
     print(f"wrote {out}")
     print(format_stats(dataset_stats(out)))
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from data.encoded import EncodeConfig, encode_dataset
+
+    print(f"wrote {encode_dataset(args.data, EncodeConfig(row_group_rows=args.row_group_rows))}")
     return 0
 
 

@@ -1,5 +1,7 @@
-"""DataModules over a canonical dataset directory: rows are encoded batch by batch with the
-dataset's fitted `FeatureEncoder`, the same code that encodes online requests.
+"""DataModules over a canonical dataset directory. Training batches stream from the dataset's
+encoded parts (`data.encoded.BatchStream`); what is not a split part's rows (the item corpus,
+the per-user evaluation queries) is encoded batch by batch with the dataset's fitted
+`FeatureEncoder`, the same code that encodes online requests.
 
 - `RankingDataModule`: labelled interaction rows of each split part.
 - `RetrievalDataModule`: the train part's positive rows as (query, item) batches, and one
@@ -21,7 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.dataset import read_dataset, read_part
-from data.encoders import Batch, FeatureEncoder, join_features, recent_items
+from data.encoded import ENCODED, POSITIVES, BatchStream, EncodedPart, StreamConfig, with_sequences
+from data.encoders import Batch, FeatureEncoder, join_features
 from data.schema import FeatureSpec
 
 
@@ -52,49 +55,62 @@ def as_is(batch):
 
 
 class _EncodedDataModule(L.LightningDataModule):
-    """Loads the dataset and encoder; loaders shuffle by (seed, epoch) so that a resumed run sees
-    the same order as an uninterrupted one, on one device or several."""
+    """Loads the encoder; train batches stream in an order drawn from (seed, epoch), so that a
+    resumed run sees the same order as an uninterrupted one, on one device or several.
 
-    def __init__(self, data_dir: Path, batch_size: int = 1024, seed: int = 0, eval_batch_size: int = 4096) -> None:
+    ``batch_size`` is the global batch over all devices; ``num_workers`` DataLoader workers per
+    device each read a share of the rows.
+    """
+
+    def __init__(self, data_dir: Path, batch_size: int = 1024, seed: int = 0, eval_batch_size: int = 4096,
+                 num_workers: int = 0) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.num_workers = num_workers
         self.encoder = FeatureEncoder.load(self.data_dir / "encoders.json")
         self.schema = self.encoder.schema
 
-    def _loader(self, rows: EncodedRows, train: bool) -> DataLoader:
+    def _world(self) -> tuple[int, int]:
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=train, seed=self.seed)
-        size = self.batch_size // world if train else self.eval_batch_size
-        return DataLoader(rows, batch_size=size, sampler=sampler, collate_fn=as_is)
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def _stream(self, part: str, groups: list[list[str]], train: bool) -> BatchStream:
+        world, rank = self._world()
+        if train:
+            workers = self.num_workers
+            config = StreamConfig(self.batch_size, world * max(workers, 1), seed=self.seed)
+        else:  # each rank reads its own contiguous share in order, as many rows as the others
+            workers = 0
+            config = StreamConfig(self.eval_batch_size * world, world, shuffle=False, even=True)
+        return BatchStream(EncodedPart(self.data_dir / ENCODED / part), self.schema, groups, config,
+                           epoch=lambda: self.trainer.current_epoch if self.trainer is not None else 0,
+                           rank=rank, workers=workers)
+
+    def _loader(self, rows: EncodedRows) -> DataLoader:
+        world, rank = self._world()
+        sampler = DistributedSampler(rows, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(rows, batch_size=self.eval_batch_size, sampler=sampler, collate_fn=as_is)
 
 
 class RankingDataModule(_EncodedDataModule):
     """Labelled rows of train/valid/test; ``batch_size`` is the global batch over all devices."""
 
-    def __init__(self, data_dir: Path, features: list[str], batch_size: int = 1024, seed: int = 0) -> None:
-        super().__init__(data_dir, batch_size, seed)
+    def __init__(self, data_dir: Path, features: list[str], batch_size: int = 1024, seed: int = 0,
+                 num_workers: int = 0) -> None:
+        super().__init__(data_dir, batch_size, seed, num_workers=num_workers)
         self.features = features
 
-    def setup(self, stage: str | None = None) -> None:
-        ds = read_dataset(self.data_dir, tables=("users", "items"))
-        self.parts = {
-            part: EncodedRows(join_features(read_part(self.data_dir, part), ds.users, ds.items), self.encoder,
-                              [self.features])
-            for part in ("train", "valid", "test")
-        }
+    def train_dataloader(self) -> BatchStream:
+        return self._stream("train", [self.features], train=True)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.parts["train"], train=True)
+    def val_dataloader(self) -> BatchStream:
+        return self._stream("valid", [self.features], train=False)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.parts["valid"], train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.parts["test"], train=False)
+    def test_dataloader(self) -> BatchStream:
+        return self._stream("test", [self.features], train=False)
 
 
 @dataclass
@@ -111,8 +127,8 @@ class RetrievalDataModule(_EncodedDataModule):
     """Positive train rows as (query batch, item batch, rows); the item corpus; eval queries."""
 
     def __init__(self, data_dir: Path, query_features: list[str], item_features: list[str],
-                 batch_size: int = 1024, seed: int = 0) -> None:
-        super().__init__(data_dir, batch_size, seed)
+                 batch_size: int = 1024, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__(data_dir, batch_size, seed, num_workers=num_workers)
         self.query_features = query_features
         self.item_features = item_features
 
@@ -121,7 +137,7 @@ class RetrievalDataModule(_EncodedDataModule):
         parts = {p: read_part(self.data_dir, p) for p in ("train", "valid", "test")}
         train = parts["train"][parts["train"][self.schema.label] > 0]
         sequences = [f for f in self.schema.features if f.kind == "sequence" and f.name in self.query_features]
-        train = _with_sequences(train, train, sequences)
+        train = with_sequences(train, sequences)
         self.items = ds.items.reset_index(drop=True)
         self.corpus = EncodedRows(self.items, self.encoder, [self.item_features])
         self.train_rows = EncodedRows(join_features(train, ds.users, ds.items), self.encoder,
@@ -133,35 +149,23 @@ class RetrievalDataModule(_EncodedDataModule):
                                 self.encoder, self.query_features)
             for part in ("valid", "test")
         }
-        self.item_log_q = _log_popularity(self.encoder.encode(train, ["item_id"]).sparse["item_id"].values(),
+        self.item_log_q = _log_popularity(EncodedPart(self.data_dir / ENCODED / POSITIVES),
                                           self.schema.feature("item_id").num_embeddings)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_rows, train=True)
+    def train_dataloader(self) -> BatchStream:
+        return self._stream(POSITIVES, [self.query_features, self.item_features], train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.queries["valid"].rows, train=False)
+        return self._loader(self.queries["valid"].rows)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.queries["test"].rows, train=False)
+        return self._loader(self.queries["test"].rows)
 
     def corpus_batches(self) -> list[Batch]:
         """The whole item corpus in item-table order, in eval-sized batches."""
         n = len(self.corpus)
         return [self.corpus.__getitems__(list(range(s, min(s + self.eval_batch_size, n))))[0]
                 for s in range(0, n, self.eval_batch_size)]
-
-
-def _with_sequences(rows: pd.DataFrame, history: pd.DataFrame, sequences: list[FeatureSpec]) -> pd.DataFrame:
-    """``rows`` (a subset of ``history``) with each sequence column: the user's earlier items."""
-    if not sequences:
-        return rows
-    longest = max(f.max_len for f in sequences)
-    before = recent_items(history, longest)
-    out = rows.copy()
-    for f in sequences:
-        out[f.name] = before.loc[rows.index].map(lambda items, n=f.max_len: items[-n:])
-    return out
 
 
 def _eval_queries(part: pd.DataFrame, seen: pd.DataFrame, train: pd.DataFrame, users: pd.DataFrame,
@@ -191,7 +195,12 @@ def _positions_per_user(rows: pd.DataFrame, user_ids: np.ndarray, position: pd.I
     return [np.asarray(grouped.get(u, []), dtype=np.int64) for u in user_ids]
 
 
-def _log_popularity(encoded_ids: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+def _log_popularity(positives: EncodedPart, num_embeddings: int) -> torch.Tensor:
     """log q per encoded item id: its share of train positives (unseen ids get the rarest share)."""
-    counts = torch.bincount(encoded_ids, minlength=num_embeddings).float().clamp(min=1)
+    counts = np.zeros(num_embeddings, dtype=np.int64)
+    files = {}
+    for g in range(len(positives.sizes)):
+        counts += np.bincount(positives.read_group(g, ["id.item_id"], files)["id.item_id"].to_numpy(),
+                              minlength=num_embeddings)
+    counts = torch.from_numpy(counts).float().clamp(min=1)
     return torch.log(counts / counts.sum())

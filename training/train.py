@@ -45,6 +45,7 @@ class TrainOptions(_Strict):
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
     strategy: str = "auto"
+    num_workers: int = Field(0, ge=0)  # DataLoader workers per device, each streaming a share of the rows
 
     @model_validator(mode="after")
     def _batch_splits_over_devices(self) -> TrainOptions:
@@ -52,6 +53,10 @@ class TrainOptions(_Strict):
         if self.batch_size % world:
             raise ValueError(f"batch_size = {self.batch_size} is the global batch; expected a multiple of "
                              f"devices * num_nodes = {world}")
+        units = world * max(self.num_workers, 1)  # each worker of each device streams B / units rows
+        if self.batch_size % units:
+            raise ValueError(f"batch_size = {self.batch_size} is the global batch; expected a multiple of "
+                             f"devices * num_nodes * num_workers = {units}")
         return self
 
 
@@ -89,7 +94,7 @@ def train_ranker(name: str, data_dir: Path, out: Path, config: RunConfig) -> dic
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
     L.seed_everything(config.train.seed, workers=True)
     module, names = build_ranking_module(name, schema, config)
-    data = RankingDataModule(data_dir, names, config.train.batch_size, config.train.seed)
+    data = RankingDataModule(data_dir, names, config.train.batch_size, config.train.seed, config.train.num_workers)
     return fit(module, data, out, config, monitor="val_auc", run={"task": "ranker", "model": name})
 
 
@@ -98,7 +103,8 @@ def train_retrieval(data_dir: Path, out: Path, config: RunConfig) -> dict | None
     schema = FeatureEncoder.load(Path(data_dir) / "encoders.json").schema
     L.seed_everything(config.train.seed, workers=True)
     module, query, items = build_retrieval_module(schema, config)
-    data = RetrievalDataModule(data_dir, query, items, config.train.batch_size, config.train.seed)
+    data = RetrievalDataModule(data_dir, query, items, config.train.batch_size, config.train.seed,
+                               config.train.num_workers)
     return fit(module, data, out, config, monitor=f"val_ndcg@{config.loss.k}", run={"task": "retrieval"})
 
 
