@@ -627,13 +627,14 @@ def _changed_rows(version: str, kind: str, table: pa.Table, base: pa.Table) -> t
     tombstone for each id only ``base`` has."""
     id_column = f"{kind}_id"
     ids, base_ids = table[id_column].to_numpy(), base[id_column].to_numpy()
-    rows, found = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)  # (N,) each id's row in base, if there
-    if len(base_ids):
-        order = np.argsort(base_ids, kind="stable")  # quick on ids already in order
-        rows = order[np.minimum(np.searchsorted(base_ids[order], ids), len(base_ids) - 1)]
-        found = base_ids[rows] == ids
+    shared = min(len(ids), len(base_ids))
+    if np.array_equal(ids[:shared], base_ids[:shared]):  # the usual case: the base's ids in order, then new ones
+        rows, found = np.arange(len(ids)), np.arange(len(ids)) < shared
+        mine, theirs = table.slice(0, shared), base.slice(0, shared)
+    else:
+        rows, found = _positions(ids, base_ids)
+        mine, theirs = table.filter(pa.array(found)), base.take(rows[found])
     same = found.copy()
-    mine, theirs = table.filter(pa.array(found)), base.take(rows[found])
     for name in table.column_names:
         same[found] &= _same_values(mine[name], theirs[name])
     gone = np.ones(len(base_ids), bool)
@@ -642,6 +643,15 @@ def _changed_rows(version: str, kind: str, table: pa.Table, base: pa.Table) -> t
     tombstones = base_ids[gone]
     return (pa.concat_arrays([_one_chunk(keys), _id_keys(version, kind, pa.array(tombstones))]),
             pa.concat_arrays([_one_chunk(values), pa.array([TOMBSTONE.decode()] * len(tombstones), pa.string())]))
+
+
+def _positions(ids: np.ndarray, among: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) the row of each of ``ids`` in ``among`` (unique ids), and (N,) whether it is there at all."""
+    if len(among) == 0:
+        return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+    order = np.argsort(among, kind="stable")
+    rows = order[np.minimum(np.searchsorted(among[order], ids), len(among) - 1)]
+    return rows, among[rows] == ids
 
 
 def _same_values(a: pa.ChunkedArray, b: pa.ChunkedArray) -> np.ndarray:
