@@ -9,13 +9,17 @@ persistence) twice, each time into an empty server: by `load_snapshot_into_redis
 column at a time with Arrow, lists packed at once, MSET commands packed as Arrow buffers and
 pipelined) and by the per-row encoding it replaced (`json.dumps` per row and `_pack_list` per
 list, redis-py's `mset`; the lists grouped by the store's current `_split_lists`). Both are read
-back and must answer alike. No pass line: the ratio is the result.
+back and must answer alike. Then the next version (1% of items with a new price, 0.5% new items;
+users and lists hard-linked, as an incremental refresh carries them) is loaded as a delta over
+the first, as `recstack refresh --incremental` does, and must answer as its snapshot. No pass
+line: the ratios are the result.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import tempfile
@@ -30,7 +34,7 @@ import pyarrow.parquet as pq
 import redis
 from report import describe_machine, finish
 
-from inference.store import EmbeddedStore, RedisStore, load_snapshot_into_redis, write_snapshot
+from inference.store import LISTS, EmbeddedStore, RedisStore, Snapshot, load_snapshot_into_redis, write_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"items": 1_000_000, "users": 500_000}
@@ -55,6 +59,46 @@ def make_snapshot(directory: Path, items: int, users: int) -> None:
                           "item_id": rng.integers(1, items + 1, users * LIST_LENGTH),
                           "score": rng.random(users * LIST_LENGTH).astype(np.float32)})
     write_snapshot(directory, people, catalogue, lists)
+
+
+def next_snapshot(snapshot: Path, directory: Path) -> None:
+    """The snapshot's next version: 1% of items get a new price, 0.5% new items; users and lists hard-linked."""
+    rng = np.random.default_rng(1)
+    items = pd.read_parquet(snapshot / "items.parquet")
+    changed = rng.choice(len(items), len(items) // 100, replace=False)
+    items.loc[changed, "price"] = items.loc[changed, "price"] * 1.5 + 1
+    added = items.iloc[rng.choice(len(items), len(items) // 200, replace=False)].assign(
+        item_id=lambda new: np.arange(len(new)) + items["item_id"].max() + 1)
+    (directory / LISTS).mkdir(parents=True)
+    pd.concat([items, added], ignore_index=True).to_parquet(directory / "items.parquet", index=False)
+    for name in ["users.parquet", *(f"{LISTS}/{p.name}" for p in (snapshot / LISTS).iterdir())]:
+        os.link(snapshot / name, directory / name)
+
+
+def timed_delta_load(snapshot: Path, following: Path, scratch: Path) -> tuple[float, float, int, bool]:
+    """Seconds to load ``following`` as a delta over ``snapshot`` (loaded first, untimed) and to
+    load it in full into another empty server; the keys the delta wrote; whether it answers as
+    its snapshot on a sample of items, users and lists."""
+    with redis_server(scratch) as client:
+        load_snapshot_into_redis(snapshot, "127.0.0.1", 6390, "v0001", 60.0)
+        keys = client.dbsize()
+        started = time.perf_counter()
+        base = load_snapshot_into_redis(following, "127.0.0.1", 6390, "v0002", 60.0, Snapshot("v0001", snapshot))
+        seconds = time.perf_counter() - started
+        keys = client.dbsize() - keys
+        store, embedded = RedisStore("127.0.0.1", 6390, "v0002", timeout_s=10), EmbeddedStore.open(following, "v0002")
+        items, users = (pq.read_metadata(following / f"{table}.parquet").num_rows for table in ("items", "users"))
+        ids = np.arange(0, items + 2, 97)  # with unknown ids at both ends
+        same = (base == "v0001" and store.item_features(ids).features.equals(embedded.item_features(ids).features)
+                and all(store.user_features(u) == embedded.user_features(u)
+                        and np.array_equal(store.get_list(f"user:{u}")[0], embedded.get_list(f"user:{u}")[0])
+                        for u in range(0, users + 2, 997)))
+        store.close()
+    with redis_server(scratch):
+        started = time.perf_counter()
+        load_snapshot_into_redis(following, "127.0.0.1", 6390, "v0002", 60.0)
+        full_seconds = time.perf_counter() - started
+    return seconds, full_seconds, keys, same
 
 
 def baseline_load(directory: Path, client: redis.Redis, version: str) -> None:
@@ -128,6 +172,8 @@ def main() -> int:
                 snapshot, scratch, lambda c: baseline_load(snapshot, c, "v0001")),
         }
         reference = EmbeddedStore.open(snapshot, "v0001").item_features(np.arange(0, 200_000, 997)).features
+        next_snapshot(snapshot, Path(tmp) / "next")
+        delta_s, full_s, delta_keys, delta_same = timed_delta_load(snapshot, Path(tmp) / "next", scratch)
         shutil.rmtree(scratch)
     (new_s, new_mib, new_answers, new_items), (old_s, old_mib, old_answers, old_items) = runs.values()
     pd.testing.assert_frame_equal(new_items, reference)
@@ -138,10 +184,18 @@ def main() -> int:
              "| load | seconds | keys/s | redis MiB | time / baseline |", "|---|---:|---:|---:|---:|"]
     for name, (seconds, mib, _, _) in runs.items():
         lines.append(f"| {name} | {seconds:.2f} | {keys / seconds:,.0f} | {mib:,.0f} | {seconds / old_s:.3f} |")
+    lines += ["", "The next version (1% of items changed, 0.5% added; users and lists linked):", "",
+              "| load | seconds | keys written | time / full |", "|---|---:|---:|---:|",
+              f"| in full | {full_s:.2f} | {keys + sizes['items'] // 200:,} | 1.000 |",
+              f"| as a delta over the first | {delta_s:.2f} | {delta_keys:,} | {delta_s / full_s:.3f} |",
+              "", f"The delta answers as its snapshot: {delta_same}"]
+    same = new_answers == old_answers and delta_same
     result = {"machine": describe_machine(), "sizes": sizes, "keys": keys,
               "seconds": {name: run[0] for name, run in runs.items()},
               "redis_mib": {name: run[1] for name, run in runs.items()}, "ratio": new_s / old_s,
-              "same_answers": new_answers == old_answers, "passed": new_answers == old_answers}
+              "next_version": {"full_s": full_s, "delta_s": delta_s, "delta_keys": delta_keys,
+                               "delta_ratio": delta_s / full_s, "same_answers": delta_same},
+              "same_answers": same, "passed": same}
     return finish(result, "\n".join(lines), ROOT / "benchmarks" / "results" / "redis_load.json")
 
 
