@@ -19,7 +19,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--gpu", action="store_true", help="run the models on GPUs (KIND_GPU instance groups)")
     export.set_defaults(run=_export)
 
-    serve = triton_commands.add_parser("serve", help="serve a repository's Python-backend models until stopped")
+    serve = triton_commands.add_parser("serve", help="serve a copy of a repository's Python-backend models until "
+                                       "stopped (nothing is written into the repository)")
     serve.add_argument("--repo", required=True, type=Path, help="model repository")
     serve.add_argument("--http-port", type=int, default=8000)
     serve.add_argument("--grpc-port", type=int, default=8001)
@@ -36,7 +37,7 @@ def _export(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from inference.triton.server import TritonServer
 
-    server = TritonServer(args.repo, args.http_port, args.grpc_port)
+    server = TritonServer(args.repo, args.http_port, args.grpc_port, copy=True)  # e.g. a published version's
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is handled like Ctrl-C
     try:
         server.start()

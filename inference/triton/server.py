@@ -41,13 +41,15 @@ class TritonServer:
 
     ``models`` are loaded at start (None: every Python-backend model in ``repo``, the only
     backend the bundled server has); others can be loaded later through the repository API.
-    Use as a context manager, or call `start` and `stop`; `start` may be called again after
-    `stop` (or after the process died).
+    With ``copy``, the server reads a copy of ``repo`` taken at start: the Python backend writes
+    ``__pycache__`` beside each model it loads, and a repository inside a published artefact
+    version must stay as its manifest's checksums say. Use as a context manager, or call `start`
+    and `stop`; `start` may be called again after `stop` (or after the process died).
     """
 
     def __init__(self, repo: Path, http_port: int = 8000, grpc_port: int = 8001,
-                 models: Sequence[str] | None = None) -> None:
-        self.repo = Path(repo).resolve()
+                 models: Sequence[str] | None = None, copy: bool = False) -> None:
+        self.repo, self.copy = Path(repo).resolve(), copy
         if not self.repo.is_dir():
             raise ValueError(f"model repository {self.repo} is not a directory")
         if not SAFE_PATH.fullmatch(str(self.repo)):
@@ -82,9 +84,12 @@ class TritonServer:
             raise RuntimeError(f"tritonserver (pid {self.process.pid}) for {self.repo} is already running")
         self.stop()
         self._workdir = Path(tempfile.mkdtemp(prefix="recstack-triton-"))
+        repo = self.repo
+        if self.copy:
+            repo = shutil.copytree(self.repo, self._workdir / "repository")
         command = [
             str(TRITON / "bin" / "tritonserver"),
-            f"--model-repository={self.repo}",
+            f"--model-repository={repo}",
             f"--backend-directory={_python_backend(self._workdir / 'backends')}",
             "--model-control-mode=explicit", "--disable-auto-complete-config",
             *(f"--load-model={m}" for m in self.models),

@@ -15,6 +15,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, TorchScriptScorer
+from inference.refresh.artifacts import ArtifactRoot, checksum_files, verify_version
+from inference.refresh.job import RefreshConfig, refresh
 from inference.triton.repository import add_version, write_repository
 from inference.triton.scorer import TritonScorer
 from inference.triton.server import TritonServer, reload_model
@@ -139,3 +141,21 @@ def test_serve_command_serves_until_sigterm(models_dir, scoring_requests, tmp_pa
         serve.kill()
         serve.wait()
     wait_until(lambda: not [p for p in processes() if p[2] == servers[0][0]], 10, "the server to be gone")
+
+
+def test_a_version_served_through_triton_still_verifies_and_can_be_rolled_back_to(tiny_dataset, trained_runs,
+                                                                                  scoring_requests, models_dir,
+                                                                                  tmp_path, free_port):
+    root = tmp_path / "artifacts"
+    config = RefreshConfig(rankers=["linear"], pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
+    refresh(tiny_dataset, trained_runs["two_tower"].parent, root, config)
+    before = checksum_files(root / "v0001")
+    with TritonServer(root / "v0001" / "triton", free_port(), free_port(), ["linear_py"], copy=True) as server:
+        served = TritonScorer(server.grpc_url, "linear_py", ModelInputs.load(root / "v0001" / "models", "linear"))
+        query, candidates = scoring_requests[0]
+        assert served(query, candidates).shape == (len(candidates),)
+        served.close()
+    assert checksum_files(root / "v0001") == before  # no __pycache__, nothing else written
+    verify_version(root / "v0001")
+    refresh(tiny_dataset, trained_runs["two_tower"].parent, root, config, incremental=True)
+    assert ArtifactRoot(root).rollback("v0001") == "v0001"
