@@ -577,6 +577,13 @@ def test_redis_deltas_write_only_their_changes_and_answer_as_their_snapshots(red
         assert_answers_as_snapshot(redis_server, version, directory)
     assert RedisStore(host, port, "v2").base == "v1" and RedisStore(host, port, "v4").base is None
 
+    v1_items = make_items().assign(price=np.float32([9.99, 0.1, 3.5, 0, 1, 7]))
+    same = write_version(tmp_path / "snapshots", "same", make_users(), v1_items, {},
+                         linked={group: snapshots["v1"] for group in ("hot", "old", "user")})
+    load_snapshot_into_redis(same, host, port, "same", base=Snapshot("v1", snapshots["v1"]))
+    assert len(redis_keys(redis_server, "same")) == len(metadata)  # nothing differs from v1
+    assert_answers_as_snapshot(redis_server, "same", same)
+
 
 def test_redis_retention_keeps_a_base_while_a_delta_reads_through_it(redis_server, tmp_path):
     host, port = redis_server.host, redis_server.port
