@@ -488,8 +488,8 @@ class Limits:
     and ``/metrics`` are never queued."""
 
     max_in_flight: int = 4
-    max_queue: int = 32
-    queue_timeout_s: float = 0.02
+    max_queue: int = 8  # a full queue sheds at once; a longer one only adds waiting to every answer
+    queue_timeout_s: float = 0.25
     request_timeout_s: float = 1.0
     max_body_bytes: int = 64 * 1024
 

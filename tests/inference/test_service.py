@@ -457,7 +457,7 @@ def test_a_request_past_its_budget_or_abandoned_by_its_client_is_not_computed_fu
     monkeypatch.setattr(TorchScriptScorer, "__call__", lambda self, q, c: scored.append(q) or score(self, q, c))
     monkeypatch.setattr(ListSource, "__call__", slow_popular(0.6))
     try:
-        with serve_in_thread(recommender, limits=Limits(request_timeout_s=0.2)) as base:
+        with serve_in_thread(recommender, limits=Limits(queue_timeout_s=0.05, request_timeout_s=0.2)) as base:
             status, _, text = call(base, "/recommend", {"user_id": 7})
             assert status == 503 and "in time" in text
             with pytest.raises(TimeoutError):  # the client gives up while the popular list loads

@@ -1,0 +1,252 @@
+"""Load on `recstack serve` over loopback: stepped load to find its capacity, then an overload
+at a multiple of it, a steady load below it, and optional faults injected during the steady load.
+
+    python benchmarks/load.py --artifacts out/artifacts --config configs/pipeline.yaml
+    python benchmarks/load.py --repo /tmp/before --server-arg=--probe-context --server-arg=hour=12 ...
+    python benchmarks/load.py ... --fault "recstack artifacts rollback --artifacts out/artifacts@60"
+
+The server runs as a subprocess (`python -m recstack serve` in ``--repo``, so an older checkout
+is measured with the same client). The client is open-loop: requests start at the offered rate
+whatever the replies do, each with a timeout, at most ``--max-outstanding`` at once (a request
+that would exceed it counts as dropped by the client). Every phase is bounded in requests and
+time, and the traffic goes to 127.0.0.1 only.
+
+Capacity is the highest stepped rate whose replies were all 200 with p99 under ``--p99-ms``.
+Overload offers ``--overload`` x capacity: goodput (200s per second) against capacity, how fast
+shed requests (503) were answered, and the server's RSS before and after. Steady offers
+``--steady`` x capacity: errors, p50 / p95 / p99, RSS growth after the first tenth of the phase.
+A fault is a shell command run once during the steady phase, at the given second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import psutil
+from report import describe_machine, finish
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Phase:
+    """What one phase of offered load got back."""
+
+    rate: float
+    seconds: float
+    statuses: Counter = field(default_factory=Counter)  # HTTP status, or "timeout" / "error" / "dropped"
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)  # by status
+    rss_mb: list[float] = field(default_factory=list)  # the server's, sampled each second
+
+    def record(self, status: int | str, ms: float) -> None:
+        self.statuses[status] += 1
+        self.latency_ms.setdefault(str(status), []).append(ms)
+
+    def summary(self) -> dict:
+        ok = np.asarray(self.latency_ms.get("200", []))
+        shed = np.asarray(self.latency_ms.get("503", []))
+        sent = sum(self.statuses.values())
+
+        def percentile(values: np.ndarray, q: float) -> float | None:
+            return round(float(np.percentile(values, q)), 1) if len(values) else None
+
+        return {
+            "offered_per_s": self.rate, "seconds": self.seconds, "sent": sent,
+            "statuses": {str(k): v for k, v in sorted(self.statuses.items(), key=str)},
+            "goodput_per_s": round(len(ok) / self.seconds, 1),
+            "errors": sent - len(ok) - len(shed),  # neither answered nor shed: 5xx other than 503, timeouts
+            "p50_ms": percentile(ok, 50), "p95_ms": percentile(ok, 95), "p99_ms": percentile(ok, 99),
+            "shed_p99_ms": percentile(shed, 99), "shed_max_ms": None if not len(shed) else round(float(shed.max()), 1),
+            "rss_mb_first": self.rss_mb[0] if self.rss_mb else None,
+            "rss_mb_last": self.rss_mb[-1] if self.rss_mb else None,
+        }
+
+
+async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], server: psutil.Process,
+                timeout_s: float, max_outstanding: int, faults: list[tuple[str, float]] = ()) -> Phase:
+    """Starts ``rate`` requests per second for ``seconds``, open-loop; waits for the last replies."""
+    phase = Phase(rate, seconds)
+    outstanding = 0
+    connector = aiohttp.TCPConnector(limit=max_outstanding, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(body: bytes) -> None:
+            nonlocal outstanding
+            started = time.perf_counter()
+            try:
+                async with session.post(url + "/recommend", data=body,
+                                        headers={"Content-Type": "application/json"}) as reply:
+                    await reply.read()
+                    status: int | str = reply.status
+            except TimeoutError:
+                status = "timeout"
+            except aiohttp.ClientError:
+                status = "error"
+            finally:
+                outstanding -= 1
+            phase.record(status, (time.perf_counter() - started) * 1000)
+
+        async def sample_rss() -> None:
+            while True:
+                phase.rss_mb.append(round(server.memory_info().rss / 2**20, 1))
+                await asyncio.sleep(1.0)
+
+        async def inject(command: str, at_s: float) -> None:
+            await asyncio.sleep(at_s)
+            process = await asyncio.create_subprocess_shell(command, stdout=asyncio.subprocess.DEVNULL,
+                                                            stderr=asyncio.subprocess.PIPE)
+            _, err = await process.communicate()
+            print(f"fault {command!r} at {at_s} s: exit {process.returncode} {err.decode()[-300:]}", file=sys.stderr)
+
+        sampler = asyncio.create_task(sample_rss())
+        injected = [asyncio.create_task(inject(command, at_s)) for command, at_s in faults]
+        tasks = []
+        start = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            delay = start + n / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if outstanding >= max_outstanding:
+                phase.record("dropped", 0.0)
+                continue
+            outstanding += 1
+            tasks.append(asyncio.create_task(one(bodies[n % len(bodies)])))
+        await asyncio.gather(*tasks, *injected)
+        sampler.cancel()
+    return phase
+
+
+def start_server(repo: Path, artifacts: Path, config: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts.resolve()), "--config",
+               str(config.resolve()), "--host", "127.0.0.1", "--port", str(port), *extra]
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"load-server-{port}.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(command, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited with {server.returncode}; see {log.name}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as reply:
+                if reply.status == 200:
+                    return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError(f"the server did not answer /healthz within 300 s; see {log.name}")
+
+
+def make_bodies(users: int, context: dict, seed: int, n: int = 1000) -> list[bytes]:
+    rng = random.Random(seed)
+    return [json.dumps({"user_id": rng.randint(1, users), "context": context, "k": 10}).encode() for _ in range(n)]
+
+
+def capacity_of(steps: list[dict], p99_ms: float) -> float:
+    """The highest offered rate whose replies were all 200 with p99 under ``p99_ms`` (0: none)."""
+    held = [s["offered_per_s"] for s in steps
+            if s["statuses"].keys() == {"200"} and s["p99_ms"] is not None and s["p99_ms"] < p99_ms]
+    return max(held, default=0.0)
+
+
+def format_table(result: dict) -> str:
+    m = result["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB; client and server on it; "
+             f"load average {m['load_average_1min']:.1f} at the start",
+             f"Server: {result['server']}; capacity {result['capacity_per_s']} requests/s "
+             f"(p99 under {result['p99_ms']} ms, all 200); overload and steady scaled from "
+             f"{result['scaled_from_per_s']} requests/s", *[f"Fault: {fault}" for fault in result["faults"]], "",
+             "| phase | offered /s | sent | goodput /s | 200 | 503 | errors | p50 ms | p95 ms | p99 ms | "
+             "shed p99 ms | shed max ms | RSS MB first -> last |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, row in result["phases"]:
+        lines.append(f"| {name} | {row['offered_per_s']:g} | {row['sent']} | {row['goodput_per_s']} | "
+                     f"{row['statuses'].get('200', 0)} | {row['statuses'].get('503', 0)} | {row['errors']} | "
+                     f"{row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['shed_p99_ms']} | "
+                     f"{row['shed_max_ms']} | {row['rss_mb_first']} -> {row['rss_mb_last']} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repo", type=Path, default=ROOT, help="checkout whose `recstack serve` runs")
+    parser.add_argument("--artifacts", type=Path, required=True)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--server-arg", action="append", default=[], help="passed on to recstack serve")
+    parser.add_argument("--users", type=int, default=943, help="user ids drawn in 1..USERS")
+    parser.add_argument("--context", default='{"hour": 20, "weekday": 5}', help="JSON context of every request")
+    parser.add_argument("--rates", default="10,20,40,60,80,100,130,160", help="stepped rates, requests/s")
+    parser.add_argument("--step-s", type=float, default=15.0)
+    parser.add_argument("--p99-ms", type=float, default=100.0)
+    parser.add_argument("--capacity", type=float, default=None,
+                        help="requests/s the overload and steady phases scale (default: the one measured)")
+    parser.add_argument("--overload", type=float, default=2.0, help="x capacity; 0 skips the phase")
+    parser.add_argument("--overload-s", type=float, default=120.0)
+    parser.add_argument("--steady", type=float, default=0.8, help="x capacity; 0 skips the phase")
+    parser.add_argument("--steady-s", type=float, default=300.0)
+    parser.add_argument("--fault", action="append", default=[], metavar="COMMAND@SECONDS",
+                        help="a shell command run once during the steady phase, at that second")
+    parser.add_argument("--timeout-s", type=float, default=5.0, help="client timeout per request")
+    parser.add_argument("--max-outstanding", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load.json")
+    args = parser.parse_args()
+    faults = [(command, float(at)) for command, _, at in (f.rpartition("@") for f in args.fault)]
+    bodies = make_bodies(args.users, json.loads(args.context), args.seed)
+    machine = describe_machine()
+    server, url = start_server(args.repo, args.artifacts, args.config, args.server_arg)
+    process = psutil.Process(server.pid)
+    phases = []
+    try:
+        def run(name: str, rate: float, seconds: float, faults=()) -> dict:
+            row = asyncio.run(offer(url, rate, seconds, bodies, process, args.timeout_s, args.max_outstanding,
+                                    faults)).summary()
+            print(name, json.dumps(row), file=sys.stderr)
+            phases.append((name, row))
+            time.sleep(2.0)  # let the server drain between phases
+            return row
+
+        run("warm-up", 5, 10)
+        steps = []
+        for rate in map(float, args.rates.split(",")):
+            steps.append(run(f"step {rate:g}/s", rate, args.step_s))
+            if steps[-1]["errors"] > 0.05 * steps[-1]["sent"]:  # collapsed: higher steps only take longer
+                break
+        measured = capacity_of(steps, args.p99_ms)
+        capacity = args.capacity or measured
+        if capacity and args.overload:
+            run(f"overload {args.overload:g}x", args.overload * capacity, args.overload_s)
+        if capacity and args.steady:
+            run(f"steady {args.steady:g}x" + (" + faults" if faults else ""), args.steady * capacity, args.steady_s,
+                faults)
+        rev = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True).stdout.strip()
+    finally:
+        server.terminate()
+        server.wait(30)
+    result = {"machine": machine, "server": f"{shlex.join(['recstack', 'serve', *args.server_arg])} at {rev}",
+              "capacity_per_s": measured, "scaled_from_per_s": capacity, "p99_ms": args.p99_ms, "phases": phases,
+              "faults": args.fault, "passed": measured > 0}
+    return finish(result, format_table(result), args.out)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
