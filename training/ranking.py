@@ -18,8 +18,8 @@ from evaluation import metrics
 from models.deepfm import DeepFM, DeepFMConfig
 from models.dlrm import DLRM, DLRMConfig
 from models.linear import LinearConfig, LinearModel
+from training.lean_module import LeanModule
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
-from training.train_loss import TrainLossLogging
 
 RANKERS = {"deepfm": (DeepFM, DeepFMConfig), "dlrm": (DLRM, DLRMConfig), "linear": (LinearModel, LinearConfig)}
 
@@ -33,7 +33,7 @@ def build_ranker(name: str, features: list[FeatureSpec], dense_dim: int, options
     return model(config(tuple(f for f in features if f.sparse), dense_dim, **options))
 
 
-class RankingModule(TrainLossLogging):
+class RankingModule(LeanModule):
     """Trains ``model`` (dense (B, n), KJT -> logits (B,)) on labelled batches; its embedding tables
     update by ``embedding_optimizer``, the rest by Adam(lr, weight_decay)."""
 

@@ -18,11 +18,11 @@ from data.encoders import Batch
 from evaluation import metrics
 from models.two_tower import TwoTower, TwoTowerConfig, sampled_softmax_loss
 from training.data import EvalQueries
+from training.lean_module import LeanModule
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
-from training.train_loss import TrainLossLogging
 
 
-class FullCorpusEvaluation(TrainLossLogging):
+class FullCorpusEvaluation(LeanModule):
     """Validation and test by `rank_queries` of ``corpus_scores``; subclasses set ``k``.
 
     Metrics are means over queries of every rank's results: the distributed sampler repeats a
