@@ -8,7 +8,10 @@
 #      eager there; exact top-k retrieval timed on CUDA and CPU, each checked against float64
 #      scores (gpu_paths.py);
 #   3. a Triton model repository exported with KIND_GPU instance groups, its TorchScript rankers
-#      run on CUDA against CPU scores (triton_gpu_check.py; no GPU Triton server is needed).
+#      run on CUDA against CPU scores (triton_gpu_check.py; no GPU Triton server is needed);
+#   4. row-sparse embedding updates (embedding_optimizer.py speed): row-wise Adagrad against dense
+#      Adam at 26 x 200k x 64, then row-wise Adagrad alone on 26 x 1M x 64 and on the large config
+#      (26 x 1M x 128, batch 16,384, bf16), with samples/s and peak GPU memory.
 #
 #   WHEELS=wheels benchmarks/gpu_check.sh                        # on the GPU machine
 #   PYTHON=.venv/bin/python benchmarks/gpu_check.sh --dry-run    # anywhere: CPU only, short runs
@@ -79,9 +82,11 @@ EOF
 if $dry_run; then
     train_args=(--device cpu --steps 10 --repeats 3)
     paths_args=(--items 100000 --queries 256)
+    rows_args=(--device cpu --quick --steps 3)
 else
     train_args=(--device cuda --steps 20 --repeats 1)
     paths_args=()
+    rows_args=(--device cuda --steps 20)
 fi
 
 summary=()
@@ -100,6 +105,8 @@ run_part "TorchScript export and exact retrieval" \
     "$python" benchmarks/gpu_paths.py "${paths_args[@]}" --json "$results/gpu_paths.json"
 run_part "Triton GPU repository (KIND_GPU, TorchScript on CUDA vs CPU)" \
     "$python" benchmarks/triton_gpu_check.py --json "$results/triton_gpu_check.json"
+run_part "row-wise Adagrad on the tables, large config" \
+    "$python" benchmarks/embedding_optimizer.py speed "${rows_args[@]}" --json "$results/embedding_optimizer.json"
 
 echo
 if $dry_run; then
