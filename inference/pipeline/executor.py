@@ -575,4 +575,8 @@ def _scorer(config: PipelineConfig, models: Path, name: str) -> Scorer:
 
     model = name.removeprefix("triton:")
     inputs = ModelInputs.load(models, model.removesuffix(PYTHON_SUFFIX))
-    return TritonScorer(config.triton, model, inputs, timeout_s=config.triton_timeout_s)
+    scorer = TritonScorer(config.triton, model, inputs, timeout_s=config.triton_timeout_s)
+    problem = scorer.unserved()
+    if problem is not None:  # the next scorer answers instead, each call counted as a fallback
+        log.warning("scorer %r cannot score now, so requests fall back: %s", name, problem)
+    return scorer

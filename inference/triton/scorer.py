@@ -129,6 +129,17 @@ class TritonScorer:
         version = response["model_version"] if isinstance(response, dict) else response.model_version
         return TritonScores(scores.reshape(n).astype(np.float32, copy=False), str(version))
 
+    def unserved(self) -> str | None:
+        """Why the server cannot score with ``model`` now (unreachable, or the model not loaded), or None."""
+        try:
+            if self._grpc is not None:
+                ready = self._grpc.is_model_ready(self.model, client_timeout=self.timeout_s)
+            else:
+                ready = self._http_client().is_model_ready(self.model)
+        except Exception as error:  # unreachable, or any other failure: the reason is the message
+            return str(self._error(error))
+        return None if ready else str(self._error("the model is not loaded on this server"))
+
     def close(self) -> None:
         """Closes the gRPC channel, or this thread's HTTP connection; later calls fail (TritonScoringError)."""
         if self._grpc is not None:

@@ -82,3 +82,18 @@ def test_closing_the_pipeline_closes_its_triton_channel(triton, version, scoring
     pipeline.close()
     with pytest.raises(TritonScoringError, match="deepfm_py"):
         scorer.infer(*scoring_requests[0])
+
+
+def test_a_model_the_server_does_not_serve_gets_a_warning_at_build_and_counted_fallbacks(triton, version, caplog):
+    pipeline = build_pipeline(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=["triton:deepfm", "deepfm"]),
+                              version)
+    try:
+        assert "scorer 'triton:deepfm' cannot score now" in caplog.text and "not loaded" in caplog.text
+        pipeline(QUERIES[0])
+        assert pipeline.stages.scorer.fallbacks == {"triton:deepfm": 1}
+    finally:
+        pipeline.close()
+    served = build_pipeline(config(triton=triton.grpc_url, triton_timeout_s=5.0,
+                                   scorer=["triton:deepfm_py", "deepfm"]), version)
+    served.close()
+    assert "'triton:deepfm_py' cannot score" not in caplog.text
