@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
 
     encode = data_commands.add_parser("encode", help="(re)write a prepared dataset's encoded training inputs")
     encode.add_argument("--data", required=True, type=Path, help="canonical dataset directory; writes DATA/encoded")
-    encode.add_argument("--row-group-rows", type=int, default=65_536, help="rows per parquet row group")
+    encode.add_argument("--row-group-rows", type=int, default=16_384, help="rows per parquet row group")
     encode.set_defaults(run=_encode)
 
     stats = data_commands.add_parser("stats", help="print a dataset's statistics")
@@ -91,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--devices", type=int, help="devices per node")
         sub.add_argument("--num-nodes", type=int, help="nodes, each started with the same command (e.g. by torchrun)")
         sub.add_argument("--accelerator", choices=("auto", "cpu", "gpu"))
-        sub.add_argument("--strategy", help="Lightning strategy, e.g. ddp")
+        sub.add_argument("--strategy", help="Lightning strategy, e.g. ddp; or model_parallel: embedding tables "
+                         "sharded by torchrec over the devices")
+        sub.add_argument("--sharding", choices=("auto", "table_wise", "row_wise", "column_wise"),
+                         help="model_parallel: how tables are split (auto: torchrec's planner chooses)")
         sub.set_defaults(run=run)
 
     refresh_cli.add_commands(commands)
@@ -107,7 +110,7 @@ def _train_config(args: argparse.Namespace):
 
     return load_config(args.config, max_epochs=args.max_epochs, batch_size=args.batch_size, seed=args.seed,
                        devices=args.devices, num_nodes=args.num_nodes, accelerator=args.accelerator,
-                       strategy=args.strategy)
+                       strategy=args.strategy, sharding=args.sharding)
 
 
 def _train_retrieval(args: argparse.Namespace) -> int:

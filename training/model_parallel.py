@@ -1,52 +1,61 @@
-"""Model-parallel DLRM training with torchrec, for embedding tables too large for one device.
+"""`recstack train --strategy model_parallel`: the embedding tables sharded over the ranks by
+torchrec's planner and `DistributedModelParallel` (DMP), the dense layers replicated.
 
-`shard_dlrm` wraps a `DLRM` in torchrec's `DistributedModelParallel` (DMP): each embedding table
-lives whole on one rank (table-wise sharding) and is updated by SGD fused into the backward pass,
-while the dense arches are replicated on every rank and trained through DMP's DDP wrapper by a
-plain SGD. `train_model_parallel` runs it on one machine with `torch.multiprocessing.spawn`;
-`train_single_process` is the same training on one process, the reference it must match.
+`ModelParallelStrategy` is Lightning's DDP strategy (one process per device, the same launcher,
+each rank streaming its B/W rows of every global batch of B) with one change: where DDP wraps
+the LightningModule, DMP shards its `EmbeddingBagCollection`s in place and wraps the rest in
+DDP. Everything else (the loss, validation, checkpoints, early stopping) is the one-process code
+path.
 
-    rank r of W takes rows [r B/W, (r+1) B/W) of every global batch of B rows:
-      dense (B/W, n_dense) -> DenseArch replica -> (B/W, D)
-      sparse KJT (B/W rows) -> all-to-all: each table's owner gets its ids from every rank (B rows)
-                            -> pooled there -> all-to-all back -> (B/W, F, D)
-      -> InteractionArch, OverArch replicas -> logits (B/W,)
+    rank r of W, its B/W rows of a global batch:
+      dense layers (DDP replicas)         -> gradients averaged over the ranks
+      sparse KJT (B/W rows) -> all-to-all: each shard's owner gets its ids from every rank (B rows)
+                            -> pooled there -> all-to-all back -> (B/W, F, D) on rank r
 
-Gradient scaling. Every rank's loss is the mean over its own B/W rows, so its gradients are W times
-too large for the global batch mean. DDP averages the dense gradients over the W ranks, which
-removes that factor. A table's gradient is assembled on its owner rank from every rank's rows,
-a sum over ranks; torchrec's output all-to-all divides it by W in backward (its default
-``torchrec.distributed.comm_ops`` gradient division, set explicitly in `shard_dlrm`). Both parts
-therefore step on the gradient of the global-batch mean, as one process on the whole batch does,
-with the same learning rate.
+Tables update inside the backward by torchrec's fused kernels (fbgemm), which update only the
+rows a step looked up: the run's ``embedding_optimizer`` picks the kernel (`training.optimizers`;
+fbgemm-gpu-cpu has row-wise Adagrad, sparse_adam needs its CUDA kernels), and the dense layers
+keep Adam at the run's lr and weight decay. Every table's dim must be a multiple of 4, as
+fbgemm's kernels expect: DLRM's tables with ``embedding_dim: 8`` shard, DeepFM's first-order
+weights (dim 1) do not. A
+table's gradient is summed over the ranks on its owner; torchrec's output all-to-all divides it
+by W (``torchrec.distributed.comm_ops`` gradient division), so tables and dense layers both step
+on the gradient of the global-batch mean, as one process on the whole batch does.
 
-Launching on several GPUs or machines: run one process per GPU with torchrun, which sets RANK,
-WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for each of them; call
-``dist.init_process_group("nccl")`` (it reads those variables), then
-``shard_dlrm(model, lr, torch.device("cuda", int(os.environ["LOCAL_RANK"])))`` and feed each rank
-its own rows of every global batch:
+Sharding (``--sharding``): ``table_wise`` puts each table whole on one rank, ``row_wise`` splits
+its rows over the ranks (torchrec offers it on CUDA only), ``column_wise`` its columns; ``auto``
+lets the planner choose per table from its size and the devices' memory. Row-wise Adagrad keeps
+one float per row of each shard, so where the planner does split a table's columns each column
+shard scales its rows by the mean square of its own columns: close to, not equal to, one
+process.
 
-    torchrun --nproc_per_node=8 train.py                        # one machine, 8 GPUs
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
-        --master_addr=HOST0 --master_port=29500 train.py        # on HOST0; node_rank=1 on the other
+Checkpoints hold the unsharded state, gathered on rank 0: the model's ``state_dict`` under the
+same keys as a one-process run (so `inference.export` reads it unchanged), and per optimizer its
+dense part and the fused table optimizer's state. Every rank reads a checkpoint whole and copies
+its own shards from it, so a table must fit one host's memory, not one device.
 
-torchrun also sets LOCAL_WORLD_SIZE, which the planner reads to tell fast intra-host links from the
-network. Each process builds the whole DLRM in host memory before `shard_dlrm` moves its own tables
-to its device, so the tables must fit a host's RAM once per process, but not one GPU.
+On GPUs the same command runs one process per GPU (``--accelerator gpu``, nccl); on several
+nodes start it under torchrun as the DDP strategy is (training/README.md). A query tower whose
+history sequence shares the item tower's id table cannot be sharded: DMP gives every collection
+its own tables, which would untie them.
 """
 
-import os
-import socket
-import tempfile
-from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
+from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torchrec import KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.comm_ops import set_gradient_division
@@ -54,180 +63,216 @@ from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
-from torchrec.distributed.types import ShardingType
+from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from data.encoders import Batch
-from models.dlrm import DLRM, DLRMConfig
-
-BACKENDS = {"gloo": "cpu", "nccl": "cuda"}  # process-group backend -> the device each rank trains on
-TIMEOUT = timedelta(seconds=60)  # a collective waiting longer than this means a rank has died
+SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise")
+# fbgemm's fused table optimizers that run on the CPU (fbgemm-gpu-cpu); the rest are CUDA-only
+CPU_KERNELS = (EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_SGD)
 
 
-@dataclass(frozen=True)
-class ParallelRun:
-    """``world_size`` processes on one machine; with nccl, rank r trains on cuda:r."""
+def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer], dict], sharding: str,
+                 device: torch.device) -> DistributedModelParallel:
+    """Shards every `EmbeddingBagCollection` of ``module`` over the initialised default process group.
 
-    world_size: int = 2
-    backend: str = "gloo"
-
-    def __post_init__(self) -> None:
-        if self.world_size < 1:
-            raise ValueError(f"ParallelRun.world_size = {self.world_size}; expected >= 1")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"ParallelRun.backend = {self.backend!r}; expected one of {tuple(BACKENDS)}")
-
-
-def shard_dlrm(model: DLRM, lr: float, device: torch.device) -> tuple[DistributedModelParallel, torch.optim.SGD]:
-    """Shards ``model``'s tables table-wise over the initialised default process group.
-
-    Returns the DMP model, whose tables step by SGD(lr) inside ``backward()``, and the SGD(lr) for
-    its dense parameters. The sharded model starts from ``model``'s weights.
+    ``optimizer`` (class, arguments) steps the tables inside the backward, as torchrec's fused
+    kernel for that class. ``module`` is changed in place (its collections become sharded ones)
+    and keeps its weights; the returned DMP wraps it, its dense parameters in DDP.
     """
-    initial = model.state_dict()
-    apply_optimizer_in_backward(torch.optim.SGD, model.sparse_arch.parameters(), {"lr": lr})
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding = {sharding!r}; expected one of {SHARDINGS}")
+    sharders = [EmbeddingBagCollectionSharder()]
+    offered = sharders[0].sharding_types(device.type)
+    if sharding != "auto" and sharding not in offered:
+        raise ValueError(f"sharding = {sharding!r}: torchrec does not offer it on {device.type}; expected auto or "
+                         f"one of {[t for t in offered if t in SHARDINGS]}")
+    collections = [m for m in module.modules() if isinstance(m, EmbeddingBagCollection)]
+    if not collections:
+        raise ValueError(f"{type(module).__name__} has no EmbeddingBagCollection; model_parallel shards "
+                         "embedding tables")
+    cls, kwargs = optimizer
+    kind = optimizer_type_to_emb_opt_type(cls)
+    if device.type == "cpu" and kind not in CPU_KERNELS:
+        raise ValueError(f"table optimizer {cls.__name__} ({kind.name}): fbgemm's CPU kernels have "
+                         f"{[k.name for k in CPU_KERNELS]} only (embedding_optimizer.kind rowwise_adagrad); "
+                         "the others need fbgemm-gpu's CUDA kernels")
+    owners: dict[int, str] = {}
+    for ebc in collections:
+        for name, bag in ebc.embedding_bags.items():
+            if bag.weight.shape[1] % 4:
+                raise ValueError(f"table {name!r} has dim {bag.weight.shape[1]}; fbgemm's fused kernels expect a "
+                                 "multiple of 4 (DeepFM's first-order weights have dim 1)")
+            if id(bag.weight) in owners:
+                raise ValueError(f"table {name!r} is shared by two embedding collections (also as "
+                                 f"{owners[id(bag.weight)]!r}); "
+                                 "model_parallel shards each collection apart, which would untie it: leave the "
+                                 "history sequence out of the query features")
+            owners[id(bag.weight)] = name
+    initial = module.state_dict()
+    apply_optimizer_in_backward(cls, [bag.weight for ebc in collections for bag in ebc.embedding_bags.values()],
+                                kwargs)
     set_gradient_division(True)  # table gradients / W, see the module docstring
+    types = {"sharding_types": [sharding]} if sharding != "auto" else {}
     constraints = {
-        table.name: ParameterConstraints(
-            sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=[EmbeddingComputeKernel.FUSED.value]
-        )
-        for table in model.sparse_arch.ebc.embedding_bag_configs()
+        table.name: ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.FUSED.value], **types)
+        for ebc in collections
+        for table in ebc.embedding_bag_configs()
     }
     world_size = dist.get_world_size()
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world_size, local_world_size=get_local_size(world_size)),
         kernel_config=KernelConfig(compute_device=device.type),
     )
-    planner = EmbeddingShardingPlanner(topology, constraints=constraints)
-    sharders = [EmbeddingBagCollectionSharder()]
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    sharded = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
-    _load_full_state_dict(sharded, initial)  # DMP gives the tables fresh random weights
-    dense_params = [p for _, p in in_backward_optimizer_filter(sharded.named_parameters())]
-    return sharded, torch.optim.SGD(dense_params, lr=lr)
+    plan = EmbeddingShardingPlanner(topology, constraints=constraints).collective_plan(module, sharders,
+                                                                                       dist.GroupMember.WORLD)
+    sharded = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
+    load_unsharded(module.state_dict(), initial)  # the sharders give the tables fresh random weights
+    return sharded
 
 
-def train_model_parallel(config: DLRMConfig, batches: list[Batch], lr: float, seed: int, run: ParallelRun) -> dict:
-    """Trains a `DLRM(config)` seeded with ``seed`` on ``run.world_size`` ranks, one step per global batch.
-
-    Returns ``losses`` (one global-batch mean BCE per step, before its update), the final
-    ``state_dict`` gathered whole on rank 0, and ``plan``: table -> {"sharding_type", "ranks"}.
-    """
-    for i, batch in enumerate(batches):
-        rows = batch.dense.shape[0]
-        if batch.labels is None:
-            raise ValueError(f"batch {i} has labels=None; expected (B,) float labels to train on")
-        if rows % run.world_size:
-            raise ValueError(
-                f"batch {i} has {rows} rows; expected a multiple of world_size={run.world_size} "
-                "so that every rank gets an equal slice"
-            )
-    if run.backend == "nccl" and torch.cuda.device_count() < run.world_size:
-        raise ValueError(f"world_size={run.world_size} nccl ranks need as many GPUs; {torch.cuda.device_count()} seen")
-    with tempfile.TemporaryDirectory() as out_dir:
-        args = (config, batches, lr, seed, run, _free_port(), out_dir)
-        mp.spawn(_train_rank, args=args, nprocs=run.world_size, join=True)  # a failed rank stops the others
-        return torch.load(Path(out_dir) / "result.pt")
-
-
-def train_single_process(config: DLRMConfig, batches: list[Batch], lr: float, seed: int) -> dict:
-    """The reference: the same model, loss and SGD on whole global batches; returns ``losses`` and ``state_dict``."""
-    torch.manual_seed(seed)
-    model = DLRM(config)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
-    for batch in batches:
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return {"losses": losses, "state_dict": model.state_dict()}
-
-
-def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
-    """Rows [start, stop) of ``batch``; the KJT's values are key-major, so each key keeps its own run."""
-    sparse = batch.sparse
-    rows = sparse.stride()
-    lengths = sparse.lengths().view(len(sparse.keys()), rows)  # (F, B)
-    offsets = sparse.offsets().tolist()  # F B + 1 positions in values
-    values = [sparse.values()[offsets[f * rows + start] : offsets[f * rows + stop]] for f in range(lengths.shape[0])]
-    kjt = KeyedJaggedTensor(
-        keys=sparse.keys(),
-        values=torch.cat(values),
-        lengths=lengths[:, start:stop].reshape(-1),  # (F (stop - start),)
-        stride=stop - start,
-    )
-    labels = None if batch.labels is None else batch.labels[start:stop]
-    return Batch(kjt, batch.dense[start:stop], labels)
-
-
-def _train_rank(
-    rank: int, config: DLRMConfig, batches: list[Batch], lr: float, seed: int, run: ParallelRun, port: int, out_dir: str
-) -> None:
-    """One spawned rank: trains on its slice of every batch; rank 0 writes the result to ``out_dir``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = torch.device(BACKENDS[run.backend], rank if run.backend == "nccl" else None)
-    dist.init_process_group(run.backend, rank=rank, world_size=run.world_size, timeout=TIMEOUT)
-    try:
-        torch.manual_seed(seed)  # the reference's initial weights
-        model, dense_optimizer = shard_dlrm(DLRM(config), lr, device)
-        losses = []
-        for batch in batches:
-            rows = batch.dense.shape[0] // run.world_size
-            local = slice_batch(batch, rank * rows, (rank + 1) * rows)
-            logits = model(local.dense.to(device), local.sparse.to(device))  # (B/W,)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, local.labels.to(device))
-            dense_optimizer.zero_grad()
-            loss.backward()  # also steps the tables
-            dense_optimizer.step()
-            global_loss = loss.detach().clone()
-            dist.all_reduce(global_loss)  # equal slices: the global mean is the mean of the rank means
-            losses.append(global_loss.item() / run.world_size)
-        state_dict = _gather_state_dict(model, device)
-        if rank == 0:
-            result = {"losses": losses, "state_dict": state_dict, "plan": _table_ranks(model)}
-            torch.save(result, Path(out_dir) / "result.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-@torch.no_grad()
-def _load_full_state_dict(model: DistributedModelParallel, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copies an unsharded state dict into ``model``, each rank into its own shards of each table."""
-    for name, tensor in model.state_dict().items():
-        if isinstance(tensor, ShardedTensor):
-            for shard in tensor.local_shards():
-                (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-                shard.tensor.copy_(state_dict[name][row : row + rows, col : col + cols])
-        else:
-            tensor.copy_(state_dict[name])
-
-
-def _gather_state_dict(model: DistributedModelParallel, device: torch.device) -> dict[str, torch.Tensor]:
-    """The unsharded state dict, on CPU, complete on rank 0 only; every rank must call it."""
-    full = {}
-    for name, tensor in model.state_dict().items():
-        if isinstance(tensor, ShardedTensor):
-            out = torch.empty(tensor.size(), dtype=tensor.dtype, device=device) if dist.get_rank() == 0 else None
-            tensor.gather(dst=0, out=out)
-            tensor = out
-        if tensor is not None:
-            full[name] = tensor.cpu()
-    return full
-
-
-def _table_ranks(model: DistributedModelParallel) -> dict[str, dict]:
-    """Table -> its sharding type and the ranks holding it, from the model's plan."""
+def table_placement(model: DistributedModelParallel) -> dict[str, dict]:
+    """Table (module path.table) -> its sharding type and the ranks holding it, from the model's plan."""
     return {
-        table: {"sharding_type": sharding.sharding_type, "ranks": sharding.ranks}
-        for module_plan in model.plan.plan.values()
+        f"{path}.{table}": {"sharding_type": sharding.sharding_type, "ranks": sharding.ranks}
+        for path, module_plan in model.plan.plan.items()
         for table, sharding in module_plan.items()
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def gather_unsharded(state: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``state`` (nested dicts) whole on rank 0, each `ShardedTensor` put together from every rank's
+    shards on the CPU; None on the other ranks. Every rank must call it.
+
+    The ranks' states may hold different keys: a table-wise shard's optimizer state exists on its
+    owner only. Rank 0 gets the union; a value that is not sharded comes from the lowest rank that
+    has it.
+    """
+    flat = {}
+    for path, value in _flatten(state):
+        if isinstance(value, ShardedTensor):
+            blocks = [(shard.metadata.shard_offsets, shard.tensor.detach().cpu()) for shard in value.local_shards()]
+            value = _Blocks(tuple(value.size()), value.dtype, blocks)
+        elif isinstance(value, torch.Tensor):
+            value = value.detach().cpu()
+        flat[path] = value
+    ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(flat, ranks, dst=0)
+    if ranks is None:
+        return None
+    whole: dict[str, Any] = {}
+    for flat in ranks:
+        for path, value in flat.items():
+            *parents, key = path
+            node = whole
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            if isinstance(value, _Blocks):
+                tensor = node.setdefault(key, torch.zeros(value.size, dtype=value.dtype))
+                for offsets, block in value.blocks:
+                    tensor[tuple(slice(o, o + n) for o, n in zip(offsets, block.shape, strict=True))] = block
+            else:
+                node.setdefault(key, value)
+    return whole
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """One rank's shards of a `ShardedTensor` of ``size``: (offsets, block) pairs."""
+
+    size: tuple[int, ...]
+    dtype: torch.dtype
+    blocks: list[tuple[list[int], torch.Tensor]]
+
+
+def _flatten(state: Mapping[str, Any], path: tuple = ()) -> list[tuple[tuple, Any]]:
+    """(key path, value) of every leaf of nested dicts."""
+    leaves = []
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            leaves.extend(_flatten(value, (*path, key)))
+        else:
+            leaves.append(((*path, key), value))
+    return leaves
+
+
+@torch.no_grad()
+def load_unsharded(state: Mapping[str, Any], whole: Mapping[str, Any]) -> None:
+    """Copies ``whole`` (the unsharded state, e.g. from a checkpoint) into the tensors of ``state``:
+    each `ShardedTensor` takes its local shards' rows and columns, a plain tensor all of it."""
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            load_unsharded(value, whole[key])
+        elif isinstance(value, ShardedTensor):
+            for shard in value.local_shards():
+                block = tuple(slice(start, start + size) for start, size in
+                              zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes, strict=True))
+                shard.tensor.copy_(whole[key][block])
+        elif isinstance(value, torch.Tensor):
+            value.copy_(whole[key])
+
+
+def _is_sharded(module: nn.Module) -> bool:
+    return any(isinstance(v, ShardedTensor) for v in module.state_dict().values())
+
+
+class ModelParallelStrategy(DDPStrategy):
+    """Lightning's DDP strategy with the module's embedding tables sharded by DMP (``sharding`` is one
+    of `SHARDINGS`) and stepped in the backward by ``table_optimizer`` (class, arguments; see
+    `training.optimizers.fused_optimizer`); the other parameters by Adam(``lr``, ``weight_decay``),
+    as the LightningModules' own optimizer steps its dense layers. Checkpoints hold the unsharded
+    state (see the module docstring).
+    """
+
+    def __init__(self, sharding: str, table_optimizer: tuple[type[torch.optim.Optimizer], dict], lr: float,
+                 weight_decay: float, **kwargs: Any) -> None:
+        if sharding not in SHARDINGS:
+            raise ValueError(f"sharding = {sharding!r}; expected one of {SHARDINGS}")
+        super().__init__(**kwargs)
+        self.sharding = sharding
+        self.table_optimizer = table_optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    def configure_ddp(self) -> None:
+        self.model = shard_tables(self.lightning_module, self.table_optimizer, self.sharding, self.root_device)
+        rank_zero_info(f"model_parallel tables: {json.dumps(table_placement(self.model))}")
+
+    def setup_optimizers(self, trainer: L.Trainer) -> None:
+        """Adam over what DMP does not step in the backward (the module's configure_optimizers would
+        look for the unsharded tables)."""
+        dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
+        self.optimizers = [torch.optim.Adam(dense, lr=self.lr, weight_decay=self.weight_decay)]
+        self.lr_scheduler_configs = []
+
+    def teardown(self) -> None:
+        if isinstance(self.model, DistributedModelParallel):
+            self.model = self.lightning_module  # sharded in place: validate and test run it as it is
+        super().teardown()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return gather_unsharded(self.lightning_module.state_dict())
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        tables = self._fused_optimizer().state_dict()
+        return {"dense": super().optimizer_state(optimizer), "tables": gather_unsharded(tables)}
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if not _is_sharded(self.lightning_module):  # resuming: `shard_tables` copies the weights into shards
+            super().load_model_state_dict(checkpoint, strict)
+            return
+        load_unsharded(self.lightning_module.state_dict(), checkpoint["state_dict"])
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        (state,) = checkpoint["optimizer_states"]  # the module's one optimizer; the tables' is torchrec's
+        super().load_optimizer_state_dict({"optimizer_states": [state["dense"]]})
+        fused = self._fused_optimizer()
+        tables = fused.state_dict()
+        load_unsharded(tables, state["tables"])
+        fused.load_state_dict(tables)
+
+    def _fused_optimizer(self) -> torch.optim.Optimizer:
+        if not isinstance(self.model, DistributedModelParallel):
+            raise ValueError(f"{type(self).__name__}: the optimizer state exists while fitting, after the tables "
+                             "are sharded")
+        return self.model.fused_optimizer

@@ -25,7 +25,8 @@ from data.encoders import FeatureEncoder
 from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
 from training.data import RankingDataModule, RetrievalDataModule
-from training.optimizers import DENSE_ADAM, EmbeddingOptimizer
+from training.model_parallel import SHARDINGS, ModelParallelStrategy
+from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, fused_optimizer
 from training.ranking import RANKERS, RankingModule, build_ranker
 from training.retrieval import RetrievalModule, SampledSoftmax
 
@@ -44,7 +45,8 @@ class TrainOptions(_Strict):
     accelerator: str = "auto"
     devices: int = Field(1, ge=1)
     num_nodes: int = Field(1, ge=1)
-    strategy: str = "auto"
+    strategy: str = "auto"  # a Lightning strategy name, or "model_parallel" (training/model_parallel.py)
+    sharding: str = "auto"  # model_parallel only: one of training.model_parallel.SHARDINGS
     num_workers: int = Field(0, ge=0)  # DataLoader workers per device, each streaming a share of the rows
 
     @model_validator(mode="after")
@@ -57,6 +59,8 @@ class TrainOptions(_Strict):
         if self.batch_size % units:
             raise ValueError(f"batch_size = {self.batch_size} is the global batch; expected a multiple of "
                              f"devices * num_nodes * num_workers = {units}")
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding = {self.sharding!r}; expected one of {SHARDINGS}")
         return self
 
 
@@ -158,6 +162,15 @@ def _features(schema: Schema, names: list[str], key: str) -> list[FeatureSpec]:
     return [schema.feature(n) for n in names]
 
 
+def _strategy(config: RunConfig) -> str | ModelParallelStrategy:
+    """``train.strategy``; model_parallel steps the tables with the fused kernel of ``embedding_optimizer``."""
+    opts = config.train
+    if opts.strategy != "model_parallel":
+        return opts.strategy
+    tables = fused_optimizer(config.embedding_optimizer, opts.lr, opts.weight_decay)  # ValueError for kind adam
+    return ModelParallelStrategy(opts.sharding, tables, opts.lr, opts.weight_decay)
+
+
 def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, config: RunConfig, monitor: str,
          run: dict) -> dict | None:
     """Fits ``module`` (resuming from ``out``), then validates and tests its best checkpoint; the
@@ -172,7 +185,7 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
         accelerator=opts.accelerator,
         devices=opts.devices,
         num_nodes=opts.num_nodes,
-        strategy=opts.strategy,
+        strategy=_strategy(config),
         precision="bf16-mixed" if gpu else "32-true",
         callbacks=[best, EarlyStopping(monitor, mode="max", patience=opts.patience)],
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")],
