@@ -353,7 +353,7 @@ def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Sea
     with _registered(events.con, "users", users):
         seen = events.con.execute("SELECT users.row, count(DISTINCT item_id) AS items FROM events "
                                   "JOIN users USING (user_id) GROUP BY users.row").fetchnumpy()
-    need = np.full(len(ids), n, dtype=np.int64)
+    need = np.full(len(ids), n, dtype=np.int64)  # results to ask for: n past each user's seen items
     need[seen["row"]] += seen["items"]
     order = np.argsort(need, kind="stable")
     batches = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
@@ -362,8 +362,8 @@ def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Sea
         batch_of[rows] = b
     with events.con.cursor() as stream:  # its own connection: closing it ends the stream however the loop ends
         stream.register("users", users.append_column("batch", pa.array(batch_of)))
-        seen = stream.sql("SELECT batch, users.row, item_id FROM events JOIN users USING (user_id) ORDER BY batch")
-        rows, found, scores = _search_batches(search, vectors, n, _by_batch(seen.to_arrow_reader(STREAM_ROWS),
+        pairs = stream.sql("SELECT batch, users.row, item_id FROM events JOIN users USING (user_id) ORDER BY batch")
+        rows, found, scores = _search_batches(search, vectors, n, _by_batch(pairs.to_arrow_reader(STREAM_ROWS),
                                                                             batches), eligible)
     return _pool(_names("user:", ids)[rows], found, scores)
 
