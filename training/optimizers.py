@@ -32,6 +32,7 @@ import torch
 from pydantic import ConfigDict
 from torch import nn
 from torchrec import EmbeddingBagCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 KINDS = ("adam", "rowwise_adagrad", "sparse_adam")
 ROW_SPARSE = ("rowwise_adagrad", "sparse_adam")
@@ -168,10 +169,13 @@ class TablesAndDense(torch.optim.Optimizer):
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(table weights of every torchrec `EmbeddingBagCollection` in ``model``, every other trainable
-    parameter); a table shared by two collections counts once."""
+    parameter); a table shared by two collections counts once. Parameters that an optimizer steps
+    inside the backward (`fused_optimizer`'s, on tables that DMP has sharded) are in neither."""
+    kept = dict(in_backward_optimizer_filter(model.named_parameters()))  # all but those stepped in the backward
+    kept_ids = {id(p) for p in kept.values()}
     tables = {id(bag.weight): bag.weight for ebc in model.modules() if isinstance(ebc, EmbeddingBagCollection)
-              for bag in ebc.embedding_bags.values()}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in tables]
+              for bag in ebc.embedding_bags.values() if id(bag.weight) in kept_ids}
+    dense = [p for p in kept.values() if p.requires_grad and id(p) not in tables]
     return list(tables.values()), dense
 
 
@@ -187,6 +191,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float,
                                       "betas": config.betas, "eps": config.eps}]
         return torch.optim.Adam([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay)
     if not tables:
+        if any(hasattr(p, "_in_backward_optimizers") for p in model.parameters()):
+            return torch.optim.Adam(dense, lr=lr, weight_decay=weight_decay)  # sharded tables step in the backward
         raise ValueError(f"embedding_optimizer.kind = {config.kind!r}, but the model has no embedding tables")
     for ebc in model.modules():
         if isinstance(ebc, EmbeddingBagCollection):
@@ -226,15 +232,3 @@ def fused_optimizer(config: EmbeddingOptimizer, lr: float,
                                  "beta2": config.betas[1]}
     raise ValueError("embedding_optimizer.kind = 'adam' updates every row of every table, which the fused "
                      "kernels do not do; expected 'rowwise_adagrad' or 'sparse_adam' under model parallelism")
-
-
-def has_fbgemm_cuda() -> bool:
-    """Whether fbgemm-gpu's CUDA kernels are installed and a CUDA device is visible (the fused path
-    then runs on the GPU; fbgemm-gpu-cpu alone runs it on the CPU)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import fbgemm_gpu  # noqa: F401 (registers torch.ops.fbgemm)
-    except (ImportError, OSError, RuntimeError):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fbgemm::asynchronous_complete_cumsum", "CUDA")

@@ -201,6 +201,20 @@ def test_default_is_dense_adam_over_every_parameter():
     assert len(tables) == len(ROWS) and len(dense) == 2
 
 
+def test_tables_stepped_in_the_backward_are_left_out():
+    """Under model parallelism torchrec steps the tables inside the backward (`fused_optimizer`):
+    the module's own optimizer is then Adam over the dense layers alone."""
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    model = Toy()
+    apply_optimizer_in_backward(torch.optim.SGD, model.ebc.parameters(), {"lr": 0.1})
+    optimizer = build_optimizer(model, 1e-2, 0.0, EmbeddingOptimizer("rowwise_adagrad"))
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == list(model.linear.parameters())
+    with pytest.raises(ValueError, match="no embedding tables"):
+        build_optimizer(nn.Linear(2, 1), 1e-2, 0.0, EmbeddingOptimizer("rowwise_adagrad"))
+
+
 def test_rowwise_adagrad_needs_sparse_gradients():
     table = nn.Parameter(torch.zeros(3, 2))
     table.grad = torch.ones(3, 2)
