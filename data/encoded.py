@@ -55,8 +55,8 @@ POSITIVES = "positives"
 class EncodeConfig:
     """Row group and shard sizes of the encoded parts."""
 
-    row_group_rows: int = 65_536
-    shard_row_groups: int = 16
+    row_group_rows: int = 16_384
+    shard_row_groups: int = 64
 
     def __post_init__(self) -> None:
         for name in ("row_group_rows", "shard_row_groups"):
@@ -217,8 +217,8 @@ class Layout:
 class Block:
     """Encoded rows as numpy arrays, in a `Layout`'s column order.
 
-    ids: (n_ids, n) int64; lists: per jagged column (offsets (n + 1,) into values, values);
-    dense: (n, n_dense) float32; labels: (n,) float32; rows: (n,) int64 positions in the part.
+    ids: (n, n_ids) int64, a row's ids side by side; lists: per jagged column (offsets (n + 1,)
+    into values, values); dense: (n, n_dense) float32; labels: (n,) float32; rows: (n,) int64 positions in the part.
     """
 
     ids: np.ndarray
@@ -238,7 +238,7 @@ class Block:
             lists.append((column.offsets.to_numpy(), column.values.to_numpy()))
         n = table.num_rows
         return cls(
-            np.stack([table[c].to_numpy() for c in layout.ids]) if layout.ids else np.zeros((0, n), np.int64),
+            np.stack([table[c].to_numpy() for c in layout.ids], axis=1) if layout.ids else np.zeros((n, 0), np.int64),
             tuple(lists),
             np.stack([table[c].to_numpy() for c in layout.dense], axis=1) if layout.dense
             else np.zeros((n, 0), np.float32),
@@ -247,11 +247,11 @@ class Block:
         )
 
     def slice(self, lo: int, hi: int) -> Block:
-        return Block(self.ids[:, lo:hi], tuple((o[lo:hi + 1], v) for o, v in self.lists), self.dense[lo:hi],
+        return Block(self.ids[lo:hi], tuple((o[lo:hi + 1], v) for o, v in self.lists), self.dense[lo:hi],
                      self.labels[lo:hi], self.rows[lo:hi])
 
     def take(self, index: np.ndarray) -> Block:
-        return Block(self.ids[:, index], tuple(_take_jagged(o, v, index) for o, v in self.lists),
+        return Block(self.ids[index], tuple(_take_jagged(o, v, index) for o, v in self.lists),
                      self.dense[index], self.labels[index], self.rows[index])
 
     @staticmethod
@@ -259,7 +259,7 @@ class Block:
         if len(blocks) == 1:
             return blocks[0]
         lists = tuple(_concat_jagged([b.lists[k] for b in blocks]) for k in range(len(blocks[0].lists)))
-        return Block(np.concatenate([b.ids for b in blocks], axis=1), lists,
+        return Block(np.concatenate([b.ids for b in blocks]), lists,
                      np.concatenate([b.dense for b in blocks]), np.concatenate([b.labels for b in blocks]),
                      np.concatenate([b.rows for b in blocks]))
 
@@ -283,16 +283,17 @@ class StreamConfig:
     """How a part becomes an epoch of batches.
 
     ``batch_size`` is the global batch over ``units`` = ranks x max(workers, 1) micro-batches;
-    ``shuffle`` draws the row-group order from (seed, epoch) and mixes rows in a buffer of
-    ``buffer_rows``; without it rows keep the part's order. ``even`` gives every unit as many
-    rows, the last unit repeating the part's first rows, as a distributed sampler pads.
+    ``shuffle`` draws the row-group order from (seed, epoch) and mixes the rows of each window of
+    consecutive row groups holding ``buffer_rows`` rows; without it rows keep the part's order.
+    ``even`` gives every unit as many rows, the last unit repeating the part's first rows, as a
+    distributed sampler pads.
     """
 
     batch_size: int
     units: int = 1
     shuffle: bool = True
     seed: int = 0
-    buffer_rows: int = 262_144
+    buffer_rows: int = 65_536  # a few row groups; a larger window gathers from far beyond the CPU caches
     even: bool = False
 
     def __post_init__(self) -> None:
@@ -361,8 +362,10 @@ def unit_micro_batches(part: EncodedPart, layout: Layout, config: StreamConfig, 
     if hi > n_rows:  # an even split's padding: the first rows again
         blocks = itertools.chain(blocks, _row_range(part, order, 0, hi - n_rows, layout))
     if config.shuffle and config.buffer_rows:
-        blocks = _shuffled(blocks, config.buffer_rows, rng)
-    yield from _rechunked(blocks, micro_batch_sizes(hi - lo, n_rows, config))
+        windows = _shuffled(blocks, config.buffer_rows, rng)
+    else:
+        windows = ((block, None) for block in blocks)
+    yield from _rechunked(windows, micro_batch_sizes(hi - lo, n_rows, config))
 
 
 def _row_range(part: EncodedPart, order: np.ndarray, lo: int, hi: int, layout: Layout) -> Iterator[Block]:
@@ -381,33 +384,34 @@ def _row_range(part: EncodedPart, order: np.ndarray, lo: int, hi: int, layout: L
         yield block.slice(first, min(hi, stop) - start)
 
 
-def _shuffled(blocks: Iterable[Block], buffer_rows: int, rng: np.random.Generator) -> Iterator[Block]:
-    """The rows of ``blocks`` through a shuffle buffer: once it holds ``buffer_rows`` rows, a random
-    half of them leaves (in random order) and the rest wait for the next blocks."""
+def _shuffled(blocks: Iterable[Block], buffer_rows: int,
+              rng: np.random.Generator) -> Iterator[tuple[Block, np.ndarray | None]]:
+    """Windows of consecutive blocks holding at least ``buffer_rows`` rows (the last one fewer),
+    each with a random order of its rows."""
     pool: list[Block] = []
     held = 0
     for block in blocks:
         pool.append(block)
         held += len(block)
         if held >= buffer_rows:
-            mixed = Block.concat(pool).take(rng.permutation(held))
-            leave = held - buffer_rows // 2
-            yield mixed.slice(0, leave)
-            pool, held = [mixed.slice(leave, held)], held - leave
+            yield Block.concat(pool), rng.permutation(held)
+            pool, held = [], 0
     if held:
-        yield Block.concat(pool).take(rng.permutation(held))
+        yield Block.concat(pool), rng.permutation(held)
 
 
-def _rechunked(blocks: Iterable[Block], sizes: list[int]) -> Iterator[Block]:
-    """The rows of ``blocks`` (exactly sum(sizes) of them) cut into blocks of ``sizes`` rows."""
+def _rechunked(windows: Iterable[tuple[Block, np.ndarray | None]], sizes: list[int]) -> Iterator[Block]:
+    """The rows of ``windows`` (exactly sum(sizes) of them), each window's in its order (None:
+    as they are), cut into blocks of ``sizes`` rows; each row is copied once, into its block."""
     wanted = iter(sizes)
     want, pending, held = next(wanted), [], 0
-    for block in blocks:
+    for block, order in windows:
         start = 0
         while start < len(block):
             take = min(want - held, len(block) - start)
-            pending.append(block.slice(start, start + take))
-            start, held = start + take, held + take
+            end = start + take
+            pending.append(block.slice(start, end) if order is None else block.take(order[start:end]))
+            start, held = end, held + take
             if held == want:
                 yield Block.concat(pending)
                 pending, held = [], 0
@@ -454,7 +458,10 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[tuple]:
         units = UnitStream(self.part, self.layout, self.config, self.epoch(), self.rank, max(self.workers, 1))
-        micro = DataLoader(units, batch_size=None, num_workers=self.workers, collate_fn=_identity)
+        if self.workers:
+            micro = DataLoader(units, batch_size=None, num_workers=self.workers, collate_fn=_identity)
+        else:
+            micro = units
         pending = []
         for block in micro:
             pending.append(block)
@@ -470,26 +477,36 @@ class BatchStream:
     def _batch(self, block: Block, features: list[FeatureSpec], labels: torch.Tensor) -> Batch:
         """The `Batch` of ``features`` (schema order) from a block."""
         n_rows = len(block)
-        values, lengths = [], []
-        for f in features:
-            if not f.sparse:
-                continue
-            name = f"id.{f.name}"
-            if _jagged(f):
-                offsets, flat = block.lists[self.layout.lists.index(name)]
-                values.append(flat[offsets[0]:offsets[-1]])
-                lengths.append(np.diff(offsets).astype(np.int32))
-            else:
-                values.append(block.ids[self.layout.ids.index(name)])
-                lengths.append(np.ones(n_rows, dtype=np.int32))
+        sparse_features = [f for f in features if f.sparse]
+        ids = [self.layout.ids.index(f"id.{f.name}") for f in sparse_features if not _jagged(f)]
+        if len(ids) == len(sparse_features):  # no jagged feature: one gather, key-major
+            values = block.ids[:, ids].T.ravel()
+            lengths = np.ones(len(ids) * n_rows, dtype=np.int32)
+        else:
+            values, lengths = self._jagged_values(block, sparse_features)
         sparse = KeyedJaggedTensor(
-            keys=[f.name for f in features if f.sparse],
-            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
-            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+            keys=[f.name for f in sparse_features],
+            values=torch.from_numpy(values),
+            lengths=torch.from_numpy(lengths),
             stride=n_rows,
         )
         dense = [self.layout.dense.index(f"dense.{f.name}") for f in features if f.kind == "numerical"]
         return Batch(sparse, torch.from_numpy(block.dense[:, dense]), labels)  # dense (B, n_dense)
+
+    def _jagged_values(self, block: Block, sparse_features: list[FeatureSpec]) -> tuple[np.ndarray, np.ndarray]:
+        """Key-major values (N,) and lengths (F * B,) of features some of which are jagged."""
+        n_rows = len(block)
+        values = []
+        lengths = np.ones(len(sparse_features) * n_rows, dtype=np.int32)
+        for k, f in enumerate(sparse_features):
+            name = f"id.{f.name}"
+            if _jagged(f):
+                offsets, flat = block.lists[self.layout.lists.index(name)]
+                values.append(flat[offsets[0]:offsets[-1]])
+                lengths[k * n_rows:(k + 1) * n_rows] = np.diff(offsets)
+            else:
+                values.append(block.ids[:, self.layout.ids.index(name)])
+        return np.concatenate(values), lengths
 
 
 def _jagged(f: FeatureSpec) -> bool:
