@@ -15,7 +15,7 @@ path.
 Tables update inside the backward by torchrec's fused kernels (fbgemm), which update only the
 rows a step looked up: the run's ``embedding_optimizer`` picks the kernel (`training.optimizers`;
 fbgemm-gpu-cpu has row-wise Adagrad, sparse_adam needs its CUDA kernels), and the dense layers
-keep Adam at the run's lr and weight decay. Every table's dim must be a multiple of 4, as
+keep the module's Adam. Every table's dim must be a multiple of 4, as
 fbgemm's kernels expect: DLRM's tables with ``embedding_dim: 8`` shard, DeepFM's first-order
 weights (dim 1) do not. A
 table's gradient is summed over the ranks on its owner; torchrec's output all-to-all divides it
@@ -47,7 +47,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -65,7 +64,6 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise")
 # fbgemm's fused table optimizers that run on the CPU (fbgemm-gpu-cpu); the rest are CUDA-only
@@ -219,31 +217,22 @@ def _is_sharded(module: nn.Module) -> bool:
 class ModelParallelStrategy(DDPStrategy):
     """Lightning's DDP strategy with the module's embedding tables sharded by DMP (``sharding`` is one
     of `SHARDINGS`) and stepped in the backward by ``table_optimizer`` (class, arguments; see
-    `training.optimizers.fused_optimizer`); the other parameters by Adam(``lr``, ``weight_decay``),
-    as the LightningModules' own optimizer steps its dense layers. Checkpoints hold the unsharded
-    state (see the module docstring).
+    `training.optimizers.fused_optimizer`). The module's own optimizer then steps the rest: its
+    `configure_optimizers` runs on the sharded module, where the tables already have theirs.
+    Checkpoints hold the unsharded state (see the module docstring).
     """
 
-    def __init__(self, sharding: str, table_optimizer: tuple[type[torch.optim.Optimizer], dict], lr: float,
-                 weight_decay: float, **kwargs: Any) -> None:
+    def __init__(self, sharding: str, table_optimizer: tuple[type[torch.optim.Optimizer], dict],
+                 **kwargs: Any) -> None:
         if sharding not in SHARDINGS:
             raise ValueError(f"sharding = {sharding!r}; expected one of {SHARDINGS}")
         super().__init__(**kwargs)
         self.sharding = sharding
         self.table_optimizer = table_optimizer
-        self.lr = lr
-        self.weight_decay = weight_decay
 
     def configure_ddp(self) -> None:
         self.model = shard_tables(self.lightning_module, self.table_optimizer, self.sharding, self.root_device)
         rank_zero_info(f"model_parallel tables: {json.dumps(table_placement(self.model))}")
-
-    def setup_optimizers(self, trainer: L.Trainer) -> None:
-        """Adam over what DMP does not step in the backward (the module's configure_optimizers would
-        look for the unsharded tables)."""
-        dense = [p for _, p in in_backward_optimizer_filter(self.model.named_parameters())]
-        self.optimizers = [torch.optim.Adam(dense, lr=self.lr, weight_decay=self.weight_decay)]
-        self.lr_scheduler_configs = []
 
     def teardown(self) -> None:
         if isinstance(self.model, DistributedModelParallel):

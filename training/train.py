@@ -168,7 +168,7 @@ def _strategy(config: RunConfig) -> str | ModelParallelStrategy:
     if opts.strategy != "model_parallel":
         return opts.strategy
     tables = fused_optimizer(config.embedding_optimizer, opts.lr, opts.weight_decay)  # ValueError for kind adam
-    return ModelParallelStrategy(opts.sharding, tables, opts.lr, opts.weight_decay)
+    return ModelParallelStrategy(opts.sharding, tables)
 
 
 def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, config: RunConfig, monitor: str,
