@@ -128,6 +128,26 @@ def test_rollback_and_prune(tmp_path):
         root.prune(0)
 
 
+def test_prune_keeps_the_redis_base_of_a_kept_version_and_releases_before_deleting(tmp_path):
+    root = ArtifactRoot(tmp_path)
+    for base in (None, "v0001", "v0001", None, "v0004"):  # v0002 and v0003 read through v0001, v0005 through v0004
+        with root.build() as (version, staging):
+            write_manifest(staging, {"version": version, "redis_base": base})
+        root.publish(version)
+    released = []
+
+    def release(version):
+        if version == "v0001":
+            raise ConnectionError("redis is down")
+        released.append(version)
+
+    with pytest.raises(ConnectionError):
+        root.prune(keep=2, release=release)  # keeps v0004, v0005; v0003 goes before its base v0001
+    assert released == ["v0003", "v0002"] and root.versions() == ["v0001", "v0004", "v0005"]
+    assert root.prune(keep=2) == ["v0001"]  # the next prune deletes what the failed release kept
+    assert root.prune(keep=1) == [] and root.versions() == ["v0004", "v0005"]  # v0005 reads through v0004
+
+
 def test_hard_linked_files_verify_in_the_new_version(tmp_path):
     root = ArtifactRoot(tmp_path)
     build(root, "a")
