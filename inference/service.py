@@ -487,7 +487,7 @@ class Limits:
     A body over ``max_body_bytes`` is refused (413) before the rest of it is read. ``/healthz``
     and ``/metrics`` are never queued."""
 
-    max_in_flight: int = 4
+    max_in_flight: int = 2  # requests compute under one GIL: more at once only slows each of them
     max_queue: int = 8  # a full queue sheds at once; a longer one only adds waiting to every answer
     queue_timeout_s: float = 0.25
     request_timeout_s: float = 1.0
