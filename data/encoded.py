@@ -12,7 +12,7 @@ Columns, one per feature, in the schema's encoding (`data.encoders.FeatureEncode
     dense.NAME   float32, the standardised number of a numerical feature
     label        float32
 
-`write_encoded` streams each part by row groups: the users and items tables are the only
+`write_encoded` streams each part a shard at a time: the users and items tables are the only
 tables held whole (sequences need the positives' user, item and time columns in memory).
 
 `BatchStream` reads a part as an epoch of batches, with no pandas on the way: row groups ->
@@ -58,6 +58,11 @@ class EncodeConfig:
     row_group_rows: int = 16_384
     shard_row_groups: int = 64
 
+    @property
+    def shard_rows(self) -> int:
+        """Rows of a shard file, encoded in one go."""
+        return self.row_group_rows * self.shard_row_groups
+
     def __post_init__(self) -> None:
         for name in ("row_group_rows", "shard_row_groups"):
             if getattr(self, name) < 1:
@@ -95,17 +100,16 @@ def write_encoded(data_dir: Path, out: Path, config: EncodeConfig = EncodeConfig
                                     columns=list(dict.fromkeys([KEYS[t], *(f.name for f in features if f.table == t)])))
                     for t in ("users", "items"))
     for part in PARTS:
-        chunks = _part_chunks(data_dir, part, config.row_group_rows)
+        chunks = _part_chunks(data_dir, part, config.shard_rows)
         _write_part(out / part, (_joined(c, users, items) for c in chunks), encoder, part, config)
     label = encoder.schema.label
     sequences = [f for f in encoder.schema.features if f.kind == "sequence"]
     if sequences:  # a row's history is the user's earlier positives: they are held in memory
         train = pd.read_parquet(data_dir / "split" / "train.parquet")
         positives = with_sequences(train[train[label] > 0], sequences)
-        chunks = (positives.iloc[s:s + config.row_group_rows]
-                  for s in range(0, len(positives), config.row_group_rows))
+        chunks = (positives.iloc[s:s + config.shard_rows] for s in range(0, len(positives), config.shard_rows))
     else:
-        chunks = (c[c[label] > 0] for c in _part_chunks(data_dir, "train", config.row_group_rows))
+        chunks = (c[c[label] > 0] for c in _part_chunks(data_dir, "train", config.shard_rows))
     _write_part(out / POSITIVES, (_joined(c, users, items) for c in chunks), encoder, POSITIVES, config)
 
 
@@ -132,26 +136,16 @@ def _part_chunks(data_dir: Path, part: str, rows: int) -> Iterator[pd.DataFrame]
 
 def _write_part(folder: Path, frames: Iterable[pd.DataFrame], encoder: FeatureEncoder, part: str,
                 config: EncodeConfig) -> None:
-    """Encodes each frame into one row group; a new shard file every ``shard_row_groups``."""
+    """Encodes each frame into one shard file of ``row_group_rows`` row groups."""
     features = encoded_features(encoder.schema, part)
     names = [f.name for f in features]
     folder.mkdir(parents=True)
-    writer, groups, shard = None, 0, 0
-    try:
-        for frame in frames:
-            if not len(frame):
-                continue
+    shard = 0
+    for frame in frames:
+        if len(frame):
             table = encoded_table(encoder.encode(frame, names), features)
-            if writer is None or groups == config.shard_row_groups:
-                if writer is not None:
-                    writer.close()
-                writer = pq.ParquetWriter(folder / f"part-{shard:05d}.parquet", table.schema)
-                groups, shard = 0, shard + 1
-            writer.write_table(table, row_group_size=len(frame))
-            groups += 1
-    finally:
-        if writer is not None:
-            writer.close()
+            pq.write_table(table, folder / f"part-{shard:05d}.parquet", row_group_size=config.row_group_rows)
+            shard += 1
 
 
 def encoded_table(batch: Batch, features: list[FeatureSpec]) -> pa.Table:

@@ -159,7 +159,7 @@ def test_shuffle_buffer_holds_a_bounded_number_of_rows():
 
 
 def test_no_part_is_read_whole(dataset, tmp_path, monkeypatch):
-    """Encoding reads each part in row-group-sized batches and reading an encoded part reads row
+    """Encoding reads each part in shard-sized batches and reading an encoded part reads row
     groups; the only parquet files read whole are the users and items tables."""
     largest = {"batch": 0, "group": 0}
     whole = []
@@ -188,14 +188,14 @@ def test_no_part_is_read_whole(dataset, tmp_path, monkeypatch):
     prepare(ds, copy, split="temporal", seed=1)
     whole.clear()
     largest.update(batch=0, group=0)
-    encode_dataset(copy, EncodeConfig(row_group_rows=200))
+    encode_dataset(copy, EncodeConfig(row_group_rows=100, shard_row_groups=2))
     assert sorted(whole) == ["items.parquet", "users.parquet"]  # no sequence feature: nothing else
-    assert largest["batch"] == 200
+    assert largest["batch"] == 200  # a shard's rows at a time
     schema = FeatureEncoder.load(copy / "encoders.json").schema
     train = BatchStream(EncodedPart(copy / ENCODED / "train"), schema, [["user_id", "price"]], StreamConfig(128),
                         lambda: 0)
     rows = sum(len(rows) for _, rows in train)
-    assert rows == len(read_parquet(copy / "split" / "train.parquet")) and largest["group"] == 200
+    assert rows == len(read_parquet(copy / "split" / "train.parquet")) and largest["group"] == 100
 
 
 def test_bad_inputs_name_the_problem(dataset, tmp_path):
