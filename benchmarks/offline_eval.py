@@ -1,6 +1,6 @@
 """`recstack evaluate offline` over 20,000 held-out users of a 1M-item synthetic catalogue.
 
-    python benchmarks/offline_eval.py            # 1M items, 25k users, 2.5M interactions
+    python benchmarks/offline_eval.py            # 1M items, 32k users, 2.5M interactions
     python benchmarks/offline_eval.py --small    # 50k items, 2,000 evaluated users: a quick run
     python benchmarks/offline_eval.py --truth    # trained models on small synthetic data, expected clicks
 
@@ -44,7 +44,7 @@ from inference.refresh.job import open_version, refresh
 from training.train import RunConfig, load_config, train_ranker, train_retrieval
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL = {"users": 25_000, "items": 1_000_000, "interactions": 2_500_000}
+FULL = {"users": 32_000, "items": 1_000_000, "interactions": 2_500_000}
 SMALL = {"users": 5_000, "items": 50_000, "interactions": 250_000}
 EVALUATED = {"full": 20_000, "small": 2_000}
 SERIAL_USERS = 300  # requests of the one-at-a-time baseline

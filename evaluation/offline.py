@@ -232,7 +232,9 @@ def run_pipeline(pipeline: Pipeline, held_out: HeldOut, k: int, batch_size: int 
         with _timed(seconds, "orderers"):
             bounds = np.cumsum([0, *(len(c) for c in candidates)])
             for u, query, a, b in zip(users, queries, bounds[:-1], bounds[1:], strict=True):
-                ranked, _ = pipeline._order(query, scored.take(np.arange(a, b)))  # the serving ranking and orderers
+                mine = Candidates(scored.item_ids[a:b], scored.sources[a:b], scored.scores[a:b],
+                                  scored.features.iloc[a:b].reset_index(drop=True))
+                ranked, _ = pipeline._order(query, mine)  # the serving ranking and orderers
                 lists.final[u, :len(ranked)] = ranked.item_ids
                 lists.final_sources[u, :len(ranked)] = ranked.sources
     return lists
@@ -363,6 +365,7 @@ def evaluate_offline(pipeline: Pipeline, data_dir: Path, config: OfflineConfig) 
     per_user = {name: {kk: metrics.per_user_retrieval_metrics(index(top), relevant, kk) for kk in config.ks}
                 for name, top in ranked.items()}
     labels = item_labels(items[config.diversity_column])
+    hits, _ = metrics.hit_matrix(index(lists.final), relevant, k)  # (U, k) whether each final slot is held out
     report = {
         "data": str(data_dir), "part": config.part, "users": len(held_out.user_ids),
         "items": len(held_out.item_ids), "ks": list(config.ks), "seed": config.seed,
@@ -373,7 +376,8 @@ def evaluate_offline(pipeline: Pipeline, data_dir: Path, config: OfflineConfig) 
             "alone_recall": float(np.mean(lists.alone_hits[name] / n_relevant)),
             "failures": lists.failures[name],
             **{f"share@{kk}": float(np.mean(lists.final_sources[:, :kk] == name)) for kk in config.ks},
-            **{f"recall@{kk}": float(np.mean(_hits_from(lists, name, kk, held_out.relevant) / n_relevant))
+            **{f"recall@{kk}": float(np.mean(((lists.final_sources[:, :kk] == name) & hits[:, :kk]).sum(axis=1)
+                                             / n_relevant))
                for kk in config.ks},
         } for name, slot in ((s.source.name, s) for s in pipeline.stages.sources)},
         "stages": {name: {"candidates": float(lists.stage_sizes[name].mean()),
@@ -395,12 +399,6 @@ def evaluate_offline(pipeline: Pipeline, data_dir: Path, config: OfflineConfig) 
     seconds["metrics"] = time.perf_counter() - started
     report["seconds"] = {name: round(value, 3) for name, value in seconds.items()}
     return report
-
-
-def _hits_from(lists: StageLists, source: str, k: int, relevant: list[np.ndarray]) -> np.ndarray:
-    """(U,) held-out items in each user's final top k that ``source`` proposed."""
-    return np.array([np.isin(top[:k][names[:k] == source], rel).sum()
-                     for top, names, rel in zip(lists.final, lists.final_sources, relevant, strict=True)])
 
 
 def item_labels(column: pd.Series) -> np.ndarray:
