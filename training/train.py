@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -29,6 +29,8 @@ from training.model_parallel import SHARDINGS, ModelParallelStrategy
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, fused_optimizer
 from training.ranking import RANKERS, RankingModule, build_ranker
 from training.retrieval import RetrievalModule, SampledSoftmax
+
+LOG_EVERY_N_STEPS = 10
 
 
 class _Strict(BaseModel):
@@ -187,9 +189,11 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
         num_nodes=opts.num_nodes,
         strategy=_strategy(config),
         precision="bf16-mixed" if gpu else "32-true",
-        callbacks=[best, EarlyStopping(monitor, mode="max", patience=opts.patience)],
+        # the bar redraws when the loss is logged, not after every step
+        callbacks=[best, EarlyStopping(monitor, mode="max", patience=opts.patience),
+                   TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)],
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")],
-        log_every_n_steps=10,
+        log_every_n_steps=LOG_EVERY_N_STEPS,
         deterministic=not gpu,
     )
     if trainer.is_global_zero:
