@@ -37,10 +37,11 @@ from report import describe_machine, finish
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
 from evaluation.offline import OfflineConfig, evaluate_offline, read_held_out, request_context
+from inference.artifacts import ArtifactRoot
 from inference.pipeline.executor import Pipeline, PipelineConfig, build_pipeline
 from inference.pipeline.types import Query
-from inference.refresh.artifacts import ArtifactRoot
-from inference.refresh.job import open_version, refresh
+from inference.refresh.job import refresh
+from inference.version import open_version
 from training.train import RunConfig, load_config, train_ranker, train_retrieval
 
 ROOT = Path(__file__).resolve().parents[1]

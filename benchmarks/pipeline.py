@@ -31,11 +31,12 @@ from report import describe_machine, finish
 from data.dataset import read_dataset
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
+from inference.artifacts import ArtifactRoot
 from inference.pipeline.executor import PipelineConfig, build_pipeline
 from inference.pipeline.types import Query
-from inference.refresh.artifacts import ArtifactRoot
-from inference.refresh.job import RefreshConfig, open_version, refresh
+from inference.refresh.job import RefreshConfig, refresh
 from inference.service import Recommender, serve_in_thread
+from inference.version import open_version
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = RefreshConfig(rankers=["deepfm", "linear"], pools={"similar_items": 10_000})

@@ -39,8 +39,8 @@ from report import describe_machine, finish
 from data.encoders import FeatureEncoder
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
+from inference.artifacts import ArtifactRoot
 from inference.index import load_index, search_exact
-from inference.refresh.artifacts import ArtifactRoot
 from inference.refresh.job import RefreshConfig, read_embeddings, refresh
 from inference.store import EmbeddedStore, RedisStore, read_lists
 from training.train import RunConfig, build_ranking_module, build_retrieval_module

@@ -8,7 +8,7 @@ three tensors, because Triton cannot carry a `KeyedJaggedTensor`:
 - ``ids``     (B, F, L) int64, sparse feature f of row b in ``ids[b, f, :lengths[b, f]]``;
 - ``lengths`` (B, F) int64.
 
-`pad_batch` turns an encoded `Batch` into them. Rankers return click probabilities (B,); the
+`inference.pipeline.scorers.pad_batch` turns an encoded `Batch` into them. Rankers return click probabilities (B,); the
 query tower returns embeddings (B, D). Beside each ``<name>.pt`` a ``<name>.json`` names the
 features (in ``ids`` order), the dense columns and the output, and ``<name>.encoders.json`` is
 the fitted encoder of the dataset it trained on (models may come from different datasets), so
@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchrec import KeyedJaggedTensor
 
-from data.encoders import Batch, FeatureEncoder
+from data.encoders import FeatureEncoder
 from training.data import EncodedRows, as_is
 from training.train import RunConfig, build_ranking_module, build_retrieval_module
 
@@ -57,20 +57,6 @@ class PaddedInput(nn.Module):
         values = ids.transpose(0, 1).reshape(f * b, width)[mask]
         out = self.model(dense, KeyedJaggedTensor(keys=self.keys, values=values, lengths=key_major.int(), stride=b))
         return torch.sigmoid(out) if self.probabilities else out
-
-
-def pad_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``batch`` as (dense (B, n), ids (B, F, L), lengths (B, F)); L is the longest feature, at least 1."""
-    sparse, n = batch.sparse, len(batch)
-    lengths = sparse.lengths().long()  # (F * B,) key-major
-    f = len(sparse.keys())
-    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
-    rows = torch.repeat_interleave(torch.arange(f * n), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    positions = torch.arange(len(rows)) - starts[rows]
-    ids = torch.zeros(f * n, width, dtype=torch.int64)
-    ids[rows, positions] = sparse.values().long()
-    return batch.dense, ids.view(f, n, width).transpose(0, 1).contiguous(), lengths.view(f, n).T.contiguous()
 
 
 @dataclass

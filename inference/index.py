@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 import torch
 
-from inference.refresh.artifacts import link_or_copy
+from inference.artifacts import link_or_copy
 
 KINDS = ("flat", "ivf_flat", "ivf_pq", "hnsw")
 METRICS = ("ip", "cosine")

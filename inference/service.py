@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evaluation.shadow import ShadowRunner
+from inference.artifacts import LiveArtifacts
 from inference.impressions import Feedback, Impression, ImpressionLog
 from inference.pipeline.bandits import SharedSourceBandit, SourceBandit
 from inference.pipeline.executor import (
@@ -59,8 +60,6 @@ from inference.pipeline.executor import (
     within,
 )
 from inference.pipeline.types import Query
-from inference.refresh.artifacts import LiveArtifacts
-from inference.refresh.job import ServingVersion, open_version
 from inference.store import (
     EmbeddedStore,
     ItemRows,
@@ -70,6 +69,7 @@ from inference.store import (
     StoreUnavailable,
     redis_address,
 )
+from inference.version import ServingVersion, open_version
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,7 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from inference.refresh.artifacts import ArtifactRoot
+    from inference.artifacts import ArtifactRoot
 
     print(ArtifactRoot(args.artifacts).rollback(args.version))
     return 0

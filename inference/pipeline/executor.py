@@ -51,8 +51,8 @@ from inference.pipeline.sources import (
     query_row,
 )
 from inference.pipeline.types import Candidates, Query
-from inference.refresh.job import ServingVersion, open_version
 from inference.store import RedisStore, Store, redis_address
+from inference.version import ServingVersion, open_version
 
 log = logging.getLogger(__name__)
 

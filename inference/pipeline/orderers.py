@@ -33,7 +33,7 @@ from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
 
 if TYPE_CHECKING:
-    from inference.refresh.job import ServingVersion
+    from inference.version import ServingVersion
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ A scorer never drops or reorders candidates; sorting and truncation belong to or
     FallbackScorer      tries scorers in turn (e.g. Triton, then TorchScript, then the linear
                         ranker) and counts how often each one failed over to the next
 
-`ModelInputs` turns candidate feature rows into the padded tensors every exported model takes;
+`ModelInputs` turns candidate feature rows into the padded tensors every exported model takes
+(`pad_batch`);
 the Triton scorer (``inference.triton.scorer``) sends the same tensors over the wire.
 """
 
@@ -25,8 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from data.encoders import FeatureEncoder
-from inference.export import pad_batch
+from data.encoders import Batch, FeatureEncoder
 from inference.pipeline.types import Candidates, Query
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,20 @@ class Scorer(Protocol):
     def __call__(self, query: Query, candidates: Candidates) -> np.ndarray:
         """(N,) float32 scores aligned with ``candidates``."""
         ...
+
+
+def pad_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``batch`` as (dense (B, n), ids (B, F, L), lengths (B, F)); L is the longest feature, at least 1."""
+    sparse, n = batch.sparse, len(batch)
+    lengths = sparse.lengths().long()  # (F * B,) key-major
+    f = len(sparse.keys())
+    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
+    rows = torch.repeat_interleave(torch.arange(f * n), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(len(rows)) - starts[rows]
+    ids = torch.zeros(f * n, width, dtype=torch.int64)
+    ids[rows, positions] = sparse.values().long()
+    return batch.dense, ids.view(f, n, width).transpose(0, 1).contiguous(), lengths.view(f, n).T.contiguous()
 
 
 class ModelInputs:

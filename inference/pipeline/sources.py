@@ -21,8 +21,8 @@ from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.scorers import ModelInputs
 from inference.pipeline.types import Candidates, Query
-from inference.refresh.job import ServingVersion
 from inference.store import Store
+from inference.version import ServingVersion
 
 QUERY_TOWER = "query_tower"  # the query tower's name among a version's exported models
 

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from data.config import read_yaml_config
 from data.dataset import read_dataset
 from data.encoders import recent_items
+from inference.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
 from inference.export import (
     TrainedRun,
     export_item_embeddings,
@@ -71,13 +72,10 @@ from inference.index import (
     tune_search,
 )
 from inference.refresh import pools
-from inference.refresh.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
 from inference.refresh.rules import Rules, apply_rules, load_rules
 from inference.store import (
     LISTS,
-    EmbeddedStore,
     Snapshot,
-    Store,
     delete_version,
     load_snapshot_into_redis,
     redis_address,
@@ -85,6 +83,7 @@ from inference.store import (
     write_snapshot,
 )
 from inference.triton.repository import write_repository
+from inference.version import open_version
 
 log = logging.getLogger(__name__)
 
@@ -466,39 +465,6 @@ def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | No
 
 def publish_step(artifacts: ArtifactRoot, version: str, parent: Path | None) -> None:
     artifacts.publish(version, smoke=open_version, trusted=parent.name if parent else None)
-
-
-@dataclass
-class ServingVersion:
-    """What a server needs from one version, loaded."""
-
-    directory: Path
-    manifest: dict
-    store: Store
-    index: ItemIndex
-    query_tower: torch.jit.ScriptModule
-
-
-def open_version(directory: Path, open_store: Callable[[str], Store] | None = None) -> ServingVersion:
-    """Loads a version and runs a smoke query (the index's neighbours of a query, the popular list);
-    raises if anything is missing or answers nothing. `LiveArtifacts` uses it as its loader.
-
-    The store is the version's embedded snapshot, or ``open_store(version)`` (e.g. a `RedisStore`
-    of the version's keys), in which case the snapshot is not loaded."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    if open_store is None:
-        store = EmbeddedStore.open(directory / "store", manifest["version"])
-    else:
-        store = open_store(manifest["version"])
-    index = load_index(directory / "index")
-    query_tower = torch.jit.load(str(directory / "models" / "query_tower.pt"))
-    found, _ = index.search(np.eye(1, index.dim, dtype=np.float32), 10)
-    if found.shape[1] == 0:
-        raise ValueError(f"{directory}: smoke query found no items in the index")
-    if len(store.get_list("popular")[0]) == 0:
-        raise ValueError(f"{directory}: smoke query found an empty popular list")
-    return ServingVersion(directory, manifest, store, index, query_tower)
 
 
 def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemIndex,

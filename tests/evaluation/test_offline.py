@@ -22,9 +22,9 @@ from evaluation.offline import (
     run_pipeline,
 )
 from evaluation.plots import FIGURES, build_figures, figure_series, write_report
+from inference.artifacts import ArtifactRoot
 from inference.pipeline.executor import load_pipeline_config, open_pipeline
 from inference.pipeline.types import Query
-from inference.refresh.artifacts import ArtifactRoot
 from inference.refresh.job import RefreshConfig, refresh
 from recstack.cli import main
 

@@ -9,7 +9,8 @@ import torch
 
 from data.dataset import read_dataset, read_part
 from data.encoders import join_features
-from inference.export import export_item_embeddings, export_models, load_run, pad_batch, read_item_embeddings
+from inference.export import export_item_embeddings, export_models, load_run, read_item_embeddings
+from inference.pipeline.scorers import pad_batch
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,12 @@ from schemathesis import GenerationMode
 from data.prepare import prepare
 from data.schema import FeatureSpec
 from data.synthetic import SyntheticConfig, generate
+from inference.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.impressions import ImpressionLog, logged_slots
 from inference.pipeline.executor import PipelineConfig
 from inference.pipeline.scorers import TorchScriptScorer
 from inference.pipeline.sources import ListSource
 from inference.pipeline.types import Query
-from inference.refresh.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.refresh.job import RefreshConfig, refresh
 from inference.service import MAX_RECENT_ITEMS, Experiment, Limits, Recommender, Shadow, create_app, serve_in_thread
 from inference.store import EmbeddedStore, load_snapshot_into_redis

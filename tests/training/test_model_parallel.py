@@ -21,7 +21,8 @@ import yaml
 from data.dataset import read_dataset, read_part
 from data.encoders import FeatureEncoder, join_features
 from evaluation import metrics
-from inference.export import PaddedInput, export_models, load_run, pad_batch
+from inference.export import PaddedInput, export_models, load_run
+from inference.pipeline.scorers import pad_batch
 from models.layers import SparseArch, embedding_configs
 from training.model_parallel import shard_tables
 from training.optimizers import EmbeddingOptimizer, fused_optimizer

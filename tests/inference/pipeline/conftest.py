@@ -2,8 +2,9 @@
 
 import pytest
 
-from inference.refresh.artifacts import ArtifactRoot
-from inference.refresh.job import RefreshConfig, ServingVersion, open_version, refresh
+from inference.artifacts import ArtifactRoot
+from inference.refresh.job import RefreshConfig, refresh
+from inference.version import ServingVersion, open_version
 
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
 

@@ -16,10 +16,11 @@ import torch
 
 from data.dataset import read_dataset
 from inference import store
+from inference.artifacts import ArtifactRoot, LiveArtifacts, verify_version
 from inference.refresh import job
-from inference.refresh.artifacts import ArtifactRoot, LiveArtifacts, verify_version
-from inference.refresh.job import RefreshConfig, load_refresh_config, open_version, read_embeddings, refresh
+from inference.refresh.job import RefreshConfig, load_refresh_config, read_embeddings, refresh
 from inference.store import EmbeddedStore, RedisStore, StoreUnavailable, read_lists, redis_address
+from inference.version import open_version
 
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
 

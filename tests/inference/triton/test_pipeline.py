@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import yaml
 
+from inference.artifacts import ArtifactRoot
 from inference.pipeline.executor import PipelineConfig, build_pipeline
 from inference.pipeline.scorers import ModelInputs
 from inference.pipeline.types import Query
-from inference.refresh.artifacts import ArtifactRoot
-from inference.refresh.job import RefreshConfig, ServingVersion, open_version, refresh
+from inference.refresh.job import RefreshConfig, refresh
 from inference.triton.scorer import TritonScorer, TritonScoringError
+from inference.version import ServingVersion, open_version
 
 EXAMPLE = Path(__file__).parents[3] / "configs" / "pipeline.yaml"
 QUERIES = [Query(user_id=user, k=20) for user in range(1, 11)]

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from inference.artifacts import ArtifactRoot, checksum_files, verify_version
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, TorchScriptScorer
-from inference.refresh.artifacts import ArtifactRoot, checksum_files, verify_version
 from inference.refresh.job import RefreshConfig, refresh
 from inference.triton.repository import add_version, write_repository
 from inference.triton.scorer import TritonScorer

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from inference.refresh import artifacts
-from inference.refresh.artifacts import (
+from inference import artifacts
+from inference.artifacts import (
     ArtifactError,
     ArtifactRoot,
     LiveArtifacts,
