@@ -1,0 +1,43 @@
+"""LeanModule: the logged training loss is the mean of the steps since the last log."""
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning import Trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from training.lean_module import LeanModule
+
+
+class Regression(LeanModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(2, 1)
+        self.losses: list[float] = []
+
+    def training_step(self, batch: tuple, _: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.linear(x).squeeze(1), y)
+        self.losses.append(loss.item())
+        self.log_train_loss(loss, len(x))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_train_loss_is_the_mean_since_the_last_log(tmp_path):
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 2), torch.randn(8)) for _ in range(6)]
+    module = Regression()
+    trainer = Trainer(max_steps=6, log_every_n_steps=3, logger=CSVLogger(tmp_path, name="logs"),
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    logged = pd.read_csv(tmp_path / "logs" / "version_0" / "metrics.csv").dropna(subset=["train_loss"])
+    assert logged["step"].tolist() == [2, 5]
+    expected = [sum(module.losses[:3]) / 3, sum(module.losses[3:]) / 3]
+    assert logged["train_loss"].tolist() == pytest.approx(expected, rel=1e-6)
+    assert module.losses[0] != pytest.approx(expected[0])  # a mean, not one step's loss
+    assert "_current_fx_name" not in module._modules and module._current_fx_name is None
