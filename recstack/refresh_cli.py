@@ -16,6 +16,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     refresh.add_argument("--incremental", action="store_true",
                          help="start from the published version: re-embed only new and changed items")
     refresh.add_argument("--now", type=int, help="pool time in epoch seconds (default: the last interaction)")
+    refresh.add_argument("--engine", choices=["local", "ray"],
+                         help="where item embeddings are computed (default: the config's engine, local)")
+    refresh.add_argument("--ray-address", help="with --engine ray: host:port or ray://host:port of a Ray cluster "
+                         "(default: RAY_ADDRESS, else a local Ray)")
     refresh.set_defaults(run=_refresh)
 
     artifacts = commands.add_parser("artifacts", help="list artefact versions or roll back")
@@ -33,8 +37,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _refresh(args: argparse.Namespace) -> int:
     from inference.refresh.job import load_refresh_config, refresh
 
-    manifest = refresh(args.data, args.models, args.artifacts, load_refresh_config(args.config), args.incremental,
-                       args.now)
+    config = load_refresh_config(args.config)
+    overrides = {"engine": args.engine, "ray_address": args.ray_address}
+    config = config.model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    manifest = refresh(args.data, args.models, args.artifacts, config, args.incremental, args.now)
     print(json.dumps({k: manifest[k] for k in ("version", "mode", "parent", "catalogue", "index", "seconds")}))
     return 0
 

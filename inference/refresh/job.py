@@ -34,11 +34,12 @@ import dataclasses
 import logging
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -129,6 +130,8 @@ class RefreshConfig(_Strict):
     redis: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")  # "host:port": also load each version's store there
     accelerator: str = "cpu"
     devices: int = Field(1, ge=1)
+    engine: Literal["local", "ray"] = "local"  # where item embeddings are computed (inference.refresh.ray_engine)
+    ray_address: str | None = None  # engine ray: "host:port" or "ray://host:port"; None: RAY_ADDRESS, else a local Ray
 
     @model_validator(mode="after")
     def _known_list_kinds(self) -> RefreshConfig:
@@ -220,6 +223,10 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
     retrieval = load_run(runs[config.retrieval])
     versions = {name: retrieval.version if name == config.retrieval else run_version(path)
                 for name, path in runs.items()}
+    if config.engine == "ray":  # an unreachable cluster fails before anything is built
+        from inference.refresh.ray_engine import check_address, ray_address
+
+        check_address(ray_address(config.ray_address))
     parent, parent_manifest = _parent(root, versions, config) if incremental else (None, None)
     return Inputs(Path(data_dir), positives, dataset.users, dataset.items, retrieval,
                   {n: runs[n] for n in config.rankers}, versions, config, load_rules({"rules": config.rules}),
@@ -320,10 +327,10 @@ def embeddings_step(inputs: Inputs, staging: Path, version: str) -> Catalogue:
     items = inputs.items[inputs.items["item_id"].isin(eligible)]
     hashes = _feature_hashes(items)
     out, counts = staging / "embeddings", {"items": len(items), "ineligible": len(removed)}
-    export = {"accelerator": inputs.config.accelerator, "devices": inputs.config.devices}
+    export = _embedding_exporter(inputs.config)
     ids = hashes["item_id"].to_numpy()
     if inputs.parent is None:
-        export_item_embeddings(inputs.retrieval, items, out / version, **export)
+        export(inputs.retrieval, items, out / version)
         hashes.to_parquet(out / CATALOGUE, index=False)
         catalogue = Catalogue(ids, [out / version], {**counts, "stored": len(items)}, None)
         catalogue.embeddings()  # the full refresh builds its index from all of them
@@ -334,7 +341,7 @@ def embeddings_step(inputs: Inputs, staging: Path, version: str) -> Catalogue:
     gone = ~np.isin(old_ids, ids)
     dropped = old_ids[gone | np.isin(old_ids, ids[stale])]  # gone, or to re-embed
     if stale.any():
-        export_item_embeddings(inputs.retrieval, items[stale], out / version, **export)
+        export(inputs.retrieval, items[stale], out / version)
         new_ids, new_vectors, _ = read_item_embeddings(out / version)
     else:
         new_ids, new_vectors = np.zeros(0, np.int64), np.zeros((0, 0), np.float32)
@@ -355,6 +362,16 @@ def embeddings_step(inputs: Inputs, staging: Path, version: str) -> Catalogue:
     counts.update(reembedded=int(stale.sum()), new=int((~np.isin(ids, old_ids)).sum()), dropped=int(gone.sum()),
                   stored=stored, layers=len(layers))
     return Catalogue(ids, layers, counts, Delta(dropped, new_ids, new_vectors, old_ids[gone]), known)
+
+
+def _embedding_exporter(config: RefreshConfig) -> Callable[[TrainedRun, pd.DataFrame, Path], None]:
+    """The engine's item embedding export: (run, item rows, layer directory) -> shards in it."""
+    if config.engine == "ray":
+        from inference.refresh.ray_engine import export_item_embeddings_ray  # imports Ray only when used
+
+        return lambda trained, items, out: export_item_embeddings_ray(trained, items, out, config.ray_address)
+    return lambda trained, items, out: export_item_embeddings(trained, items, out, accelerator=config.accelerator,
+                                                              devices=config.devices)
 
 
 def _write_layer(directory: Path, ids: np.ndarray, vectors: np.ndarray, version: str) -> None:
