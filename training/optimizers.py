@@ -215,7 +215,8 @@ def fused_optimizer(config: EmbeddingOptimizer, lr: float,
     ``torchrec.optim.apply_optimizer_in_backward`` on the tables of a model that
     `DistributedModelParallel` then shards: torchrec's sharder maps the class onto fbgemm's fused
     kernel (RowWiseAdagrad -> EXACT_ROWWISE_ADAGRAD, Adam -> ADAM, which
-    updates only the looked-up rows, as SparseAdam does). ``lr`` and ``weight_decay`` are the run's."""
+    updates only the looked-up rows, as SparseAdam does). fbgemm-gpu-cpu runs EXACT_ROWWISE_ADAGRAD
+    but not ADAM: ``sparse_adam`` needs fbgemm-gpu's CUDA build. ``lr`` and ``weight_decay`` are the run's."""
     import torchrec.optim as trec_optim  # the fused path only
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import WeightDecayMode
 
