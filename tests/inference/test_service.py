@@ -73,8 +73,9 @@ def recommender(root):
 
 @pytest.fixture(scope="module")
 def url(recommender):
-    """The app's base URL, served by uvicorn on a free loopback port in a daemon thread."""
-    with serve_in_thread(recommender) as base:
+    """The app's base URL, served by uvicorn on a free loopback port in a daemon thread; each
+    request may take 10 s (a version swap on a busy test machine can take seconds)."""
+    with serve_in_thread(recommender, limits=Limits(request_timeout_s=10.0)) as base:
         yield base
 
 
