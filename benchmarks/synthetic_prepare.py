@@ -9,9 +9,9 @@ The prepare runs as a child process; its wall time and peak RSS come from wait4.
 the time this process takes to write the same number of rows of random int64/float32 columns
 (the interaction columns' dtypes) to parquet, so ``ratio = prepare / floor`` says how far the
 whole pipeline is from pure I/O. With ``--train-epoch``, `recstack train ranker --model dlrm
---max-epochs 1` runs as a second child over the prepared dataset's encoded parts (the epoch, its
-validation and the final validation and test). The run passes when prepare stays under 120 s
-and 4 GiB, and the epoch under 6 GiB.
+--config configs/synthetic_ctr_dlrm.yaml --max-epochs 1` runs as a second child over the
+prepared dataset's encoded parts (the epoch, its validation and the final validation and
+test). The run passes when prepare stays under 120 s and 4 GiB, and the epoch under 6 GiB.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def time_prepare(sizes: dict, seed: int, out: Path) -> dict:
 def time_epoch(data: Path, out: Path, batch_size: int) -> dict:
     """Wall and CPU seconds and peak RSS (GiB) of one DLRM epoch, as a child process."""
     cmd = [sys.executable, "-m", "recstack.cli", "train", "ranker", "--model", "dlrm", "--data", str(data),
-           "--out", str(out), "--max-epochs", "1", "--batch-size", str(batch_size), "--accelerator", "cpu"]
+           "--out", str(out), "--config", str(ROOT / "configs" / "synthetic_ctr_dlrm.yaml"), "--max-epochs", "1",
+           "--batch-size", str(batch_size), "--accelerator", "cpu"]
     run = time_child(cmd)
     return {"epoch_s": run["s"], "epoch_cpu_s": run["cpu_s"], "epoch_peak_rss_gib": run["peak_rss_gib"]}
 

@@ -13,15 +13,16 @@ Columns, one per feature, in the schema's encoding (`data.encoders.FeatureEncode
     label        float32
 
 `write_encoded` streams each part a shard at a time: the users and items tables are the only
-tables held whole (sequences need the positives' user, item and time columns in memory).
+tables held whole (with sequence features, the train part's positives are held whole too, to
+find each user's earlier items).
 
 `BatchStream` reads a part as an epoch of batches, with no pandas on the way: row groups ->
-arrow tables -> tensors and a KeyedJaggedTensor. An epoch's row-group order is a permutation
+numpy `Block`s -> tensors and a KeyedJaggedTensor. An epoch's row-group order is a permutation
 drawn from (seed, epoch). The rows of that sequence are cut into ``units`` contiguous ranges,
-one per (rank, DataLoader worker); each unit shuffles its range through a buffer and cuts it
-into micro-batches. A rank's k-th batch is its units' k-th micro-batches, so the ranks' k-th
-batches together hold the same rows for any split of the same number of units into ranks and
-workers, and a resumed epoch repeats the uninterrupted one.
+one per (rank, DataLoader worker); each unit shuffles its range window by window (a few row
+groups at a time) and cuts it into micro-batches. A rank's k-th batch is its units' k-th
+micro-batches, so the ranks' k-th batches together hold the same rows for any split of the same
+number of units into ranks and workers, and a resumed epoch repeats the uninterrupted one.
 """
 
 from __future__ import annotations
