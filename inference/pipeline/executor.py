@@ -39,17 +39,10 @@ from data.config import read_yaml_config
 from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.bandits import SourceBandit
-from inference.pipeline.filters import Filter, ItemFeatureFilter, SeenItemsFilter
+from inference.pipeline.filters import FILTER_SPECS, Filter
 from inference.pipeline.orderers import FINAL_ORDERERS, ORDERER_SPECS, Orderer, by_score
-from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer, TorchScriptScorer
-from inference.pipeline.sources import (
-    QUERY_TOWER,
-    AnnSource,
-    CandidateSource,
-    ListSource,
-    SimilarItemsSource,
-    query_row,
-)
+from inference.pipeline.scorers import SCORER_SPECS, FallbackScorer, ModelInputs, Scorer
+from inference.pipeline.sources import QUERY_TOWER, SOURCE_SPECS, CandidateSource, query_row
 from inference.pipeline.types import Candidates, Query
 from inference.store import RedisStore, Store, redis_address
 from inference.version import ServingVersion, open_version
@@ -61,51 +54,6 @@ LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # h
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _SourceSpec(_Strict):
-    quota: int = Field(100, ge=1)  # at most this many candidates from the source
-    timeout_s: float = Field(0.05, gt=0)
-    fail_open: bool = True  # a failure or timeout drops the source's candidates instead of failing the request
-
-
-class AnnSpec(_SourceSpec):
-    kind: Literal["ann"]
-
-    def build(self, version: ServingVersion) -> CandidateSource:
-        return AnnSource(version)
-
-
-class ListSpec(_SourceSpec):
-    kind: Literal["list"]
-    list_name: str  # a store list; may name {user_id}
-
-    def build(self, version: ServingVersion) -> CandidateSource:
-        return ListSource(version.store, self.list_name)
-
-
-class SimilarSpec(_SourceSpec):
-    kind: Literal["similar"]
-    recent: int = Field(5, ge=1)  # of the query's most recent items
-
-    def build(self, version: ServingVersion) -> CandidateSource:
-        return SimilarItemsSource(version.store, self.recent)
-
-
-class SeenSpec(_Strict):
-    kind: Literal["seen"]
-
-    def build(self, version: ServingVersion) -> Filter:
-        return SeenItemsFilter()
-
-
-class ItemFeatureSpec(_Strict):
-    kind: Literal["item_feature"]
-    column: str
-    equals: bool | int | float | str
-
-    def build(self, version: ServingVersion) -> Filter:
-        return ItemFeatureFilter(version.store, self.column, self.equals)
 
 
 TimeField = Literal["hour", "weekday", "day", "month"]
@@ -135,7 +83,7 @@ class PipelineConfig(_Strict):
     redis: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
     redis_timeout_s: float = Field(0.1, gt=0)  # per Redis call; a failure or timeout raises StoreUnavailable
     # "host:port": the gRPC endpoint of a Triton server serving the version's rankers (`recstack triton
-    # serve --repo <version>/triton`), which scorers named "triton:<ranker>" call
+    # serve --repo <version>/triton`), which scorers of kind triton call
     triton: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
     triton_timeout_s: float = Field(0.05, gt=0)  # per Triton call; a failure or timeout falls back to the next scorer
     allow_anonymous: bool = True  # answer anonymous users (user_id None) and users the store does not know
@@ -144,11 +92,11 @@ class PipelineConfig(_Strict):
     time_features: dict[str, TimeField] = {}
     time_zone: str = "UTC"  # an IANA name, e.g. Europe/Paris
     workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
-    sources: list[Annotated[AnnSpec | ListSpec | SimilarSpec, Field(discriminator="kind")]] = Field(min_length=1)
-    filters: list[Annotated[SeenSpec | ItemFeatureSpec, Field(discriminator="kind")]] = []  # cheapest first
-    # exported rankers of the version, each the next one's fallback: "deepfm" runs in process,
-    # "triton:deepfm" on the `triton` server ("triton:deepfm_py": its Python-backend twin)
-    scorer: list[str] = Field(min_length=1)
+    sources: list[Annotated[Union[SOURCE_SPECS], Field(discriminator="kind")]] = Field(min_length=1)  # noqa: UP007
+    filters: list[Annotated[Union[FILTER_SPECS], Field(discriminator="kind")]] = []  # noqa: UP007  cheapest first
+    # exported rankers of the version, each the next one's fallback: {kind: torchscript, model: deepfm}
+    # runs in process, {kind: triton, model: deepfm} on the `triton` server (deepfm_py: its Python-backend twin)
+    scorer: list[Annotated[Union[SCORER_SPECS], Field(discriminator="kind")]] = Field(min_length=1)  # noqa: UP007
     orderers: list[Annotated[Union[ORDERER_SPECS], Field(discriminator="kind")]] = Field(  # noqa: UP007
         min_length=1)
 
@@ -159,9 +107,10 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _triton_named(self) -> PipelineConfig:
-        remote = [name for name in self.scorer if name.startswith("triton:")]
+        remote = [spec.model for spec in self.scorer if spec.kind == "triton"]
         if remote and self.triton is None:
-            raise ValueError(f"scorers {remote} run on Triton; expected `triton: host:port` naming its gRPC endpoint")
+            raise ValueError(f"scorers of kind triton {remote} run on Triton; expected `triton: host:port` naming "
+                             "its gRPC endpoint")
         return self
 
     @model_validator(mode="after")
@@ -543,7 +492,7 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
     bandit = bandit or SourceBandit()
     models = version.directory / "models"
     tower = ModelInputs.load(models, QUERY_TOWER)
-    scorers = [_scorer(config, models, name) for name in config.scorer]
+    scorers = [spec.build(version, config.triton, config.triton_timeout_s) for spec in config.scorer]
     stages = Stages(
         sources=[SourceSlot(spec.build(version), spec.quota, spec.timeout_s, spec.fail_open)
                  for spec in config.sources],
@@ -563,20 +512,3 @@ def _completer(config: PipelineConfig, models: list[ModelInputs]) -> ContextComp
                        if f.table == "interactions" and f.kind != "sequence" and f.name in inputs.features})
     derived = {name: field for name, field in config.time_features.items() if name in features}
     return ContextCompleter(features, derived, time_zone(config.time_zone))
-
-
-def _scorer(config: PipelineConfig, models: Path, name: str) -> Scorer:
-    """Scorer ``name`` of the config: "<ranker>" in process, "triton:<model>" on its Triton server,
-    where the model is the ranker or its Python-backend twin "<ranker>_py"."""
-    if not name.startswith("triton:"):
-        return TorchScriptScorer(models, name)
-    from inference.triton.repository import PYTHON_SUFFIX  # tritonclient loads only for pipelines that use it
-    from inference.triton.scorer import TritonScorer
-
-    model = name.removeprefix("triton:")
-    inputs = ModelInputs.load(models, model.removesuffix(PYTHON_SUFFIX))
-    scorer = TritonScorer(config.triton, model, inputs, timeout_s=config.triton_timeout_s)
-    problem = scorer.unserved()
-    if problem is not None:  # the next scorer answers instead, each call counted as a fallback
-        log.warning("scorer %r cannot score now, so requests fall back: %s", name, problem)
-    return scorer

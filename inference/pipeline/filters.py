@@ -3,18 +3,24 @@
     SeenItemsFilter     removes the query's recent items
     ItemFeatureFilter   keeps items whose store feature ``column`` equals a value (e.g. available)
 
-A filter keeps the candidates' order; the pipeline config lists filters cheapest first.
+A filter keeps the candidates' order; the pipeline config lists filters cheapest first. Each
+filter's config spec (its ``kind:`` in the pipeline's ``filters:``) is defined beside it, and
+`FILTER_SPECS` lists them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
+from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
 from inference.store import Store
+
+if TYPE_CHECKING:
+    from inference.version import ServingVersion
 
 
 @dataclass(frozen=True)
@@ -68,3 +74,22 @@ class ItemFeatureFilter:
         equal = (rows.features[self.column] == self.equals).fillna(False).to_numpy(bool)
         reasons = np.where(rows.found, f"{self.column} != {self.equals!r}", "unknown item")
         return FilterResult.split(candidates, rows.found & equal, reasons)
+
+
+class SeenSpec(StageSpec):
+    kind: Literal["seen"]
+
+    def build(self, version: ServingVersion) -> Filter:
+        return SeenItemsFilter()
+
+
+class ItemFeatureSpec(StageSpec):
+    kind: Literal["item_feature"]
+    column: str
+    equals: bool | int | float | str
+
+    def build(self, version: ServingVersion) -> Filter:
+        return ItemFeatureFilter(version.store, self.column, self.equals)
+
+
+FILTER_SPECS = (SeenSpec, ItemFeatureSpec)

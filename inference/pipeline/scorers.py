@@ -7,8 +7,11 @@ A scorer never drops or reorders candidates; sorting and truncation belong to or
                         ranker) and counts how often each one failed over to the next
 
 `ModelInputs` turns candidate feature rows into the padded tensors every exported model takes
-(`pad_batch`);
-the Triton scorer (``inference.triton.scorer``) sends the same tensors over the wire.
+(`pad_batch`); the Triton scorer (``inference.triton.scorer``) sends the same tensors over the wire.
+
+Each scorer's config spec (an entry of the pipeline's ``scorer:`` list, ``{kind: torchscript,
+model: deepfm}`` or ``{kind: triton, model: deepfm_py}``) is defined here, and `SCORER_SPECS`
+lists them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import fbgemm_gpu  # noqa: F401  registers the fbgemm ops that scripted torchrec modules call
 import numpy as np
@@ -27,7 +30,11 @@ import pandas as pd
 import torch
 
 from data.encoders import Batch, FeatureEncoder
+from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
+
+if TYPE_CHECKING:
+    from inference.version import ServingVersion
 
 log = logging.getLogger(__name__)
 
@@ -158,3 +165,34 @@ class FallbackScorer:
                 self.answered[scorer.name] += 1
             return scores
         raise RuntimeError(f"every scorer of {self.name} failed on {len(candidates)} candidates: " + "; ".join(errors))
+
+
+class TorchScriptSpec(StageSpec):
+    kind: Literal["torchscript"]
+    model: str  # an exported ranker of the version, run in this process
+
+    def build(self, version: ServingVersion, triton: str | None, triton_timeout_s: float) -> Scorer:
+        return TorchScriptScorer(version.directory / "models", self.model)
+
+
+class TritonSpec(StageSpec):
+    kind: Literal["triton"]
+    model: str  # a ranker of the version's Triton repository, or its Python-backend twin "<ranker>_py"
+
+    def build(self, version: ServingVersion, triton: str | None, triton_timeout_s: float) -> Scorer:
+        """The scorer on the Triton server at ``triton`` (gRPC "host:port"); one that cannot score
+        now is built anyway and logged: the next scorer answers instead, each call a fallback."""
+        from inference.triton.repository import PYTHON_SUFFIX  # tritonclient loads only for pipelines that use it
+        from inference.triton.scorer import TritonScorer
+
+        if triton is None:
+            raise ValueError(f"scorer {{kind: triton, model: {self.model}}} needs `triton: host:port`")
+        inputs = ModelInputs.load(version.directory / "models", self.model.removesuffix(PYTHON_SUFFIX))
+        scorer = TritonScorer(triton, self.model, inputs, timeout_s=triton_timeout_s)
+        problem = scorer.unserved()
+        if problem is not None:
+            log.warning("scorer %r cannot score now, so requests fall back: %s", scorer.name, problem)
+        return scorer
+
+
+SCORER_SPECS = (TorchScriptSpec, TritonSpec)

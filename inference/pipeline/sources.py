@@ -4,6 +4,9 @@
     ListSource          a candidate list of the store: "popular", "editorial", "user:{user_id}", ...
     SimilarItemsSource  the "similar:<item>" lists of the query's recent items, merged by best score
 
+Each source's config spec (its ``kind:`` in the pipeline's ``sources:``) is defined beside it,
+and `SOURCE_SPECS` lists them: a new source is its class, its spec, and an entry there.
+
 `query_row` builds the request's own feature columns (the user's, the recent items', the
 context's); the query tower reads them here, and the executor joins them to item features.
 """
@@ -11,15 +14,17 @@ context's); the query tower reads them here, and the executor joins them to item
 from __future__ import annotations
 
 import string
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import Field
 
 from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.scorers import ModelInputs
+from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
 from inference.store import Store
 from inference.version import ServingVersion
@@ -117,3 +122,37 @@ class SimilarItemsSource:
         _, first = np.unique(ids[best_first], return_index=True)  # each item's best row
         keep = best_first[np.sort(first)][:k]
         return Candidates(ids[keep], np.full(len(keep), self.name), scores[keep])
+
+
+class SourceSpec(StageSpec):
+    """What every source's spec has: how the pipeline runs it."""
+
+    quota: int = Field(100, ge=1)  # at most this many candidates from the source
+    timeout_s: float = Field(0.05, gt=0)
+    fail_open: bool = True  # a failure or timeout drops the source's candidates instead of failing the request
+
+
+class AnnSpec(SourceSpec):
+    kind: Literal["ann"]
+
+    def build(self, version: ServingVersion) -> CandidateSource:
+        return AnnSource(version)
+
+
+class ListSpec(SourceSpec):
+    kind: Literal["list"]
+    list_name: str  # a store list; may name {user_id}
+
+    def build(self, version: ServingVersion) -> CandidateSource:
+        return ListSource(version.store, self.list_name)
+
+
+class SimilarSpec(SourceSpec):
+    kind: Literal["similar"]
+    recent: int = Field(5, ge=1)  # of the query's most recent items
+
+    def build(self, version: ServingVersion) -> CandidateSource:
+        return SimilarItemsSource(version.store, self.recent)
+
+
+SOURCE_SPECS = (AnnSpec, ListSpec, SimilarSpec)

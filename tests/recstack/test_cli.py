@@ -153,7 +153,8 @@ def test_serve_answers_over_http_until_interrupted(tiny_dataset, trained_runs, t
     for source in config["sources"]:
         source["timeout_s"] = 5.0  # the example's milliseconds are for an idle server, not a busy test machine
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    (tmp_path / "linear.yaml").write_text(yaml.safe_dump({**config, "scorer": ["linear"]}))
+    linear = {**config, "scorer": [{"kind": "torchscript", "model": "linear"}]}
+    (tmp_path / "linear.yaml").write_text(yaml.safe_dump(linear))
     server = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts), "--config",
                                str(tmp_path / "pipeline.yaml"), "--port", str(port), "--log", str(tmp_path / "log"),
                                "--log-keep-days", "30",

@@ -99,7 +99,8 @@ def example_config(**changes):
 
 
 def test_the_example_config_answers_without_seen_or_unavailable_items(version):
-    assert load_pipeline_config(EXAMPLE).scorer == ["deepfm", "linear"]
+    assert [(s.kind, s.model) for s in load_pipeline_config(EXAMPLE).scorer] == [("torchscript", "deepfm"),
+                                                                             ("torchscript", "linear")]
     pipeline = build_pipeline(example_config(), version)
     try:
         popular = version.store.get_list("popular")[0]
@@ -268,7 +269,7 @@ def test_a_pipeline_that_fails_to_build_closes_the_store_it_opened(version, monk
     closed = []
     monkeypatch.setattr(EmbeddedStore, "close", lambda self: closed.append(self))  # a Redis connection, in production
     with pytest.raises(ValueError, match="no_such_ranker"):
-        open_pipeline(example_config(scorer=["no_such_ranker"]), version.directory)
+        open_pipeline(example_config(scorer=[{"kind": "torchscript", "model": "no_such_ranker"}]), version.directory)
     assert len(closed) == 1
 
 

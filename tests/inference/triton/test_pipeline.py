@@ -1,4 +1,4 @@
-"""The request pipeline scoring on Triton: "triton:<model>" scorers answer as in process, and a
+"""The request pipeline scoring on Triton: `{kind: triton}` scorers answer as in process, and a
 server whose model was exported with other encoders is refused, so the pipeline falls back."""
 
 from pathlib import Path
@@ -17,6 +17,10 @@ from inference.version import ServingVersion, open_version
 
 EXAMPLE = Path(__file__).parents[3] / "configs" / "pipeline.yaml"
 QUERIES = [Query(user_id=user, k=20) for user in range(1, 11)]
+
+PYTHON_FIRST = [{"kind": "triton", "model": "deepfm_py"}, {"kind": "torchscript", "model": "deepfm"}]
+TORCHSCRIPT_FIRST = [{"kind": "triton", "model": "deepfm"}, {"kind": "torchscript", "model": "deepfm"}]
+IN_PROCESS = [{"kind": "torchscript", "model": "deepfm"}]
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +46,9 @@ def answers(pipeline_config: PipelineConfig, version: ServingVersion) -> tuple[l
 
 
 def test_a_triton_scorer_answers_as_the_ranker_in_process(triton, version):
-    remote, used = answers(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=["triton:deepfm_py", "deepfm"]),
+    remote, used = answers(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=PYTHON_FIRST),
                            version)
-    local, _ = answers(config(scorer=["deepfm"]), version)
+    local, _ = answers(config(scorer=IN_PROCESS), version)
     assert used == {"triton:deepfm_py": len(QUERIES)}
     for on_triton, in_process in zip(remote, local, strict=True):
         assert on_triton.item_ids.tolist() == in_process.item_ids.tolist()
@@ -64,20 +68,20 @@ def test_a_model_exported_with_other_encoders_is_refused_and_the_pipeline_falls_
     inputs = ModelInputs.load(version.directory / "models", "deepfm")
     with pytest.raises(TritonScoringError, match=r"deepfm_py.*encodes rows with inputs '[0-9a-f]{64}', not this"):
         TritonScorer(triton.grpc_url, "deepfm_py", inputs, timeout_s=5.0).infer(*scoring_requests[0])
-    _, used = answers(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=["triton:deepfm_py", "deepfm"]),
+    _, used = answers(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=PYTHON_FIRST),
                       version)
     assert used == {"torchscript:deepfm": len(QUERIES)}
 
 
 def test_triton_scorers_need_the_server_named():
-    with pytest.raises(ValueError, match=r"scorers \['triton:deepfm'\] run on Triton; expected `triton: host:port`"):
-        config(scorer=["triton:deepfm", "deepfm"])
+    with pytest.raises(ValueError, match=r"kind triton \['deepfm'\] run on Triton; expected `triton: host:port`"):
+        config(scorer=TORCHSCRIPT_FIRST)
 
 
 
 def test_closing_the_pipeline_closes_its_triton_channel(triton, version, scoring_requests):
     pipeline = build_pipeline(config(triton=triton.grpc_url, triton_timeout_s=5.0,
-                                     scorer=["triton:deepfm_py", "deepfm"]), version)
+                                     scorer=PYTHON_FIRST), version)
     scorer = pipeline.stages.scorer.scorers[0]
     assert len(scorer.infer(*scoring_requests[0]).scores) == len(scoring_requests[0][1])
     pipeline.close()
@@ -86,7 +90,7 @@ def test_closing_the_pipeline_closes_its_triton_channel(triton, version, scoring
 
 
 def test_a_model_the_server_does_not_serve_gets_a_warning_at_build_and_counted_fallbacks(triton, version, caplog):
-    pipeline = build_pipeline(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=["triton:deepfm", "deepfm"]),
+    pipeline = build_pipeline(config(triton=triton.grpc_url, triton_timeout_s=5.0, scorer=TORCHSCRIPT_FIRST),
                               version)
     try:
         assert "scorer 'triton:deepfm' cannot score now" in caplog.text and "not loaded" in caplog.text
@@ -95,6 +99,6 @@ def test_a_model_the_server_does_not_serve_gets_a_warning_at_build_and_counted_f
     finally:
         pipeline.close()
     served = build_pipeline(config(triton=triton.grpc_url, triton_timeout_s=5.0,
-                                   scorer=["triton:deepfm_py", "deepfm"]), version)
+                                   scorer=PYTHON_FIRST), version)
     served.close()
     assert "'triton:deepfm_py' cannot score" not in caplog.text
