@@ -2,6 +2,9 @@
 
     python benchmarks/refresh_engines.py            # 100k items, 10k users, 500k interactions
     python benchmarks/refresh_engines.py --small    # 20k items: a quick run
+    python benchmarks/refresh_engines.py --data out/ml-100k --models out/models   # a prepared dataset
+                                                    # and its runs (two_tower), copied: 1% of items
+                                                    # copied under new ids before the incremental one
 
 Steps (the helpers of benchmarks/refresh.py): prepare the dataset and an untrained two-tower run;
 a full refresh with each engine into its own artefact root; change the catalogue (1% of items
@@ -18,11 +21,13 @@ similar-item and user lists, whose last bits follow the vectors').
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import ray
 from refresh import CONFIG, change_catalogue, untrained_run
 from report import describe_machine, finish
@@ -59,6 +64,15 @@ def compare_versions(ray_dir: Path, local_dir: Path) -> dict:
             and not differing}
 
 
+def add_items(data_dir: Path, seed: int) -> dict:
+    """1% of the items copied under new ids: a catalogue change any items table allows."""
+    items = pd.read_parquet(data_dir / "items.parquet")
+    new = items.sample(frac=0.01, random_state=seed)
+    new["item_id"] = np.arange(len(new)) + items["item_id"].max() + 1
+    pd.concat([items, new], ignore_index=True).to_parquet(data_dir / "items.parquet", index=False)
+    return {"new": len(new)}
+
+
 def timed(data: Path, models: Path, root: Path, engine: str, incremental: bool) -> tuple[float, dict]:
     start = time.perf_counter()
     manifest = refresh(data, models, root, CONFIG.model_copy(update={"engine": engine}), incremental)
@@ -67,8 +81,9 @@ def timed(data: Path, models: Path, root: Path, engine: str, incremental: bool) 
 
 def format_table(result: dict) -> str:
     m, s = result["machine"], result["sizes"]
-    lines = [f"refresh engines: {s['items']:,} items, {s['users']:,} users, {s['interactions']:,} interactions; "
-             f"{m['cores']} cores, load {m['load_average_1min']:.1f} (shared machine: times are noisy)",
+    data = s.get("data") or f"{s['items']:,} items, {s['users']:,} users, {s['interactions']:,} interactions"
+    lines = [f"refresh engines: {data}; {m['cores']} cores, load {m['load_average_1min']:.1f} "
+             "(shared machine: times are noisy)",
              f"{'refresh':<12} {'local s':>9} {'ray s':>9} {'embed local':>12} {'embed ray':>10} "
              f"{'vector gap':>11} {'lists':>6} {'files':>6}"]
     for mode, row in result["runs"].items():
@@ -85,8 +100,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", type=Path, help="a prepared dataset instead of the synthetic one (copied)")
+    parser.add_argument("--models", type=Path, help="with --data: the directory holding its two_tower run")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refresh_engines.json")
     args = parser.parse_args()
+    if (args.data is None) != (args.models is None):
+        parser.error("--data and --models go together")
     sizes = SMALL if args.small else FULL
     machine = describe_machine()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1024**3, logging_level="WARNING",
@@ -95,15 +114,20 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
-            data = prepare(generate(SyntheticConfig(**sizes, seed=args.seed)), tmp / "data", split="temporal",
-                           seed=args.seed)
-            untrained_run(data, tmp / "models" / "two_tower")
+            if args.data is None:
+                data = prepare(generate(SyntheticConfig(**sizes, seed=args.seed)), tmp / "data", split="temporal",
+                               seed=args.seed)
+                untrained_run(data, tmp / "models" / "two_tower")
+                models, change = tmp / "models", change_catalogue
+            else:
+                data, models, change = shutil.copytree(args.data, tmp / "data"), args.models, add_items
+                sizes = {"data": str(args.data)}
             for mode, version in (("full", "v0001"), ("incremental", "v0002")):
                 if mode == "incremental":
-                    change_catalogue(data, args.seed)
+                    change(data, args.seed)
                 row = {"seconds": {}, "embeddings_s": {}}
                 for engine in ("local", "ray"):
-                    row["seconds"][engine], manifest = timed(data, tmp / "models", tmp / engine, engine,
+                    row["seconds"][engine], manifest = timed(data, models, tmp / engine, engine,
                                                              mode == "incremental")
                     row["embeddings_s"][engine] = manifest["step_seconds"]["embeddings"]
                     row.setdefault("catalogue", manifest["catalogue"])

@@ -107,7 +107,7 @@ def _embed(trained: TrainedRun, items: pd.DataFrame, out: Path, batch_size: int)
     frames = [items.iloc[i * batch_size:(i + 1) * batch_size].assign(shard=i) for i in range(int(shard[-1]) + 1)]
     dataset = ray.data.from_pandas(frames).map_batches(
         ItemTowerEmbedder, fn_constructor_args=(ray.put(trained),), batch_size=batch_size, batch_format="pandas",
-        concurrency=min(actors, len(frames)), num_gpus=1 if gpus else 0,
+        compute=ray.data.ActorPoolStrategy(size=min(actors, len(frames))), num_gpus=1 if gpus else 0,
         max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
     rows_left = np.bincount(shard)
     pieces: dict[int, list[dict]] = {}
