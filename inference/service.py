@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import socket
 import threading
@@ -172,16 +173,19 @@ class Served:
 
 
 class DegradingStore(Store):
-    """A version's store in Redis (``connect()``, a `RedisStore`) while Redis answers, and its
-    embedded snapshot (``fallback``) while it does not: a read that raises `StoreError` (Redis
-    down, or back without the version) is answered from the snapshot, and the store stays
-    ``degraded`` (why, for `/healthz`) until a read, tried again every ``retry_s`` by one request,
-    succeeds. So a request never fails for Redis; it is only marked degraded."""
+    """Store ``version`` in Redis (``connect()``, a `RedisStore`) while Redis answers, and the
+    version's embedded snapshot (``open_fallback()``, opened at the first failure) while it does
+    not: a read that raises `StoreError` (Redis down, or back without the version) is answered
+    from the snapshot, and the store stays ``degraded`` (why, for `/healthz`) until a read, tried
+    again every ``retry_s`` by one request, succeeds. So a request never fails for Redis; it is
+    only marked degraded."""
 
-    def __init__(self, connect: Callable[[], Store], fallback: Store, retry_s: float = 1.0) -> None:
-        self.version, self.fallback, self.retry_s = fallback.version, fallback, retry_s
-        self._connect = connect
+    def __init__(self, version: str, connect: Callable[[], Store], open_fallback: Callable[[], Store],
+                 retry_s: float = 1.0) -> None:
+        self.version, self.retry_s = version, retry_s
+        self._connect, self._open_fallback = connect, open_fallback
         self._primary: Store | None = None
+        self._fallback: Store | None = None
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self.degraded: str | None = None
@@ -200,9 +204,9 @@ class DegradingStore(Store):
         self._call("put_list", name, item_ids, scores)
 
     def close(self) -> None:
-        if self._primary is not None:
-            self._primary.close()
-        self.fallback.close()
+        for store in (self._primary, self._fallback):
+            if store is not None:
+                store.close()
 
     def _call(self, operation: str, *args: object) -> object:
         if self._turn_to_try():
@@ -217,7 +221,10 @@ class DegradingStore(Store):
                     log.warning("store %s: redis answers again; leaving the degraded mode", self.version)
                     self.degraded = None
                 return result
-        return getattr(self.fallback, operation)(*args)
+        with self._lock:
+            if self._fallback is None:
+                self._fallback = self._open_fallback()
+        return getattr(self._fallback, operation)(*args)
 
     def _turn_to_try(self) -> bool:
         """True unless degraded and another request tried Redis less than ``retry_s`` ago."""
@@ -369,8 +376,8 @@ class Recommender:
         host, port = redis_address(self.config.redis)
 
         def open_store(version: str) -> Store:
-            return DegradingStore(lambda: RedisStore(host, port, version, self.config.redis_timeout_s),
-                                  EmbeddedStore.open(directory / "store", version))
+            return DegradingStore(version, lambda: RedisStore(host, port, version, self.config.redis_timeout_s),
+                                  lambda: EmbeddedStore.open(directory / "store", version))
 
         return open_version(directory, open_store)
 
@@ -432,7 +439,7 @@ class RecommendedItem(_Strict):
     item_id: int
     score: float
     source: str
-    propensity: float
+    propensity: float | None  # None: the orderer chose deterministically with no defined propensity (NaN)
 
 
 class Recommendation(_Strict):
@@ -683,7 +690,7 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
             log.warning("request %s failed: %s", query, e)
             raise HTTPException(503, "the recommendation could not be computed; retry later", RETRY_AFTER_HEADER) from e
         response = served.response
-        items = [RecommendedItem(item_id=i, score=s, source=src, propensity=p)
+        items = [RecommendedItem(item_id=i, score=s, source=src, propensity=None if math.isnan(p) else p)
                  for i, s, src, p in zip(response.item_ids.tolist(), response.scores.tolist(),
                                          response.sources.tolist(), response.propensities.tolist(), strict=True)]
         return Recommendation(request_id=served.request_id, version=served.version, variant=served.variant,

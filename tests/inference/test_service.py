@@ -36,7 +36,7 @@ from data.synthetic import SyntheticConfig, generate
 from inference.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.impressions import ImpressionLog, logged_slots
 from inference.pipeline.executor import PipelineConfig
-from inference.pipeline.scorers import TorchScriptScorer, TorchScriptSpec
+from inference.pipeline.scorers import TorchScriptScorer
 from inference.pipeline.sources import ListSource
 from inference.pipeline.types import Query
 from inference.refresh.job import RefreshConfig, refresh
@@ -47,9 +47,6 @@ from training.train import RunConfig, train_ranker, train_retrieval
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 FUZZ_EXAMPLES = 400  # per endpoint: the three with inputs make at least 1,000 requests
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
-
-LINEAR = [TorchScriptSpec(kind="torchscript", model="linear")]
-NO_SUCH_RANKER = [TorchScriptSpec(kind="torchscript", model="no_such_ranker")]
 
 
 def pipeline_config() -> PipelineConfig:
@@ -158,7 +155,7 @@ def test_a_version_whose_pipeline_fails_to_build_is_refused_and_its_store_closed
     opened, closed, open_store = [], [], EmbeddedStore.open
     monkeypatch.setattr(EmbeddedStore, "open", lambda *args: opened.append(open_store(*args)) or opened[-1])
     monkeypatch.setattr(EmbeddedStore, "close", lambda self: closed.append(self))  # a Redis connection, in production
-    broken = pipeline_config().model_copy(update={"scorer": NO_SUCH_RANKER})
+    broken = pipeline_config().model_copy(update={"scorer": ["no_such_ranker"]})
     with pytest.raises(ArtifactError, match="nothing to serve.*no_such_ranker"):
         Recommender(root, broken)
     assert opened and closed == opened
@@ -286,7 +283,7 @@ def test_an_exploring_pipeline_logs_answers_and_feedback_for_off_policy_evaluati
 
 
 def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_live_serving(root):
-    candidate = pipeline_config().model_copy(update={"scorer": LINEAR})
+    candidate = pipeline_config().model_copy(update={"scorer": ["linear"]})
     recommender = Recommender(root, pipeline_config(), shadow=Shadow(candidate, sample=1.0))
     try:
         with serve_in_thread(recommender) as base:
@@ -305,7 +302,7 @@ def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_li
     finally:
         recommender.close()
 
-    broken = pipeline_config().model_copy(update={"scorer": NO_SUCH_RANKER})
+    broken = pipeline_config().model_copy(update={"scorer": ["no_such_ranker"]})
     recommender = Recommender(root, pipeline_config(), shadow=Shadow(broken))
     try:
         with serve_in_thread(recommender) as base:
@@ -319,7 +316,7 @@ def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_li
 
 
 def test_an_experiment_splits_users_stably_and_logs_each_answers_arm(root, tmp_path):
-    treatment = pipeline_config().model_copy(update={"scorer": LINEAR})
+    treatment = pipeline_config().model_copy(update={"scorer": ["linear"]})
     experiment = Experiment("linear-ranker", treatment, share=0.5)
     log = ImpressionLog(tmp_path / "log")
     recommender = Recommender(root, pipeline_config(), log=log, experiment=experiment)
@@ -549,7 +546,7 @@ def clocked_root(tmp_path_factory) -> Path:
 
 
 def test_minimal_requests_get_k_items_with_the_context_derived_from_the_clock(clocked_root):
-    config = pipeline_config().model_copy(update={"scorer": LINEAR, "time_zone": "Asia/Tokyo",
+    config = pipeline_config().model_copy(update={"scorer": ["linear"], "time_zone": "Asia/Tokyo",
                                                   "time_features": {"hour": "hour"}})
     recommender = Recommender(clocked_root, config)  # probed with an anonymous query without context
     try:
@@ -569,7 +566,10 @@ def test_minimal_requests_get_k_items_with_the_context_derived_from_the_clock(cl
         PipelineConfig.model_validate(config.model_dump() | {"time_zone": "Mars/Olympus"})
 
 
-def test_with_redis_down_or_back_empty_requests_are_answered_degraded_until_it_holds_the_version(root, tmp_path):
+def test_with_redis_down_or_back_empty_requests_are_answered_degraded_until_it_holds_the_version(root, tmp_path,
+                                                                                                monkeypatch):
+    opened, open_snapshot = [], EmbeddedStore.open
+    monkeypatch.setattr(EmbeddedStore, "open", lambda *args: opened.append(args[-1]) or open_snapshot(*args))
     executable = shutil.which("redis-server")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
@@ -594,11 +594,13 @@ def test_with_redis_down_or_back_empty_requests_are_answered_degraded_until_it_h
         with serve_in_thread(recommender) as base:
             status, reply = recommend(base, user_id=7)
             assert status == 200 and reply["degraded"] is False
+            assert opened == []  # a healthy Redis-backed server never loads the snapshot
             server.kill()
             server.wait()
             down = [recommend(base, user_id=user) for user in range(1, 6)]
             assert [(status, reply["degraded"], len(reply["items"])) for status, reply in down] == [(200, True, 10)] * 5
             assert json.loads(call(base, "/healthz")[2])["degraded"] == "redis is unavailable"
+            assert opened == [reply["version"]]  # loaded once, at the first failure
             server = start_redis()  # back, empty
             time.sleep(1.1)  # the retry interval
             status, reply = recommend(base, user_id=7)
