@@ -36,7 +36,7 @@ from data.synthetic import SyntheticConfig, generate
 from inference.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.impressions import ImpressionLog, logged_slots
 from inference.pipeline.executor import PipelineConfig
-from inference.pipeline.scorers import TorchScriptScorer
+from inference.pipeline.scorers import TorchScriptScorer, TorchScriptSpec
 from inference.pipeline.sources import ListSource
 from inference.pipeline.types import Query
 from inference.refresh.job import RefreshConfig, refresh
@@ -47,6 +47,9 @@ from training.train import RunConfig, train_ranker, train_retrieval
 EXAMPLE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
 FUZZ_EXAMPLES = 400  # per endpoint: the three with inputs make at least 1,000 requests
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
+
+LINEAR = [TorchScriptSpec(kind="torchscript", model="linear")]
+NO_SUCH_RANKER = [TorchScriptSpec(kind="torchscript", model="no_such_ranker")]
 
 
 def pipeline_config() -> PipelineConfig:
@@ -155,7 +158,7 @@ def test_a_version_whose_pipeline_fails_to_build_is_refused_and_its_store_closed
     opened, closed, open_store = [], [], EmbeddedStore.open
     monkeypatch.setattr(EmbeddedStore, "open", lambda *args: opened.append(open_store(*args)) or opened[-1])
     monkeypatch.setattr(EmbeddedStore, "close", lambda self: closed.append(self))  # a Redis connection, in production
-    broken = pipeline_config().model_copy(update={"scorer": ["no_such_ranker"]})
+    broken = pipeline_config().model_copy(update={"scorer": NO_SUCH_RANKER})
     with pytest.raises(ArtifactError, match="nothing to serve.*no_such_ranker"):
         Recommender(root, broken)
     assert opened and closed == opened
@@ -283,7 +286,7 @@ def test_an_exploring_pipeline_logs_answers_and_feedback_for_off_policy_evaluati
 
 
 def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_live_serving(root):
-    candidate = pipeline_config().model_copy(update={"scorer": ["linear"]})
+    candidate = pipeline_config().model_copy(update={"scorer": LINEAR})
     recommender = Recommender(root, pipeline_config(), shadow=Shadow(candidate, sample=1.0))
     try:
         with serve_in_thread(recommender) as base:
@@ -302,7 +305,7 @@ def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_li
     finally:
         recommender.close()
 
-    broken = pipeline_config().model_copy(update={"scorer": ["no_such_ranker"]})
+    broken = pipeline_config().model_copy(update={"scorer": NO_SUCH_RANKER})
     recommender = Recommender(root, pipeline_config(), shadow=Shadow(broken))
     try:
         with serve_in_thread(recommender) as base:
@@ -316,7 +319,7 @@ def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_li
 
 
 def test_an_experiment_splits_users_stably_and_logs_each_answers_arm(root, tmp_path):
-    treatment = pipeline_config().model_copy(update={"scorer": ["linear"]})
+    treatment = pipeline_config().model_copy(update={"scorer": LINEAR})
     experiment = Experiment("linear-ranker", treatment, share=0.5)
     log = ImpressionLog(tmp_path / "log")
     recommender = Recommender(root, pipeline_config(), log=log, experiment=experiment)
@@ -546,7 +549,7 @@ def clocked_root(tmp_path_factory) -> Path:
 
 
 def test_minimal_requests_get_k_items_with_the_context_derived_from_the_clock(clocked_root):
-    config = pipeline_config().model_copy(update={"scorer": ["linear"], "time_zone": "Asia/Tokyo",
+    config = pipeline_config().model_copy(update={"scorer": LINEAR, "time_zone": "Asia/Tokyo",
                                                   "time_features": {"hour": "hour"}})
     recommender = Recommender(clocked_root, config)  # probed with an anonymous query without context
     try:
