@@ -572,7 +572,13 @@ def test_minimal_requests_get_k_items_with_the_context_derived_from_the_clock(cl
 def test_with_redis_down_or_back_empty_requests_are_answered_degraded_until_it_holds_the_version(root, tmp_path,
                                                                                                 monkeypatch):
     opened, open_snapshot = [], EmbeddedStore.open
-    monkeypatch.setattr(EmbeddedStore, "open", lambda *args: opened.append(args[-1]) or open_snapshot(*args))
+
+    def open_and_record(*args):  # a broken version's snapshot fails to open: it is not recorded
+        store = open_snapshot(*args)
+        opened.append(store.version)
+        return store
+
+    monkeypatch.setattr(EmbeddedStore, "open", open_and_record)
     executable = shutil.which("redis-server")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
