@@ -3,6 +3,7 @@
     AnnSource           the index's nearest items to the query tower's embedding of the request
     ListSource          a candidate list of the store: "popular", "editorial", "user:{user_id}", ...
     SimilarItemsSource  the "similar:<item>" lists of the query's recent items, merged by best score
+    FavouriteCategorySource  the newest items of the category the query's recent items favour
 
 Each source's config spec (its ``kind:`` in the pipeline's ``sources:``) is defined beside it,
 and `SOURCE_SPECS` lists them: a new source is its class, its spec, and an entry there.
@@ -14,6 +15,7 @@ context's); the query tower reads them here, and the executor joins them to item
 from __future__ import annotations
 
 import string
+from collections import Counter
 from typing import Literal, Protocol
 
 import numpy as np
@@ -124,6 +126,38 @@ class SimilarItemsSource:
         return Candidates(ids[keep], np.full(len(keep), self.name), scores[keep])
 
 
+class FavouriteCategorySource:
+    """The newest items of the request's favourite category: the most frequent value of item
+    ``column`` among the query's recent items (the most recent wins a tie), else, for a user
+    without recent items, among the items of the user's store list "user:{user_id}"; then the
+    items of store list ``list_name`` ("new": newest first) that have that value, in its order.
+    Empty when neither names a category."""
+
+    name = "favourite_category"
+
+    def __init__(self, store: Store, column: str = "category", list_name: str = "new") -> None:
+        columns = store.item_features(np.zeros(0, np.int64)).features.columns.tolist()
+        if column not in columns:
+            raise ValueError(f"item column {column!r} is not in store version {store.version!r}; it has {columns}")
+        self.store, self.column, self.list_name = store, column, list_name
+
+    def favourite(self, query: Query) -> object | None:
+        """The favourite value of ``column`` for ``query``, None when its items name none."""
+        liked = np.asarray(query.recent_items[::-1], np.int64)  # most recent first
+        if len(liked) == 0 and query.user_id is not None:
+            liked = self.store.get_list(f"user:{query.user_id}")[0]
+        values = self.store.item_features(liked).features[self.column].dropna()
+        return Counter(values).most_common(1)[0][0] if len(values) else None
+
+    def __call__(self, query: Query, k: int) -> Candidates:
+        favourite = self.favourite(query)
+        if favourite is None:
+            return Candidates(np.zeros(0, np.int64), np.zeros(0, str), np.zeros(0, np.float32))
+        ids, scores = self.store.get_list(self.list_name)
+        keep = np.flatnonzero((self.store.item_features(ids).features[self.column] == favourite).to_numpy(bool))[:k]
+        return Candidates(ids[keep], np.full(len(keep), self.name), scores[keep])
+
+
 class SourceSpec(StageSpec):
     """What every source's spec has: how the pipeline runs it."""
 
@@ -155,4 +189,13 @@ class SimilarSpec(SourceSpec):
         return SimilarItemsSource(version.store, self.recent)
 
 
-SOURCE_SPECS = (AnnSpec, ListSpec, SimilarSpec)
+class FavouriteCategorySpec(SourceSpec):
+    kind: Literal["favourite_category"]
+    column: str = "category"  # the item column whose favourite value the items share
+    list_name: str = "new"  # the store list they come from, in its order
+
+    def build(self, version: ServingVersion) -> CandidateSource:
+        return FavouriteCategorySource(version.store, self.column, self.list_name)
+
+
+SOURCE_SPECS = (AnnSpec, ListSpec, SimilarSpec, FavouriteCategorySpec)

@@ -1,6 +1,8 @@
 """Candidate sources on a refreshed version: ANN equals brute force over the trained tower's
 embeddings and works without a known user; lists and similar items read the store's lists."""
 
+from collections import Counter
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,7 +11,7 @@ import torch
 from data.dataset import read_dataset
 from data.schema import FeatureSpec, Schema
 from inference.export import load_run
-from inference.pipeline.sources import AnnSource, ListSource, SimilarItemsSource, query_row
+from inference.pipeline.sources import AnnSource, FavouriteCategorySource, ListSource, SimilarItemsSource, query_row
 from inference.pipeline.types import Query
 from inference.refresh.job import read_embeddings
 from inference.store import read_lists
@@ -88,3 +90,40 @@ def test_similar_items_merge_the_recent_items_lists_by_best_score(version):
     assert len(SimilarItemsSource(version.store)(Query(user_id=7), 10)) == 0
     with pytest.raises(ValueError, match="recent = 0"):
         SimilarItemsSource(version.store, recent=0)
+
+
+def test_favourite_category_gives_the_newest_items_of_the_recent_items_favourite(version, tiny_dataset):
+    items = read_dataset(tiny_dataset, tables=("items",)).items.set_index("item_id")
+    new_ids, _ = version.store.get_list("new")
+    favourite, other = items.loc[new_ids, "category"].value_counts().index[:2]
+    recent = (*items.index[items["category"] == favourite][:3], *items.index[items["category"] == other][:2])
+    found = FavouriteCategorySource(version.store)(Query(user_id=7, recent_items=recent), 10)
+    in_category = [i for i in new_ids if items.loc[i, "category"] == favourite]
+    assert len(in_category) >= 2  # a list to check
+    np.testing.assert_array_equal(found.item_ids, in_category[:10])
+    assert (found.sources == "favourite_category").all()
+    assert np.all(np.diff(items.loc[found.item_ids, "created_at"].to_numpy()) <= 0)  # newest first
+
+
+def test_favourite_category_ties_go_to_the_most_recent_item(version, tiny_dataset):
+    items = read_dataset(tiny_dataset, tables=("items",)).items
+    first, second = items.groupby("category")["item_id"].first().iloc[:2]
+    category = items.set_index("item_id")["category"]
+    source = FavouriteCategorySource(version.store)
+    assert source.favourite(Query(None, recent_items=(first, second))) == category[second]
+    assert source.favourite(Query(None, recent_items=(second, first))) == category[first]
+
+
+def test_favourite_category_falls_back_to_the_users_store_list_or_gives_nothing(version, tiny_dataset):
+    items = read_dataset(tiny_dataset, tables=("items",)).items.set_index("item_id")
+    source = FavouriteCategorySource(version.store)
+    listed, _ = version.store.get_list("user:7")
+    expected = Counter(items.loc[listed, "category"]).most_common(1)[0][0]
+    assert len(listed) > 0 and source.favourite(Query(user_id=7)) == expected
+    assert len(source(Query(user_id=None), 10)) == 0
+    assert len(source(Query(user_id=10**9), 10)) == 0  # unknown user: no list, no recent items
+
+
+def test_favourite_category_names_a_missing_column(version):
+    with pytest.raises(ValueError, match="item column 'colour' is not in store version"):
+        FavouriteCategorySource(version.store, column="colour")
