@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,33 +79,6 @@ class TritonScorer:
         except Exception as error:  # connection refused, deadline, unknown model, ... all mean "fall back"
             raise self._error(error) from error
         return self._scores(result, n)
-
-    def submit(self, query: Query, candidates: Candidates) -> Future[TritonScores]:
-        """Starts the call without waiting (gRPC only): the future holds `TritonScores` or a
-        TritonScoringError; wrap it with ``asyncio.wrap_future`` to await it. The model's inputs
-        are checked here, blocking, when a check is due."""
-        if self._grpc is None:
-            raise ValueError(f"submit needs protocol 'grpc'; this scorer uses {self.protocol!r}")
-        future: Future[TritonScores] = Future()
-        inputs, n = self._request(candidates)
-        if n == 0:
-            future.set_result(TritonScores(np.zeros(0, np.float32), ""))
-            return future
-
-        def done(result, error) -> None:
-            try:
-                if error is not None:
-                    raise self._error(error)
-                future.set_result(self._scores(result, n))
-            except Exception as failure:
-                future.set_exception(failure)
-
-        try:
-            self._check_inputs()
-            self._grpc.async_infer(self.model, inputs, done, client_timeout=self.timeout_s)
-        except Exception as error:
-            future.set_exception(self._error(error))
-        return future
 
     def _request(self, candidates: Candidates) -> tuple[list, int]:
         """The infer inputs for ``candidates`` and their number N."""

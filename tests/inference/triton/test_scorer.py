@@ -1,9 +1,10 @@
-"""TritonScorer: scores through Triton (gRPC and HTTP, sync and async) equal in-process TorchScript,
+"""TritonScorer: scores through Triton (gRPC, concurrently, and HTTP) equal in-process TorchScript,
 and every failure is a TritonScoringError naming the server and the model; the query tower serves
 the same embeddings as in process."""
 
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -30,12 +31,10 @@ def inputs(models_dir) -> ModelInputs:
     return ModelInputs.load(models_dir, "deepfm")
 
 
-def test_grpc_async_scores_equal_torchscript_on_1000_requests(triton, inputs, scoring_requests, reference):
+def test_concurrent_grpc_scores_equal_torchscript_on_1000_requests(triton, inputs, scoring_requests, reference):
     scorer = TritonScorer(triton.grpc_url, "deepfm_py", inputs, "grpc", timeout_s=30.0)
-    got = []
-    for start in range(0, len(scoring_requests), 100):  # 100 requests in flight: Triton batches them
-        futures = [scorer.submit(q, c) for q, c in scoring_requests[start:start + 100]]
-        got += [f.result() for f in futures]
+    with ThreadPoolExecutor(32) as pool:  # 32 requests in flight: Triton batches them
+        got = list(pool.map(lambda request: scorer.infer(*request), scoring_requests))
     for (_, candidates), result, expected in zip(scoring_requests, got, reference, strict=True):
         assert result.scores.dtype == np.float32 and result.scores.shape == (len(candidates),)
         np.testing.assert_allclose(result.scores, expected, atol=TOLERANCE, rtol=0)
