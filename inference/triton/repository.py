@@ -3,8 +3,7 @@
 `write_repository` turns an `inference.export.export_models` directory into two models per
 exported model: ``<name>`` runs ``model.pt`` on Triton's PyTorch backend (production, GPU or
 CPU), ``<name>_py`` runs the same file from the Python backend (the only backend of the server
-bundled with nvidia-pytriton). `add_version` stages a new version of one model; loading it is
-``inference.triton.server.reload_model``.
+bundled with nvidia-pytriton). Each artefact version writes its own repository.
 """
 
 from __future__ import annotations
@@ -111,28 +110,6 @@ def write_repository(models_dir: Path, out: Path, config: RepositoryConfig = Rep
             _write_version(out / model / "1", models_dir / f"{name}.pt", python)
             names.append(model)
     return sorted(names)
-
-
-def add_version(repo: Path, model: str, scripted: Path) -> int:
-    """Copies the TorchScript file ``scripted`` into ``repo/model`` as its next version; returns it.
-
-    The new model must take and return the same tensors as the current one, and encode rows
-    alike (the same encoders: the model's `INPUTS_DIGEST` parameter stays). Triton serves it
-    once the model is loaded again (``reload_model``); the version policy then unloads the old one.
-    """
-    directory = Path(repo) / model
-    if not (directory / "config.pbtxt").is_file():
-        raise ValueError(f"{directory} has no config.pbtxt; expected a model of a repository written by "
-                         "write_repository")
-    if not Path(scripted).is_file():
-        raise ValueError(f"{scripted} does not exist; expected a TorchScript file")
-    config = text_format.Parse((directory / "config.pbtxt").read_text(), pb.ModelConfig())
-    versions = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
-    version = max(versions, default=0) + 1
-    staging = directory / f".{version}.staging"
-    _write_version(staging, Path(scripted), python=config.backend == "python")
-    staging.rename(directory / str(version))  # Triton never sees a half-written version
-    return version
 
 
 def _write_version(directory: Path, scripted: Path, python: bool) -> None:

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
-from inference.triton.repository import PYTHON_MODEL, RepositoryConfig, add_version, write_repository
+from inference.triton.repository import PYTHON_MODEL, RepositoryConfig, write_repository
 from recstack.cli import main
 
 EXPORTED = ("deepfm", "dlrm", "linear", "two_tower")
@@ -64,22 +64,6 @@ def test_parsing_catches_a_broken_config(models_dir, tmp_path):
     path.write_text(path.read_text().replace("max_batch_size", "max_batch"))
     with pytest.raises(text_format.ParseError, match="max_batch"):
         parse(path)
-
-
-def test_add_version_stages_the_next_version(models_dir, tmp_path):
-    repo = tmp_path / "repo"
-    write_repository(models_dir, repo)
-    assert add_version(repo, "deepfm_py", models_dir / "dlrm.pt") == 2
-    assert add_version(repo, "deepfm_py", models_dir / "linear.pt") == 3
-    assert add_version(repo, "deepfm", models_dir / "dlrm.pt") == 2
-    assert sorted(p.name for p in (repo / "deepfm_py").iterdir()) == ["1", "2", "3", "config.pbtxt"]
-    assert (repo / "deepfm_py" / "3" / "model.pt").read_bytes() == (models_dir / "linear.pt").read_bytes()
-    assert (repo / "deepfm_py" / "2" / "model.py").read_text() == PYTHON_MODEL.read_text()
-    assert sorted(p.name for p in (repo / "deepfm" / "2").iterdir()) == ["model.pt"]
-    with pytest.raises(ValueError, match="no config.pbtxt"):
-        add_version(repo, "missing", models_dir / "dlrm.pt")
-    with pytest.raises(ValueError, match="nothing.pt does not exist"):
-        add_version(repo, "deepfm", models_dir / "nothing.pt")
 
 
 def test_bad_inputs_are_refused(models_dir, tmp_path):
