@@ -17,6 +17,11 @@ from recstack.recommend_cli import published_pipeline
 log = logging.getLogger(__name__)
 
 
+def _scalars(fields: list[tuple[str, object]]) -> dict:
+    """A dataclass's fields for JSON, without per-row arrays (an `Estimate`'s ``rewards``)."""
+    return {name: value for name, value in fields if not hasattr(value, "shape")}
+
+
 def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a pipeline offline")
     tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{offline,replay,ab,drift}")
@@ -120,7 +125,7 @@ def _replay(args: argparse.Namespace) -> int:
     finally:
         pipeline.close()
     print(json.dumps({"version": version, "requests": int(slots["request_id"].nunique()), "failed": failed,
-                      "depths": [asdict(e) for e in estimates]}))
+                      "depths": [asdict(e, dict_factory=_scalars) for e in estimates]}))
     return 0
 
 
