@@ -1,6 +1,6 @@
 """The local server under faults: killed under load (requests fall back, then return to Triton after a
-restart), a model version swapped under load (no failure, no mixed versions), a killed launcher
-(no orphan), a server that cannot start (its log in the error), and the `serve` command."""
+restart), a killed launcher (no orphan), a server that cannot start (its log in the error), and the
+`serve` command."""
 
 import os
 import shutil
@@ -12,14 +12,13 @@ import textwrap
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from inference.artifacts import ArtifactRoot, checksum_files, verify_version
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, TorchScriptScorer
 from inference.refresh.job import RefreshConfig, refresh
-from inference.triton.repository import add_version, write_repository
+from inference.triton.repository import write_repository
 from inference.triton.scorer import TritonScorer
-from inference.triton.server import TritonServer, reload_model
+from inference.triton.server import TritonServer
 
 TOLERANCE = 1e-5
 
@@ -47,31 +46,6 @@ def test_killing_triton_under_load_falls_back_then_returns_to_triton(triton, mod
     assert scorer.answered[in_process.name] >= 10 and scorer.fallbacks[in_process.name] == 0
     for index, scores in load.results:
         np.testing.assert_allclose(scores, reference[index], atol=TOLERANCE, rtol=0)
-
-
-def test_swapping_a_version_under_load_fails_nothing_and_mixes_no_versions(triton, repository, models_dir,
-                                                                           scoring_requests, steady_load,
-                                                                           wait_until):
-    requests = scoring_requests[:50]
-    by_version = {"1": TorchScriptScorer(models_dir, "dlrm"), "2": TorchScriptScorer(models_dir, "deepfm")}
-    reference = {v: [s(q, c) for q, c in requests] for v, s in by_version.items()}
-    assert max(np.abs(a - b).max() for a, b in zip(reference["1"], reference["2"], strict=True)) > 1e-3
-    scorer = TritonScorer(triton.grpc_url, "dlrm_py", ModelInputs.load(models_dir, "dlrm"), timeout_s=30.0)
-    assert reload_model(triton.grpc_url, "dlrm_py") == ["1"]
-    try:
-        with steady_load(scorer.infer, requests) as load:
-            wait_until(lambda: len(load.results) >= 30, 30, "version 1 to answer")
-            assert add_version(repository, "dlrm_py", models_dir / "deepfm.pt") == 2
-            assert reload_model(triton.grpc_url, "dlrm_py") == ["2"]
-            swapped = len(load.results)
-            wait_until(lambda: len(load.results) >= swapped + 30, 30, "version 2 to answer")
-    finally:
-        grpcclient.InferenceServerClient(triton.grpc_url).unload_model("dlrm_py")
-    assert load.failures == []
-    versions = [result.model_version for _, result in load.results]
-    assert set(versions[:30]) == {"1"} and set(versions[swapped + load.threads:]) == {"2"}
-    for index, result in load.results:  # one request, one version: every score from the version named
-        np.testing.assert_allclose(result.scores, reference[result.model_version][index], atol=TOLERANCE, rtol=0)
 
 
 def test_killing_the_launcher_leaves_no_orphan(repository, free_port, processes, wait_until):
