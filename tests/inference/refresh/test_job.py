@@ -25,16 +25,6 @@ from inference.version import open_version
 CONFIG = RefreshConfig(pools={"user_n": 20, "similar_k": 10, "similar_items": 50})
 
 
-@pytest.fixture(scope="module")
-def models_dir(trained_runs):
-    return trained_runs["two_tower"].parent
-
-
-@pytest.fixture
-def data_copy(tiny_dataset, tmp_path):
-    return shutil.copytree(tiny_dataset, tmp_path / "data")
-
-
 def positives(data_dir):
     rows = read_dataset(data_dir, tables=("interactions",)).interactions
     return rows[rows["label"] > 0]
@@ -88,18 +78,7 @@ def test_rules_remove_items_from_the_index_and_every_list(tiny_dataset, models_d
     assert not blocked & set(lists_of(version)["item_id"])
 
 
-def change_catalogue(data_dir, now):
-    """Changes 3 items' prices, adds 2 items (copies of others, new ids) and removes 2 items."""
-    items = pd.read_parquet(data_dir / "items.parquet")
-    live = items.index[items["removed_at"] < 0]
-    items.loc[live[:3], "price"] += 10
-    items.loc[live[3:5], "removed_at"] = now - 1
-    added = items.loc[live[5:7]].assign(item_id=[10_000, 10_001])
-    pd.concat([items, added], ignore_index=True).to_parquet(data_dir / "items.parquet", index=False)
-    return set(items.loc[live[:3], "item_id"]), {10_000, 10_001}, set(items.loc[live[3:5], "item_id"])
-
-
-def test_incremental_refresh_equals_a_full_rebuild(data_copy, models_dir, tmp_path):
+def test_incremental_refresh_equals_a_full_rebuild(change_catalogue, data_copy, models_dir, tmp_path):
     config = CONFIG.model_copy(update={"cadence_s": {"user": 1e9, "similar": 1e9}})
     first = refresh(data_copy, models_dir, tmp_path / "inc", config)
     changed, added, removed = change_catalogue(data_copy, first["now"])
@@ -320,8 +299,8 @@ def redis_versions(server) -> dict[str, int]:
     return {version: keys.count(version) for version in sorted(set(keys))}
 
 
-def test_incremental_versions_load_into_redis_as_deltas_and_retention_keeps_their_base(data_copy, models_dir,
-                                                                                     redis_server, tmp_path):
+def test_incremental_versions_load_into_redis_as_deltas_and_retention_keeps_their_base(
+        change_catalogue, data_copy, models_dir, redis_server, tmp_path):
     config = CONFIG.model_copy(update={"redis": f"{redis_server.host}:{redis_server.port}", "retention": 2,
                                        "cadence_s": {"user": 1e9, "similar": 1e9}})
     first = refresh(data_copy, models_dir, tmp_path, config)

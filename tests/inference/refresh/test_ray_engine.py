@@ -4,7 +4,6 @@ publish nothing and the previous version keeps serving."""
 
 import multiprocessing
 import os
-import shutil
 import socket
 import time
 
@@ -31,26 +30,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def models_dir(trained_runs):
-    return trained_runs["two_tower"].parent
-
-
-@pytest.fixture
-def data_copy(tiny_dataset, tmp_path):
-    return shutil.copytree(tiny_dataset, tmp_path / "data")
-
-
-def change_catalogue(data_dir, now):
-    """New prices for 3 live items, 2 live items removed and 2 new ones (copies under new ids)."""
-    items = pd.read_parquet(data_dir / "items.parquet")
-    live = items.index[items["removed_at"] < 0]
-    items.loc[live[:3], "price"] += 10
-    items.loc[live[3:5], "removed_at"] = now - 1
-    added = items.loc[live[5:7]].assign(item_id=[10_000, 10_001])
-    pd.concat([items, added], ignore_index=True).to_parquet(data_dir / "items.parquet", index=False)
-
-
 def assert_same_versions(ray_dir, local_dir):
     ray_ids, ray_vectors = read_embeddings(ray_dir)
     local_ids, local_vectors = read_embeddings(local_dir)
@@ -74,7 +53,8 @@ def assert_same_versions(ray_dir, local_dir):
     assert ray_manifest["index"]["recall"] == pytest.approx(local_manifest["index"]["recall"], abs=0.01)
 
 
-def test_full_and_incremental_refreshes_on_ray_equal_the_local_engine(ray_cluster, data_copy, models_dir, tmp_path):
+def test_full_and_incremental_refreshes_on_ray_equal_the_local_engine(change_catalogue, ray_cluster, data_copy,
+                                                                       models_dir, tmp_path):
     first = {}
     for engine, config in (("local", CONFIG), ("ray", RAY)):
         first[engine] = refresh(data_copy, models_dir, tmp_path / engine, config)
@@ -113,7 +93,8 @@ def test_an_unreachable_ray_address_fails_fast_and_publishes_nothing(ray_cluster
     assert_previous_serves(tmp_path, "v0001")
 
 
-def test_ray_workers_dying_mid_export_fail_the_refresh(ray_cluster, data_copy, models_dir, tmp_path, monkeypatch):
+def test_ray_workers_dying_mid_export_fail_the_refresh(change_catalogue, ray_cluster, data_copy, models_dir, tmp_path,
+                                                       monkeypatch):
     refresh(data_copy, models_dir, tmp_path, CONFIG)
     change_catalogue(data_copy, 0)
 
@@ -129,9 +110,9 @@ def test_ray_workers_dying_mid_export_fail_the_refresh(ray_cluster, data_copy, m
 
 
 def test_sigkill_of_the_driver_mid_refresh_keeps_the_previous_version(ray_cluster, data_copy, models_dir, tmp_path):
-    # the driver is a fresh process that connects to the test's Ray, killed at points through its run
-    fork = multiprocessing.get_context("forkserver")
-    fork.set_forkserver_preload(["inference.refresh.job"])
+    # the driver is a fresh process that connects to the test's Ray, killed at points through its run;
+    # spawned, not forked from a server started earlier, so that it inherits the token ray.init set
+    fork = multiprocessing.get_context("spawn")
     root, config = tmp_path / "art", RAY.model_copy(update={"ray_address": ray_cluster})
     refresh(data_copy, models_dir, root, CONFIG)
 

@@ -78,8 +78,6 @@ def test_a_paused_server_times_out(triton, inputs, scoring_requests):
         for scorer in scorers:
             with pytest.raises(TritonScoringError, match="(?i)deadline|timed out"):
                 scorer(query, candidates)
-        with pytest.raises(TritonScoringError, match="(?i)deadline"):
-            scorers[0].submit(query, candidates).result()
     finally:
         os.kill(triton.process.pid, signal.SIGCONT)
     for scorer in scorers:
@@ -93,8 +91,6 @@ def test_bad_arguments_are_refused(models_dir, inputs):
         TritonScorer("localhost:1", "deepfm_py", inputs, timeout_s=0)
     with pytest.raises(ValueError, match="'embedding'"):
         TritonScorer("localhost:1", "two_tower_py", ModelInputs.load(models_dir, "two_tower"))
-    with pytest.raises(ValueError, match="needs protocol 'grpc'"):
-        TritonScorer("localhost:1", "deepfm_py", inputs, "http").submit(None, None)
 
 
 def test_a_failing_forward_pass_answers_with_the_models_error(triton):
