@@ -26,7 +26,6 @@ import json
 import os
 import random
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import psutil
-from report import describe_machine, finish
+from report import describe_machine, finish, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,9 +132,7 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
 
 
 def start_server(repo: Path, artifacts: Path, config: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts.resolve()), "--config",
                str(config.resolve()), "--host", "127.0.0.1", "--port", str(port), *extra]
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"load-server-{port}.log", "w")  # noqa: SIM115

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -35,3 +36,10 @@ def finish(result: dict, table: str, path: Path) -> int:
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {path}")
     return 0 if result["passed"] else 1
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from report import describe_machine, finish
+from report import describe_machine, finish, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFLINE = ("lightning", "training", "inference.refresh")
@@ -38,12 +37,6 @@ def measure_import(tree: Path) -> dict:
     """Import of `inference.service` in a fresh interpreter: seconds, modules loaded, offline packages among them."""
     out = subprocess.run([sys.executable, "-c", IMPORT], cwd=tree, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_healthz(tree: Path, artifacts: Path, timeout_s: float) -> float:

@@ -22,7 +22,6 @@ batching off. Tables go to stdout, everything to benchmarks/results/triton.json.
 from __future__ import annotations
 
 import argparse
-import socket
 import tempfile
 import threading
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 import tritonclient.grpc as grpcclient
-from report import describe_machine, finish
+from report import describe_machine, finish, free_port
 
 from data.dataset import read_dataset
 from data.prepare import prepare
@@ -112,12 +111,6 @@ def run_load(call, n_requests: int, concurrency: int, seconds: float) -> dict:
     return {"concurrency": concurrency, "requests": len(done), "p50_ms": float(np.percentile(done, 50)),
             "p99_ms": float(np.percentile(done, 99)), "requests_per_s": len(done) / elapsed,
             "candidates_per_s": len(done) * CANDIDATES / elapsed}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def infer_inputs(tensors: list[tuple[torch.Tensor, ...]]) -> list[list[grpcclient.InferInput]]:

@@ -4,7 +4,6 @@ publish nothing and the previous version keeps serving."""
 
 import multiprocessing
 import os
-import socket
 import time
 
 import numpy as np
@@ -74,13 +73,8 @@ def assert_previous_serves(root_dir, expected):
     open_version(root.path(expected))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_an_unreachable_ray_address_fails_fast_and_publishes_nothing(ray_cluster, tiny_dataset, models_dir, tmp_path):
+def test_an_unreachable_ray_address_fails_fast_and_publishes_nothing(ray_cluster, tiny_dataset, models_dir, tmp_path,
+                                                                       free_port):
     refresh(tiny_dataset, models_dir, tmp_path, CONFIG)
     for address in (f"127.0.0.1:{free_port()}", f"ray://127.0.0.1:{free_port()}"):
         started = time.monotonic()

@@ -3,7 +3,6 @@ loopback ports, checked to leave no process behind), random scoring requests, an
 to tests as fixtures (tests are imported with --import-mode=importlib, so not as a module)."""
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,12 +20,6 @@ from inference.triton.repository import write_repository
 from inference.triton.server import TritonServer
 
 SERVED = ["deepfm_py"]  # the session server loads only these; tests load others through the repository API
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes() -> list[tuple[int, int, int, str]]:
@@ -80,9 +73,9 @@ def repository(models_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def triton(repository):
+def triton(repository, free_port):
     """The session's server with ``SERVED`` loaded; afterwards neither it nor its stubs remain."""
-    server = TritonServer(repository, _free_port(), _free_port(), models=SERVED)
+    server = TritonServer(repository, free_port(), free_port(), models=SERVED)
     server.start()
     try:
         yield server
@@ -145,10 +138,6 @@ class _SteadyLoad:
             worker.join()
 
 
-@pytest.fixture
-def free_port() -> Callable[[], int]:
-    """A function returning a loopback port nothing listens on."""
-    return _free_port
 
 
 @pytest.fixture
