@@ -218,6 +218,3 @@ class Thompson:
         p = np.zeros(len(served))
         p[arms] = np.bincount(np.argmax(wins, axis=1), minlength=len(arms)) / self.draws
         return p
-
-
-POLICIES = {"epsilon_greedy": EpsilonGreedy, "ucb1": UCB1, "thompson": Thompson}

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, model_validator
 
-from inference.pipeline.bandits import POLICIES, BanditPolicy, SourceBandit
+from inference.pipeline.bandits import UCB1, BanditPolicy, EpsilonGreedy, SourceBandit, Thompson
 from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
 
@@ -341,9 +341,9 @@ class BanditSpec(StageSpec):
     seed: int | None = None
 
     def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
-        policy = {"epsilon_greedy": lambda: POLICIES["epsilon_greedy"](self.epsilon), "ucb1": POLICIES["ucb1"],
-                  "thompson": lambda: POLICIES["thompson"](self.draws)}[self.policy]()
-        return BanditOrderer(bandit, policy, self.seed)
+        if self.policy == "epsilon_greedy":
+            return BanditOrderer(bandit, EpsilonGreedy(self.epsilon), self.seed)
+        return BanditOrderer(bandit, UCB1() if self.policy == "ucb1" else Thompson(self.draws), self.seed)
 
 
 class MaxPerSourceSpec(StageSpec):
