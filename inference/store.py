@@ -101,6 +101,10 @@ class Store(ABC):
     def item_features(self, item_ids: np.ndarray) -> ItemRows:
         """(N,) integer item ids -> their features, aligned with the request."""
 
+    def item_columns(self) -> list[str]:
+        """The names of the item feature columns `item_features` returns."""
+        return self.item_features(np.zeros(0, np.int64)).features.columns.tolist()
+
     @abstractmethod
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """A candidate list in rank order: read-only (L,) int64 item ids and (L,) float32 scores.

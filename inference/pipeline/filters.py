@@ -64,7 +64,7 @@ class ItemFeatureFilter:
     value counts as different) and items the store does not know, reason "unknown item"."""
 
     def __init__(self, store: Store, column: str, equals: bool | int | float | str) -> None:
-        columns = store.item_features(np.zeros(0, np.int64)).features.columns.tolist()
+        columns = store.item_columns()
         if column not in columns:
             raise ValueError(f"item feature {column!r} is not in store version {store.version!r}; it has {columns}")
         self.name, self.store, self.column, self.equals = column, store, column, equals

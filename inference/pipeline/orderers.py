@@ -310,8 +310,7 @@ def _hashable(value: object) -> object:
 
 def _check_item_column(version: ServingVersion, column: str, field: str) -> None:
     """ValueError naming ``field`` unless the version's items have ``column``."""
-    popular, _ = version.store.get_list("popular")
-    columns = version.store.item_features(popular[:1]).features.columns
+    columns = version.store.item_columns()
     if column not in columns:
         raise ValueError(f"{field} = {column!r} is not an item column; expected one of {sorted(columns)}")
 

@@ -136,7 +136,7 @@ class FavouriteCategorySource:
     name = "favourite_category"
 
     def __init__(self, store: Store, column: str = "category", list_name: str = "new") -> None:
-        columns = store.item_features(np.zeros(0, np.int64)).features.columns.tolist()
+        columns = store.item_columns()
         if column not in columns:
             raise ValueError(f"item column {column!r} is not in store version {store.version!r}; it has {columns}")
         self.store, self.column, self.list_name = store, column, list_name
