@@ -200,9 +200,6 @@ class DegradingStore(Store):
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self._call("get_list", name)
 
-    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
-        self._call("put_list", name, item_ids, scores)
-
     def close(self) -> None:
         for store in (self._primary, self._fallback):
             if store is not None:

@@ -50,12 +50,6 @@ VERSION = re.compile(r"[A-Za-z0-9._-]+")
 WRITE_BATCH = 5_000  # keys per MSET, UNLINK or SCAN step when loading or deleting a version
 REBASE_SHARE = 0.2  # a delta writing more keys than this share of its users and items is loaded in full
 TOMBSTONE = b""  # a delta's value for a key its base has and it lacks (no stored value is empty but a list's)
-# put_list writes only into a complete version, so it cannot bring back a deleted one
-PUT_IF_COMPLETE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], ARGV[1])
-return 1
-"""
 
 
 class StoreError(Exception):
@@ -113,10 +107,6 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
-        """Adds or replaces a list: (L,) integer item ids in rank order, (L,) scores kept as float32."""
-
-    @abstractmethod
     def close(self) -> None:
         """Releases what the store holds; it is unusable afterwards."""
 
@@ -162,10 +152,7 @@ def _read_groups(paths: list[Path]) -> pa.Table:
 
 
 class EmbeddedStore(Store):
-    """A snapshot held in this process: ids sorted once, looked up with `np.searchsorted`.
-
-    `put_list` changes this process's copy only; the snapshot files and other processes keep the old list.
-    """
+    """A snapshot held in this process: ids sorted once, looked up with `np.searchsorted`."""
 
     def __init__(self, version: str, users: pa.Table, items: pa.Table, lists: pa.Table) -> None:
         self.version = _check_version(version)
@@ -198,10 +185,6 @@ class EmbeddedStore(Store):
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self._lists.get(name, _EMPTY_LIST)
 
-    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
-        ids, scores = (_read_only(np.array(a)) for a in _check_list(name, item_ids, scores))
-        self._lists[name] = (ids, scores)
-
     def close(self) -> None:
         """Nothing to release: the snapshot goes with the store object."""
 
@@ -220,7 +203,6 @@ class RedisStore(Store):
         self.version = _check_version(version)
         self._where = f"{host}:{port}"
         self._client = connect(host, port, timeout_s)
-        self._put_if_complete = self._client.register_script(PUT_IF_COMPLETE)
         self._chain: tuple[str, ...] = (version,)  # where a key is looked up, this version first
         users, items, base = self._read("open", ("GET", _key(version, "schema", "user")),
                                         ("GET", _key(version, "schema", "item")), ("GET", _key(version, "base")))
@@ -253,15 +235,6 @@ class RedisStore(Store):
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         value = self._lookup("get_list", "list", name)
         return _EMPTY_LIST if value is None else _unpack_list(value)
-
-    def put_list(self, name: str, item_ids: np.ndarray, scores: np.ndarray) -> None:
-        packed = _pack_list(*_check_list(name, item_ids, scores))
-        with _failures(self._where, "put_list", self.version):
-            written = self._put_if_complete(
-                keys=[_key(self.version, "complete"), _key(self.version, "list", name)], args=[packed]
-            )
-        if not written:
-            raise _incomplete(self._where, self.version)
 
     def close(self) -> None:
         self._client.close()
@@ -469,7 +442,8 @@ def _split_lists(lists: pa.Table) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _packed_lists(lists: pa.Table) -> tuple[list[str], pa.Array]:
-    """The long list table -> (names (L,), (L,) binary): each list as `_pack_list` packs it, all at once."""
+    """The long list table -> (names (L,), (L,) binary), all at once: a list of n items packs as 8n
+    little-endian int64 id bytes, then 4n float32 score bytes (`_unpack_list` reads it)."""
     names, bounds, ids, scores = _list_runs(lists)
     lengths = np.diff(bounds)
     first = np.repeat(bounds[:-1], lengths)  # (R,) the first row of each row's list
@@ -521,23 +495,8 @@ def _check_ids(item_ids: np.ndarray) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def _check_list(name: str, item_ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"list name {name!r}: expected a non-empty str")
-    ids = _check_ids(item_ids)
-    scores = np.asarray(scores)
-    if scores.shape != ids.shape:
-        raise ValueError(f"list {name!r}: {len(ids)} item ids but scores of shape {scores.shape}; expected one per id")
-    return ids, scores.astype(np.float32)
-
-
 def _key(version: str, *parts: object) -> str:
     return ":".join(["recstack", version, *map(str, parts)])
-
-
-def _pack_list(ids: np.ndarray, scores: np.ndarray) -> bytes:
-    """(L,) ids and (L,) scores -> 8L little-endian int64 bytes, then 4L float32 bytes."""
-    return ids.astype("<i8").tobytes() + scores.astype("<f4").tobytes()
 
 
 def _unpack_list(packed: bytes) -> tuple[np.ndarray, np.ndarray]:

@@ -205,37 +205,13 @@ def test_unknown_list_is_empty(store):
     assert ids.dtype == np.int64 and scores.dtype == np.float32
 
 
-def test_put_list_then_get_list(store):
-    new_ids = np.array([BIG_ID, 1, 8], dtype=np.int64)
-    new_scores = np.array([3.0, 2.0, 0.1], dtype=np.float64)
-    store.put_list("popular", new_ids, new_scores)
-    store.put_list("editorial", np.array([10], dtype=np.int32), np.array([1.0]))
-    new_ids[0] = 0  # the store keeps its own copy
-    ids, scores = store.get_list("popular")
-    np.testing.assert_array_equal(ids, [BIG_ID, 1, 8])
-    np.testing.assert_array_equal(scores, np.float32([3.0, 2.0, 0.1]))
-    assert scores.dtype == np.float32
-    np.testing.assert_array_equal(store.get_list("editorial")[0], [10])
-    np.testing.assert_array_equal(store.get_list("similar:3")[0], [5, 8])  # other lists untouched
-
-
 def test_bad_requests_raise(store):
     with pytest.raises(ValueError, match="expected a 1-D integer array"):
         store.item_features(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="expected a 1-D integer array"):
         store.item_features(np.array([[1, 2]]))
-    with pytest.raises(ValueError, match="expected one per id"):
-        store.put_list("popular", np.array([1, 2]), np.array([1.0]))
-    with pytest.raises(ValueError, match="non-empty str"):
-        store.put_list("", np.array([1]), np.array([1.0]))
     with pytest.raises(TypeError):
         store.user_features(4.5)
-
-
-def test_embedded_put_list_stays_in_memory(snapshot_dir):
-    store = EmbeddedStore.open(snapshot_dir, "v1")
-    store.put_list("popular", np.array([1], dtype=np.int64), np.array([1.0]))
-    np.testing.assert_array_equal(EmbeddedStore.open(snapshot_dir, "v1").get_list("popular")[0], [3, 10, 5])
 
 
 # Snapshot validation
@@ -330,7 +306,6 @@ def test_redis_versions_side_by_side_and_delete(redis_server, snapshot_dir, tmp_
     assert v2.item_features(np.array([3])).features["title"].tolist() == ["Alien II"]
     assert v1.user_features(7) is not None and v2.user_features(7) is None
     np.testing.assert_array_equal(v2.get_list("popular")[0], [8, 1, BIG_ID])
-    v2.put_list("similar:3", np.array([1]), np.array([1.0]))
     np.testing.assert_array_equal(v1.get_list("popular")[0], [3, 10, 5])
     np.testing.assert_array_equal(v1.get_list("similar:3")[0], [5, 8])
 
@@ -339,9 +314,6 @@ def test_redis_versions_side_by_side_and_delete(redis_server, snapshot_dir, tmp_
     for call in (lambda: v1.get_list("popular"), lambda: v1.user_features(42), lambda: v1.item_features(np.array([3]))):
         with pytest.raises(StoreError, match="not complete"):
             call()
-    with pytest.raises(StoreError, match="not complete"):
-        v1.put_list("popular", np.array([1]), np.array([1.0]))
-    assert redis_keys(redis_server, "v1") == []  # put_list did not bring the version back
     with pytest.raises(StoreError, match="not complete"):
         RedisStore(host, port, "v1")
     assert v2.item_features(np.array([3])).features["title"].tolist() == ["Alien II"]
@@ -358,7 +330,6 @@ def calls(store):
         ("user_features", lambda: store.user_features(42)),
         ("item_features", lambda: store.item_features(np.array([3, 5]))),
         ("get_list", lambda: store.get_list("popular")),
-        ("put_list", lambda: store.put_list("popular", np.array([1]), np.array([1.0]))),
     ]
 
 
