@@ -3,7 +3,7 @@
 `TritonServer` starts it with the Python backend assembled for the running interpreter and
 explicit model control, waits until it is ready, and stops it (SIGTERM, then SIGKILL). The server
 runs in its own process group and is killed by the kernel when the thread that started it dies,
-so it never outlives its parent. `reload_model` loads a model's newest version on any server.
+so it never outlives its parent.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytriton
-import tritonclient.grpc as grpcclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
 
@@ -146,22 +145,6 @@ class TritonServer:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
-
-
-def reload_model(url: str, model: str, timeout_s: float = 120.0) -> list[str]:
-    """Asks the server at gRPC ``url`` to load ``model`` from its repository again; returns the
-    versions ready afterwards.
-
-    Triton loads the newest version while the old one keeps serving, then (version policy
-    ``latest 1``) unloads the old one once its in-flight requests finish.
-    """
-    client = grpcclient.InferenceServerClient(url)
-    try:
-        client.load_model(model, client_timeout=timeout_s)
-        index = client.get_model_repository_index(as_json=True).get("models", [])
-    finally:
-        client.close()
-    return sorted((m["version"] for m in index if m["name"] == model and m.get("state") == "READY"), key=int)
 
 
 def python_models(repo: Path) -> list[str]:
