@@ -247,14 +247,6 @@ class FeatureEncoder:
         """The input schema with vocab_size and embedding_dim filled in."""
         return self._schema
 
-    @property
-    def sparse_keys(self) -> list[str]:
-        return [f.name for f in self._schema.features if f.sparse]
-
-    @property
-    def dense_names(self) -> list[str]:
-        return [f.name for f in self._schema.features if f.kind == "numerical"]
-
     def save(self, path: Path) -> None:
         encoders = {
             f.name: self._encoders[f.name].to_dict()
