@@ -38,7 +38,8 @@ from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
 from evaluation.offline import OfflineConfig, evaluate_offline, read_held_out, request_context
 from inference.artifacts import ArtifactRoot
-from inference.pipeline.executor import Pipeline, PipelineConfig, build_pipeline
+from inference.pipeline.config import PipelineConfig
+from inference.pipeline.executor import Pipeline, build_pipeline
 from inference.pipeline.types import Query
 from inference.refresh.job import refresh
 from inference.version import open_version

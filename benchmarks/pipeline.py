@@ -32,7 +32,8 @@ from data.dataset import read_dataset
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
 from inference.artifacts import ArtifactRoot
-from inference.pipeline.executor import PipelineConfig, build_pipeline
+from inference.pipeline.config import PipelineConfig
+from inference.pipeline.executor import build_pipeline
 from inference.pipeline.types import Query
 from inference.refresh.job import RefreshConfig, refresh
 from inference.service import Recommender, serve_in_thread

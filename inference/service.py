@@ -49,17 +49,9 @@ from evaluation.shadow import ShadowRunner
 from inference.artifacts import LiveArtifacts
 from inference.impressions import Feedback, Impression, ImpressionLog
 from inference.pipeline.bandits import SharedSourceBandit, SourceBandit
-from inference.pipeline.executor import (
-    LATENCY_BUCKETS_MS,
-    Budget,
-    BudgetSpent,
-    Pipeline,
-    PipelineConfig,
-    PipelineStats,
-    Response,
-    build_pipeline,
-    within,
-)
+from inference.pipeline.config import PipelineConfig
+from inference.pipeline.executor import Budget, BudgetSpent, Pipeline, Response, build_pipeline, within
+from inference.pipeline.stats import LATENCY_BUCKETS_MS, PipelineStats
 from inference.pipeline.types import Query
 from inference.store import (
     EmbeddedStore,

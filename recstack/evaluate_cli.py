@@ -74,7 +74,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 def _offline(args: argparse.Namespace) -> int:
     from evaluation.offline import OfflineConfig, evaluate_offline, format_table
     from evaluation.plots import write_report
-    from inference.pipeline.executor import load_pipeline_config
+    from inference.pipeline.config import load_pipeline_config
 
     config = OfflineConfig(args.part, tuple(args.k), args.users, args.seed, args.diversity_column, args.truth)
     max_k = load_pipeline_config(args.config).max_k

@@ -48,7 +48,8 @@ def _number(value: str) -> int | float | str:
 def published_pipeline(root: Path, config: Path) -> tuple[str, Pipeline]:
     """The published version under ``root`` and the pipeline the YAML ``config`` declares over it."""
     from inference.artifacts import ArtifactError, ArtifactRoot
-    from inference.pipeline.executor import load_pipeline_config, open_pipeline
+    from inference.pipeline.config import load_pipeline_config
+    from inference.pipeline.executor import open_pipeline
 
     pipeline_config = load_pipeline_config(config)
     artifacts = ArtifactRoot(root)

@@ -66,7 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from inference.impressions import ImpressionLog
-    from inference.pipeline.executor import load_pipeline_config
+    from inference.pipeline.config import load_pipeline_config
     from inference.pipeline.types import Query
     from inference.service import Experiment, Limits, Recommender, Shadow, create_app
 

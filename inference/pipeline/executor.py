@@ -6,8 +6,8 @@
           -> Response (items, scores, source of each item, propensity of each slot, removal reasons)
 
 Start with `open_pipeline`, which opens a version directory with the store a `PipelineConfig`
-(see configs/pipeline.yaml) names and builds its `Pipeline` (`build_pipeline`, over a loaded
-`ServingVersion`). `PipelineStats` measures every stage.
+(config.py; see configs/pipeline.yaml) names and builds its `Pipeline` (`build_pipeline`, over a
+loaded `ServingVersion`). `PipelineStats` (stats.py) measures every stage.
 Sources run on a thread pool the pipeline shares between requests; a source that times out
 keeps its thread until it returns, so its timeout bounds the request, not the source's work.
 A server bounds each request by a `Budget` (`within`): every source waits at most the budget's
@@ -16,7 +16,6 @@ remaining time, and the stages after retrieval do not start once it is spent or 
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import threading
@@ -28,111 +27,25 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal, Union
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from data.config import read_yaml_config
 from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.bandits import SourceBandit
-from inference.pipeline.filters import FILTER_SPECS, Filter
-from inference.pipeline.orderers import FINAL_ORDERERS, ORDERER_SPECS, Orderer, by_score
-from inference.pipeline.scorers import SCORER_SPECS, FallbackScorer, ModelInputs, Scorer
-from inference.pipeline.sources import QUERY_TOWER, SOURCE_SPECS, CandidateSource, query_row
+from inference.pipeline.config import TIME_FIELDS, PipelineConfig, time_zone
+from inference.pipeline.filters import Filter
+from inference.pipeline.orderers import Orderer, by_score
+from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer
+from inference.pipeline.sources import QUERY_TOWER, CandidateSource, query_row
+from inference.pipeline.stats import PipelineStats
 from inference.pipeline.types import Candidates, Query
 from inference.store import RedisStore, Store, redis_address
 from inference.version import ServingVersion, open_version
 
 log = logging.getLogger(__name__)
-
-LATENCY_BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)  # histogram upper bounds
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-TimeField = Literal["hour", "weekday", "day", "month"]
-TIME_FIELDS = {  # a request-time feature derivable from the request's clock, as data.movielens encodes it
-    "hour": lambda now: now.hour,
-    "weekday": lambda now: now.weekday(),  # Monday is 0
-    "day": lambda now: now.day,
-    "month": lambda now: now.month,
-}
-
-
-def time_zone(name: str) -> ZoneInfo:
-    """The IANA time zone ``name``; ValueError naming it when there is none."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError) as error:
-        raise ValueError(f"time_zone {name!r} is not an IANA time zone; expected e.g. 'UTC' or 'Europe/Paris'") \
-            from error
-
-
-class PipelineConfig(_Strict):
-    """A YAML pipeline config (see configs/pipeline.yaml); each stage is picked by its ``kind``."""
-
-    max_k: int = Field(100, ge=1)  # the largest Query.k answered
-    # "host:port": read users, items and lists from the Redis server `recstack refresh` loaded the
-    # version into (its config's `redis`); default: the version's embedded snapshot
-    redis: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
-    redis_timeout_s: float = Field(0.1, gt=0)  # per Redis call; a failure or timeout raises StoreUnavailable
-    # "host:port": the gRPC endpoint of a Triton server serving the version's rankers (`recstack triton
-    # serve --repo <version>/triton`), which scorers of kind triton call
-    triton: str | None = Field(None, pattern=r"^[^:\s]+:\d+$")
-    triton_timeout_s: float = Field(0.05, gt=0)  # per Triton call; a failure or timeout falls back to the next scorer
-    allow_anonymous: bool = True  # answer anonymous users (user_id None) and users the store does not know
-    # request-time features a query's context may leave out, derived from the request's clock in
-    # `time_zone` (e.g. {hour: hour, weekday: weekday}); any other one the models read as missing
-    time_features: dict[str, TimeField] = {}
-    time_zone: str = "UTC"  # an IANA name, e.g. Europe/Paris
-    workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
-    sources: list[Annotated[Union[SOURCE_SPECS], Field(discriminator="kind")]] = Field(min_length=1)  # noqa: UP007
-    filters: list[Annotated[Union[FILTER_SPECS], Field(discriminator="kind")]] = []  # noqa: UP007  cheapest first
-    # exported rankers of the version, each the next one's fallback: {kind: torchscript, model: deepfm}
-    # runs in process, {kind: triton, model: deepfm} on the `triton` server (deepfm_py: its Python-backend twin)
-    scorer: list[Annotated[Union[SCORER_SPECS], Field(discriminator="kind")]] = Field(min_length=1)  # noqa: UP007
-    orderers: list[Annotated[Union[ORDERER_SPECS], Field(discriminator="kind")]] = Field(  # noqa: UP007
-        min_length=1)
-
-    @model_validator(mode="after")
-    def _known_time_zone(self) -> PipelineConfig:
-        time_zone(self.time_zone)
-        return self
-
-    @model_validator(mode="after")
-    def _triton_named(self) -> PipelineConfig:
-        remote = [spec.model for spec in self.scorer if spec.kind == "triton"]
-        if remote and self.triton is None:
-            raise ValueError(f"scorers of kind triton {remote} run on Triton; expected `triton: host:port` naming "
-                             "its gRPC endpoint")
-        return self
-
-    @model_validator(mode="after")
-    def _ends_with_top_k(self) -> PipelineConfig:
-        kinds = [spec.kind for spec in self.orderers]
-        if kinds[-1] not in FINAL_ORDERERS or any(kind in FINAL_ORDERERS for kind in kinds[:-1]):
-            raise ValueError(f"orderers {kinds}; expected exactly one of {list(FINAL_ORDERERS)}, last "
-                             "(the final top-k)")
-        return self
-
-    @model_validator(mode="after")
-    def _pins_within_max_k(self) -> PipelineConfig:
-        for spec in self.orderers:
-            if spec.kind == "pin" and max(spec.positions) >= self.max_k:
-                raise ValueError(f"pin positions {spec.positions}: {max(spec.positions)} is past the longest "
-                                 f"list, max_k = {self.max_k} (positions count from 0)")
-        return self
-
-
-def load_pipeline_config(path: Path) -> PipelineConfig:
-    """The config in the YAML file ``path``; ValueError naming the file when it is invalid."""
-    return read_yaml_config(path, PipelineConfig)
 
 
 class SourceError(RuntimeError):
@@ -248,59 +161,6 @@ class Response:
     propensities: np.ndarray
     removed: np.ndarray
     reasons: np.ndarray
-
-
-class PipelineStats:
-    """Thread-safe counters of a pipeline: requests and failed requests, and per stage
-    (``source:<name>``, ``blend``, ``filter:<name>``, ``hydrate``, ``scorer``, ``orderer:<name>``)
-    the completed calls, a latency histogram, candidates in (a source's: its quota) and out, and
-    for sources the failures and timeouts."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._requests = {"requests": 0, "failed_requests": 0}
-        self._stages: dict[str, dict] = {}
-
-    def record(self, stage: str, started: float, n_in: int, n_out: int) -> None:
-        """One completed call of ``stage``, begun at ``time.perf_counter()`` = ``started``."""
-        ms = (time.perf_counter() - started) * 1000
-        with self._lock:
-            counts = self._stage(stage)
-            counts["calls"] += 1
-            counts["in"] += n_in
-            counts["out"] += n_out
-            counts["total_ms"] += ms
-            counts["latency"][bisect.bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-
-    def count_failure(self, stage: str, timed_out: bool) -> None:
-        with self._lock:
-            self._stage(stage)["timeouts" if timed_out else "failures"] += 1
-
-    @contextmanager
-    def request(self) -> Iterator[None]:
-        """Counts the request, and counts it failed when the block raises."""
-        with self._lock:
-            self._requests["requests"] += 1
-        try:
-            yield
-        except Exception:
-            with self._lock:
-                self._requests["failed_requests"] += 1
-            raise
-
-    def snapshot(self) -> dict:
-        """A copy: {"requests", "failed_requests", "stages": {stage: {"calls", "in", "out", "total_ms",
-        "failures", "timeouts", "latency_ms": {"<=1": calls, ..., ">5000": calls}}}}."""
-        labels = [f"<={b}" for b in LATENCY_BUCKETS_MS] + [f">{LATENCY_BUCKETS_MS[-1]}"]
-        with self._lock:
-            stages = {name: {**{k: v for k, v in counts.items() if k != "latency"},
-                             "latency_ms": dict(zip(labels, counts["latency"], strict=True))}
-                      for name, counts in self._stages.items()}
-            return {**self._requests, "stages": stages}
-
-    def _stage(self, stage: str) -> dict:
-        return self._stages.setdefault(stage, {"calls": 0, "in": 0, "out": 0, "total_ms": 0.0, "failures": 0,
-                                               "timeouts": 0, "latency": [0] * (len(LATENCY_BUCKETS_MS) + 1)})
 
 
 class Pipeline:

@@ -23,7 +23,8 @@ from evaluation.offline import (
 )
 from evaluation.plots import FIGURES, build_figures, figure_series, write_report
 from inference.artifacts import ArtifactRoot
-from inference.pipeline.executor import load_pipeline_config, open_pipeline
+from inference.pipeline.config import load_pipeline_config
+from inference.pipeline.executor import open_pipeline
 from inference.pipeline.types import Query
 from inference.refresh.job import RefreshConfig, refresh
 from recstack.cli import main

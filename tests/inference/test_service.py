@@ -35,7 +35,7 @@ from data.schema import FeatureSpec
 from data.synthetic import SyntheticConfig, generate
 from inference.artifacts import ArtifactError, ArtifactRoot, write_manifest
 from inference.impressions import ImpressionLog, logged_slots
-from inference.pipeline.executor import PipelineConfig
+from inference.pipeline.config import PipelineConfig
 from inference.pipeline.scorers import TorchScriptScorer, TorchScriptSpec
 from inference.pipeline.sources import ListSource
 from inference.pipeline.types import Query

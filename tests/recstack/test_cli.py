@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from inference.impressions import Feedback, Impression, ImpressionLog, logged_slots
-from inference.pipeline.executor import load_pipeline_config
+from inference.pipeline.config import load_pipeline_config
 from inference.pipeline.types import Query
 from inference.service import Recommender
 from recstack.cli import main

@@ -10,16 +10,15 @@ import numpy as np
 import pytest
 import yaml
 
+from inference.pipeline.config import PipelineConfig, load_pipeline_config
 from inference.pipeline.executor import (
     Hydrator,
     Pipeline,
-    PipelineConfig,
     SourceError,
     SourceSlot,
     Stages,
     blend,
     build_pipeline,
-    load_pipeline_config,
     open_pipeline,
 )
 from inference.pipeline.filters import ItemFeatureFilter, SeenItemsFilter

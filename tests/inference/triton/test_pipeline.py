@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from inference.artifacts import ArtifactRoot
-from inference.pipeline.executor import PipelineConfig, build_pipeline
+from inference.pipeline.config import PipelineConfig
+from inference.pipeline.executor import build_pipeline
 from inference.pipeline.scorers import ModelInputs
 from inference.pipeline.types import Query
 from inference.refresh.job import RefreshConfig, refresh
