@@ -215,12 +215,17 @@ class FeatureEncoder:
         Interaction features see ``train``; user (item) features see the users (items) whose
         id occurs in ``train``. Sequences are not fitted: they use their source's encoder.
         """
-        _check_config(schema)
-        tables = {
+        return cls.fit_tables(schema, {
             "interactions": train,
             "users": users[users[KEYS["users"]].isin(train[KEYS["users"]])],
             "items": items[items[KEYS["items"]].isin(train[KEYS["items"]])],
-        }
+        })
+
+    @classmethod
+    def fit_tables(cls, schema: Schema, tables: dict[str, pd.DataFrame]) -> FeatureEncoder:
+        """Fits each feature on its table in ``tables`` (interactions, users, items): the train
+        rows and the users and items they touch, as `fit` picks them."""
+        _check_config(schema)
         encoders = {}
         for f in schema.features:
             if f.kind == "sequence":

@@ -1,120 +1,107 @@
-"""Train/valid/test splits of the interaction rows, each deterministic by seed.
+"""Train/valid/test splits of the interaction rows of a parquet file, each deterministic by seed.
 
-Every function returns one code per row: 0 train, 1 valid, 2 test (see `data.dataset.PARTS`).
-Ties in time are broken by a seeded random key, so the same seed gives the same split.
+Every method returns one code per row: 0 train, 1 valid, 2 test (see `data.dataset.PARTS`).
+Ties in time are broken by a seeded random key (row i's key is the i-th draw of
+``numpy.random.default_rng(seed).random``), then by row number, so the same seed gives the
+same split. The file is read a row group at a time; the ranking runs in DuckDB, which spills
+to disk past its memory limit, so a log of any length splits in bounded memory.
 """
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import duckdb
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 TRAIN, VALID, TEST = 0, 1, 2
 METHODS = ("random", "temporal", "user-temporal", "leave-last")
+MEMORY_LIMIT = "2GB"
+BATCH_ROWS = 1 << 20
 
 
-def split_interactions(interactions: pd.DataFrame, method: str, seed: int, **kwargs) -> np.ndarray:
-    """Dispatches to one of `METHODS` by name."""
-    if method == "random":
-        return random_split(interactions, seed, **kwargs)
-    if method == "temporal":
-        return temporal_split(interactions, seed, **kwargs)
-    if method == "user-temporal":
-        return user_temporal_split(interactions, seed, **kwargs)
-    if method == "leave-last":
-        return leave_last_split(interactions, seed, **kwargs)
-    raise ValueError(f"split method {method!r} is not one of {METHODS}")
+def split_interactions(path: Path, method: str, seed: int, **kwargs) -> np.ndarray:
+    """Codes for the rows of the parquet file at ``path`` (user_id, timestamp) by one of `METHODS`.
 
-
-def temporal_split(interactions: pd.DataFrame, seed: int, valid: float = 0.1, test: float = 0.1) -> np.ndarray:
-    """Global time split: the oldest rows train, the newest ``test`` fraction test.
-
-    Every train row is no later than every valid row, and every valid row no later than
-    every test row.
+    random          per user, a seeded random ``valid``/``test`` fraction (rounded down) of their
+                    rows; the rest, at least one row per user, is train
+    temporal        global time split: the oldest rows train, the newest ``test`` fraction (rounded)
+                    test; every train row is no later than every valid row, and those no later
+                    than every test row
+    user-temporal   per user, in time order: the newest ``test`` fraction (rounded down) of their
+                    rows test, the ``valid`` fraction before those valid, the rest (at least one
+                    row) train; every user in valid or test has train history
+    leave-last      per user, the last ``n`` rows test and the ``n`` before them valid; users with
+                    at most ``2 * n`` rows stay wholly in train
     """
-    _check_fractions(valid, test)
-    n = len(interactions)
-    order = np.lexsort((_tiebreak(n, seed), interactions["timestamp"].to_numpy()))
+    if method not in METHODS:
+        raise ValueError(f"split method {method!r} is not one of {METHODS}")
+    n = pq.ParquetFile(path).metadata.num_rows
+    sql, params = _leave_last(**kwargs) if method == "leave-last" else _fractions(method, n, **kwargs)
     codes = np.empty(n, dtype=np.int8)
-    position = np.empty(n, dtype=np.int64)
-    position[order] = np.arange(n)
-    n_test, n_valid = int(round(n * test)), int(round(n * valid))
-    codes[:] = TRAIN
-    codes[position >= n - n_test - n_valid] = VALID
-    codes[position >= n - n_test] = TEST
+    with tempfile.TemporaryDirectory(prefix="split-", dir=Path(path).parent) as tmp:
+        keys = Path(tmp) / "keys.parquet"
+        _write_keys(path, seed, keys)
+        con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp,
+                                     "preserve_insertion_order": False})
+        try:
+            con.execute(f"CREATE VIEW keys AS SELECT * FROM read_parquet('{keys}')")
+            result = con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
+            for batch in result:
+                codes[batch["row"].to_numpy()] = batch["code"].to_numpy()
+        finally:
+            con.close()
     return codes
 
 
-def leave_last_split(interactions: pd.DataFrame, seed: int, n: int = 1) -> np.ndarray:
-    """Per user, the last ``n`` interactions test and the ``n`` before them valid.
-
-    Users with at most ``2 * n`` interactions stay wholly in train, so every user that
-    appears in valid or test also has train history.
-    """
-    if n < 1:
-        raise ValueError(f"leave-last n must be >= 1, got {n}")
-    users = interactions["user_id"].to_numpy()
-    order = np.lexsort((_tiebreak(len(users), seed), interactions["timestamp"].to_numpy(), users))
-    from_end, count = _rank_within_group(users[order], reverse=True)
-    codes_sorted = np.full(len(users), TRAIN, dtype=np.int8)
-    eligible = count > 2 * n
-    codes_sorted[eligible & (from_end < 2 * n)] = VALID
-    codes_sorted[eligible & (from_end < n)] = TEST
-    codes = np.empty_like(codes_sorted)
-    codes[order] = codes_sorted
-    return codes
+def _write_keys(path: Path, seed: int, keys: Path) -> None:
+    """user_id, timestamp, the tie-breaking key and the row number of each row of ``path``."""
+    rng = np.random.default_rng(seed)
+    file = pq.ParquetFile(path)
+    first = 0
+    with pq.ParquetWriter(keys, pa.schema([file.schema_arrow.field("user_id"), ("timestamp", pa.int64()),
+                                           ("tiebreak", pa.float64()), ("row", pa.int64())])) as writer:
+        for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=["user_id", "timestamp"]):
+            n = batch.num_rows
+            writer.write_table(pa.table({
+                "user_id": batch["user_id"],
+                "timestamp": batch["timestamp"].cast(pa.int64()),
+                "tiebreak": rng.random(n),
+                "row": np.arange(first, first + n, dtype=np.int64),
+            }), row_group_size=BATCH_ROWS)
+            first += n
 
 
-def random_split(interactions: pd.DataFrame, seed: int, valid: float = 0.1, test: float = 0.1) -> np.ndarray:
-    """Per user, a seeded random ``valid``/``test`` fraction (rounded down) of their rows.
-
-    The rest, at least one row per user, is train.
-    """
-    users = interactions["user_id"].to_numpy()
-    return _per_user_fractions(users, np.lexsort((_tiebreak(len(users), seed), users)), valid, test)
-
-
-def user_temporal_split(interactions: pd.DataFrame, seed: int, valid: float = 0.1, test: float = 0.1) -> np.ndarray:
-    """Per user, in time order: the newest ``test`` fraction (rounded down) of their rows test,
-    the ``valid`` fraction before those valid, the rest (at least one row) train.
-
-    Each user's train rows are no later than their valid rows, and those no later than their
-    test rows; unlike `temporal_split`, every user in valid or test has train history.
-    """
-    users = interactions["user_id"].to_numpy()
-    order = np.lexsort((_tiebreak(len(users), seed), -interactions["timestamp"].to_numpy(), users))
-    return _per_user_fractions(users, order, valid, test)  # newest first within each user
-
-
-def _per_user_fractions(users: np.ndarray, order: np.ndarray, valid: float, test: float) -> np.ndarray:
-    """Codes giving each user's first ``test`` fraction of rows in ``order`` (grouped by user) to
-    test and the next ``valid`` fraction to valid, both rounded down."""
-    _check_fractions(valid, test)
-    rank, count = _rank_within_group(users[order])
-    n_valid = np.floor(count * valid).astype(np.int64)
-    n_test = np.floor(count * test).astype(np.int64)
-    codes_sorted = np.full(len(users), TRAIN, dtype=np.int8)
-    codes_sorted[rank < n_valid + n_test] = VALID
-    codes_sorted[rank < n_test] = TEST
-    codes = np.empty_like(codes_sorted)
-    codes[order] = codes_sorted
-    return codes
-
-
-def _rank_within_group(groups_sorted: np.ndarray, reverse: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Rank of each row inside its run of equal values, and the run's size, per row."""
-    n = len(groups_sorted)
-    starts = np.flatnonzero(np.r_[True, groups_sorted[1:] != groups_sorted[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    count = np.repeat(sizes, sizes)
-    rank = np.arange(n) - np.repeat(starts, sizes)
-    return (count - 1 - rank if reverse else rank), count
-
-
-def _tiebreak(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).random(n)
-
-
-def _check_fractions(valid: float, test: float) -> None:
+def _fractions(method: str, n: int, valid: float = 0.1, test: float = 0.1) -> tuple[str, dict]:
+    """(SQL, parameters) for the fraction-based methods: rows ranked in an order, within each
+    user or over all ``n`` rows, the first ``test`` fraction test and the next ``valid`` fraction valid."""
     if not (0 <= valid < 1 and 0 <= test < 1 and valid + test < 1):
         raise ValueError(f"valid={valid} and test={test} must be fractions in [0, 1) summing to below 1")
+    if method == "temporal":  # rounded counts of the whole log, newest rows first
+        window = "ORDER BY timestamp DESC, tiebreak DESC, row DESC"
+        n_test, n_valid = int(round(n * test)), int(round(n * valid))
+    else:  # per user, rounded down
+        order = "tiebreak, row" if method == "random" else "timestamp DESC, tiebreak, row"
+        window = f"PARTITION BY user_id ORDER BY {order}"
+        n_test, n_valid = "floor(count(*) OVER users * $test)", "floor(count(*) OVER users * $valid)"
+    sql = f"""
+        SELECT row, CASE WHEN rank < n_test THEN {TEST} WHEN rank < n_test + n_valid THEN {VALID}
+                         ELSE {TRAIN} END::TINYINT AS code
+        FROM (SELECT row, row_number() OVER ({window}) - 1 AS rank, {n_test} AS n_test, {n_valid} AS n_valid
+              FROM keys WINDOW users AS (PARTITION BY user_id))"""
+    return sql, {} if method == "temporal" else {"valid": float(valid), "test": float(test)}
+
+
+def _leave_last(n: int = 1) -> tuple[str, dict]:
+    """(SQL, parameters) for leave-last: each user's rows ranked newest first."""
+    if n < 1:
+        raise ValueError(f"leave-last n must be >= 1, got {n}")
+    sql = f"""
+        SELECT row, CASE WHEN count <= 2 * $last THEN {TRAIN} WHEN rank < $last THEN {TEST}
+                         WHEN rank < 2 * $last THEN {VALID} ELSE {TRAIN} END::TINYINT AS code
+        FROM (SELECT row, row_number() OVER users - 1 AS rank, count(*) OVER (PARTITION BY user_id) AS count
+              FROM keys WINDOW users AS (PARTITION BY user_id ORDER BY timestamp DESC, tiebreak DESC, row DESC))"""
+    return sql, {"last": n}

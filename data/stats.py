@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -22,24 +23,30 @@ def gini(counts: np.ndarray) -> float:
 
 
 def dataset_stats(path: Path) -> dict:
-    """Counts, sparsity, item-popularity Gini, time range, label mean and split sizes."""
-    ds = read_dataset(path)
-    inter = ds.interactions
-    n_users, n_items, n = len(ds.users), len(ds.items), len(inter)
-    item_counts = inter["item_id"].value_counts().reindex(ds.items["item_id"], fill_value=0).to_numpy()
-    ts = inter["timestamp"]
+    """Counts, sparsity, item-popularity Gini, time range, label mean and split sizes; the
+    interactions are aggregated by DuckDB over the parquet file, not read whole."""
+    ds = read_dataset(path, tables=("users", "items"))
+    log = Path(path) / "interactions.parquet"
+    with duckdb.connect() as con:
+        con.execute(f"CREATE VIEW log AS SELECT * FROM read_parquet('{log}')")
+        n, active_users, label_mean, start, end = con.execute(
+            "SELECT count(*), count(DISTINCT user_id), avg(label), min(timestamp), max(timestamp) FROM log"
+        ).fetchone()
+        counts = con.execute("SELECT item_id, count(*) AS n FROM log GROUP BY item_id").df()
+    n_users, n_items = len(ds.users), len(ds.items)
+    item_counts = counts.set_index("item_id")["n"].reindex(ds.items["item_id"], fill_value=0).to_numpy()
     stats = {
         "dataset": ds.schema.name,
         "interactions": n,
         "users": n_users,
         "items": n_items,
-        "active_users": int(inter["user_id"].nunique()),
+        "active_users": active_users,
         "active_items": int((item_counts > 0).sum()),
         "sparsity": 1.0 - n / (n_users * n_items),
         "popularity_gini": gini(item_counts),
-        "label_mean": float(inter["label"].mean()),
-        "time_start": _iso(ts.min()),
-        "time_end": _iso(ts.max()),
+        "label_mean": label_mean,
+        "time_start": _iso(start),
+        "time_end": _iso(end),
         "features": len(ds.schema.features),
     }
     split_dir = Path(path) / "split"

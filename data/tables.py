@@ -78,8 +78,10 @@ def read_table(path: Path, mapping: dict[str, str] | None = None, sep: str | Non
     return df
 
 
-def check_table(df: pd.DataFrame, where: str, columns: tuple[Column, ...], key: str | None = None) -> pd.DataFrame:
-    """Checks and coerces ``columns`` of ``df``; ``where`` names the file in errors.
+def check_table(df: pd.DataFrame, where: str, columns: tuple[Column, ...], key: str | None = None,
+                first_row: int = 0) -> pd.DataFrame:
+    """Checks and coerces ``columns`` of ``df``; ``where`` names the file in errors, where row
+    numbers count from ``first_row`` (the rows of a file before a chunk ``df``).
 
     Returns a copy whose checked columns have their canonical dtypes: ids int64 or str,
     times int64 unix seconds, floats float32, bools bool.
@@ -96,18 +98,18 @@ def check_table(df: pd.DataFrame, where: str, columns: tuple[Column, ...], key: 
         nulls = _null_mask(values)
         if nulls.any():
             what = "null id" if col.dtype == "id" else "null value"
-            raise DataError(f"{where}: column {col.name!r} has a {what} in {_rows(df, nulls)}")
+            raise DataError(f"{where}: column {col.name!r} has a {what} in {_rows(df, nulls, first_row)}")
         coerced, bad = _coerce(values, col.dtype)
         if bad.any():
             raise DataError(
                 f"{where}: column {col.name!r} has the wrong dtype: expected {_EXPECTED[col.dtype]}, "
-                f"found {values.dtype} with values that do not convert in {_rows(df, bad)}"
+                f"found {values.dtype} with values that do not convert in {_rows(df, bad, first_row)}"
             )
         out[col.name] = coerced
     if key is not None:
         dup = out[key].duplicated(keep=False).to_numpy()
         if dup.any():
-            raise DataError(f"{where}: column {key!r} has duplicate ids in {_rows(df, dup)}")
+            raise DataError(f"{where}: column {key!r} has duplicate ids in {_rows(df, dup, first_row)}")
     return out
 
 
@@ -183,11 +185,11 @@ def _epoch_seconds(values: pd.Series) -> pd.Series:
     return (values - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
 
 
-def _rows(df: pd.DataFrame, mask: np.ndarray) -> str:
+def _rows(df: pd.DataFrame, mask: np.ndarray, first_row: int) -> str:
     """'N rows; first offending rows (data rows counted from 1): ...' with the rows shown."""
     idx = np.flatnonzero(mask)
     shown = df.iloc[idx[:SHOWN_ROWS]].copy()
-    shown.index = idx[:SHOWN_ROWS] + 1
+    shown.index = first_row + idx[:SHOWN_ROWS] + 1
     shown.index.name = "row"
     head = f"{len(idx)} row{'s' if len(idx) > 1 else ''}; first offending rows (data rows counted from 1):"
     return head + "\n" + shown.to_string(max_cols=8, max_colwidth=30)

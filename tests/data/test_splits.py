@@ -1,8 +1,20 @@
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from data.splits import METHODS, TEST, TRAIN, VALID, split_interactions
+from data import splits
+from data.splits import METHODS, TEST, TRAIN, VALID
+
+
+def split_interactions(df, method, seed, **kwargs):
+    """The codes `data.splits.split_interactions` gives ``df`` written as a parquet file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "interactions.parquet"
+        df.to_parquet(path, index=False)
+        return splits.split_interactions(path, method, seed, **kwargs)
 
 
 @pytest.fixture(scope="module")
