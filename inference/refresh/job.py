@@ -49,7 +49,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from data.config import read_yaml_config
 from data.dataset import read_dataset
-from data.encoders import recent_items
 from inference.artifacts import ArtifactRoot, link_or_copy, read_manifest, write_manifest
 from inference.export import (
     TrainedRun,
@@ -76,6 +75,7 @@ from inference.refresh import pools
 from inference.refresh.rules import Rules, apply_rules, load_rules
 from inference.store import (
     LISTS,
+    RedisStore,
     Snapshot,
     delete_version,
     load_snapshot_into_redis,
@@ -85,6 +85,7 @@ from inference.store import (
 )
 from inference.triton.repository import write_repository
 from inference.version import open_version
+from models import RANKERS
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class RefreshConfig(_Strict):
     """A YAML refresh config (see configs/refresh.yaml); every field has a default."""
 
     retrieval: str = "two_tower"  # run directory under --models with the two-tower model
-    rankers: list[str] = ["deepfm", "dlrm", "linear"]  # ranker run directories under --models
+    rankers: list[str] = list(RANKERS)  # ranker run directories under --models
     target_recall: float = Field(0.95, gt=0, le=1)
     index: dict = {}  # IndexParams fields overriding what choose_params picks
     pools: PoolOptions = PoolOptions()
@@ -149,8 +150,7 @@ def load_refresh_config(path: Path | None) -> RefreshConfig:
 class Inputs:
     """What one refresh reads: the dataset, the trained runs, the config, and the parent version."""
 
-    data_dir: Path  # the dataset directory; the pools query its interactions file (`pools.open_events`)
-    interactions: pd.DataFrame  # positive rows only
+    events: pools.Events  # the dataset's positive interactions, queried on disk (`pools.open_events`)
     users: pd.DataFrame
     items: pd.DataFrame
     retrieval: TrainedRun
@@ -166,30 +166,33 @@ class Inputs:
 def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig, incremental: bool = False,
             now: int | None = None) -> dict:
     """Builds and publishes a new version under ``root``; returns its manifest."""
-    inputs = read_inputs(data_dir, models_dir, root, config, incremental, now)
-    artifacts = ArtifactRoot(root)
-    started = time.time()
-    with artifacts.build() as (version, staging):
-        manifest = {"version": version, "parent": inputs.parent.name if inputs.parent else None,
-                    "mode": "incremental" if inputs.parent else "full", "created_at": started,
-                    "now": inputs.now, "data": str(Path(data_dir).resolve()), "step_seconds": {},
-                    "index_config": _index_config(config)}
-        timer = _StepTimer(manifest["step_seconds"])
-        with timer("export"):
-            manifest["models"] = export_step(inputs, staging)
-        with timer("embeddings"):
-            catalogue = embeddings_step(inputs, staging, version)
-            manifest["catalogue"] = catalogue.counts
-        with timer("index"):
-            index = index_step(inputs, staging, catalogue)
-            manifest["index"] = index.info()
-        with timer("pools"):
-            manifest["lists"], lists = pools_step(inputs, catalogue, index, started)
-        with timer("store"):
-            manifest["redis_base"] = store_step(inputs, staging, lists, version)
-        manifest["seconds"] = round(time.time() - started, 3)
-        manifest = write_manifest(staging, manifest, inputs.parent)
-    publish_step(artifacts, version, inputs.parent)
+    opts = config.pools
+    with pools.open_events(data_dir, pools.DuckDBOptions(opts.memory_limit_gb, opts.threads,
+                                                         opts.temp_directory)) as events:
+        inputs = read_inputs(data_dir, events, models_dir, root, config, incremental, now)
+        artifacts = ArtifactRoot(root)
+        started = time.time()
+        with artifacts.build() as (version, staging):
+            manifest = {"version": version, "parent": inputs.parent.name if inputs.parent else None,
+                        "mode": "incremental" if inputs.parent else "full", "created_at": started,
+                        "now": inputs.now, "data": str(Path(data_dir).resolve()), "step_seconds": {},
+                        "index_config": _index_config(config)}
+            timer = _StepTimer(manifest["step_seconds"])
+            with timer("export"):
+                manifest["models"] = export_step(inputs, staging)
+            with timer("embeddings"):
+                catalogue = embeddings_step(inputs, staging, version)
+                manifest["catalogue"] = catalogue.counts
+            with timer("index"):
+                index = index_step(inputs, staging, catalogue)
+                manifest["index"] = index.info()
+            with timer("pools"):
+                manifest["lists"], lists = pools_step(inputs, catalogue, index, started)
+            with timer("store"):
+                manifest["redis_base"] = store_step(inputs, staging, lists, version)
+            manifest["seconds"] = round(time.time() - started, 3)
+            manifest = write_manifest(staging, manifest, inputs.parent)
+    publish_step(artifacts, version, inputs.parent, config.redis)
     artifacts.prune(config.retention, (lambda old: delete_version(*redis_address(config.redis), old))
                     if config.redis else None)
     return manifest
@@ -208,14 +211,11 @@ class _StepTimer:
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
-def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig, incremental: bool,
-                now: int | None) -> Inputs:
-    """Reads and checks everything before any file is written."""
-    dataset = read_dataset(data_dir)
-    label = dataset.schema.label
-    positives = dataset.interactions
-    if label in positives.columns:
-        positives = positives[positives[label] > 0]
+def read_inputs(data_dir: Path, events: pools.Events, models_dir: Path, root: Path, config: RefreshConfig,
+                incremental: bool, now: int | None) -> Inputs:
+    """Reads and checks everything before any file is written; the interactions (``events``, of
+    ``data_dir``) stay on disk."""
+    dataset = read_dataset(data_dir, tables=("users", "items"))
     runs = {name: Path(models_dir) / name for name in [config.retrieval, *config.rankers]}
     missing = [str(p) for p in runs.values() if not (p / "run.json").is_file()]
     if missing:
@@ -228,9 +228,9 @@ def read_inputs(data_dir: Path, models_dir: Path, root: Path, config: RefreshCon
 
         check_address(ray_address(config.ray_address))
     parent, parent_manifest = _parent(root, versions, config) if incremental else (None, None)
-    return Inputs(Path(data_dir), positives, dataset.users, dataset.items, retrieval,
-                  {n: runs[n] for n in config.rankers}, versions, config, load_rules({"rules": config.rules}),
-                  int(positives["timestamp"].max()) if now is None else now, parent, parent_manifest)
+    return Inputs(events, dataset.users, dataset.items, retrieval, {n: runs[n] for n in config.rankers}, versions,
+                  config, load_rules({"rules": config.rules}),
+                  int(pools.read_last_time(events)) if now is None else now, parent, parent_manifest)
 
 
 def _parent(root: Path, versions: dict[str, str], config: RefreshConfig) -> tuple[Path | None, dict | None]:
@@ -435,21 +435,18 @@ def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
     ({kind: built_at, rows, rebuilt}, {kind: its lists, or None to keep the parent's file as it is})."""
     built, lists = {}, {}
     parent_built = inputs.parent_manifest["lists"] if inputs.parent is not None else None
-    opts = inputs.config.pools
-    options = pools.DuckDBOptions(opts.memory_limit_gb, opts.threads, opts.temp_directory)
-    with pools.open_events(inputs.data_dir, options) as events:
-        for kind in LIST_KINDS:
-            parent_file = inputs.parent / "store" / LISTS / f"{kind}.parquet" if inputs.parent is not None else None
-            due = (parent_file is None or not parent_file.is_file()
-                   or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0))
-            if due:
-                lists[kind] = frame = _build_list(kind, inputs, catalogue, index, events)
-                built[kind] = {"built_at": started, "rows": len(frame), "rebuilt": True}
-                continue
-            ids = pq.read_table(parent_file, columns=["item_id"])["item_id"].to_numpy()
-            gone = np.isin(ids, catalogue.delta.gone)
-            lists[kind] = pd.read_parquet(parent_file)[~gone] if gone.any() else None
-            built[kind] = {"built_at": parent_built[kind]["built_at"], "rows": int((~gone).sum()), "rebuilt": False}
+    for kind in LIST_KINDS:
+        parent_file = inputs.parent / "store" / LISTS / f"{kind}.parquet" if inputs.parent is not None else None
+        due = (parent_file is None or not parent_file.is_file()
+               or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0))
+        if due:
+            lists[kind] = frame = _build_list(kind, inputs, catalogue, index)
+            built[kind] = {"built_at": started, "rows": len(frame), "rebuilt": True}
+            continue
+        ids = pq.read_table(parent_file, columns=["item_id"])["item_id"].to_numpy()
+        gone = np.isin(ids, catalogue.delta.gone)
+        lists[kind] = pd.read_parquet(parent_file)[~gone] if gone.any() else None
+        built[kind] = {"built_at": parent_built[kind]["built_at"], "rows": int((~gone).sum()), "rebuilt": False}
     return built, lists
 
 
@@ -480,13 +477,19 @@ def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | No
     return load_snapshot_into_redis(staging / "store", host, port, version, base=over)
 
 
-def publish_step(artifacts: ArtifactRoot, version: str, parent: Path | None) -> None:
-    artifacts.publish(version, smoke=open_version, trusted=parent.name if parent else None)
+def publish_step(artifacts: ArtifactRoot, version: str, parent: Path | None, redis: str | None) -> None:
+    """Publishes ``version`` once it loads and answers a smoke query, its store read from Redis when
+    ``redis`` ("host:port") is set, as the servers will read it (the snapshot files are not loaded)."""
+    def smoke(directory: Path) -> None:
+        served = open_version(directory, None if redis is None else
+                              lambda name: RedisStore(*redis_address(redis), name, timeout_s=5.0))
+        served.store.close()
+
+    artifacts.publish(version, smoke=smoke, trusted=parent.name if parent else None)
 
 
-def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
-                events: pools.Events) -> pd.DataFrame:
-    opts, now, eligible = inputs.config.pools, inputs.now, catalogue.ids
+def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemIndex) -> pd.DataFrame:
+    opts, now, eligible, events = inputs.config.pools, inputs.now, catalogue.ids, inputs.events
     if kind == "popular":
         return pools.build_popular(events, now, opts.half_life_s, opts.popular_k, eligible)
     if kind == "trending":
@@ -527,22 +530,15 @@ def _user_vectors(inputs: Inputs, user_ids: np.ndarray, batch_size: int = 4096) 
     trained = inputs.retrieval
     names = trained.features["query"]
     users = inputs.users.set_index("user_id").loc[user_ids].reset_index()
-    sequences = [f for f in trained.encoder.schema.features if f.kind == "sequence" and f.name in names]
-    for f in sequences:
-        users[f.name] = _latest_items(inputs.interactions, user_ids, f.max_len)
+    sequences = {f.name: pools.read_latest_items(inputs.events, user_ids, f.max_len)
+                 for f in trained.encoder.schema.features if f.kind == "sequence" and f.name in names}
     out = []
     with torch.no_grad():
         for start in range(0, len(users), batch_size):
-            out.append(trained.module(trained.encoder.encode(users.iloc[start:start + batch_size], names)))
+            batch = users.iloc[start:start + batch_size].assign(
+                **{name: latest.slice(start, batch_size).to_pylist() for name, latest in sequences.items()})
+            out.append(trained.module(trained.encoder.encode(batch, names)))
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-def _latest_items(interactions: pd.DataFrame, user_ids: np.ndarray, max_len: int) -> list[list[int]]:
-    """Each user's most recent ``max_len`` items, oldest first: `recent_items` of a probe row after all."""
-    probe = pd.DataFrame({"user_id": user_ids, "item_id": -1, "timestamp": np.iinfo(np.int64).max})
-    theirs = interactions[interactions["user_id"].isin(user_ids)]
-    rows = pd.concat([theirs[["user_id", "item_id", "timestamp"]], probe], ignore_index=True)
-    return recent_items(rows, max_len).iloc[len(theirs):].tolist()
 
 
 def _changed(hashes: pd.DataFrame, old: pd.DataFrame) -> np.ndarray:

@@ -14,7 +14,9 @@ Every builder returns a pool: one long frame with columns ``list`` (str), ``item
 The interactions stay on disk: `Events` (`open_events` for a dataset directory) is a DuckDB
 view over the parquet file, and the lists built from it are SQL queries that DuckDB runs out
 of core, spilling to disk past its memory limit (`DuckDBOptions`). Only per-item and per-user
-results come back to Python, and user lists stream each batch of users' seen items.
+results come back to Python, and user lists stream each batch of users' seen items. The refresh
+reads the rest of what it needs from interactions here too (`read_last_time`, `read_latest_items`),
+so it never loads the interaction table.
 
 The builders count every interaction row they are given, so the job decides what counts
 (e.g. positive labels only: `Events`' ``label``). Builders that take ``now`` ignore rows after
@@ -205,6 +207,28 @@ def read_first_seen(events: Events) -> tuple[np.ndarray, np.ndarray]:
     first = events.con.execute("SELECT item_id, min(timestamp) AS first FROM events GROUP BY item_id "
                                "ORDER BY item_id").fetchnumpy()
     return first["item_id"].astype(np.int64), first["first"]
+
+
+def read_last_time(events: Events) -> float:
+    """The timestamp of the latest row; ValueError when there is none."""
+    [(last,)] = events.con.execute("SELECT max(timestamp) FROM events").fetchall()
+    if last is None:
+        raise ValueError("the interactions have no rows that count (all labels <= 0, or an empty file)")
+    return last
+
+
+def read_latest_items(events: Events, user_ids: np.ndarray, max_len: int) -> pa.LargeListArray:
+    """(U,) lists of int64: each user's ``max_len`` latest items, oldest first, aligned with
+    ``user_ids`` (empty for a user without rows). Rows at the same time keep file order."""
+    _check_count("max_len", max_len)
+    ids = _check_ids("user_ids", user_ids)
+    with _registered(events.con, "users", pa.table({"user_id": ids, "user_row": np.arange(len(ids))})):
+        latest = events.con.execute("""
+            SELECT user_row, item_id FROM events JOIN users USING (user_id)
+            QUALIFY row_number() OVER (PARTITION BY user_row ORDER BY timestamp DESC, row DESC) <= $max_len
+            ORDER BY user_row, timestamp, row""", {"max_len": max_len}).fetchnumpy()
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(latest["user_row"], minlength=len(ids)))])
+    return pa.LargeListArray.from_arrays(offsets, latest["item_id"].astype(np.int64))
 
 
 def build_new_items(item_ids: np.ndarray, first_seen: np.ndarray, now: int, max_age_s: float, k: int,

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data.encoders import recent_items
 from inference.refresh.pools import (
     POOL_COLUMNS,
     DuckDBOptions,
@@ -19,6 +20,8 @@ from inference.refresh.pools import (
     open_events,
     read_editorial,
     read_first_seen,
+    read_last_time,
+    read_latest_items,
 )
 
 NOW = 1_700_000_000
@@ -442,6 +445,21 @@ def test_pools_equal_naive_references_on_the_test_datasets(dataset_dir):
         first = positives.groupby("item_id")["timestamp"].min()
         ids, first_seen = read_first_seen(events)
         assert ids.tolist() == first.index.tolist() and first_seen.tolist() == first.tolist()
+
+
+def test_latest_items_and_last_time_equal_the_frame_computation(dataset_dir):
+    """What the refresh computed from the whole interaction frame: each user's latest items as
+    `recent_items` of a probe row after all of theirs, and the last positive time."""
+    positives = pd.read_parquet(dataset_dir / "interactions.parquet")
+    positives = positives[positives["label"] > 0][["user_id", "item_id", "timestamp"]]
+    users = np.append(np.unique(positives["user_id"])[::-1], 10**9)  # not sorted; the last one has no rows
+    probe = pd.DataFrame({"user_id": users, "item_id": -1, "timestamp": np.iinfo(np.int64).max})
+    rows = pd.concat([positives, probe], ignore_index=True)
+    with open_events(dataset_dir, OPTIONS) as events:
+        assert read_last_time(events) == positives["timestamp"].max()
+        for max_len in (1, 3, 50):
+            expected = recent_items(rows, max_len).iloc[len(positives):].tolist()
+            assert read_latest_items(events, users, max_len).to_pylist() == expected
 
 
 def test_popular_sums_are_exact_whatever_the_row_order(events_of):
