@@ -17,6 +17,7 @@ cells multi_hot, anything else categorical, hashed when it has over 100,000 valu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from data.dataset import Dataset
+from data.dataset import CHUNK_ROWS, Dataset
 from data.schema import FeatureSpec, Schema
-from data.tables import INTERACTIONS, ITEMS, USERS, DataError, check_table, read_table
+from data.tables import INTERACTIONS, ITEMS, USERS, DataError, check_table, read_chunks, read_table
 
 HASHING_THRESHOLD = 100_000
 HASH_BUCKETS = 1 << 20
@@ -58,28 +59,48 @@ def load_files(
     mapping: dict[str, str] | None = None,
     name: str = "files",
 ) -> Dataset:
-    """Reads, renames and checks the files; see the module doc for defaults and features."""
+    """Reads, renames and checks the files; see the module doc for defaults and features.
+
+    The interactions file is read ``CHUNK_ROWS`` rows at a time: once here, to check it and
+    find its users and each item's first time, and again whenever the Dataset's log is read.
+    """
     paths = {"interactions": interactions, "users": users, "items": items}
     paths = {table: Path(path) for table, path in paths.items() if path is not None}
     mapping = validate_mapping(mapping or {}, "load_files")
-    frames = {table: read_table(path) for table, path in paths.items()}
-    frames = rename_columns(frames, paths, mapping)
+    header = next(read_chunks(paths["interactions"], 1))  # the log's first row, for its columns
+    frames = {table: read_table(path) for table, path in paths.items() if table != "interactions"}
+    frames = rename_columns({"interactions": header, **frames}, paths, mapping)
+    renames = {src: canonical for canonical, src in mapping.items() if src in header.columns}
 
-    log = frames["interactions"]
-    if "label" not in log.columns:
-        log["label"] = np.float32(1.0)
-    log = check_table(log, str(paths["interactions"]), INTERACTIONS)
+    def log() -> Iterator[pd.DataFrame]:
+        first_row = 0
+        for chunk in read_chunks(paths["interactions"], CHUNK_ROWS):
+            chunk = chunk.rename(columns=renames)
+            if "label" not in chunk.columns:
+                chunk["label"] = np.float32(1.0)
+            yield check_table(chunk, str(paths["interactions"]), INTERACTIONS, first_row=first_row)
+            first_row += len(chunk)
 
-    first_seen = log.groupby("item_id")["timestamp"].min()
-    user_table = frames.get("users", pd.DataFrame({"user_id": log["user_id"].unique()}))
+    user_ids, first_seen, last_time = _scan(log())
+    user_table = frames.get("users", pd.DataFrame({"user_id": user_ids}))
     item_table = frames.get("items", pd.DataFrame({"item_id": first_seen.index}))
     user_table = check_table(user_table, origin(paths, "users"), USERS, key="user_id")
-    item_table = add_item_defaults(item_table, first_seen, log["timestamp"].max())
+    item_table = add_item_defaults(item_table, first_seen, last_time)
     item_table = check_table(item_table, origin(paths, "items"), ITEMS, key="item_id")
 
     source = {"loader": "files", **{t: str(p) for t, p in paths.items()}, "mapping": mapping}
     schema = Schema(name, describe_features(user_table, item_table), source=source)
     return Dataset(log, user_table, item_table, schema)
+
+
+def _scan(log: Iterator[pd.DataFrame]) -> tuple[np.ndarray, pd.Series, int]:
+    """The distinct user ids in order of appearance, each item's first time, the last time."""
+    users, first_seen, last_times = [], [], []
+    for chunk in log:
+        users.append(chunk["user_id"].unique())
+        first_seen = [pd.concat([*first_seen, chunk.groupby("item_id")["timestamp"].min()]).groupby(level=0).min()]
+        last_times.append(chunk["timestamp"].max())
+    return pd.unique(np.concatenate(users)), first_seen[0], max(last_times)
 
 
 def rename_columns(

@@ -10,6 +10,13 @@ The generator draws hidden parameters (the `GroundTruth`) and then a log of expo
               timestamp uniform in the item's availability window (created .. removed)
     click  ~ Bernoulli(sigmoid(SCALE * <u(t), v_i> + item_bias_i + GLOBAL_BIAS))
 
+The log is drawn one time slice at a time, so it never exists whole: the period is cut into
+``ceil(interactions / LOG_CHUNK)`` equal slices, and a slice holds item i with weight
+popularity_i x (seconds of i's window inside the slice) / (seconds of i's window). The slice
+sizes are one multinomial draw of all the exposures; each slice then draws its exposures from
+its own weights with its own generator (seeded by the seed and the slice's number) and sorts
+them by time. Every row is still an independent exposure, and the log is in timestamp order.
+
 Ids are the ground truth's row indices: ``user_id == user_idx`` and ``item_id == item_idx``,
 both 0-based. Interactions carry ``click_prob`` (the true p(click | exposed)) and
 ``exposure_prob`` (the probability that an exposure drew that item). Items never removed
@@ -19,6 +26,7 @@ have ``removed_at == NOT_REMOVED``. The Bayes-optimal AUC of any rows is
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -33,6 +41,7 @@ DAY = 86_400
 NOT_REMOVED = -1
 GROUND_TRUTH_FILE = "ground_truth.npz"
 CHUNK = 1 << 20  # rows per block in click_probability, bounds its memory to ~200 MB
+LOG_CHUNK = 1 << 20  # exposures per time slice of the log, on average
 
 # Chosen so the click rate is ~20% and ranking by the true probability gives AUC ~0.78.
 SCALE = 1.2
@@ -131,14 +140,14 @@ def load_ground_truth(dataset_dir: Path) -> GroundTruth:
 
 
 def generate(config: SyntheticConfig) -> Dataset:
-    """Users, items and a timestamp-sorted exposure log; ground truth in ``extras``."""
+    """Users, items and a timestamp-sorted exposure log, drawn slice by slice as it is read (the
+    Dataset's ``log``); ground truth in ``extras``."""
     # one stream per table, so the same seed gives the same users and items at any log size
-    user_rng, item_rng, log_rng = map(np.random.default_rng, np.random.SeedSequence(config.seed).spawn(3))
+    user_rng, item_rng = map(np.random.default_rng, np.random.SeedSequence(config.seed).spawn(2))
     users, user_start, user_end, activity = _draw_users(user_rng, config)
     items, item_factors, item_bias, popularity = _draw_items(item_rng, config)
     truth = GroundTruth(user_start, user_end, item_factors, item_bias, popularity,
                         START, config.days * DAY, SCALE, GLOBAL_BIAS)
-    interactions = _draw_interactions(log_rng, config, truth, activity, items)
     features = (
         FeatureSpec("user_id", "users", "categorical"),
         FeatureSpec("segment", "users", "categorical"),
@@ -149,7 +158,7 @@ def generate(config: SyntheticConfig) -> Dataset:
         FeatureSpec("price", "items", "numerical", buckets=8),
     )
     schema = Schema("synthetic", features, source={"generator": "data.synthetic", "config": asdict(config)})
-    return Dataset(interactions, users, items, schema,
+    return Dataset(lambda: _draw_log(config, truth, activity, items), users, items, schema,
                    extras={"ground_truth": lambda d: truth.save(Path(d) / GROUND_TRUTH_FILE)})
 
 
@@ -205,6 +214,7 @@ def _draw_items(rng: np.random.Generator, config: SyntheticConfig):
                        NOT_REMOVED).astype(np.int64)
     items = pd.DataFrame({
         "item_id": np.arange(n, dtype=np.int64),
+        "title": np.array([f"item {i}" for i in range(n)], dtype=object),  # a name to show, not a feature
         "category": np.array([f"category_{k}" for k in range(config.categories)], dtype=object)[category],
         "available": removed == NOT_REMOVED,
         "moderated": rng.random(n) < MODERATED,
@@ -216,26 +226,47 @@ def _draw_items(rng: np.random.Generator, config: SyntheticConfig):
     return items, factors, bias, weights / weights.sum()
 
 
-def _draw_interactions(rng: np.random.Generator, config: SyntheticConfig, truth: GroundTruth,
-                       activity: np.ndarray, items: pd.DataFrame) -> pd.DataFrame:
+def _draw_log(config: SyntheticConfig, truth: GroundTruth, activity: np.ndarray,
+              items: pd.DataFrame) -> Iterator[pd.DataFrame]:
+    """The exposure log, one time slice per frame (see the module doc)."""
     n, end = config.interactions, START + config.days * DAY
-    # n iid draws as counts per id (~15x faster than rng.choice); the users are shuffled and
-    # the rows put in timestamp order below, so each row is still an independent draw
-    item = np.repeat(np.arange(config.items), rng.multinomial(n, truth.popularity))
-    by_user = np.repeat(np.arange(config.users), rng.multinomial(n, activity / activity.sum()))
-    user = rng.permutation(by_user)
     removed = items["removed_at"].to_numpy()
     opens = np.maximum(items["created_at"].to_numpy(), START)
-    window = np.where(removed == NOT_REMOVED, end, removed) - opens  # >= 1 hour by construction
-    timestamp = opens[item] + (rng.random(n) * window[item]).astype(np.int64)
-    order = np.argsort(timestamp, kind="stable")
-    user, item, timestamp = user[order], item[order], timestamp[order]
-    click_prob = truth.click_probability(user, item, timestamp)
-    return pd.DataFrame({
-        "user_id": user,
-        "item_id": item,
-        "timestamp": timestamp,
-        "label": (rng.random(n, dtype=np.float32) < click_prob).astype(np.float32),
-        "click_prob": click_prob,
-        "exposure_prob": truth.popularity[item].astype(np.float32),
-    }, copy=False)  # the columns are fresh arrays: no need to copy ~400 MB
+    closes = np.where(removed == NOT_REMOVED, end, removed)  # >= opens + 1 hour by construction
+    per_second = truth.popularity / (closes - opens)
+    slices = -(-n // LOG_CHUNK)
+    edges = START + np.arange(slices + 1) * (end - START) // slices
+
+    def inside(s: int) -> tuple[np.ndarray, np.ndarray]:
+        """Where each item's window enters slice ``s``, and its seconds inside (I,) each."""
+        lo = np.maximum(opens, edges[s])
+        return lo, np.maximum(np.minimum(closes, edges[s + 1]) - lo, 0)
+
+    mass = np.array([per_second @ inside(s)[1] for s in range(slices)])
+    sizes = _log_rng(config, 0).multinomial(n, mass / mass.sum())
+    user_share = activity / activity.sum()
+    for s in np.flatnonzero(sizes):
+        rng, size = _log_rng(config, s + 1), sizes[s]
+        lo, seconds = inside(s)
+        weight = per_second * seconds
+        # size iid draws as counts per id (~15x faster than rng.choice); the users are shuffled
+        # and the rows put in timestamp order below, so each row is still an independent draw
+        item = np.repeat(np.arange(config.items), rng.multinomial(size, weight / weight.sum()))
+        user = rng.permutation(np.repeat(np.arange(config.users), rng.multinomial(size, user_share)))
+        timestamp = lo[item] + (rng.random(size) * seconds[item]).astype(np.int64)
+        order = np.argsort(timestamp, kind="stable")
+        user, item, timestamp = user[order], item[order], timestamp[order]
+        click_prob = truth.click_probability(user, item, timestamp)
+        yield pd.DataFrame({
+            "user_id": user,
+            "item_id": item,
+            "timestamp": timestamp,
+            "label": (rng.random(size, dtype=np.float32) < click_prob).astype(np.float32),
+            "click_prob": click_prob,
+            "exposure_prob": truth.popularity[item].astype(np.float32),
+        }, copy=False)
+
+
+def _log_rng(config: SyntheticConfig, k: int) -> np.random.Generator:
+    """The log's k-th generator: a child of the third stream `generate` spawns from the seed."""
+    return np.random.default_rng(np.random.SeedSequence(config.seed, spawn_key=(2, k)))

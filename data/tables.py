@@ -7,11 +7,14 @@ and the first offending rows, so a user can open the file and find them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 SHOWN_ROWS = 5
 
@@ -44,6 +47,7 @@ ITEMS = (
     Column("created_at", "time"),
 )
 KEYS = {"users": "user_id", "items": "item_id"}
+UNREADABLE = (pd.errors.ParserError, pd.errors.EmptyDataError, pa.ArrowException, OSError, ValueError)
 
 
 def read_table(path: Path, mapping: dict[str, str] | None = None, sep: str | None = None) -> pd.DataFrame:
@@ -52,18 +56,13 @@ def read_table(path: Path, mapping: dict[str, str] | None = None, sep: str | Non
     ``mapping`` maps canonical name -> column name in the file. The frame keeps the file's
     row order, so row numbers in errors count data rows of the file from 1.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file (0 bytes)")
+    path = _existing(path)
     try:
         if path.suffix == ".parquet":
             df = pd.read_parquet(path)
         else:
-            delimiter = sep or ("\t" if path.suffix in (".tsv", ".tab") else ",")
-            df = pd.read_csv(path, sep=delimiter, skipinitialspace=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as e:
+            df = pd.read_csv(path, sep=_delimiter(path, sep), skipinitialspace=True)
+    except UNREADABLE as e:
         raise DataError(f"{path}: cannot be read as a table: {e}") from e
     if df.empty:
         raise DataError(f"{path}: empty file (a header but no rows)")
@@ -76,6 +75,39 @@ def read_table(path: Path, mapping: dict[str, str] | None = None, sep: str | Non
             )
         df = df.rename(columns={src: name for name, src in mapping.items()})
     return df
+
+
+def read_chunks(path: Path, rows: int, sep: str | None = None) -> Iterator[pd.DataFrame]:
+    """`read_table` without a mapping, ``rows`` rows at a time: parquet by record batches, CSV and
+    TSV by pandas' chunked reader (which infers column types chunk by chunk)."""
+    path = _existing(path)
+    read = 0
+    try:
+        if path.suffix == ".parquet":
+            chunks = (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
+        else:
+            chunks = pd.read_csv(path, sep=_delimiter(path, sep), skipinitialspace=True, chunksize=rows)
+        for chunk in chunks:
+            if len(chunk):
+                read += len(chunk)
+                yield chunk
+    except UNREADABLE as e:
+        raise DataError(f"{path}: cannot be read as a table: {e}") from e
+    if not read:
+        raise DataError(f"{path}: empty file (a header but no rows)")
+
+
+def _existing(path: Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    return path
+
+
+def _delimiter(path: Path, sep: str | None) -> str:
+    return sep or ("\t" if path.suffix in (".tsv", ".tab") else ",")
 
 
 def check_table(df: pd.DataFrame, where: str, columns: tuple[Column, ...], key: str | None = None,
