@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evaluation.shadow import ShadowRunner
-from inference.artifacts import LiveArtifacts
+from inference.artifacts import ArtifactRoot, LiveArtifacts
 from inference.impressions import Feedback, Impression, ImpressionLog
 from inference.pipeline.bandits import SharedSourceBandit, SourceBandit
 from inference.pipeline.config import PipelineConfig
@@ -61,6 +61,7 @@ from inference.store import (
     StoreError,
     StoreUnavailable,
     redis_address,
+    restore_version,
 )
 from inference.version import ServingVersion, open_version
 
@@ -170,14 +171,16 @@ class DegradingStore(Store):
     not: a read that raises `StoreError` (Redis down, or back without the version) is answered
     from the snapshot, and the store stays ``degraded`` (why, for `/healthz`) until a read, tried
     again every ``retry_s`` by one request, succeeds. So a request never fails for Redis; it is
-    only marked degraded."""
+    only marked degraded. When Redis answers without the version (it restarted empty),
+    ``restore()`` loads it there again in a background thread, one call at a time."""
 
     def __init__(self, version: str, connect: Callable[[], Store], open_fallback: Callable[[], Store],
-                 retry_s: float = 1.0) -> None:
+                 restore: Callable[[], object] | None = None, retry_s: float = 1.0) -> None:
         self.version, self.retry_s = version, retry_s
-        self._connect, self._open_fallback = connect, open_fallback
+        self._connect, self._open_fallback, self._restore = connect, open_fallback, restore
         self._primary: Store | None = None
         self._fallback: Store | None = None
+        self._restoring: threading.Thread | None = None
         self._lock = threading.Lock()
         self._retry_at = 0.0
         self.degraded: str | None = None
@@ -227,13 +230,34 @@ class DegradingStore(Store):
             return True
 
     def _failed(self, error: StoreError) -> None:
+        stale = None
         with self._lock:
             if self.degraded is None:
                 log.error("store %s: %s; answering from the version's embedded snapshot (degraded)", self.version,
                           error)
-            self.degraded = ("redis is unavailable" if isinstance(error, StoreUnavailable)
-                             else "redis does not hold the serving version")
             self._retry_at = time.monotonic() + self.retry_s
+            if isinstance(error, StoreUnavailable):
+                self.degraded = "redis is unavailable"
+                return
+            self.degraded = "redis does not hold the serving version"
+            stale, self._primary = self._primary, None  # reopened once restored: its schema and base are read anew
+            if self._restore is not None:
+                self.degraded += "; loading it there again"
+                if self._restoring is None or not self._restoring.is_alive():
+                    self._restoring = threading.Thread(target=self._restore_version, name=f"restore-{self.version}",
+                                                       daemon=True)
+                    self._restoring.start()
+        if stale is not None:
+            stale.close()
+
+    def _restore_version(self) -> None:
+        log.warning("store %s: redis does not hold the version; loading it there from the version's snapshot",
+                    self.version)
+        try:
+            self._restore()
+        except Exception as error:  # noqa: BLE001 -- the next failed read tries again
+            log.error("store %s: loading the version into redis failed: %s: %s", self.version,
+                      type(error).__name__, error)
 
 
 class UnknownRequest(KeyError):
@@ -359,14 +383,19 @@ class Recommender:
 
     def _open(self, directory: Path) -> ServingVersion:
         """The version in ``directory``; with a Redis store in the config, a `DegradingStore` over
-        the version's keys there and its embedded snapshot."""
+        the version's keys there and its embedded snapshot, which loads the version into Redis
+        again while it is published and Redis lacks it."""
         if self.config.redis is None:
             return open_version(directory)
         host, port = redis_address(self.config.redis)
 
         def open_store(version: str) -> Store:
+            def restore() -> None:  # only while published: a retired version is not brought back
+                if ArtifactRoot(directory.parent).current() == directory.name:
+                    restore_version(directory / "store", host, port, version)
+
             return DegradingStore(version, lambda: RedisStore(host, port, version, self.config.redis_timeout_s),
-                                  lambda: EmbeddedStore.open(directory / "store", version))
+                                  lambda: EmbeddedStore.open(directory / "store", version), restore)
 
         return open_version(directory, open_store)
 

@@ -307,6 +307,27 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
     return None if base is None else base.version
 
 
+def restore_version(directory: Path, host: str, port: int, version: str, timeout_s: float = 5.0,
+                    lock_s: int = 600) -> bool:
+    """Loads the snapshot in ``directory`` into Redis in full as ``version`` when Redis does not
+    hold it complete (it restarted empty, or lost the version); True when this call loaded it.
+
+    Servers that find the version missing at once load it one at a time: the first takes a lock
+    key outside the version's keys, which expires after ``lock_s`` seconds should its holder die;
+    the others return False and find the version complete once it is loaded."""
+    lock = f"recstack-restoring:{_check_version(version)}"
+    with connect(host, port, timeout_s) as client, _failures(f"{host}:{port}", "restore_version", version):
+        if not client.set(lock, os.getpid(), nx=True, ex=lock_s):
+            return False
+        try:
+            if client.exists(_key(version, "complete")):
+                return False
+            load_snapshot_into_redis(directory, host, port, version, timeout_s)
+            return True
+        finally:
+            client.delete(lock)
+
+
 def redis_base(host: str, port: int, version: str, timeout_s: float = 5.0) -> str | None:
     """The full version that ``version`` reads through in Redis: itself when it was loaded in
     full, its base when it was loaded as a delta; None when it or its base is not complete there."""
