@@ -1,6 +1,7 @@
 import pandas as pd
 import pytest
 
+from data import files
 from data.files import describe_column, load_files, load_mapping_file, parse_mapping
 from data.tables import DataError
 
@@ -153,3 +154,22 @@ def test_load_mapping_file(tmp_path):
     path.write_text("- user_id\n")
     with pytest.raises(ValueError, match="expected a YAML mapping"):
         load_mapping_file(path)
+
+
+def test_log_read_in_chunks_equals_one_read(tmp_path, monkeypatch):
+    log = write_csv(tmp_path / "log.csv", interactions(uid=["u1", "u2", "u1", "u3"]))
+    whole = load_files(log, mapping=MAPPING)
+    monkeypatch.setattr(files, "CHUNK_ROWS", 3)
+    chunked = load_files(log, mapping=MAPPING)
+    assert [len(c) for c in chunked.interaction_chunks()] == [3, 1]
+    pd.testing.assert_frame_equal(chunked.interactions, whole.interactions)
+    pd.testing.assert_frame_equal(chunked.users, whole.users)
+    pd.testing.assert_frame_equal(chunked.items, whole.items)
+
+
+def test_bad_row_in_a_later_chunk_is_counted_from_the_file_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "CHUNK_ROWS", 3)
+    path = write_csv(tmp_path / "log.csv", interactions(ts=[100, 200, 300, "soon"]))
+    with pytest.raises(DataError, match=r"log\.csv: column 'timestamp' has the wrong dtype") as e:
+        load_files(path, mapping=MAPPING)
+    assert rows_named(str(e.value), 4, "soon")

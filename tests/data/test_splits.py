@@ -28,6 +28,40 @@ def interactions():
     })
 
 
+def reference_split(df, method, seed, valid=0.1, test=0.1, n=1):
+    """The split computed row by row in pandas: each user's rows (or all rows, for temporal) in
+    the method's order, test first, then valid."""
+    df = df.assign(key=np.random.default_rng(seed).random(len(df)), row=np.arange(len(df)))
+    groups = [df] if method == "temporal" else [rows for _, rows in df.groupby("user_id")]
+    codes = np.full(len(df), TRAIN, dtype=np.int8)
+    for rows in groups:
+        if method == "random":
+            rows = rows.sort_values(["key", "row"])
+        elif method == "user-temporal":
+            rows = rows.sort_values(["timestamp", "key", "row"], ascending=[False, True, True])
+        else:  # temporal and leave-last: newest first
+            rows = rows.sort_values(["timestamp", "key", "row"], ascending=False)
+        size = len(rows)
+        if method == "temporal":
+            n_test, n_valid = round(size * test), round(size * valid)
+        elif method == "leave-last":
+            n_test, n_valid = (n, n) if size > 2 * n else (0, 0)
+        else:
+            n_test, n_valid = int(np.floor(size * test)), int(np.floor(size * valid))
+        codes[rows["row"].to_numpy()[:n_test]] = TEST
+        codes[rows["row"].to_numpy()[n_test:n_test + n_valid]] = VALID
+    return codes
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("random", {}), ("random", {"valid": 0.29, "test": 0.07}),
+                                                ("temporal", {"valid": 0.15, "test": 0.25}),
+                                                ("user-temporal", {}), ("leave-last", {"n": 2})])
+def test_split_matches_a_row_by_row_reference(interactions, method, kwargs, monkeypatch):
+    monkeypatch.setattr(splits, "BATCH_ROWS", 1234)  # the file is read and ranked in several batches
+    codes = split_interactions(interactions, method, seed=5, **kwargs)
+    np.testing.assert_array_equal(codes, reference_split(interactions, method, 5, **kwargs))
+
+
 def _parts(df, codes):
     return [df[codes == c] for c in (TRAIN, VALID, TEST)]
 

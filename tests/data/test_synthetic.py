@@ -152,3 +152,14 @@ def test_ground_truth_round_trips_through_the_dataset_directory(tmp_path):
         load_ground_truth(tmp_path)
 
 
+
+
+def test_log_is_drawn_slice_by_slice_in_time_order(monkeypatch):
+    monkeypatch.setattr(synthetic, "LOG_CHUNK", 1000)
+    ds = generate(SMALL)
+    slices = list(ds.interaction_chunks())
+    assert len(slices) == 5 and sum(map(len, slices)) == SMALL.interactions
+    assert all(a["timestamp"].max() <= b["timestamp"].min() for a, b in zip(slices, slices[1:]))
+    assert ds.interactions["timestamp"].is_monotonic_increasing
+    for again, first in zip(generate(SMALL).interaction_chunks(), slices):  # each read draws the same slices
+        pd.testing.assert_frame_equal(again, first)
