@@ -4,6 +4,7 @@ optionally one DLRM epoch over the prepared data.
     python benchmarks/synthetic_prepare.py                 # 100k users, 1M items, 10M interactions
     python benchmarks/synthetic_prepare.py --small         # a quick run
     python benchmarks/synthetic_prepare.py --train-epoch   # also one DLRM epoch (peak RSS)
+    python benchmarks/synthetic_prepare.py --baseline REV  # also the prepare of git revision REV
 
 The prepare runs as a child process; its wall time and peak RSS come from wait4. The floor is
 the time this process takes to write the same number of rows of random int64/float32 columns
@@ -11,15 +12,20 @@ the time this process takes to write the same number of rows of random int64/flo
 whole pipeline is from pure I/O. With ``--train-epoch``, `recstack train ranker --model dlrm
 --config configs/synthetic_ctr_dlrm.yaml --max-epochs 1` runs as a second child over the
 prepared dataset's encoded parts (the epoch, its validation and the final validation and
-test). The run passes when prepare stays under 120 s and 4 GiB, and the epoch under 6 GiB.
+test). With ``--baseline REV``, the same prepare also runs from that revision's tree (`git
+archive`, this venv), after this tree's, in the same run. The run passes when prepare stays
+under 120 s and 4 GiB, and the epoch under 6 GiB.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -36,12 +42,13 @@ TARGET_GIB = 4
 TARGET_EPOCH_GIB = 6
 
 
-def time_prepare(sizes: dict, seed: int, out: Path) -> dict:
-    """Wall and CPU seconds and peak RSS (GiB) of one `recstack data prepare` child process."""
+def time_prepare(sizes: dict, seed: int, out: Path, root: Path = ROOT) -> dict:
+    """Wall and CPU seconds and peak RSS (GiB) of one `recstack data prepare` child process run
+    from the source tree ``root``."""
     cmd = [sys.executable, "-m", "recstack.cli", "data", "prepare", "--dataset", "synthetic",
            "--users", str(sizes["users"]), "--items", str(sizes["items"]),
            "--interactions", str(sizes["interactions"]), "--seed", str(seed), "--out", str(out)]
-    run = time_child(cmd)
+    run = time_child(cmd, root)
     return {"prepare_s": run["s"], "prepare_cpu_s": run["cpu_s"], "peak_rss_gib": run["peak_rss_gib"]}
 
 
@@ -54,12 +61,12 @@ def time_epoch(data: Path, out: Path, batch_size: int) -> dict:
     return {"epoch_s": run["s"], "epoch_cpu_s": run["cpu_s"], "epoch_peak_rss_gib": run["peak_rss_gib"]}
 
 
-def time_child(cmd: list[str]) -> dict:
-    """Wall and CPU seconds and peak RSS (GiB) of ``cmd`` run in a child process."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+def time_child(cmd: list[str], root: Path = ROOT) -> dict:
+    """Wall and CPU seconds and peak RSS (GiB) of ``cmd`` run in a child process in ``root``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryFile("w+") as log:
         start = time.perf_counter()
-        child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own rusage, not all children's
         seconds = time.perf_counter() - start
         child.returncode = os.waitstatus_to_exitcode(status)
@@ -68,6 +75,15 @@ def time_child(cmd: list[str]) -> dict:
             raise SystemExit(f"{' '.join(cmd)} failed with exit code {child.returncode}:\n{log.read()[-3000:]}")
     # ru_maxrss is KiB on Linux; CPU time tells contention apart from slowness on a shared box
     return {"s": seconds, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_gib": usage.ru_maxrss / 2**20}
+
+
+def export_revision(rev: str, folder: Path) -> Path:
+    """The source tree of git revision ``rev``, extracted into ``folder``."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", rev],
+                             check=True, capture_output=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
 
 
 def time_parquet_floor(rows: int, path: Path) -> float:
@@ -101,6 +117,12 @@ def format_table(result: dict) -> str:
         f"{verdict(result['peak_rss_gib'] < TARGET_GIB)} |",
         f"| parquet write floor (s) | {result['floor_s']:.1f} | | |",
         f"| ratio prepare / floor | {result['ratio']:.1f} | | |",
+        *([f"| baseline {result['baseline']['revision']}: prepare wall time (s) | {result['baseline']['prepare_s']:.1f} | | |",
+           f"| baseline: prepare CPU time, user + sys (s) | {result['baseline']['prepare_cpu_s']:.1f} | | |",
+           f"| baseline: prepare peak RSS (GiB) | {result['baseline']['peak_rss_gib']:.2f} | | |",
+           f"| peak RSS this tree / baseline | {result['peak_rss_gib'] / result['baseline']['peak_rss_gib']:.2f} | | |",
+           f"| CPU time this tree / baseline | "
+           f"{result['prepare_cpu_s'] / result['baseline']['prepare_cpu_s']:.2f} | | |"] if "baseline" in result else []),
         *([f"| DLRM epoch, batch {result['epoch_batch_size']:,}: wall time (s) | {result['epoch_s']:.1f} | | |",
            f"| DLRM epoch: CPU time, user + sys (s) | {result['epoch_cpu_s']:.1f} | | |",
            f"| DLRM epoch: peak RSS (GiB) | {result['epoch_peak_rss_gib']:.2f} | < {TARGET_EPOCH_GIB} | "
@@ -116,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-epoch", action="store_true", help="also time one DLRM epoch over the data")
     parser.add_argument("--epoch-batch-size", type=int, default=4096)
+    parser.add_argument("--baseline", metavar="REV", help="also time the prepare of this git revision")
     parser.add_argument("--tmp", type=Path, help="folder for the dataset and run (default: the system's)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "synthetic_prepare.json")
     args = parser.parse_args(argv)
@@ -128,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_epoch:
             epoch = time_epoch(Path(tmp) / "synthetic", Path(tmp) / "dlrm", args.epoch_batch_size)
             prepare.update(epoch, epoch_batch_size=args.epoch_batch_size)
+        if args.baseline:
+            shutil.rmtree(Path(tmp) / "synthetic")  # its disk, before the baseline writes its own
+            tree = export_revision(args.baseline, Path(tmp) / "baseline-tree")
+            prepare["baseline"] = {"revision": args.baseline,
+                                   **time_prepare(sizes, args.seed, Path(tmp) / "baseline", tree)}
     result = {
         "machine": machine,
         "sizes": sizes,

@@ -11,7 +11,8 @@
       [extra files a source adds, e.g. ground_truth.npz for synthetic data]
 
 A directory is written into a temporary sibling and renamed into place at the end, so a
-failure at any point leaves no directory (or the previous one) behind.
+failure at any point leaves no directory (or the previous one) behind. The interactions and the
+split parts are written a row group at a time, from a log that may arrive in chunks.
 """
 
 from __future__ import annotations

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from data.dataset import PARTS, _replace_dir
+from data.dataset import PARTS, staging
 from data.encoders import Batch, FeatureEncoder, join_features, recent_items
 from data.schema import FeatureSpec, Schema
 from data.tables import KEYS, DataError
@@ -80,15 +78,9 @@ def encode_dataset(data_dir: Path, config: EncodeConfig = EncodeConfig()) -> Pat
     data_dir = Path(data_dir)
     if not (data_dir / "encoders.json").is_file():
         raise DataError(f"{data_dir}: not a prepared dataset (no encoders.json)")
-    out = data_dir / ENCODED
-    tmp = Path(tempfile.mkdtemp(prefix=f".{ENCODED}.tmp-", dir=data_dir))
-    try:
+    with staging(data_dir / ENCODED, overwrite=True) as tmp:
         write_encoded(data_dir, tmp, config)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return data_dir / ENCODED
 
 
 def write_encoded(data_dir: Path, out: Path, config: EncodeConfig = EncodeConfig()) -> None:
