@@ -531,7 +531,7 @@ def clocked_root(tmp_path_factory) -> Path:
     interactions = dataset.interactions.assign(hour=time.dt.hour, weekday=time.dt.weekday)
     clock = [FeatureSpec("hour", "interactions", "categorical"), FeatureSpec("weekday", "interactions", "categorical")]
     schema = dataset.schema.with_features([*dataset.schema.features, *clock])
-    data = prepare(dataclasses.replace(dataset, interactions=interactions, schema=schema), base / "data",
+    data = prepare(dataclasses.replace(dataset, log=interactions, schema=schema), base / "data",
                    split="temporal", seed=1)
     train = {"lr": 0.03, "max_epochs": 1, "batch_size": 512, "accelerator": "cpu"}
     environ, deterministic = dict(os.environ), torch.are_deterministic_algorithms_enabled()
