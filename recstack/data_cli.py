@@ -13,7 +13,7 @@ SOURCES = ("ml-100k", "movielens", "obd", "synthetic", "files")
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="prepare and inspect canonical datasets")
-    data_commands = data.add_subparsers(title="data commands")
+    data_commands = data.add_subparsers(title="data commands", required=True)
 
     prep = data_commands.add_parser("prepare", help="build a canonical dataset directory")
     prep.add_argument("--dataset", required=True, choices=SOURCES)

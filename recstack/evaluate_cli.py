@@ -24,7 +24,7 @@ def _scalars(fields: list[tuple[str, object]]) -> dict:
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("evaluate", help="evaluate a pipeline offline")
-    tasks = evaluate.add_subparsers(dest="task", required=True, metavar="{offline,replay,ab,drift}")
+    tasks = evaluate.add_subparsers(title="evaluate commands", required=True)
     offline = tasks.add_parser("offline", help="the published pipeline stage by stage on a dataset's held-out "
                                                "users, against retrieval alone and popularity")
     offline.add_argument("--artifacts", required=True, type=Path, help="artefact root (versions + CURRENT)")

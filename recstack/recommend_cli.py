@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -62,6 +61,7 @@ def published_pipeline(root: Path, config: Path) -> tuple[str, Pipeline]:
 def _recommend(args: argparse.Namespace) -> int:
     from inference.pipeline.types import Query
     from inference.store import StoreError
+    from recstack.cli import print_error  # here, not at the top: recstack.cli imports this module
 
     query = Query(args.user, parse_context(args.context), tuple(args.recent), args.k)  # checked before loading
     published, pipeline = published_pipeline(args.artifacts, args.config)
@@ -69,7 +69,7 @@ def _recommend(args: argparse.Namespace) -> int:
         pipeline.warm_up(query)
         response = pipeline(query)
     except (RuntimeError, StoreError) as e:  # a fail-closed source, every scorer, or Redis failed
-        print(f"recstack: error: {e}", file=sys.stderr)
+        print_error(e)
         return 1
     finally:
         pipeline.close()

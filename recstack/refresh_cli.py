@@ -23,7 +23,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     refresh.set_defaults(run=_refresh)
 
     artifacts = commands.add_parser("artifacts", help="list artefact versions or roll back")
-    artifact_commands = artifacts.add_subparsers(title="artifacts commands")
+    artifact_commands = artifacts.add_subparsers(title="artifacts commands", required=True)
     listing = artifact_commands.add_parser("list", help="versions, oldest first; * marks the published one")
     listing.add_argument("--artifacts", required=True, type=Path)
     listing.add_argument("--json", action="store_true")

@@ -11,7 +11,7 @@ from models import RANKERS
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     train = commands.add_parser("train", help="train a retrieval model or a ranker")
-    train_commands = train.add_subparsers(title="train commands")
+    train_commands = train.add_subparsers(title="train commands", required=True)
     retrieval = train_commands.add_parser("retrieval", help="two-tower retrieval")
     ranker = train_commands.add_parser("ranker", help="DeepFM, DLRM or linear ranker")
     ranker.add_argument("--model", required=True, choices=RANKERS)

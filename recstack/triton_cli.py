@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import sys
 from pathlib import Path
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
     triton = commands.add_parser("triton", help="export a Triton model repository and serve it locally")
-    triton_commands = triton.add_subparsers(title="triton commands")
+    triton_commands = triton.add_subparsers(title="triton commands", required=True)
 
     export = triton_commands.add_parser("export", help="write a model repository from exported models")
     export.add_argument("--models", required=True, type=Path, help="directory written by the model export")
@@ -36,6 +35,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from inference.triton.server import TritonServer
+    from recstack.cli import print_error  # here, not at the top: recstack.cli imports this module
 
     server = TritonServer(args.repo, args.http_port, args.grpc_port, copy=True)  # e.g. a published version's
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop is handled like Ctrl-C
@@ -44,10 +44,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"serving {', '.join(server.models)} from {args.repo}: HTTP {server.http_url}, "
               f"gRPC {server.grpc_url}", flush=True)
         code = server.process.wait()
-        print(f"recstack: tritonserver exited with code {code}; log tail:\n{server.log_tail()}", file=sys.stderr)
+        print_error(f"tritonserver exited with code {code}; log tail:\n{server.log_tail()}")
         return 1
     except RuntimeError as error:
-        print(f"recstack: {error}", file=sys.stderr)
+        print_error(error)
         return 1
     except KeyboardInterrupt:
         return 0

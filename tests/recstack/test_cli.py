@@ -1,6 +1,7 @@
 """The command line as a user runs it: a subprocess, its exit code, its output and its files.
 The refresh and artefact commands run in this process (`main`), which keeps their tests quick."""
 
+import argparse
 import json
 import shutil
 import signal
@@ -16,13 +17,17 @@ import pandas as pd
 import pytest
 import yaml
 
+import models
 from inference.impressions import Feedback, Impression, ImpressionLog, logged_slots
 from inference.pipeline.config import load_pipeline_config
 from inference.pipeline.types import Query
 from inference.service import Recommender
-from recstack.cli import main
+from recstack import recommend_cli
+from recstack.cli import build_parser, main
+from training.ranking import RANKERS
 
 PIPELINE = Path(__file__).parents[2] / "configs" / "pipeline.yaml"
+PREFIX = "recstack: error: "
 
 
 def recstack(*args, cwd=None):
@@ -33,6 +38,84 @@ def recstack(*args, cwd=None):
 def test_version():
     out = recstack("--version")
     assert out.returncode == 0 and out.stdout.startswith("recstack ")
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The subcommands of ``parser`` by name; {} when it has none."""
+    return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+
+def command_groups(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(the words that name a group, its subcommands) for every group of commands under ``parser``."""
+    if commands := subcommands(parser):
+        yield path, tuple(commands)
+        for name, sub in commands.items():
+            yield from command_groups(sub, (*path, name))
+
+
+def one_error_line(err: str) -> str:
+    """The one line of ``err`` that reports an error, checked to be the only one."""
+    lines = [line for line in err.splitlines() if line.startswith(PREFIX)]
+    assert len(lines) == 1 and "error:" not in err.replace(lines[0], ""), err
+    return lines[0]
+
+
+def test_every_command_group_requires_its_subcommand(capsys):
+    groups = dict(command_groups(build_parser()))
+    assert set(groups) >= {(), ("data",), ("train",), ("artifacts",), ("triton",), ("evaluate",)}
+    for path, choices in groups.items():
+        with pytest.raises(SystemExit) as exit:
+            main(list(path))
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"usage: recstack {' '.join(path)}".rstrip() + " ")
+        assert one_error_line(err) == f"{PREFIX}the following arguments are required: {{{','.join(choices)}}}"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "ranker", "--model", "mf", "--data", "d", "--out", "o"], "argument --model: invalid choice: 'mf'"),
+    (["evaluate", "drift", "--reference", "d"], "the following arguments are required: --current"),
+    (["serve", "--artifacts", "a", "--config", "c", "--port", "eighty"], "argument --port: invalid int value"),
+])
+def test_a_usage_error_prints_usage_and_one_error_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.startswith(f"usage: recstack {args[0]}")
+    assert one_error_line(err).startswith(PREFIX + message) and err.splitlines()[-1].startswith(PREFIX)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data", "prepare", "--dataset", "movielens", "--out", "{tmp}/ml"], "--path is required for this dataset"),
+    (["data", "stats", "{tmp}"], "not a recstack dataset"),
+    (["recommend", "--artifacts", "{tmp}", "--config", "{tmp}/none.yaml"], "none.yaml"),
+    (["evaluate", "replay", "--log", "{tmp}", "--artifacts", "{tmp}", "--config", "c", "--last", "0"], "--last 0"),
+])
+def test_bad_input_prints_one_error_line_and_exits_2(args, message, tmp_path, capsys):
+    assert main([a.format(tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and one_error_line(err).startswith(PREFIX) and message in err
+
+
+def test_a_failing_command_prints_one_error_line_and_exits_1(monkeypatch, capsys):
+    class Failing:  # a pipeline whose fail-closed source failed
+        def warm_up(self, query):
+            pass
+
+        def __call__(self, query):
+            raise RuntimeError("source 'ann' failed")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(recommend_cli, "published_pipeline", lambda root, config: ("v0001", Failing()))
+    assert main(["recommend", "--artifacts", "a", "--config", "c"]) == 1
+    assert capsys.readouterr().err == f"{PREFIX}source 'ann' failed\n"
+
+
+def test_model_choices_are_the_models_packages_rankers():
+    ranker = subcommands(subcommands(build_parser())["train"])["ranker"]
+    model = next(action for action in ranker._actions if action.dest == "model")
+    assert tuple(model.choices) == models.RANKERS == tuple(RANKERS)
 
 
 def test_prepare_synthetic_then_stats(tmp_path):
