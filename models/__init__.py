@@ -1,3 +1,3 @@
 """Plain torch models; importing the package itself loads no torch."""
 
-RANKERS = ("deepfm", "dlrm", "linear")  # the rankers' names: `recstack train ranker --model`, training, refresh
+RANKERS = ("deepfm", "dlrm", "linear")  # `train ranker --model` choices, refresh's default runs
