@@ -73,9 +73,10 @@ def _recommend(args: argparse.Namespace) -> int:
         return 1
     finally:
         pipeline.close()
-    items = [{"item_id": int(i), "score": round(float(s), 6), "source": str(src), "propensity": float(p)}
-             for i, s, src, p in zip(response.item_ids, response.scores, response.sources, response.propensities,
-                                     strict=True)]
+    items = [{"item_id": int(i), "score": round(float(s), 6), "source": str(src), "propensity": float(p),
+              **({"display": shown} if shown else {})}  # the config's display columns, e.g. the title
+             for i, s, src, p, shown in zip(response.item_ids, response.scores, response.sources,
+                                            response.propensities, response.display_rows(), strict=True)]
     stages = {name: {"out": counts["out"], "ms": round(counts["total_ms"], 2)}
               for name, counts in pipeline.stats.snapshot()["stages"].items()}
     print(json.dumps({"version": published, "items": items, "removed": Counter(response.reasons.tolist()),

@@ -64,6 +64,7 @@ class PipelineConfig(_Strict):
     scorer: list[Annotated[Union[SCORER_SPECS], Field(discriminator="kind")]] = Field(min_length=1)  # noqa: UP007
     orderers: list[Annotated[Union[ORDERER_SPECS], Field(discriminator="kind")]] = Field(  # noqa: UP007
         min_length=1)
+    display: list[str] = []  # item columns each answer shows beside its items, e.g. [title]
 
     @model_validator(mode="after")
     def _known_time_zone(self) -> PipelineConfig:

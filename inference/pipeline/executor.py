@@ -161,18 +161,29 @@ class Response:
     propensities: np.ndarray
     removed: np.ndarray
     reasons: np.ndarray
+    display: pd.DataFrame | None = field(default=None, kw_only=True)  # (M, D) display columns; None: none
+
+    def display_rows(self) -> list[dict[str, object]]:
+        """One dict per item: its ``display`` values by column, as JSON values (None where missing,
+        a list for a list column); empty dicts when the pipeline shows no columns."""
+        if self.display is None:
+            return [{} for _ in self.item_ids]
+        return [{column: _json_value(value) for column, value in zip(self.display.columns, row, strict=True)}
+                for row in self.display.itertuples(index=False, name=None)]
 
 
 class Pipeline:
-    """Answers queries with ``stages``; refuses a ``Query.k`` above ``max_k`` and, unless
-    ``allow_anonymous``, anonymous users and users the store does not know. Call `close` when done."""
+    """Answers queries with ``stages``, each item with its ``display`` item columns; refuses a
+    ``Query.k`` above ``max_k`` and, unless ``allow_anonymous``, anonymous users and users the store
+    does not know. Call `close` when done."""
 
-    def __init__(self, stages: Stages, max_k: int, allow_anonymous: bool, workers: int) -> None:
+    def __init__(self, stages: Stages, max_k: int, allow_anonymous: bool, workers: int,
+                 display: tuple[str, ...] = ()) -> None:
         names = [f"source:{s.source.name}" for s in stages.sources] + [f"filter:{f.name}" for f in stages.filters]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"stages {duplicates} appear more than once; expected unique source and filter names")
-        self.stages, self.max_k, self.allow_anonymous = stages, max_k, allow_anonymous
+        self.stages, self.max_k, self.allow_anonymous, self.display = stages, max_k, allow_anonymous, display
         self.stats = PipelineStats()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="pipeline-source")
 
@@ -199,8 +210,9 @@ class Pipeline:
             _check_budget(budget, "scorer")
             candidates = self._score(query, candidates)
             candidates, propensities = self._order(query, candidates)
+        display = candidates.features[list(self.display)] if self.display else None
         return Response(candidates.item_ids, candidates.scores, candidates.sources, propensities,
-                        np.concatenate(removed), np.concatenate(reasons))
+                        np.concatenate(removed), np.concatenate(reasons), display=display)
 
     def warm_up(self, query: Query, calls: int = 2) -> None:
         """Calls every source with ``query`` ``calls`` times, untimed, then answers it ``calls``
@@ -349,6 +361,7 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
     """The pipeline ``config`` declares over the models, index and store of a loaded ``version``
     (`open_pipeline` opens the store ``config`` names). An explore orderer reads ``bandit`` (a
     server passes the one that outlives its versions; default: a fresh one)."""
+    _check_display(config.display, version.store)
     bandit = bandit or SourceBandit()
     models = version.directory / "models"
     tower = ModelInputs.load(models, QUERY_TOWER)
@@ -362,7 +375,7 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
         orderers=[spec.build(version, bandit) for spec in config.orderers],
         completer=_completer(config, [tower, *(scorer.inputs for scorer in scorers)]),
     )
-    return Pipeline(stages, config.max_k, config.allow_anonymous, config.workers)
+    return Pipeline(stages, config.max_k, config.allow_anonymous, config.workers, tuple(config.display))
 
 
 def _completer(config: PipelineConfig, models: list[ModelInputs]) -> ContextCompleter:
@@ -372,3 +385,22 @@ def _completer(config: PipelineConfig, models: list[ModelInputs]) -> ContextComp
                        if f.table == "interactions" and f.kind != "sequence" and f.name in inputs.features})
     derived = {name: field for name, field in config.time_features.items() if name in features}
     return ContextCompleter(features, derived, time_zone(config.time_zone))
+
+
+def _check_display(columns: list[str], store: Store) -> None:
+    """ValueError naming ``display`` unless each of ``columns`` is an item column of ``store``."""
+    known = store.item_columns() if columns else []
+    for column in columns:
+        if column not in known:
+            raise ValueError(f"display column {column!r} is not an item column; expected one of {sorted(known)}")
+
+
+def _json_value(value: object) -> object:
+    """An item column's value as JSON: a list for an array, None where missing, else a Python scalar
+    (text for anything that is not a bool, number or string)."""
+    if isinstance(value, np.ndarray | list | tuple):
+        return [_json_value(v) for v in value]
+    if pd.isna(value):
+        return None
+    value = value.item() if isinstance(value, np.generic) else value
+    return value if isinstance(value, bool | int | float | str) else str(value)

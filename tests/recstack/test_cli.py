@@ -208,6 +208,8 @@ def test_refresh_and_artifacts_commands(tiny_dataset, trained_runs, tmp_path, ca
     answer = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert answer["version"] == "v0001" and len(answer["items"]) == 5
     assert not {3, 4} & {item["item_id"] for item in answer["items"]}  # seen in the session
+    assert [item["display"] for item in answer["items"]] == [{"title": f"item {item['item_id']}"}  # the store's
+                                                             for item in answer["items"]]  # (configs' display)
     assert answer["stages"]["scorer"]["out"] >= 5
 
 

@@ -252,6 +252,7 @@ def test_a_pipeline_on_redis_answers_as_on_the_embedded_snapshot_and_fails_fast_
         np.testing.assert_array_equal(answered.item_ids, expected.item_ids)
         np.testing.assert_allclose(answered.scores, expected.scores, rtol=1e-6)
         np.testing.assert_array_equal(answered.sources, expected.sources)
+        assert answered.display_rows() == expected.display_rows()  # the example's titles, read from Redis
 
         redis_server.process.kill()
         redis_server.process.wait()
@@ -262,6 +263,21 @@ def test_a_pipeline_on_redis_answers_as_on_the_embedded_snapshot_and_fails_fast_
     finally:
         embedded.close()
         on_redis.close()
+
+
+def test_each_item_shows_the_display_columns_the_store_holds_for_it(version):
+    shown, plain = (build_pipeline(example_config(display=display), version) for display in (["title", "price"], []))
+    try:
+        response, bare = shown(Query(user_id=7, k=10)), plain(Query(user_id=7, k=10))
+    finally:
+        shown.close()
+        plain.close()
+    items = version.store.item_features(response.item_ids).features
+    assert response.display_rows() == [{"title": f"item {i}", "price": float(price)}  # the synthetic titles
+                                       for i, price in zip(response.item_ids, items["price"], strict=True)]
+    assert bare.display_rows() == [{}] * 10
+    with pytest.raises(ValueError, match=r"display column 'colour' is not an item column; expected one of \[.*'title'"):
+        build_pipeline(example_config(display=["title", "colour"]), version)
 
 
 def test_a_pipeline_that_fails_to_build_closes_the_store_it_opened(version, monkeypatch):
