@@ -4,7 +4,8 @@
 `Recommender` holds the pipeline of the published artefact version through `LiveArtifacts`:
 a new version is built, warmed up and must answer a probe query before it is swapped in, so a
 version that cannot answer is refused and the previous one keeps serving. The pipeline it
-replaces is closed `GRACE_S` later, once the requests that read it are done. Each answer gets a
+replaces is closed as soon as no request reads it, and the memory it held goes back to the
+system (`release_freed_memory`). Each answer gets a
 request id; feedback on its items (a click) updates the `SourceBandit` that explore orderers
 read, and answers and feedback go to the `ImpressionLog` when one is given, for off-policy
 evaluation. `create_app` serves a recommender with FastAPI; `recstack serve` runs it with uvicorn.
@@ -13,6 +14,8 @@ evaluation. `create_app` serves a recommender with FastAPI; `recstack serve` run
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import dataclasses
 import hashlib
 import hmac
@@ -21,6 +24,7 @@ import logging
 import math
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -67,12 +71,13 @@ from inference.version import ServingVersion, open_version
 
 log = logging.getLogger(__name__)
 
-GRACE_S = 60.0  # a swapped-out pipeline is closed this long after the swap: longer than any request takes
+RETIRE_CHECK_S = 0.5  # how often a swapped-out version is checked for requests still reading it
 MAX_RECENT_ITEMS = 1000  # the most recent items one request may send
 MAX_CONTEXT_KEYS = 64  # the most context features one request may send
 MAX_CONTEXT_TEXT = 256  # the longest context name or text value
 MAX_SHADOW_K = 1000
-MAX_REMEMBERED = 100_000  # answered requests whose items feedback can still name
+MAX_REMEMBERED_BYTES = 64 * 2**20  # answered requests feedback can name: the newest that fit (`RecentAnswers`)
+REMEMBERED_ENTRY_BYTES = 128  # what the map itself spends on one entry, beyond its key and value (measured)
 MAX_REPORTED_ERRORS = 10  # validation errors a 422 body lists
 EXCERPT_CHARS = 100  # the most of an input an error body quotes
 CONTROL = "control"  # the arm of the live config in an experiment, and of every request outside one
@@ -83,7 +88,7 @@ RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_S).encode())]
 RETRY_AFTER_HEADER = {"Retry-After": str(RETRY_AFTER_S)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one per load: counted by identity (`Recommender._readers`)
 class Serving:
     """One loaded version: its name, its warmed-up pipeline and, with a shadow config, the runner
     mirroring a sample of its requests to the shadow pipeline (or why there is none)."""
@@ -260,6 +265,55 @@ class DegradingStore(Store):
                       type(error).__name__, error)
 
 
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+
+
+def release_freed_memory() -> None:
+    """Hands the free pages of the C heap back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing): a closed version's models, index and snapshot are freed into the heap, whose pages
+    otherwise stay in the server's RSS after every swap."""
+    trim = getattr(_LIBC, "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+class RecentAnswers:
+    """What feedback needs of each answered request, by request id, in answer order: the oldest
+    are forgotten once the entries' sizes (`deep_size`, and `REMEMBERED_ENTRY_BYTES` each) add up
+    to more than ``max_bytes``. Callers hold a lock around it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self._entries: OrderedDict[str, tuple[object, int]] = OrderedDict()  # request id -> (entry, its size)
+
+    def __setitem__(self, request_id: str, entry: object) -> None:
+        size = deep_size(request_id) + deep_size(entry) + REMEMBERED_ENTRY_BYTES
+        if request_id in self._entries:
+            self.nbytes -= self._entries.pop(request_id)[1]
+        self._entries[request_id] = (entry, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes:
+            self.nbytes -= self._entries.popitem(last=False)[1][1]
+
+    def get(self, request_id: str, default: object = None) -> object:
+        found = self._entries.get(request_id)
+        return default if found is None else found[0]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def deep_size(value: object) -> int:
+    """Bytes ``value`` takes, with everything its tuples, lists and dicts hold (shared objects
+    such as small ints counted each time: an upper bound)."""
+    size = sys.getsizeof(value)
+    if isinstance(value, dict):
+        size += sum(deep_size(key) + deep_size(item) for key, item in value.items())
+    elif isinstance(value, tuple | list):
+        size += sum(map(deep_size, value))
+    return size
+
+
 class UnknownRequest(KeyError):
     """Feedback names a request id the recommender does not remember."""
 
@@ -275,7 +329,7 @@ class Recommender:
 
     ``bandit`` counts every served slot by source and the rewards `feedback` reports, across
     versions (and across servers, through Redis, when the config names a Redis store); feedback
-    can name the items of the last `MAX_REMEMBERED` answered requests. With
+    can name the items of the newest answered requests that fit in `MAX_REMEMBERED_BYTES`. With
     ``experiment``, each version also builds its arm's pipeline, which must answer the probe too.
     With ``shadow``, each version also builds the shadow pipeline; one that fails to build or warm
     up leaves the version serving without a shadow.
@@ -291,11 +345,12 @@ class Recommender:
         self.config, self.probe, self.log, self.shadow, self.experiment = config, probe, log, shadow, experiment
         # with a Redis store, every server behind the load balancer learns from all the traffic
         self.bandit = SharedSourceBandit(*redis_address(config.redis)) if config.redis else SourceBandit()
-        self._served: OrderedDict[str, dict[int, str]] = OrderedDict()  # request id -> {item: source}
+        self._served = RecentAnswers(MAX_REMEMBERED_BYTES)  # request id -> {item: source}
         self.degraded_requests = 0  # answered without Redis
         self._lock = threading.Lock()
         self._latest: Serving | None = None  # what the last successful load built
-        self._retiring: list[tuple[threading.Timer, Serving]] = []
+        self._readers: Counter[Serving] = Counter()  # requests reading each version
+        self._retired: set[Serving] = set()  # replaced by a newer load; closed once nothing reads them
         try:
             self.live: LiveArtifacts[Serving] = LiveArtifacts(root, self._load, poll_s)  # loads the current version
         except BaseException:
@@ -309,10 +364,13 @@ class Recommender:
 
     def recommend(self, query: Query) -> Served:
         """The serving version's answer to ``query``, counted in the bandit and logged."""
-        serving = self.live.state  # read once: a swap during the request does not change its pipeline
         request_id = uuid.uuid4().hex
         arm = CONTROL if self.experiment is None else self.experiment.arm(query.user_id, request_id)
-        response = serving.answer(query, arm)
+        serving = self._lease()  # read once: a swap during the request neither changes nor closes its pipeline
+        try:
+            response = serving.answer(query, arm)
+        finally:
+            self._release(serving)
         served = Served(request_id, serving.version, arm, response, serving.degraded is not None)
         if served.degraded:
             with self._lock:
@@ -321,8 +379,6 @@ class Recommender:
         self.bandit.served(sources)
         with self._lock:
             self._served[served.request_id] = dict(zip(items, sources, strict=True))
-            while len(self._served) > MAX_REMEMBERED:
-                self._served.popitem(last=False)
         if self.log is not None:
             self.log.write(Impression(
                 served.request_id, time.time(), serving.version, arm, query.user_id, query.context, query.recent_items,
@@ -334,11 +390,11 @@ class Recommender:
     def feedback(self, request_id: str, item_id: int, reward: float) -> str:
         """Credits ``reward`` in [0, 1] (a click: 1) for ``item_id`` of an answered request to the
         source that proposed it, which it returns; logs it. `UnknownRequest` for a request id not
-        among the last `MAX_REMEMBERED` answered, ValueError for an item that request did not serve."""
+        among those remembered, ValueError for an item that request did not serve."""
         with self._lock:
             slots = self._served.get(request_id)
         if slots is None:
-            raise UnknownRequest(f"request_id {request_id!r} is not among the last {MAX_REMEMBERED} answered requests")
+            raise UnknownRequest(f"request_id {request_id!r} is not among the recently answered requests")
         if item_id not in slots:
             raise ValueError(f"item_id {item_id} was not served in request {request_id!r}; "
                              f"it served {list(slots)[:20]}")
@@ -351,10 +407,9 @@ class Recommender:
         """Stops polling and closes every pipeline, the serving one included, and the bandit."""
         self.live.stop()
         with self._lock:
-            for timer, serving in self._retiring:
-                timer.cancel()
-                serving.close()
-            self._retiring.clear()
+            retired, self._retired = self._retired, set()
+        for serving in retired:
+            serving.close()
         self.live.state.close()
         self.bandit.close()
 
@@ -425,19 +480,50 @@ class Recommender:
         runner = ShadowRunner(serving.pipeline, shadow, self.shadow.sample, max_pairs=self.shadow.pairs)
         return dataclasses.replace(serving, shadow=runner)
 
-    def _retire(self, serving: Serving) -> None:
-        timer = threading.Timer(GRACE_S, serving.close)
-        timer.daemon = True
+    def _lease(self) -> Serving:
+        """The serving state, held open for the caller until it calls `_release`."""
         with self._lock:
-            self._retiring = [(t, s) for t, s in self._retiring if t.is_alive()]
-            self._retiring.append((timer, serving))
-        timer.start()
+            serving = self.live.state
+            self._readers[serving] += 1
+        return serving
+
+    def _release(self, serving: Serving) -> None:
+        with self._lock:
+            self._readers[serving] -= 1
+            if not self._readers[serving]:
+                del self._readers[serving]
+        self._close_retired(serving)
+
+    def _retire(self, serving: Serving) -> None:
+        """Closes ``serving``, which the load in progress replaces, once it stops serving (the
+        swap follows the load) and the last request reading it is done; a request's `_release`
+        or a check every `RETIRE_CHECK_S`, whichever comes first."""
+        with self._lock:
+            self._retired.add(serving)
+
+        def close_when_idle() -> None:
+            while not self._close_retired(serving):
+                time.sleep(RETIRE_CHECK_S)
+
+        threading.Thread(target=close_when_idle, name=f"retire-{serving.version}", daemon=True).start()
+
+    def _close_retired(self, serving: Serving) -> bool:
+        """Closes ``serving`` if it retired, serves no more and no request reads it; False while it must wait."""
+        with self._lock:
+            if serving not in self._retired:
+                return True  # not retired, or already closed
+            if self._readers[serving] or serving is self.live.state:
+                return False
+            self._retired.remove(serving)
+        serving.close()
+        release_freed_memory()
+        log.info("closed version %s's pipelines", serving.version)
+        return True
 
 
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTEXT_TEXT)]
 ContextValue = bool | Int64 | float | Annotated[str, StringConstraints(max_length=MAX_CONTEXT_TEXT)]
-DisplayScalar = bool | int | float | str | None
 
 
 class _Strict(BaseModel):
@@ -459,8 +545,6 @@ class RecommendedItem(_Strict):
     score: float
     source: str
     propensity: float | None  # None: the orderer chose deterministically with no defined propensity (NaN)
-    # the item columns the pipeline config's `display` names, e.g. {"title": ...}; left out when it names none
-    display: dict[str, DisplayScalar | list[DisplayScalar]] | None = Field(None, exclude_if=lambda shown: shown is None)
 
 
 class Recommendation(_Strict):
@@ -711,11 +795,9 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
             log.warning("request %s failed: %s", query, e)
             raise HTTPException(503, "the recommendation could not be computed; retry later", RETRY_AFTER_HEADER) from e
         response = served.response
-        items = [RecommendedItem(item_id=i, score=s, source=src, propensity=None if math.isnan(p) else p,
-                                 display=shown or None)
-                 for i, s, src, p, shown in zip(response.item_ids.tolist(), response.scores.tolist(),
-                                                response.sources.tolist(), response.propensities.tolist(),
-                                                response.display_rows(), strict=True)]
+        items = [RecommendedItem(item_id=i, score=s, source=src, propensity=None if math.isnan(p) else p)
+                 for i, s, src, p in zip(response.item_ids.tolist(), response.scores.tolist(),
+                                         response.sources.tolist(), response.propensities.tolist(), strict=True)]
         return Recommendation(request_id=served.request_id, version=served.version, variant=served.variant,
                               items=items, removed=Counter(response.reasons.tolist()), degraded=served.degraded)
 
