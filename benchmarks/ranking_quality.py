@@ -1,8 +1,8 @@
 """Ranking quality of linear, DeepFM and DLRM on MovieLens-100K and on synthetic data.
 
-    python -m benchmarks.ranking_quality                  # the full run (~8 minutes on one CPU thread)
-    python -m benchmarks.ranking_quality --quick          # a smoke run: small synthetic data, 2 epochs
-    python -m benchmarks.ranking_quality --only ml-100k   # one dataset; --seed 1 trains every model with seed 1
+    python benchmarks/ranking_quality.py                # the full run (~8 minutes on one CPU thread)
+    python benchmarks/ranking_quality.py --quick        # a smoke run: small synthetic data, 2 epochs
+    python benchmarks/ranking_quality.py --only ml-100k # one dataset; --seed 1 trains every model with seed 1
 
 Both datasets are prepared afresh (in a temporary folder, or under --out), and each model is
 trained through `training.train.train_ranker` with its config from configs/:
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -33,16 +31,17 @@ from pathlib import Path
 import lightning
 import numpy as np
 import torch
+from report import describe_machine
 
 from data.dataset import read_part
 from data.movielens import load_ml100k
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate, load_ground_truth
 from evaluation.metrics import auc
+from models import RANKERS
 from training.train import load_config, train_ranker
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("linear", "deepfm", "dlrm")
 DATASETS = ("ml-100k", "synthetic")
 FULL = {"users": 500, "items": 500, "interactions": 2_000_000}
 QUICK = {"users": 200, "items": 200, "interactions": 100_000}
@@ -52,24 +51,10 @@ ML_MARGIN = 0.02  # AUC over the linear model
 BAYES_RATIO = 0.97  # share of the Bayes-optimal AUC
 
 
-def describe_machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "load_average_1min": os.getloadavg()[0],
-    }
-
-
 def train_models(dataset: str, data_dir: Path, runs: Path, max_epochs: int | None, seed: int) -> list[dict]:
     """Trains every model on ``data_dir`` with configs/<dataset>_ctr_<model>.yaml; test metrics and seconds."""
     rows = []
-    for model in MODELS:
+    for model in RANKERS:
         config_path = ROOT / "configs" / f"{dataset}_ctr_{model}.yaml"
         config = load_config(config_path, max_epochs=max_epochs, seed=seed)
         start = time.perf_counter()
@@ -218,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     max_epochs = QUICK_EPOCHS if args.quick else None
 
-    machine = describe_machine()
+    machine = {**describe_machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "lightning": lightning.__version__}
     with tempfile.TemporaryDirectory(prefix="ranking-quality-") as tmp:
         out = args.out or Path(tmp)
         result = {
