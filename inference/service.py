@@ -524,6 +524,7 @@ class Recommender:
 Int64 = Annotated[int, Field(ge=-(2**63), lt=2**63)]
 ContextKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CONTEXT_TEXT)]
 ContextValue = bool | Int64 | float | Annotated[str, StringConstraints(max_length=MAX_CONTEXT_TEXT)]
+DisplayScalar = bool | int | float | str | None
 
 
 class _Strict(BaseModel):
@@ -545,6 +546,8 @@ class RecommendedItem(_Strict):
     score: float
     source: str
     propensity: float | None  # None: the orderer chose deterministically with no defined propensity (NaN)
+    # the item columns the pipeline config's `display` names, e.g. {"title": ...}; left out when it names none
+    display: dict[str, DisplayScalar | list[DisplayScalar]] | None = Field(None, exclude_if=lambda shown: shown is None)
 
 
 class Recommendation(_Strict):
@@ -795,9 +798,11 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
             log.warning("request %s failed: %s", query, e)
             raise HTTPException(503, "the recommendation could not be computed; retry later", RETRY_AFTER_HEADER) from e
         response = served.response
-        items = [RecommendedItem(item_id=i, score=s, source=src, propensity=None if math.isnan(p) else p)
-                 for i, s, src, p in zip(response.item_ids.tolist(), response.scores.tolist(),
-                                         response.sources.tolist(), response.propensities.tolist(), strict=True)]
+        items = [RecommendedItem(item_id=i, score=s, source=src, propensity=None if math.isnan(p) else p,
+                                 display=shown or None)
+                 for i, s, src, p, shown in zip(response.item_ids.tolist(), response.scores.tolist(),
+                                                response.sources.tolist(), response.propensities.tolist(),
+                                                response.display_rows(), strict=True)]
         return Recommendation(request_id=served.request_id, version=served.version, variant=served.variant,
                               items=items, removed=Counter(response.reasons.tolist()), degraded=served.degraded)
 

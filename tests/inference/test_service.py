@@ -131,8 +131,20 @@ def test_a_recommendation_has_k_items_and_none_of_the_recent_ones(url):
     ids = [item["item_id"] for item in reply["items"]]
     assert status == 200 and len(ids) == 20 == len(set(ids)) and not set(ids) & set(recent)
     assert reply["removed"]["seen"] >= 1
-    assert set(reply["items"][0]) == {"item_id", "score", "source", "propensity"}
+    assert set(reply["items"][0]) == {"item_id", "score", "source", "propensity", "display"}
+    assert all(item["display"] == {"title": f"item {item['item_id']}"} for item in reply["items"])  # the example's
     assert len(recommend(url, k=5)[1]["items"]) == 5  # an anonymous visitor
+
+
+def test_a_config_without_display_columns_answers_without_them(root):
+    recommender = Recommender(root, pipeline_config().model_copy(update={"display": []}))
+    try:
+        with serve_in_thread(recommender) as base:
+            status, reply = recommend(base, user_id=7, k=5)
+    finally:
+        recommender.close()
+    assert status == 200 and len(reply["items"]) == 5
+    assert all(set(item) == {"item_id", "score", "source", "propensity"} for item in reply["items"])
 
 
 def test_bad_bodies_are_refused_naming_the_field(url):
@@ -578,6 +590,8 @@ def test_fuzzed_requests_to_every_endpoint_get_no_server_error(recommender):
             response = case.call()
             answered[operation.label, response.status_code] += 1
             assert response.status_code < 500, (operation.label, case.body, response.text[:300])
+            if operation.label == "POST /recommend" and response.status_code == 200:
+                operation.validate_response(response)  # the reply, display columns included, as /openapi.json says
 
         return fuzz
 
