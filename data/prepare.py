@@ -55,7 +55,7 @@ def fit_on_train(schema: Schema, train: Path, users: pd.DataFrame, items: pd.Dat
     with duckdb.connect() as con:
         for name, table in (("users", users), ("items", items)):
             key = KEYS[name]
-            ids = con.sql(f"SELECT DISTINCT {key} FROM read_parquet('{train}')").fetchnumpy()[key]
+            ids = con.read_parquet(str(train)).select(key).distinct().fetchnumpy()[key]
             tables[name] = table[table[key].isin(ids)]
     return FeatureEncoder.fit_tables(schema, tables)
 

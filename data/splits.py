@@ -45,15 +45,11 @@ def split_interactions(path: Path, method: str, seed: int, **kwargs) -> np.ndarr
     with tempfile.TemporaryDirectory(prefix="split-", dir=Path(path).parent) as tmp:
         keys = Path(tmp) / "keys.parquet"
         _write_keys(path, seed, keys)
-        con = duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp,
-                                     "preserve_insertion_order": False})
-        try:
-            con.execute(f"CREATE VIEW keys AS SELECT * FROM read_parquet('{keys}')")
-            result = con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS)
-            for batch in result:
+        with duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp,
+                                    "preserve_insertion_order": False}) as con:
+            con.read_parquet(str(keys)).create_view("keys")
+            for batch in con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS):
                 codes[batch["row"].to_numpy()] = batch["code"].to_numpy()
-        finally:
-            con.close()
     return codes
 
 

@@ -28,7 +28,7 @@ def dataset_stats(path: Path) -> dict:
     ds = read_dataset(path, tables=("users", "items"))
     log = Path(path) / "interactions.parquet"
     with duckdb.connect() as con:
-        con.execute(f"CREATE VIEW log AS SELECT * FROM read_parquet('{log}')")
+        con.read_parquet(str(log)).create_view("log")
         n, active_users, label_mean, start, end = con.execute(
             "SELECT count(*), count(DISTINCT user_id), avg(label), min(timestamp), max(timestamp) FROM log"
         ).fetchone()

@@ -1,7 +1,11 @@
 import numpy as np
+import pandas as pd
 import pytest
 
-from data.stats import format_stats, gini
+from data.dataset import read_dataset
+from data.prepare import prepare
+from data.stats import dataset_stats, format_stats, gini
+from data.synthetic import SyntheticConfig, generate
 
 
 def _gini_mean_difference(x):
@@ -24,3 +28,17 @@ def test_gini_matches_mean_difference_reference():
 def test_format_stats_separates_thousands():
     text = format_stats({"interactions": 100000, "sparsity": 0.93696, "dataset": "ml-100k"})
     assert text.splitlines() == ["interactions  100,000", "sparsity      0.9370", "dataset       ml-100k"]
+
+
+def test_dataset_stats_match_pandas_over_the_whole_table(tmp_path):
+    out = prepare(generate(SyntheticConfig(users=60, items=50, interactions=3000, seed=4)), tmp_path / "ds")
+    stats, ds = dataset_stats(out), read_dataset(out)
+    log = ds.interactions
+    counts = log["item_id"].value_counts().reindex(ds.items["item_id"], fill_value=0).to_numpy()
+    assert stats["interactions"] == len(log) == 3000
+    assert stats["active_users"] == log["user_id"].nunique()
+    assert stats["active_items"] == (counts > 0).sum()
+    assert stats["popularity_gini"] == pytest.approx(gini(counts))
+    assert stats["label_mean"] == pytest.approx(log["label"].mean())
+    assert stats["time_start"] == pd.Timestamp(log["timestamp"].min(), unit="s", tz="UTC").isoformat()
+    assert stats["train_rows"] + stats["valid_rows"] + stats["test_rows"] == 3000
