@@ -4,6 +4,7 @@ at a multiple of it, a steady load below it, and optional faults injected during
     python benchmarks/load.py --artifacts out/artifacts --config configs/pipeline.yaml
     python benchmarks/load.py --repo /tmp/before --server-arg=--probe-context --server-arg=hour=12 ...
     python benchmarks/load.py ... --fault "recstack artifacts rollback --artifacts out/artifacts@60"
+    python benchmarks/load.py ... --rates "" --capacity 20 --overload 0 --swaps 10 --swap-every 20 --steady-s 230
 
 The server runs as a subprocess (`python -m recstack serve` in ``--repo``, so an older checkout
 is measured with the same client). The client is open-loop: requests start at the offered rate
@@ -15,7 +16,10 @@ Capacity is the highest stepped rate whose replies were all 200 with p99 under `
 Overload offers ``--overload`` x capacity: goodput (200s per second) against capacity, how fast
 shed requests (503) were answered, and the server's RSS before and after. Steady offers
 ``--steady`` x capacity: errors, p50 / p95 / p99, RSS growth after the first tenth of the phase.
-A fault is a shell command run once during the steady phase, at the given second.
+A fault is a shell command run once during the steady phase, at the given second. Swaps publish
+the artefact root's two newest versions in turn during the steady phase (`recstack artifacts
+rollback`), one every ``--swap-every`` seconds: the server's RSS after the first swap and after
+the last one (each read just before the next swap would come) show what old versions leave behind.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import psutil
+from prometheus_client.parser import text_string_to_metric_families
 from report import describe_machine, finish, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +56,17 @@ class Phase:
     statuses: Counter = field(default_factory=Counter)  # HTTP status, or "timeout" / "error" / "dropped"
     latency_ms: dict[str, list[float]] = field(default_factory=dict)  # by status
     rss_mb: list[float] = field(default_factory=list)  # the server's, sampled each second
+    rss_at_s: list[float] = field(default_factory=list)  # when each sample was taken, from the phase's start
+    swap_every_s: float | None = None  # with swaps: one every so many seconds, from then on
 
     def record(self, status: int | str, ms: float) -> None:
         self.statuses[status] += 1
         self.latency_ms.setdefault(str(status), []).append(ms)
+
+    def rss_before(self, at_s: float) -> float | None:
+        """The last RSS sample taken before ``at_s`` seconds into the phase."""
+        return next((mb for mb, t in zip(reversed(self.rss_mb), reversed(self.rss_at_s), strict=True) if t < at_s),
+                    None)
 
     def summary(self) -> dict:
         ok = np.asarray(self.latency_ms.get("200", []))
@@ -70,16 +82,21 @@ class Phase:
             "goodput_per_s": round(len(ok) / self.seconds, 1),
             "errors": sent - len(ok) - len(shed),  # neither answered nor shed: 5xx other than 503, timeouts
             "p50_ms": percentile(ok, 50), "p95_ms": percentile(ok, 95), "p99_ms": percentile(ok, 99),
-            "shed_p99_ms": percentile(shed, 99), "shed_max_ms": None if not len(shed) else round(float(shed.max()), 1),
+            "shed_p50_ms": percentile(shed, 50), "shed_p99_ms": percentile(shed, 99),
+            "shed_max_ms": None if not len(shed) else round(float(shed.max()), 1),
             "rss_mb_first": self.rss_mb[0] if self.rss_mb else None,
             "rss_mb_last": self.rss_mb[-1] if self.rss_mb else None,
+            **({} if self.swap_every_s is None else {  # the second swap would come at 2 x swap_every_s
+                "rss_mb_after_first_swap": self.rss_before(2 * self.swap_every_s),
+                "rss_mb_after_last_swap": self.rss_mb[-1] if self.rss_mb else None}),
         }
 
 
 async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], server: psutil.Process,
-                timeout_s: float, max_outstanding: int, faults: list[tuple[str, float]] = ()) -> Phase:
+                timeout_s: float, max_outstanding: int, faults: list[tuple[str, float]] = (),
+                swap_every_s: float | None = None) -> Phase:
     """Starts ``rate`` requests per second for ``seconds``, open-loop; waits for the last replies."""
-    phase = Phase(rate, seconds)
+    phase = Phase(rate, seconds, swap_every_s=swap_every_s)
     outstanding = 0
     connector = aiohttp.TCPConnector(limit=max_outstanding, force_close=False)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -104,6 +121,7 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
         async def sample_rss() -> None:
             while True:
                 phase.rss_mb.append(round(server.memory_info().rss / 2**20, 1))
+                phase.rss_at_s.append(time.perf_counter() - start)
                 await asyncio.sleep(1.0)
 
         async def inject(command: str, at_s: float) -> None:
@@ -113,10 +131,10 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
             _, err = await process.communicate()
             print(f"fault {command!r} at {at_s} s: exit {process.returncode} {err.decode()[-300:]}", file=sys.stderr)
 
+        start = time.perf_counter()
         sampler = asyncio.create_task(sample_rss())
         injected = [asyncio.create_task(inject(command, at_s)) for command, at_s in faults]
         tasks = []
-        start = time.perf_counter()
         for n in range(int(rate * seconds)):
             delay = start + n / rate - time.perf_counter()
             if delay > 0:
@@ -152,9 +170,31 @@ def start_server(repo: Path, artifacts: Path, config: Path, extra: list[str]) ->
     raise RuntimeError(f"the server did not answer /healthz within 300 s; see {log.name}")
 
 
+def shed_counts(url: str) -> Counter:
+    """The server's shed requests so far, by reason (its /metrics)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return Counter({sample.labels["reason"]: sample.value for family in text_string_to_metric_families(text)
+                    if family.name == "recstack_shed_requests" for sample in family.samples})
+
+
 def make_bodies(users: int, context: dict, seed: int, n: int = 1000) -> list[bytes]:
     rng = random.Random(seed)
     return [json.dumps({"user_id": rng.randint(1, users), "context": context, "k": 10}).encode() for _ in range(n)]
+
+
+def swap_commands(artifacts: Path, swaps: int, every_s: float) -> list[tuple[str, float]]:
+    """``swaps`` commands publishing the two newest versions under ``artifacts`` in turn, the one
+    not published first, one every ``every_s`` seconds."""
+    root = artifacts.resolve()
+    current = (root / "CURRENT").read_text().strip()
+    newest = sorted(path.name for path in root.iterdir() if path.is_dir() and path.name.startswith("v"))[-2:]
+    if len(newest) < 2 or current not in newest:
+        raise ValueError(f"{root}: versions {newest}, published {current!r}; swaps need two versions, the newer "
+                         "or the older of them published")
+    turns = [newest[0] if current == newest[1] else newest[1], current]
+    return [(shlex.join([sys.executable, "-m", "recstack", "artifacts", "rollback", "--artifacts", str(root),
+                         "--version", turns[n % 2]]), (n + 1) * every_s) for n in range(swaps)]
 
 
 def capacity_of(steps: list[dict], p99_ms: float) -> float:
@@ -170,15 +210,22 @@ def format_table(result: dict) -> str:
              f"load average {m['load_average_1min']:.1f} at the start",
              f"Server: {result['server']}; capacity {result['capacity_per_s']} requests/s "
              f"(p99 under {result['p99_ms']} ms, all 200); overload and steady scaled from "
-             f"{result['scaled_from_per_s']} requests/s", *[f"Fault: {fault}" for fault in result["faults"]], "",
+             f"{result['scaled_from_per_s']} requests/s", *[f"Fault: {fault}" for fault in result["faults"]],
+             *([f"Swaps: {result['swaps']}, one every {result['swap_every_s']} s"] if result["swaps"] else []), "",
              "| phase | offered /s | sent | goodput /s | 200 | 503 | errors | p50 ms | p95 ms | p99 ms | "
-             "shed p99 ms | shed max ms | RSS MB first -> last |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "shed p50 ms | shed p99 ms | shed max ms | shed by reason | RSS MB first -> last |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name, row in result["phases"]:
         lines.append(f"| {name} | {row['offered_per_s']:g} | {row['sent']} | {row['goodput_per_s']} | "
                      f"{row['statuses'].get('200', 0)} | {row['statuses'].get('503', 0)} | {row['errors']} | "
-                     f"{row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['shed_p99_ms']} | "
-                     f"{row['shed_max_ms']} | {row['rss_mb_first']} -> {row['rss_mb_last']} |")
+                     f"{row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['shed_p50_ms']} | "
+                     f"{row['shed_p99_ms']} | "
+                     f"{row['shed_max_ms']} | {', '.join(f'{k} {v:g}' for k, v in row['shed_reasons'].items())} | "
+                     f"{row['rss_mb_first']} -> {row['rss_mb_last']} |")
+    for name, row in result["phases"]:
+        if "rss_mb_after_first_swap" in row:
+            lines.append(f"\n{name}: RSS {row['rss_mb_after_first_swap']} MB after the first swap, "
+                         f"{row['rss_mb_after_last_swap']} MB after the last")
     return "\n".join(lines)
 
 
@@ -201,21 +248,27 @@ def main() -> int:
     parser.add_argument("--steady-s", type=float, default=300.0)
     parser.add_argument("--fault", action="append", default=[], metavar="COMMAND@SECONDS",
                         help="a shell command run once during the steady phase, at that second")
+    parser.add_argument("--swaps", type=int, default=0,
+                        help="versions published during the steady phase (the root's two newest, in turn)")
+    parser.add_argument("--swap-every", type=float, default=20.0, metavar="SECONDS")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="client timeout per request")
     parser.add_argument("--max-outstanding", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load.json")
     args = parser.parse_args()
     faults = [(command, float(at)) for command, _, at in (f.rpartition("@") for f in args.fault)]
+    swaps = swap_commands(args.artifacts, args.swaps, args.swap_every) if args.swaps else []
     bodies = make_bodies(args.users, json.loads(args.context), args.seed)
     machine = describe_machine()
     server, url = start_server(args.repo, args.artifacts, args.config, args.server_arg)
     process = psutil.Process(server.pid)
     phases = []
     try:
-        def run(name: str, rate: float, seconds: float, faults=()) -> dict:
+        def run(name: str, rate: float, seconds: float, faults=(), swap_every_s: float | None = None) -> dict:
+            shed_before = shed_counts(url)
             row = asyncio.run(offer(url, rate, seconds, bodies, process, args.timeout_s, args.max_outstanding,
-                                    faults)).summary()
+                                    faults, swap_every_s)).summary()
+            row["shed_reasons"] = dict(shed_counts(url) - shed_before)  # what the server says it shed, and why
             print(name, json.dumps(row), file=sys.stderr)
             phases.append((name, row))
             time.sleep(2.0)  # let the server drain between phases
@@ -223,7 +276,7 @@ def main() -> int:
 
         run("warm-up", 5, 10)
         steps = []
-        for rate in map(float, args.rates.split(",")):
+        for rate in (float(rate) for rate in args.rates.split(",") if rate):  # "": no steps (give --capacity)
             steps.append(run(f"step {rate:g}/s", rate, args.step_s))
             if steps[-1]["errors"] > 0.05 * steps[-1]["sent"]:  # collapsed: higher steps only take longer
                 break
@@ -232,8 +285,8 @@ def main() -> int:
         if capacity and args.overload:
             run(f"overload {args.overload:g}x", args.overload * capacity, args.overload_s)
         if capacity and args.steady:
-            run(f"steady {args.steady:g}x" + (" + faults" if faults else ""), args.steady * capacity, args.steady_s,
-                faults)
+            run(f"steady {args.steady:g}x" + (" + faults" if faults else "") + (" + swaps" if swaps else ""),
+                args.steady * capacity, args.steady_s, faults + swaps, args.swap_every if swaps else None)
         rev = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()
     finally:
@@ -241,7 +294,8 @@ def main() -> int:
         server.wait(30)
     result = {"machine": machine, "server": f"{shlex.join(['recstack', 'serve', *args.server_arg])} at {rev}",
               "capacity_per_s": measured, "scaled_from_per_s": capacity, "p99_ms": args.p99_ms, "phases": phases,
-              "faults": args.fault, "passed": measured > 0}
+              "faults": args.fault, "swaps": args.swaps, "swap_every_s": args.swap_every,
+              "passed": measured > 0 or args.capacity is not None}
     return finish(result, format_table(result), args.out)
 
 
