@@ -53,6 +53,8 @@ class Impression:
     sources: tuple[str, ...]
     scores: tuple[float, ...]
     propensities: tuple[float, ...]  # probability of each slot's choice; NaN (logged null): degenerate
+    strategy: str | None = None  # the strategy a bandit orderer drew for the request (orderers.py), if any
+    strategy_propensity: float | None = None  # its probability under the policy; NaN (logged null): degenerate
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ FIELDS = {
         "propensities": ("a list of numbers in (0, 1], null where a deterministic policy chose",
                          _each(lambda x: x is None or (_is_number(x) and 0 < x <= 1))),
         "variant": STRING,
+        "strategy": ("a string or null", lambda v: v is None or isinstance(v, str)),
+        "strategy_propensity": ("a number in (0, 1], or null (no strategy, or a deterministic policy chose it)",
+                                lambda v: v is None or (_is_number(v) and 0 < v <= 1)),
     },
     "feedback": {"request_id": STRING, "item_id": ("an integer", _is_int), "reward": NUMBER, "received_at": NUMBER},
 }
@@ -102,10 +107,15 @@ IMPRESSION_DTYPES = {"request_id": object, "served_at": "float64", "version": ob
                      "context": object, "recent_items": object, "k": "int64", "position": "int64",
                      "item_id": "int64", "source": object, "score": "float64", "propensity": "float64"}
 REQUEST_DTYPES = {"request_id": object, "served_at": "float64", "version": object, "variant": object,
-                  "user_id": "Int64", "k": "int64", "served": "int64"}
+                  "strategy": object, "strategy_propensity": "float64", "user_id": "Int64", "k": "int64",
+                  "served": "int64"}
 FEEDBACK_DTYPES = {"request_id": object, "item_id": "int64", "reward": "float64", "received_at": "float64"}
 _STOP = object()  # queued by close(): the writer thread exits once it has written everything before it
 _FILE_NUMBERS = itertools.count()  # shared by every log in this process, so their file names differ
+
+
+def _null_if_nan(value: float | None) -> float | None:
+    return None if value != value else value
 
 
 def _check(kind: str, row: object) -> None:
@@ -206,7 +216,8 @@ class ImpressionLog:
                 try:
                     row = asdict(record)
                     if "propensities" in row:  # JSON has no NaN: a degenerate propensity is logged as null
-                        row["propensities"] = [None if p != p else p for p in row["propensities"]]
+                        row["propensities"] = [_null_if_nan(p) for p in row["propensities"]]
+                        row["strategy_propensity"] = _null_if_nan(row["strategy_propensity"])
                     _check(KINDS[type(record)], row)
                     lines[KINDS[type(record)]].append(json.dumps(row, separators=(",", ":")) + "\n")
                 except Exception:  # noqa: BLE001 -- an unloggable record is dropped, never the writer
@@ -301,7 +312,8 @@ def read_impressions(directory: Path) -> pd.DataFrame:
 
 def read_requests(directory: Path) -> pd.DataFrame:
     """One row per answered request, those that served no item included, in log order:
-    request_id, served_at, version, variant, user_id, k and ``served`` (items)."""
+    request_id, served_at, version, variant, strategy (None without a strategy bandit) and
+    strategy_propensity (NaN: none, or degenerate), user_id, k and ``served`` (items)."""
     return _requests(_read(Path(directory), "impressions"))
 
 
@@ -335,7 +347,9 @@ def _slots(records: list[dict]) -> pd.DataFrame:
 
 
 def _requests(records: list[dict]) -> pd.DataFrame:
-    rows = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["user_id"], r["k"], len(r["item_ids"]))
+    rows = [(r["request_id"], r["served_at"], r["version"], r["variant"], r["strategy"],
+             math.nan if r["strategy_propensity"] is None else r["strategy_propensity"], r["user_id"], r["k"],
+             len(r["item_ids"]))
             for r in records]
     return pd.DataFrame(rows, columns=list(REQUEST_DTYPES), dtype=object).astype(REQUEST_DTYPES)
 

@@ -52,7 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from evaluation.shadow import ShadowRunner
 from inference.artifacts import ArtifactRoot, LiveArtifacts
 from inference.impressions import Feedback, Impression, ImpressionLog
-from inference.pipeline.bandits import SharedSourceBandit, SourceBandit
+from inference.pipeline.bandits import SharedSourceBandit, SourceBandit, strategy_arm
 from inference.pipeline.config import PipelineConfig
 from inference.pipeline.executor import Budget, BudgetSpent, Pipeline, Response, build_pipeline, within
 from inference.pipeline.stats import LATENCY_BUCKETS_MS, PipelineStats
@@ -327,7 +327,8 @@ class Recommender:
     leaves out is completed as any request's is (`PipelineConfig.time_features`). Once started, it looks for a new
     version every ``poll_s`` seconds. Call `close` when done (it does not close ``log``).
 
-    ``bandit`` counts every served slot by source and the rewards `feedback` reports, across
+    ``bandit`` counts every served slot by source, and by strategy (`strategy_arm`) when a bandit
+    orderer drew one for the request, and the rewards `feedback` reports to both, across
     versions (and across servers, through Redis, when the config names a Redis store); feedback
     can name the items of the newest answered requests that fit in `MAX_REMEMBERED_BYTES`. With
     ``experiment``, each version also builds its arm's pipeline, which must answer the probe too.
@@ -345,7 +346,8 @@ class Recommender:
         self.config, self.probe, self.log, self.shadow, self.experiment = config, probe, log, shadow, experiment
         # with a Redis store, every server behind the load balancer learns from all the traffic
         self.bandit = SharedSourceBandit(*redis_address(config.redis)) if config.redis else SourceBandit()
-        self._served = RecentAnswers(MAX_REMEMBERED_BYTES)  # request id -> {item: source}
+        # request id -> ({item: source}, the strategy drawn or None)
+        self._served = RecentAnswers(MAX_REMEMBERED_BYTES)
         self.degraded_requests = 0  # answered without Redis
         self._lock = threading.Lock()
         self._latest: Serving | None = None  # what the last successful load built
@@ -376,32 +378,39 @@ class Recommender:
             with self._lock:
                 self.degraded_requests += 1
         items, sources = response.item_ids.tolist(), response.sources.tolist()
+        strategy = response.strategy  # drawn by a bandit orderer among strategies, or None
+        drawn = None if strategy is None else strategy.name
         self.bandit.served(sources)
+        if strategy is not None:
+            self.bandit.served([strategy_arm(drawn)] * len(items))  # its reward per slot, as a source's
         with self._lock:
-            self._served[served.request_id] = dict(zip(items, sources, strict=True))
+            self._served[served.request_id] = (dict(zip(items, sources, strict=True)), drawn)
         if self.log is not None:
             self.log.write(Impression(
                 served.request_id, time.time(), serving.version, arm, query.user_id, query.context, query.recent_items,
                 query.k, tuple(items), tuple(sources), tuple(response.scores.tolist()),
-                tuple(response.propensities.tolist()),
+                tuple(response.propensities.tolist()), drawn, None if strategy is None else strategy.propensity,
             ))
         return served
 
-    def feedback(self, request_id: str, item_id: int, reward: float) -> str:
+    def feedback(self, request_id: str, item_id: int, reward: float) -> tuple[str, str | None]:
         """Credits ``reward`` in [0, 1] (a click: 1) for ``item_id`` of an answered request to the
-        source that proposed it, which it returns; logs it. `UnknownRequest` for a request id not
-        among those remembered, ValueError for an item that request did not serve."""
+        source that proposed it and to the strategy drawn for the request (None: none), which it
+        returns; logs it. `UnknownRequest` for a request id not among those remembered,
+        ValueError for an item that request did not serve."""
         with self._lock:
-            slots = self._served.get(request_id)
+            slots, strategy = self._served.get(request_id, (None, None))
         if slots is None:
             raise UnknownRequest(f"request_id {request_id!r} is not among the recently answered requests")
         if item_id not in slots:
             raise ValueError(f"item_id {item_id} was not served in request {request_id!r}; "
                              f"it served {list(slots)[:20]}")
         self.bandit.rewarded(slots[item_id], reward)
+        if strategy is not None:
+            self.bandit.rewarded(strategy_arm(strategy), reward)
         if self.log is not None:
             self.log.write(Feedback(request_id, item_id, reward, time.time()))
-        return slots[item_id]
+        return slots[item_id], strategy
 
     def close(self) -> None:
         """Stops polling and closes every pipeline, the serving one included, and the bandit."""
@@ -557,6 +566,7 @@ class Recommendation(_Strict):
     request_id: str
     version: str
     variant: str  # the experiment arm: "control" outside an experiment
+    strategy: str | None  # the strategy a bandit orderer drew, which feedback credits too; None: none
     items: list[RecommendedItem]
     removed: dict[str, int]
     degraded: bool  # answered without the Redis store, from the version's own snapshot
@@ -571,9 +581,10 @@ class FeedbackRequest(_Strict):
 
 
 class FeedbackReceipt(_Strict):
-    """The reply of ``POST /feedback``: the source credited."""
+    """The reply of ``POST /feedback``: the source credited, and the strategy (None: none)."""
 
     source: str
+    strategy: str | None
 
 
 class ShadowReport(_Strict):
@@ -803,13 +814,16 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
                  for i, s, src, p, shown in zip(response.item_ids.tolist(), response.scores.tolist(),
                                                 response.sources.tolist(), response.propensities.tolist(),
                                                 response.display_rows(), strict=True)]
+        strategy = None if response.strategy is None else response.strategy.name
         return Recommendation(request_id=served.request_id, version=served.version, variant=served.variant,
-                              items=items, removed=Counter(response.reasons.tolist()), degraded=served.degraded)
+                              strategy=strategy, items=items, removed=Counter(response.reasons.tolist()),
+                              degraded=served.degraded)
 
     @app.post("/feedback")
     def feedback(body: FeedbackRequest) -> FeedbackReceipt:
         try:
-            return FeedbackReceipt(source=recommender.feedback(body.request_id, body.item_id, body.reward))
+            source, strategy = recommender.feedback(body.request_id, body.item_id, body.reward)
+            return FeedbackReceipt(source=source, strategy=strategy)
         except UnknownRequest as e:
             raise HTTPException(404, excerpt(e.args[0])) from e
         except ValueError as e:

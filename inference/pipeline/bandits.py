@@ -16,6 +16,9 @@ One bandit outlives artefact versions: the service counts each answered slot (`s
 each feedback event (`rewarded`), and `ExploreOrderer` (orderers.py) reads the estimates to
 decide where exploration goes. Rewards are in [0, 1] (a click is 1).
 
+A `StrategyBanditOrderer` (orderers.py) keeps its strategies' counts in the same bandit, each
+under its arm's name `strategy_arm` (``strategy:<name>``), apart from the sources'.
+
 `SharedSourceBandit` shares the counts of every server behind a load balancer through a Redis
 hash, so the handlers stay stateless and a restarted one resumes where they all are.
 """
@@ -37,6 +40,11 @@ from inference.store import connect
 log = logging.getLogger(__name__)
 
 SHARED_KEY = "recstack:bandit"  # a hash: served:<source> and rewards:<source>, over every version and server
+
+
+def strategy_arm(strategy: str) -> str:
+    """The name a `SourceBandit` counts the slots and rewards of ``strategy`` under."""
+    return f"strategy:{strategy}"
 
 
 class SourceBandit:

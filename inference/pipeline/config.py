@@ -58,6 +58,9 @@ class PipelineConfig(_Strict):
     time_zone: str = "UTC"  # an IANA name, e.g. Europe/Paris
     workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
     sources: list[Annotated[Union[SOURCE_SPECS], Field(discriminator="kind")]] = Field(min_length=1)  # noqa: UP007
+    # retrieval: the scorer sees each candidate's item and request features; scoring: also its
+    # source and that source's score (`CANDIDATE_FEATURES`), for a ranker that learns the blend
+    blend: Literal["retrieval", "scoring"] = "retrieval"
     filters: list[Annotated[Union[FILTER_SPECS], Field(discriminator="kind")]] = []  # noqa: UP007  cheapest first
     # exported rankers of the version, each the next one's fallback: {kind: torchscript, model: deepfm}
     # runs in process, {kind: triton, model: deepfm} on the `triton` server (deepfm_py: its Python-backend twin)
@@ -89,7 +92,9 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _pins_within_max_k(self) -> PipelineConfig:
-        for spec in self.orderers:
+        chained = [spec for bandit in self.orderers if bandit.kind == "bandit" and bandit.strategies
+                   for chain in bandit.strategies.values() for spec in chain]  # the strategies' orderers
+        for spec in [*self.orderers, *chained]:
             if spec.kind == "pin" and max(spec.positions) >= self.max_k:
                 raise ValueError(f"pin positions {spec.positions}: {max(spec.positions)} is past the longest "
                                  f"list, max_k = {self.max_k} (positions count from 0)")

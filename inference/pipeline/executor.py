@@ -2,8 +2,10 @@
 
     Query -> sources (concurrently, each with a quota, a timeout and a fail-open flag)
           -> blend (each item once; the first source in config order keeps it)
-          -> filters (in config order) -> hydrate (request + item features) -> scorer -> orderers
-          -> Response (items, scores, source of each item, propensity of each slot, removal reasons)
+          -> filters (in config order) -> hydrate (request + item features; with `blend: scoring`,
+             each candidate's source and its source's score) -> scorer -> orderers
+          -> Response (items, scores, source of each item, propensity of each slot, removal reasons,
+             the strategy a bandit orderer drew)
 
 Start with `open_pipeline`, which opens a version directory with the store a `PipelineConfig`
 (config.py; see configs/pipeline.yaml) names and builds its `Pipeline` (`build_pipeline`, over a
@@ -37,11 +39,11 @@ from data.tables import KEYS
 from inference.pipeline.bandits import SourceBandit
 from inference.pipeline.config import TIME_FIELDS, PipelineConfig, time_zone
 from inference.pipeline.filters import Filter
-from inference.pipeline.orderers import Orderer, by_score
+from inference.pipeline.orderers import Orderer, Strategy, StrategyBanditOrderer, by_score
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer
 from inference.pipeline.sources import QUERY_TOWER, CandidateSource, query_row
 from inference.pipeline.stats import PipelineStats
-from inference.pipeline.types import Candidates, Query
+from inference.pipeline.types import CANDIDATE_FEATURES, Candidates, Query
 from inference.store import RedisStore, Store, redis_address
 from inference.version import ServingVersion, open_version
 
@@ -108,21 +110,27 @@ class ContextCompleter:
 
 class Hydrator:
     """Candidates -> the same candidates with feature rows: the request's (`query_row`), the
-    item's from the store (``item_id`` and every item column), so any scorer finds its columns."""
+    item's from the store (``item_id`` and every item column), so any scorer finds its columns;
+    with ``by_source``, also each candidate's `CANDIDATE_FEATURES`: the name of the source that
+    proposed it and that source's score (`blend: scoring`)."""
 
     name = "hydrate"
 
-    def __init__(self, store: Store, schema: Schema) -> None:
-        self.store, self.schema = store, schema
+    def __init__(self, store: Store, schema: Schema, by_source: bool = False) -> None:
+        self.store, self.schema, self.by_source = store, schema, by_source
 
     def __call__(self, query: Query, candidates: Candidates) -> Candidates:
         request = query_row(query, self.store, self.schema)
         items = self.store.item_features(candidates.item_ids).features
-        clash = sorted(set(request.columns) & {KEYS["items"], *items.columns})
+        own = {KEYS["items"]: candidates.item_ids}
+        if self.by_source:
+            own |= dict(zip(CANDIDATE_FEATURES, (candidates.sources, candidates.scores), strict=True))
+        clash = sorted(set(request.columns) & {*own, *items.columns})
         if clash:
-            raise ValueError(f"request features {clash} are also item columns; expected each column from one place")
+            raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "
+                             "from one place")
         rows = request.iloc[np.zeros(len(candidates), np.intp)].reset_index(drop=True)  # the request's row N times
-        features = pd.concat([rows, pd.DataFrame({KEYS["items"]: candidates.item_ids}), items], axis=1)
+        features = pd.concat([rows, pd.DataFrame(own), items], axis=1)
         return Candidates(candidates.item_ids, candidates.sources, candidates.scores, features)
 
 
@@ -145,7 +153,7 @@ class Stages:
     filters: list[Filter]
     hydrator: Hydrator
     scorer: Scorer
-    orderers: list[Orderer]
+    orderers: list[Orderer | StrategyBanditOrderer]
     completer: ContextCompleter = field(default_factory=lambda: ContextCompleter([], {}, ZoneInfo("UTC")))
 
 
@@ -153,7 +161,8 @@ class Stages:
 class Response:
     """M ranked items: ``item_ids`` (M,) int64, ``scores`` (M,) float32, ``sources`` (M,) the source
     of each, ``propensities`` (M,) float64 of each slot; ``removed`` (R,) item ids and ``reasons``
-    (R,) str, one per item a filter removed, filter after filter."""
+    (R,) str, one per item a filter removed, filter after filter; ``strategy``, the strategy a
+    bandit orderer drew for the request, if it chooses among strategies."""
 
     item_ids: np.ndarray
     scores: np.ndarray
@@ -170,6 +179,7 @@ class Response:
             return [{} for _ in self.item_ids]
         return [{column: _json_value(value) for column, value in zip(self.display.columns, row, strict=True)}
                 for row in self.display.itertuples(index=False, name=None)]
+    strategy: Strategy | None = None
 
 
 class Pipeline:
@@ -209,10 +219,10 @@ class Pipeline:
             self.stats.record("hydrate", started, len(candidates), len(candidates))
             _check_budget(budget, "scorer")
             candidates = self._score(query, candidates)
-            candidates, propensities = self._order(query, candidates)
+            candidates, propensities, strategy = self._order(query, candidates)
         display = candidates.features[list(self.display)] if self.display else None
         return Response(candidates.item_ids, candidates.scores, candidates.sources, propensities,
-                        np.concatenate(removed), np.concatenate(reasons), display=display)
+                        np.concatenate(removed), np.concatenate(reasons), strategy, display=display)
 
     def warm_up(self, query: Query, calls: int = 2) -> None:
         """Calls every source with ``query`` ``calls`` times, untimed, then answers it ``calls``
@@ -305,21 +315,24 @@ class Pipeline:
         self.stats.record("scorer", started, len(candidates), len(candidates))
         return Candidates(candidates.item_ids, candidates.sources, scores, candidates.features)
 
-    def _order(self, query: Query, candidates: Candidates) -> tuple[Candidates, np.ndarray]:
+    def _order(self, query: Query, candidates: Candidates) -> tuple[Candidates, np.ndarray, Strategy | None]:
         """The orderers in turn over the candidates ranked by score (ties in blend order); a slot's
-        propensity is the product of each orderer's for its item."""
+        propensity is the product of each orderer's for its item; the strategy drawn, if any."""
         candidates = candidates.take(by_score(candidates))
-        propensities = np.ones(len(candidates))
+        propensities, strategy = np.ones(len(candidates)), None
         for orderer in self.stages.orderers:
             started = time.perf_counter()
-            ranked, chosen = orderer(query, candidates)
+            if isinstance(orderer, StrategyBanditOrderer):
+                ranked, chosen, strategy = orderer.draw(query, candidates)
+            else:
+                ranked, chosen = orderer(query, candidates)
             self.stats.record(f"orderer:{orderer.name}", started, len(candidates), len(ranked))
             rows = pd.Index(candidates.item_ids).get_indexer(ranked.item_ids)  # item ids are unique after blending
             if (rows < 0).any():
                 raise RuntimeError(f"orderer {orderer.name!r} returned items {ranked.item_ids[rows < 0][:5].tolist()} "
                                    "it was not given; expected it to only drop or reorder")
             candidates, propensities = ranked, propensities[rows] * chosen
-        return candidates, propensities
+        return candidates, propensities, strategy
 
 
 def _check_budget(budget: Budget | None, stage: str) -> None:
@@ -360,17 +373,25 @@ def open_pipeline_version(config: PipelineConfig, directory: Path) -> ServingVer
 def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: SourceBandit | None = None) -> Pipeline:
     """The pipeline ``config`` declares over the models, index and store of a loaded ``version``
     (`open_pipeline` opens the store ``config`` names). An explore orderer reads ``bandit`` (a
-    server passes the one that outlives its versions; default: a fresh one)."""
+    server passes the one that outlives its versions; default: a fresh one). ValueError when a
+    scorer reads `CANDIDATE_FEATURES` that the config's blend does not pass."""
     _check_display(config.display, version.store)
     bandit = bandit or SourceBandit()
     models = version.directory / "models"
     tower = ModelInputs.load(models, QUERY_TOWER)
     scorers = [spec.build(version, config.triton, config.triton_timeout_s) for spec in config.scorer]
+    if config.blend != "scoring":
+        for scorer in scorers:
+            wanted = [name for name in CANDIDATE_FEATURES if name in scorer.inputs.features]
+            if wanted:
+                raise ValueError(f"scorer {scorer.name!r} reads {wanted}, which only `blend: scoring` passes a "
+                                 f"ranker; expected blend: scoring (the config has blend: {config.blend}), or a "
+                                 "ranker without them")
     stages = Stages(
         sources=[SourceSlot(spec.build(version), spec.quota, spec.timeout_s, spec.fail_open)
                  for spec in config.sources],
         filters=[spec.build(version) for spec in config.filters],
-        hydrator=Hydrator(version.store, tower.encoder.schema),
+        hydrator=Hydrator(version.store, tower.encoder.schema, by_source=config.blend == "scoring"),
         scorer=FallbackScorer(scorers),
         orderers=[spec.build(version, bandit) for spec in config.orderers],
         completer=_completer(config, [tower, *(scorer.inputs for scorer in scorers)]),
@@ -380,9 +401,11 @@ def build_pipeline(config: PipelineConfig, version: ServingVersion, bandit: Sour
 
 def _completer(config: PipelineConfig, models: list[ModelInputs]) -> ContextCompleter:
     """The `ContextCompleter` of the request-time features ``models`` read: their schemas'
-    interaction features (sequences aside). Of ``config.time_features``, those the models read."""
+    interaction features (sequences, and the candidates' own `CANDIDATE_FEATURES`, aside). Of
+    ``config.time_features``, those the models read."""
     features = sorted({f.name for inputs in models for f in inputs.encoder.schema.features
-                       if f.table == "interactions" and f.kind != "sequence" and f.name in inputs.features})
+                       if f.table == "interactions" and f.kind != "sequence" and f.name in inputs.features
+                       and f.name not in CANDIDATE_FEATURES})
     derived = {name: field for name, field in config.time_features.items() if name in features}
     return ContextCompleter(features, derived, time_zone(config.time_zone))
 

@@ -13,6 +13,8 @@ orderer, NaN where a deterministic policy chose among arms (UCB1, greedy), which
     ExploreOrderer       the first k, each slot explored with probability epsilon: one of the best
                          items of a source a `SourceBandit` finds rewarding (a final orderer)
     BanditOrderer        k slots allocated among sources by a bandit policy (a final orderer)
+    StrategyBanditOrderer  one of several named orderer chains per request, drawn by a bandit
+                         policy, then the first k (a final orderer)
 
 Each orderer's config spec (its ``kind:`` in the pipeline's ``orderers:``) is defined beside it.
 """
@@ -22,13 +24,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Literal, Protocol, Union
 
 import numpy as np
 import pandas as pd
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 
-from inference.pipeline.bandits import UCB1, BanditPolicy, EpsilonGreedy, SourceBandit, Thompson
+from inference.pipeline.bandits import UCB1, BanditPolicy, EpsilonGreedy, SourceBandit, Thompson, strategy_arm
 from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
 
@@ -67,8 +70,8 @@ class TopKOrderer:
     name = "top_k"
 
     def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
-        first = np.arange(min(query.k, len(scored)))
-        return scored.take(first), np.ones(len(first))
+        first = _top(query, scored)
+        return first, np.ones(len(first))
 
 
 class ExploreOrderer:
@@ -265,12 +268,10 @@ class BanditOrderer:
 
     def __init__(self, bandit: SourceBandit, policy: BanditPolicy, seed: int | None = None) -> None:
         self.bandit, self.policy = bandit, policy
-        self._seeds = np.random.SeedSequence(seed)
-        self._lock = threading.Lock()  # spawning is not thread-safe; requests run on many threads
+        self._draws = RequestDraws(seed)
 
     def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
-        with self._lock:
-            rng = np.random.default_rng(self._seeds.spawn(1)[0])
+        rng = self._draws.generator()
         names, source_of = np.unique(scored.sources, return_inverse=True)
         remaining = [np.flatnonzero(source_of == s).tolist() for s in range(len(names))]  # positions, best first
         served, rewards = self.bandit.counts(names)
@@ -281,10 +282,93 @@ class BanditOrderer:
             left = np.array([len(r) > 0 for r in remaining])
             if available is None or (left != available).any():  # the counts only change between requests
                 available, p = left, self.policy.probabilities(served, rewards, left, rng)
-            source = min(int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right")), len(p) - 1)
+            source = draw_arm(p, rng)
             chosen[slot] = remaining[source].pop(0)
             propensities[slot] = np.nan if self.policy.deterministic else p[source]
         return scored.take(chosen), propensities
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The strategy a `StrategyBanditOrderer` drew for a request, and its probability under the
+    policy (NaN when the policy is deterministic)."""
+
+    name: str
+    propensity: float
+
+
+class StrategyBanditOrderer:
+    """One of the named ``strategies`` per request, drawn by a bandit ``policy`` over ``bandit``'s
+    counts of each strategy's arm (`strategy_arm`); the drawn strategy's chain of orderers ranks the
+    candidates and its first ``query.k`` are kept. The chains hold deterministic orderers (each
+    slot's propensity 1), none of the final ones.
+
+    Every strategy's list is computed, so that each slot's propensity is exact, whichever
+    strategies agree: the probability under the policy of the strategies whose lists agree with the
+    served one down to that slot, over that of those agreeing down to the slot above. The product
+    over the slots is the probability of the served list, which replay needs; slots where every
+    strategy agrees (e.g. MMR's first item) have propensity 1. NaN when the policy is
+    deterministic. Not an `Orderer`: `draw` also returns the `Strategy`, which the service credits
+    feedback to. ``seed`` fixes the draws (tests); by default they differ per run."""
+
+    name = "bandit"
+
+    def __init__(self, strategies: dict[str, list[Orderer]], bandit: SourceBandit, policy: BanditPolicy,
+                 seed: int | None = None) -> None:
+        if len(strategies) < 2:
+            raise ValueError(f"strategies {list(strategies)}; expected at least 2 to choose among")
+        self.strategies, self.bandit, self.policy = strategies, bandit, policy
+        self._arms = np.array([strategy_arm(name) for name in strategies])
+        self._draws = RequestDraws(seed)
+
+    def draw(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray, Strategy]:
+        """(M,) ranked candidates of the drawn strategy, their (M,) propensities, and the strategy."""
+        rng = self._draws.generator()
+        lists = [_top(query, _chained(chain, query, scored)) for chain in self.strategies.values()]
+        served, rewards = self.bandit.counts(self._arms)
+        p = self.policy.probabilities(served, rewards, np.ones(len(lists), bool), rng)
+        p = p / p.sum()  # (S,)
+        arm = draw_arm(p, rng)
+        ranked = lists[arm]
+        items = ranked.item_ids
+        agree = np.zeros((len(lists), len(items)), bool)  # (S, M) strategy s's list has the served item at slot j
+        for s, other in enumerate(lists):
+            n = min(len(other), len(items))
+            agree[s, :n] = other.item_ids[:n] == items[:n]
+        reach = p @ np.cumprod(agree, axis=1)  # (M,) probability of a list starting with the served slots 0..j
+        propensities = np.minimum(reach / np.concatenate([[1.0], reach[:-1]]), 1.0)
+        name = list(self.strategies)[arm]
+        if self.policy.deterministic:
+            return ranked, np.full(len(items), np.nan), Strategy(name, np.nan)
+        return ranked, propensities, Strategy(name, float(p[arm]))
+
+
+class RequestDraws:
+    """An independent random generator per request from ``seed`` (None: different per run);
+    thread-safe, as requests run on many threads (spawning is not)."""
+
+    def __init__(self, seed: int | None) -> None:
+        self._seeds = np.random.SeedSequence(seed)
+        self._lock = threading.Lock()
+
+    def generator(self) -> np.random.Generator:
+        with self._lock:
+            return np.random.default_rng(self._seeds.spawn(1)[0])
+
+
+def draw_arm(p: np.ndarray, rng: np.random.Generator) -> int:
+    """An arm drawn with the (K,) probabilities ``p``."""
+    return min(int(np.searchsorted(np.cumsum(p), rng.random() * p.sum(), side="right")), len(p) - 1)
+
+
+def _chained(chain: list[Orderer], query: Query, scored: Candidates) -> Candidates:
+    for orderer in chain:
+        scored, _ = orderer(query, scored)
+    return scored
+
+
+def _top(query: Query, ranked: Candidates) -> Candidates:
+    return ranked.take(np.arange(min(query.k, len(ranked))))
 
 
 def _value_sets(values: list) -> np.ndarray:
@@ -330,19 +414,6 @@ class ExploreSpec(StageSpec):
 
     def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
         return ExploreOrderer(bandit, self.epsilon, self.pool, self.seed)
-
-
-class BanditSpec(StageSpec):
-    kind: Literal["bandit"]
-    policy: Literal["epsilon_greedy", "ucb1", "thompson"]
-    epsilon: float = Field(0.1, ge=0, le=1)  # epsilon_greedy's share of uniform draws
-    draws: int = Field(200, ge=1)  # thompson's posterior draws per request, which estimate its propensities
-    seed: int | None = None
-
-    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer:
-        if self.policy == "epsilon_greedy":
-            return BanditOrderer(bandit, EpsilonGreedy(self.epsilon), self.seed)
-        return BanditOrderer(bandit, UCB1() if self.policy == "ucb1" else Thompson(self.draws), self.seed)
 
 
 class MaxPerSourceSpec(StageSpec):
@@ -435,5 +506,39 @@ class PinSpec(StageSpec):
         return PinOrderer(lambda: store.get_list(name)[0], self.positions)
 
 
-ORDERER_SPECS = (MaxPerSourceSpec, BoostSpec, MMRSpec, SpacingSpec, PinSpec, TopKSpec, ExploreSpec, BanditSpec)
+STRATEGY_SPECS = (MaxPerSourceSpec, BoostSpec, MMRSpec, SpacingSpec, PinSpec)  # the orderers a strategy may chain
+StrategyName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]+$")]  # also a bandit arm and a log value
+StrategyChain = list[Annotated[Union[STRATEGY_SPECS], Field(discriminator="kind")]]  # noqa: UP007
+
+
+class BanditSpec(StageSpec):
+    kind: Literal["bandit"]
+    policy: Literal["epsilon_greedy", "ucb1", "thompson"]
+    epsilon: float = Field(0.1, ge=0, le=1)  # epsilon_greedy's share of uniform draws
+    draws: int = Field(200, ge=1)  # thompson's posterior draws per request, which estimate its propensities
+    # the arms: by default the sources (per slot); or these named chains of orderers (one per request),
+    # e.g. {diverse: [{kind: mmr, column: genres, lambda: 0.7}], plain: []}
+    strategies: dict[StrategyName, StrategyChain] | None = Field(None, min_length=2)
+    seed: int | None = None
+
+    def build(self, version: ServingVersion, bandit: SourceBandit) -> Orderer | StrategyBanditOrderer:
+        if self.policy == "epsilon_greedy":
+            policy = EpsilonGreedy(self.epsilon)
+        else:
+            policy = UCB1() if self.policy == "ucb1" else Thompson(self.draws)
+        if self.strategies is None:
+            return BanditOrderer(bandit, policy, self.seed)
+        return StrategyBanditOrderer({name: _built(name, specs, version, bandit)
+                                      for name, specs in self.strategies.items()}, bandit, policy, self.seed)
+
+
+def _built(strategy: str, specs: list[StageSpec], version: ServingVersion, bandit: SourceBandit) -> list[Orderer]:
+    """The orderers of ``strategy``'s chain; ValueError naming the strategy when one cannot be built."""
+    try:
+        return [spec.build(version, bandit) for spec in specs]
+    except ValueError as error:
+        raise ValueError(f"bandit strategy {strategy!r}: {error}") from error
+
+
+ORDERER_SPECS = (*STRATEGY_SPECS, TopKSpec, ExploreSpec, BanditSpec)
 FINAL_ORDERERS = ("top_k", "explore", "bandit")  # the orderers that cut the list to Query.k

@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+# a candidate's own features, which `blend: scoring` passes a ranker (data/candidates.py's table has
+# them): the name of the source that proposed it and that source's score
+CANDIDATE_FEATURES = ("source", "retrieval_score")
+
 
 @dataclass(frozen=True)
 class Query:

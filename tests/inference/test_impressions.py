@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -96,6 +97,17 @@ def test_a_degenerate_propensity_is_logged_as_null_and_read_as_nan(tmp_path):
     log.close()
     assert '"propensities":[null,0.5]' in files(tmp_path, "impressions")[0].read_text()
     assert read_impressions(tmp_path)["propensity"].isna().tolist() == [True, False]
+
+
+def test_the_strategy_a_bandit_drew_is_read_back_per_request(tmp_path):
+    log = ImpressionLog(tmp_path)
+    for n, (strategy, p) in enumerate([("diverse", 0.25), ("plain", float("nan")), (None, None)]):
+        assert log.write(impression(f"r{n}", strategy=strategy, strategy_propensity=p))
+    log.close()
+    assert '"strategy":"plain","strategy_propensity":null' in files(tmp_path, "impressions")[0].read_text()
+    requests = read_requests(tmp_path)
+    assert requests["strategy"].tolist() == ["diverse", "plain", None]
+    np.testing.assert_array_equal(requests["strategy_propensity"], [0.25, np.nan, np.nan])
 
 
 def test_empty_or_missing_directory_gives_empty_frames_with_columns(tmp_path):
@@ -288,6 +300,8 @@ def test_malformed_middle_line_raises_naming_file_and_line(tmp_path):
     pytest.param({"sources": ["ann"]}, r"slot fields have lengths .*'sources': 1.*expected one length",
                  id="lengths-differ"),
     pytest.param({"item_ids": [11, 11]}, r"item_ids = \[11, 11\] repeat an item", id="repeated-item"),
+    pytest.param({"strategy_propensity": 0.0}, r"strategy_propensity = 0.0, expected a number in \(0, 1\]",
+                 id="zero-strategy-propensity"),
     pytest.param({"user_id": "42"}, r"user_id = '42', expected an integer or null", id="string-user-id"),
     pytest.param({"k": None}, r"k = None, expected an integer", id="null-k"),
     pytest.param({"scores": [0.5, True]}, r"scores = \[0.5, True\], expected a list of finite numbers",

@@ -35,7 +35,7 @@ from data.prepare import prepare
 from data.schema import FeatureSpec
 from data.synthetic import SyntheticConfig, generate
 from inference.artifacts import ArtifactError, ArtifactRoot, write_manifest
-from inference.impressions import ImpressionLog, logged_slots
+from inference.impressions import ImpressionLog, logged_slots, read_requests
 from inference.pipeline.config import PipelineConfig
 from inference.pipeline.scorers import TorchScriptScorer, TorchScriptSpec
 from inference.pipeline.sources import ListSource
@@ -330,7 +330,7 @@ def test_feedback_credits_the_items_source_and_names_what_it_cannot_find(url):
     before = metrics(url)
     body = {"request_id": reply["request_id"], "item_id": item["item_id"]}
     status, _, text = call(url, "/feedback", body)
-    assert status == 200 and json.loads(text) == {"source": item["source"]}
+    assert status == 200 and json.loads(text) == {"source": item["source"], "strategy": None}
     after = metrics(url)
     assert after[rewards] == before.get(rewards, 0) + 1 and after[served] >= 1
     status, _, text = call(url, "/feedback", {**body, "request_id": "f" * 32})
@@ -361,6 +361,35 @@ def test_an_exploring_pipeline_logs_answers_and_feedback_for_off_policy_evaluati
     assert first["item_id"].tolist() == served[0].response.item_ids.tolist()
     np.testing.assert_allclose(first["propensity"], served[0].response.propensities)
     assert first.loc[first["item_id"] == clicked, "reward"].tolist() == [1.0]
+
+
+def test_a_strategy_bandit_names_its_strategy_logs_it_and_feedback_credits_it(root, tmp_path):
+    raw = pipeline_config().model_dump(by_alias=True)
+    raw["orderers"][-1] = {"kind": "bandit", "policy": "epsilon_greedy", "epsilon": 0.5, "seed": 0, "strategies": {
+        "diverse": [{"kind": "mmr", "column": "category", "lambda": 0.2}], "plain": []}}
+    log = ImpressionLog(tmp_path / "log")
+    recommender = Recommender(root, PipelineConfig.model_validate(raw), log=log)
+    try:
+        with serve_in_thread(recommender) as base:
+            replies = [recommend(base, user_id=user, k=5)[1] for user in range(1, 21)]
+            first = replies[0]
+            status, _, text = call(base, "/feedback", {"request_id": first["request_id"],
+                                                       "item_id": first["items"][1]["item_id"]})
+        counts = recommender.bandit.snapshot()
+    finally:
+        recommender.close()
+        log.close()
+    drawn = [reply["strategy"] for reply in replies]
+    assert set(drawn) == {"diverse", "plain"}
+    assert status == 200 and json.loads(text) == {"source": first["items"][1]["source"], "strategy": drawn[0]}
+    for name in ("diverse", "plain"):  # served per slot, rewarded per click, as a source is
+        served = sum(len(reply["items"]) for reply in replies if reply["strategy"] == name)
+        assert counts[f"strategy:{name}"] == {"served": served, "rewards": float(name == drawn[0]),
+                                             "estimate": pytest.approx((float(name == drawn[0]) + 1) / (served + 2))}
+    requests = read_requests(tmp_path / "log")
+    assert requests["strategy"].tolist() == drawn
+    assert ((requests["strategy_propensity"] > 0) & (requests["strategy_propensity"] < 1)).all()
+    assert logged_slots(tmp_path / "log")["reward"].sum() == 1.0
 
 
 def test_a_shadow_config_runs_beside_the_live_one_and_a_broken_one_leaves_the_live_serving(root):

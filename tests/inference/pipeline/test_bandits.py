@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from inference.pipeline.bandits import UCB1, EpsilonGreedy, SharedSourceBandit, SourceBandit, Thompson
+from inference.pipeline.bandits import UCB1, EpsilonGreedy, SharedSourceBandit, SourceBandit, Thompson, strategy_arm
 
 
 def test_estimates_are_beta_1_1_posterior_means():
@@ -48,12 +48,15 @@ def test_shared_bandits_add_up_every_servers_counts_through_redis(redis_server):
         one.rewarded("ann", 1.0)
         two.served(["ann"] * 2 + ["popular"] * 4)
         two.rewarded("popular", 1.0)
+        one.served([strategy_arm("diverse")] * 3)  # a strategy's arm, counted beside the sources
+        two.rewarded(strategy_arm("diverse"), 1.0)
         assert one.snapshot()["ann"]["served"] == 8  # its own counts count before any sync
         assert one.sync() and two.sync() and one.sync()
         for bandit in (one, two):
             snapshot = bandit.snapshot()
             assert (snapshot["ann"]["served"], snapshot["ann"]["rewards"]) == (10, 1)
             assert (snapshot["popular"]["served"], snapshot["popular"]["rewards"]) == (4, 1)
+            assert (snapshot["strategy:diverse"]["served"], snapshot["strategy:diverse"]["rewards"]) == (3, 1)
         np.testing.assert_allclose(two.estimates(np.array(["ann", "popular"])), [2 / 12, 2 / 6])
     finally:
         one.close()

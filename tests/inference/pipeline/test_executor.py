@@ -309,6 +309,11 @@ def test_every_orderer_kind_runs_in_a_pipeline_and_only_reorders_or_drops(versio
                                                        ("boost", "mmr", "spacing", "pin", "bandit")}
 
 
+def strategies(chains: dict) -> dict:
+    """A Thompson bandit orderer over the strategies ``chains``."""
+    return {"kind": "bandit", "policy": "thompson", "seed": 0, "strategies": chains}
+
+
 @pytest.mark.parametrize(("orderers", "message"), [
     ([{"kind": "mmr", "column": "colour", "lambda": 0.5}, {"kind": "top_k"}], "mmr column = 'colour' is not an item"),
     ([{"kind": "spacing", "column": "seller", "gap": 2}, {"kind": "top_k"}], "spacing column = 'seller'"),
@@ -318,6 +323,14 @@ def test_every_orderer_kind_runs_in_a_pipeline_and_only_reorders_or_drops(versio
     ([{"kind": "boost", "column": "category", "multiply": 2.0}, {"kind": "top_k"}], "boost takes one rule"),
     ([{"kind": "bandit", "policy": "softmax"}], r"policy\n.*'epsilon_greedy', 'ucb1' or 'thompson'"),
     ([{"kind": "bandit", "policy": "ucb1"}, {"kind": "top_k"}], r"expected exactly one of \['top_k', 'explore'"),
+    ([strategies({"diverse": [{"kind": "explore", "epsilon": 0.1}], "plain": []})],
+     r"orderers\.0\.bandit\.strategies\.diverse\.0\n.*tag 'explore' .* expected tags: 'max_per_source'"),
+    ([strategies({"diverse": [{"kind": "mmr", "column": "colour", "lambda": 0.5}], "plain": []})],
+     "bandit strategy 'diverse': mmr column = 'colour' is not an item column"),
+    ([strategies({"pinned": [{"kind": "pin", "items": [1], "positions": [100]}], "plain": []})],
+     "100 is past the longest list, max_k"),
+    ([strategies({"plain": []})], r"orderers\.0\.bandit\.strategies\n.*at least 2 items"),
+    ([strategies({"a b": [], "plain": []})], r"strategies\.a b\.\[key\]\n.*should match pattern"),
 ])
 def test_bad_orderer_configs_name_the_field(version, orderers, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from inference.pipeline.bandits import UCB1, EpsilonGreedy, SourceBandit, Thompson
+from inference.pipeline.bandits import UCB1, EpsilonGreedy, SourceBandit, Thompson, strategy_arm
 from inference.pipeline.orderers import (
     BanditOrderer,
     BoostOrderer,
@@ -15,6 +15,7 @@ from inference.pipeline.orderers import (
     MMROrderer,
     PinOrderer,
     SpacingOrderer,
+    StrategyBanditOrderer,
     TopKOrderer,
     by_score,
 )
@@ -195,3 +196,43 @@ def test_a_bandit_orderer_takes_each_drawn_sources_best_remaining_item():
     thompson = BanditOrderer(rewarding, Thompson(draws=2000), seed=1)
     ranked, propensities = thompson(Query(user_id=1, k=1), scored)
     assert ranked.item_ids.tolist() == [4] and propensities[0] > 0.99
+
+
+STRATEGIES = {"plain": [], "diverse": [MMROrderer("category", 0.0)], "boosted": [
+    BoostOrderer(lambda c: np.asarray(c.item_ids == 6), add=1.0)]}
+
+
+def strategy_bandit(policy, counts=None, seed=0) -> StrategyBanditOrderer:
+    return StrategyBanditOrderer(STRATEGIES, bandit_with({strategy_arm(s): n for s, n in (counts or {}).items()}),
+                                 policy, seed)
+
+
+def test_a_strategy_bandit_serves_the_drawn_strategys_chain_and_each_slots_exact_propensity():
+    scored = with_items({"category": ["a", "a", "b", "a", "c", "c"]})  # ranked 1..6
+    lists = {"plain": [1, 2, 3], "diverse": [1, 3, 5], "boosted": [6, 1, 2]}
+    orderer, draws = strategy_bandit(EpsilonGreedy(1.0)), 3000  # each strategy with probability 1/3
+    drawn = Counter()
+    for _ in range(draws):
+        ranked, propensities, strategy = orderer.draw(Query(user_id=1, k=3), scored)
+        assert ranked.item_ids.tolist() == lists[strategy.name]
+        assert strategy.propensity == pytest.approx(1 / 3)
+        # slot 0: item 1 is plain's and diverse's (2/3), item 6 boosted's alone (1/3); then plain and
+        # diverse part at slot 1 (1/2 each given item 1), and each list is alone from there
+        expected = {"plain": [2 / 3, 1 / 2, 1], "diverse": [2 / 3, 1 / 2, 1], "boosted": [1 / 3, 1, 1]}
+        np.testing.assert_allclose(propensities, expected[strategy.name])
+        drawn[strategy.name] += 1
+    for name, count in drawn.items():
+        assert abs(count / draws - 1 / 3) < 3 * np.sqrt(2 / 9 / draws), (name, count)
+
+
+def test_a_strategy_bandit_favours_the_rewarding_strategy_and_a_deterministic_policy_logs_no_propensity():
+    scored = with_items({"category": ["a", "a", "b", "a", "c", "c"]})
+    counts = {"plain": (1000, 10), "diverse": (1000, 300), "boosted": (1000, 20)}
+    ranked, propensities, strategy = strategy_bandit(UCB1(), counts).draw(Query(user_id=1, k=3), scored)
+    assert strategy.name == "diverse" and ranked.item_ids.tolist() == [1, 3, 5]
+    assert np.isnan(propensities).all() and np.isnan(strategy.propensity)  # degenerate: replay refuses it
+    thompson = strategy_bandit(Thompson(draws=500), counts, seed=3)
+    names = Counter(thompson.draw(Query(user_id=1, k=3), scored)[2].name for _ in range(50))
+    assert names["diverse"] == 50
+    with pytest.raises(ValueError, match=r"strategies \['plain'\]; expected at least 2"):
+        StrategyBanditOrderer({"plain": []}, SourceBandit(), UCB1())
