@@ -84,6 +84,7 @@ CONTROL = "control"  # the arm of the live config in an experiment, and of every
 OPEN_PATHS = ("/healthz",)  # answered without the API key
 UNQUEUED_PATHS = ("/healthz", "/metrics")  # answered at any load, without waiting for a turn
 RETRY_AFTER_S = 1
+TURN_WEIGHT = 0.1  # of the latest turn in the running mean of how long admitted requests hold theirs
 RETRY_AFTER = [(b"retry-after", str(RETRY_AFTER_S).encode())]
 RETRY_AFTER_HEADER = {"Retry-After": str(RETRY_AFTER_S)}
 
@@ -608,10 +609,10 @@ class Health(_Strict):
 @dataclass(frozen=True)
 class Limits:
     """What one server admits. At most ``max_in_flight`` requests run at once; up to ``max_queue``
-    more wait for a turn, each at most ``queue_timeout_s``; the others are shed at once (503 with
-    ``Retry-After``). An admitted request has ``request_timeout_s`` from its arrival (its `Budget`).
-    A body over ``max_body_bytes`` is refused (413) before the rest of it is read. ``/healthz``
-    and ``/metrics`` are never queued."""
+    more wait for a turn, each at most ``queue_timeout_s``; the others, and those whose wait would
+    be longer (`Guard`), are shed at once (503 with ``Retry-After``). An admitted request has
+    ``request_timeout_s`` from its arrival (its `Budget`). A body over ``max_body_bytes`` is
+    refused (413) before the rest of it is read. ``/healthz`` and ``/metrics`` are never queued."""
 
     max_in_flight: int = 2  # requests compute under one GIL: more at once only slows each of them
     max_queue: int = 8  # a full queue sheds at once; a longer one only adds waiting to every answer
@@ -647,13 +648,15 @@ class Turned(Counter):
 class Guard:
     """Pure ASGI middleware in front of the API: the API key, the body size and admission
     (`Limits`), before any request is parsed. Counts in ``refused`` (401, 413) and ``shed`` (503)
-    by reason; ``in_flight`` requests hold a turn. Each admitted request's `Budget` is in its
-    ``state``; its ``abandoned`` event is set when the client goes away."""
+    by reason; ``in_flight`` requests hold a turn, ``turn_s`` long on average (a running mean).
+    Each admitted request's `Budget` is in its ``state``; its ``abandoned`` event is set when the
+    client goes away."""
 
     def __init__(self, app: ASGIApp, limits: Limits, api_key: str | None) -> None:
         self.app, self.limits, self.api_key = app, limits, api_key
         self.refused, self.shed = Turned(), Turned()
         self.in_flight = self._waiting = 0
+        self.turn_s = 0.0
         self._turns = asyncio.Semaphore(limits.max_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -684,10 +687,13 @@ class Guard:
             await reply(send, 503, "the server is at capacity; retry later", RETRY_AFTER)
             return
         self.in_flight += 1
+        started = time.monotonic()
         try:
             await self._run(scope, receive, send, body, budget)
         finally:
             self.in_flight -= 1
+            turn_s = time.monotonic() - started
+            self.turn_s = turn_s if not self.turn_s else self.turn_s + TURN_WEIGHT * (turn_s - self.turn_s)
             self._turns.release()
 
     def _authorised(self, scope: Scope) -> bool:
@@ -713,9 +719,15 @@ class Guard:
                 return b"".join(chunks)
 
     async def _admit(self) -> str | None:
-        """Takes a turn, waiting at most ``queue_timeout_s``; or the reason the request is shed."""
-        if self._turns.locked() and self._waiting >= self.limits.max_queue:
-            return "queue_full"
+        """Takes a turn, waiting at most ``queue_timeout_s``; or the reason the request is shed,
+        at once when the queue is full or when the turns ahead of it (those waiting and its own,
+        ``max_in_flight`` at a time, each `turn_s`) would outlast that wait: a request that would
+        only time out in the queue is told so without waiting, and the event loop has less to do."""
+        if self._turns.locked():
+            if self._waiting >= self.limits.max_queue:
+                return "queue_full"
+            if (self._waiting + 1) * self.turn_s > self.limits.queue_timeout_s * self.limits.max_in_flight:
+                return "queue_wait"
         self._waiting += 1
         try:
             await asyncio.wait_for(self._turns.acquire(), self.limits.queue_timeout_s)
@@ -887,7 +899,8 @@ class ServiceCollector(Collector):
         guard = self.guard()
         for name, help_text, counts in (
                 ("recstack_shed_requests", "Requests answered 503 at once: no turn free in time (queue_full, "
-                 "queue_timeout), or their budget spent or client gone before a stage (deadline, abandoned).",
+                 "queue_wait: expected to wait too long, queue_timeout), or their budget spent or client gone "
+                 "before a stage (deadline, abandoned).",
                  guard.shed.snapshot()),
                 ("recstack_refused_requests", "Requests refused before parsing (unauthorized, body_too_large).",
                  guard.refused.snapshot())):

@@ -538,12 +538,16 @@ def test_nan_infinity_and_out_of_range_numbers_are_refused(url):
         assert refused.value.code == 422, (path, body)
 
 
-def test_requests_beyond_the_limits_are_shed_at_once_with_retry_after_and_counted(root, monkeypatch):
+@pytest.mark.parametrize(("limits", "reason"), [
+    (Limits(max_in_flight=1, max_queue=0, queue_timeout_s=0.01), "queue_full"),
+    (Limits(max_in_flight=1, max_queue=8, queue_timeout_s=0.2), "queue_wait"),  # it would time out in the queue
+])
+def test_requests_beyond_the_limits_are_shed_at_once_with_retry_after_and_counted(root, monkeypatch, limits, reason):
     monkeypatch.setattr(ListSource, "__call__", slow_popular(0.5))
     recommender = Recommender(root, pipeline_config())
-    limits = Limits(max_in_flight=1, max_queue=0, queue_timeout_s=0.01)
     try:
         with serve_in_thread(recommender, limits=limits) as base:
+            assert recommend(base, user_id=7)[0] == 200  # turns last 0.5 s
             first = threading.Thread(target=recommend, args=(base,), kwargs={"user_id": 7})
             first.start()
             wait_for(lambda: metrics(base)["recstack_in_flight_requests", frozenset()] == 1)
@@ -555,7 +559,8 @@ def test_requests_beyond_the_limits_are_shed_at_once_with_retry_after_and_counte
             assert call(base, "/healthz")[0] == 200  # never queued
             first.join()
             samples = metrics(base)
-        assert samples["recstack_shed_requests_total", frozenset({("reason", "queue_full")})] == 1
+        shed_counts = {key: n for key, n in samples.items() if key[0] == "recstack_shed_requests_total"}
+        assert shed_counts == {("recstack_shed_requests_total", frozenset({("reason", reason)})): 1}
         assert samples["recstack_in_flight_requests", frozenset()] == 0
     finally:
         recommender.close()
