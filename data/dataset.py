@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.schema import Schema
-from data.tables import INTERACTIONS, ITEMS, KEYS, USERS, DataError, check_table
+from data.tables import INTERACTIONS, ITEMS, KEYS, USERS, DataError, check_table, parquet_batches
 
 PARTS = ("train", "valid", "test")
 CHUNK_ROWS = 1 << 20  # interaction rows read, checked and written at a time; one parquet row group each
@@ -177,7 +177,7 @@ def write_parts(directory: Path, codes: np.ndarray) -> None:
     writers = [pq.ParquetWriter(directory / "split" / f"{part}.parquet", file.schema_arrow) for part in PARTS]
     try:
         lo = 0
-        for batch in file.iter_batches(batch_size=CHUNK_ROWS):
+        for batch in parquet_batches(directory / "interactions.parquet", CHUNK_ROWS):
             chunk = codes[lo:lo + batch.num_rows]
             for code, writer in enumerate(writers):
                 rows = batch.filter(pa.array(chunk == code))

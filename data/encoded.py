@@ -44,7 +44,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from data.dataset import PARTS, staging
 from data.encoders import Batch, FeatureEncoder, join_features, recent_items
 from data.schema import FeatureSpec, Schema
-from data.tables import KEYS, DataError
+from data.tables import KEYS, DataError, parquet_batches
 
 ENCODED = "encoded"
 POSITIVES = "positives"
@@ -122,8 +122,7 @@ def _joined(rows: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame) -> pd.
 
 
 def _part_chunks(data_dir: Path, part: str, rows: int) -> Iterator[pd.DataFrame]:
-    file = pq.ParquetFile(data_dir / "split" / f"{part}.parquet")
-    for batch in file.iter_batches(batch_size=rows):
+    for batch in parquet_batches(data_dir / "split" / f"{part}.parquet", rows):
         yield batch.to_pandas()
 
 

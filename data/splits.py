@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data.tables import parquet_batches
+
 TRAIN, VALID, TEST = 0, 1, 2
 METHODS = ("random", "temporal", "user-temporal", "leave-last")
 MEMORY_LIMIT = "2GB"
@@ -56,11 +58,10 @@ def split_interactions(path: Path, method: str, seed: int, **kwargs) -> np.ndarr
 def _write_keys(path: Path, seed: int, keys: Path) -> None:
     """user_id, timestamp, the tie-breaking key and the row number of each row of ``path``."""
     rng = np.random.default_rng(seed)
-    file = pq.ParquetFile(path)
     first = 0
-    with pq.ParquetWriter(keys, pa.schema([file.schema_arrow.field("user_id"), ("timestamp", pa.int64()),
+    with pq.ParquetWriter(keys, pa.schema([pq.read_schema(path).field("user_id"), ("timestamp", pa.int64()),
                                            ("tiebreak", pa.float64()), ("row", pa.int64())])) as writer:
-        for batch in file.iter_batches(batch_size=BATCH_ROWS, columns=["user_id", "timestamp"]):
+        for batch in parquet_batches(path, BATCH_ROWS, ["user_id", "timestamp"]):
             n = batch.num_rows
             writer.write_table(pa.table({
                 "user_id": batch["user_id"],

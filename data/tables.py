@@ -77,6 +77,12 @@ def read_table(path: Path, mapping: dict[str, str] | None = None, sep: str | Non
     return df
 
 
+def parquet_batches(path: Path, rows: int, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """The record batches of a parquet file, ``rows`` rows at a time, in bounded memory."""
+    # with pre_buffer on (the default), pyarrow 25 keeps every row group it has read until the end
+    return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows, columns=columns)
+
+
 def read_chunks(path: Path, rows: int, sep: str | None = None) -> Iterator[pd.DataFrame]:
     """`read_table` without a mapping, ``rows`` rows at a time: parquet by record batches, CSV and
     TSV by pandas' chunked reader (which infers column types chunk by chunk)."""
@@ -84,7 +90,7 @@ def read_chunks(path: Path, rows: int, sep: str | None = None) -> Iterator[pd.Da
     read = 0
     try:
         if path.suffix == ".parquet":
-            chunks = (batch.to_pandas() for batch in pq.ParquetFile(path).iter_batches(batch_size=rows))
+            chunks = (batch.to_pandas() for batch in parquet_batches(path, rows))
         else:
             chunks = pd.read_csv(path, sep=_delimiter(path, sep), skipinitialspace=True, chunksize=rows)
         for chunk in chunks:
