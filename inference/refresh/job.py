@@ -188,6 +188,7 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
                 manifest["index"] = index.info()
             with timer("pools"):
                 manifest["lists"], lists = pools_step(inputs, catalogue, index, started)
+            del catalogue, index  # the store step needs neither: free the vectors and the index (GiBs at scale)
             with timer("store"):
                 manifest["redis_base"] = store_step(inputs, staging, lists, version)
             manifest["seconds"] = round(time.time() - started, 3)
@@ -298,7 +299,7 @@ class Catalogue:
         if self._embeddings is None:
             ids, vectors, _ = read_item_embeddings(*self.layers)
             keep = np.isin(ids, self.ids)
-            self._embeddings = ids[keep], vectors[keep]
+            self._embeddings = (ids, vectors) if keep.all() else (ids[keep], vectors[keep])  # no copy of GiBs
         return self._embeddings
 
 

@@ -445,6 +445,7 @@ def _search_batches(search: Search, queries: np.ndarray, n: int, batches: Iterat
     if not parts:
         return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([], dtype=np.float32)
     rows, ids, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
+    parts.clear()  # every list's pieces: GiBs with a million users
     by_row = np.argsort(rows, kind="stable")
     return rows[by_row], ids[by_row], scores[by_row]
 
@@ -553,8 +554,8 @@ def _check_ids(name: str, ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     if ids.ndim != 1 or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
         raise ValueError(f"{name} must be a 1-d integer array, got shape {ids.shape} and dtype {ids.dtype}")
-    unique, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
+    if not pd.Index(ids).is_unique:  # hashed, not sorted: the sort only names the repeats
+        unique, counts = np.unique(ids, return_counts=True)
         raise ValueError(f"{name} repeats ids, e.g. {unique[counts > 1][:5].tolist()}")
     return ids.astype(np.int64, copy=False)
 
