@@ -34,13 +34,14 @@ class TwoTowerConfig:
     item_dense_dim: int = 0
     hidden_sizes: tuple[int, ...] = (128, 64)
     output_dim: int = 32
+    embedding_dim: int | None = None  # None: each feature's own dim; else every table's
 
     def __post_init__(self) -> None:
         check_config(
             self,
             nonempty=("query_features", "item_features"),
             non_negative=("query_dense_dim", "item_dense_dim"),
-            positive=("hidden_sizes", "output_dim"),
+            positive=("hidden_sizes", "output_dim", "embedding_dim"),
         )
         ids = sorted(f.name for f in self.item_features if f.kind == "categorical")
         if self.item_id not in ids:
@@ -62,14 +63,16 @@ class QueryTower(nn.Module):
 
     def __init__(self, config: TwoTowerConfig) -> None:
         super().__init__()
-        tables = embedding_configs(config.query_features, sources=config.item_features)
+        tables = embedding_configs(config.query_features, config.embedding_dim, sources=config.item_features)
         self.ebc = EmbeddingBagCollection(tables)
+        self.feature_names = [name for t in tables for name in t.feature_names]
         widths = [*config.hidden_sizes, config.output_dim]
         self.mlp = MLP(pooled_dim(tables) + config.query_dense_dim, widths, final_activation=False)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(sparse).values()  # (B, sum of feature dims)
-        return F.normalize(self.mlp(torch.cat([pooled, dense], dim=1)), dim=1)
+        pooled = self.ebc(sparse).to_dict()  # by name: a sharded collection returns its tables grouped by rank
+        features = [pooled[name] for name in self.feature_names] + [dense]  # (B, sum of feature dims + dense)
+        return F.normalize(self.mlp(torch.cat(features, dim=1)), dim=1)
 
 
 class ItemTower(nn.Module):
@@ -78,7 +81,7 @@ class ItemTower(nn.Module):
 
     def __init__(self, config: TwoTowerConfig) -> None:
         super().__init__()
-        tables = embedding_configs(config.item_features)
+        tables = embedding_configs(config.item_features, config.embedding_dim)
         self.ebc = EmbeddingBagCollection(tables)
         self.item_id = config.item_id
         id_spec = next(f for f in config.item_features if f.name == config.item_id)
@@ -125,36 +128,41 @@ def sampled_softmax_loss(
     extra_negatives: torch.Tensor | None = None,
     extra_log_q: torch.Tensor | None = None,
     item_ids: torch.Tensor | None = None,
+    first: int = 0,
 ) -> torch.Tensor:
     """Softmax cross-entropy of each query (B, D) over its own item and every other candidate -> scalar.
 
-    The candidates are the batch's items (B, D) and, optionally, ``extra_negatives`` (N, D) drawn
-    uniformly from the corpus (mixed negative sampling, Yang et al. 2020). A candidate sampled with
-    probability q has log q (``item_log_q`` (B,), ``extra_log_q`` (N,)) subtracted from its logit, so that
-    popular items are not over-penalised for showing up as negatives often (Yi et al. 2019). With
-    ``item_ids`` (B,), an item that is also another row's positive is not that row's negative.
-    Extra negatives are not checked for hits.
+    The candidates are the batch's items (N, D), query row i's own item being row ``first + i``
+    (N is B, or more where the queries are one rank's share of a batch whose items every rank
+    gathered), and, optionally, ``extra_negatives`` (E, D) drawn uniformly from the corpus (mixed
+    negative sampling, Yang et al. 2020). A candidate sampled with probability q has log q
+    (``item_log_q`` (N,), ``extra_log_q`` (E,)) subtracted from its logit, so that popular items are
+    not over-penalised for showing up as negatives often (Yi et al. 2019). With ``item_ids`` (N,),
+    an item that is also another row's positive is not that row's negative. Extra negatives are not
+    checked for hits.
     """
     if temperature <= 0:
         raise ValueError(f"temperature = {temperature}; expected > 0")
-    if query_emb.shape != item_emb.shape:
-        raise ValueError(f"query_emb {tuple(query_emb.shape)} and item_emb {tuple(item_emb.shape)}; expected one shape")
+    batch = query_emb.shape[0]
+    if query_emb.shape[1:] != item_emb.shape[1:] or not 0 <= first <= item_emb.shape[0] - batch:
+        raise ValueError(f"query_emb {tuple(query_emb.shape)} and item_emb {tuple(item_emb.shape)} with first = "
+                         f"{first}; expected one dim and the queries' items at rows first .. first + B - 1")
     if extra_negatives is not None and (item_log_q is None) != (extra_log_q is None):
         raise ValueError(
             "item_log_q and extra_log_q: expected both or neither, since correcting one kind of negative "
             "and not the other skews the softmax"
         )
-    batch = query_emb.shape[0]
-    logits = query_emb @ item_emb.T / temperature  # (B, B); row i's positive is column i
+    positives = torch.arange(first, first + batch, device=query_emb.device)  # (B,)
+    logits = query_emb @ item_emb.T / temperature  # (B, N); row i's positive is column first + i
     if item_log_q is not None:
         logits = logits - item_log_q
     if item_ids is not None:
-        same_item = item_ids[:, None] == item_ids[None, :]  # (B, B)
-        same_item.fill_diagonal_(False)
+        same_item = item_ids[positives, None] == item_ids[None, :]  # (B, N)
+        same_item[torch.arange(batch), positives] = False
         logits = logits.masked_fill(same_item, float("-inf"))
     if extra_negatives is not None:
-        extra = query_emb @ extra_negatives.T / temperature  # (B, N)
+        extra = query_emb @ extra_negatives.T / temperature  # (B, E)
         if extra_log_q is not None:
             extra = extra - extra_log_q
-        logits = torch.cat([logits, extra], dim=1)  # (B, B + N)
-    return F.cross_entropy(logits, torch.arange(batch, device=logits.device))
+        logits = torch.cat([logits, extra], dim=1)  # (B, N + E)
+    return F.cross_entropy(logits, positives)

@@ -15,12 +15,19 @@ path.
 Tables update inside the backward by torchrec's fused kernels (fbgemm), which update only the
 rows a step looked up: the run's ``embedding_optimizer`` picks the kernel (`training.optimizers`;
 fbgemm-gpu-cpu has row-wise Adagrad, sparse_adam needs its CUDA kernels), and the dense layers
-keep the module's Adam. Every table's dim must be a multiple of 4, as
-fbgemm's kernels expect: DLRM's tables with ``embedding_dim: 8`` shard, DeepFM's first-order
-weights (dim 1) do not. A
-table's gradient is summed over the ranks on its owner; torchrec's output all-to-all divides it
-by W (``torchrec.distributed.comm_ops`` gradient division), so tables and dense layers both step
-on the gradient of the global-batch mean, as one process on the whole batch does.
+keep the module's Adam. A sharded table's gradient is summed over the ranks on its owner;
+torchrec's output all-to-all divides it by W (``torchrec.distributed.comm_ops`` gradient division),
+so tables and dense layers both step on the gradient of the global-batch mean, as one process on
+the whole batch does.
+
+DMP shards a collection whole or not at all, and fbgemm's kernels step tables whose dim is a
+multiple of 4 only. A collection with another dim (DeepFM's and the linear model's first-order
+weights, dim 1; two-tower tables at the schema's own dims), or one sharing a table with another
+collection (a query tower's history sequence reading the item tower's id table), is replicated
+instead (`split_collections`): whole on every rank under DDP with the dense layers, its tables
+emitting sparse gradients that DDP averages, stepped by the module's own row-sparse optimizer,
+exactly as in one process. A replicated table must fit every device; give large tables dims
+that are multiples of 4 (``model.embedding_dim``).
 
 Sharding (``--sharding``): ``table_wise`` puts each table whole on one rank, ``row_wise`` splits
 its rows over the ranks (torchrec offers it on CUDA only), ``column_wise`` its columns; ``auto``
@@ -35,14 +42,14 @@ dense part and the fused table optimizer's state. Every rank reads a checkpoint 
 its own shards from it, so a table must fit one host's memory, not one device.
 
 On GPUs the same command runs one process per GPU (``--accelerator gpu``, nccl); on several
-nodes start it under torchrun as the DDP strategy is (training/README.md). A query tower whose
-history sequence shares the item tower's id table cannot be sharded: DMP gives every collection
-its own tables, which would untie them.
+nodes start it under torchrun as the DDP strategy is (training/README.md). Replicated tables
+need a sparse all-reduce from the process group, which gloo has; on nccl this path is untested.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -72,16 +79,16 @@ CPU_KERNELS = (EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.EXACT_ADAGRAD, E
 
 def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer], dict], sharding: str,
                  device: torch.device) -> DistributedModelParallel:
-    """Shards every `EmbeddingBagCollection` of ``module`` over the initialised default process group.
+    """Shards the `EmbeddingBagCollection`s of ``module`` over the initialised default process group,
+    each that `split_collections` lets through; the others stay whole on every rank.
 
-    ``optimizer`` (class, arguments) steps the tables inside the backward, as torchrec's fused
-    kernel for that class. ``module`` is changed in place (its collections become sharded ones)
+    ``optimizer`` (class, arguments) steps the sharded tables inside the backward, as torchrec's
+    fused kernel for that class. ``module`` is changed in place (its collections become sharded ones)
     and keeps its weights; the returned DMP wraps it, its dense parameters in DDP.
     """
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding = {sharding!r}; expected one of {SHARDINGS}")
-    sharders = [EmbeddingBagCollectionSharder()]
-    offered = sharders[0].sharding_types(device.type)
+    offered = EmbeddingBagCollectionSharder().sharding_types(device.type)
     if sharding != "auto" and sharding not in offered:
         raise ValueError(f"sharding = {sharding!r}: torchrec does not offer it on {device.type}; expected auto or "
                          f"one of {[t for t in offered if t in SHARDINGS]}")
@@ -95,26 +102,18 @@ def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer]
         raise ValueError(f"table optimizer {cls.__name__} ({kind.name}): fbgemm's CPU kernels have "
                          f"{[k.name for k in CPU_KERNELS]} only (embedding_optimizer.kind rowwise_adagrad); "
                          "the others need fbgemm-gpu's CUDA kernels")
-    owners: dict[int, str] = {}
-    for ebc in collections:
-        for name, bag in ebc.embedding_bags.items():
-            if bag.weight.shape[1] % 4:
-                raise ValueError(f"table {name!r} has dim {bag.weight.shape[1]}; fbgemm's fused kernels expect a "
-                                 "multiple of 4 (DeepFM's first-order weights have dim 1)")
-            if id(bag.weight) in owners:
-                raise ValueError(f"table {name!r} is shared by two embedding collections (also as "
-                                 f"{owners[id(bag.weight)]!r}); "
-                                 "model_parallel shards each collection apart, which would untie it: leave the "
-                                 "history sequence out of the query features")
-            owners[id(bag.weight)] = name
+    sharded, replicated = split_collections(collections)
+    for ebc in replicated:  # stepped by the module's own optimizer, after DDP averages their sparse gradients
+        for bag in ebc.embedding_bags.values():
+            bag.sparse = True
     initial = module.state_dict()
-    apply_optimizer_in_backward(cls, [bag.weight for ebc in collections for bag in ebc.embedding_bags.values()],
+    apply_optimizer_in_backward(cls, [bag.weight for ebc in sharded for bag in ebc.embedding_bags.values()],
                                 kwargs)
     set_gradient_division(True)  # table gradients / W, see the module docstring
     types = {"sharding_types": [sharding]} if sharding != "auto" else {}
     constraints = {
         table.name: ParameterConstraints(compute_kernels=[EmbeddingComputeKernel.FUSED.value], **types)
-        for ebc in collections
+        for ebc in sharded
         for table in ebc.embedding_bag_configs()
     }
     world_size = dist.get_world_size()
@@ -122,20 +121,52 @@ def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer]
         TrainerConfig(world_size=world_size, local_world_size=get_local_size(world_size)),
         kernel_config=KernelConfig(compute_device=device.type),
     )
+    sharders = [_CollectionsSharder({id(ebc) for ebc in sharded})]
     plan = EmbeddingShardingPlanner(topology, constraints=constraints).collective_plan(module, sharders,
                                                                                        dist.GroupMember.WORLD)
-    sharded = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
+    model = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
     load_unsharded(module.state_dict(), initial)  # the sharders give the tables fresh random weights
-    return sharded
+    return model
+
+
+def split_collections(collections: list[EmbeddingBagCollection]) -> tuple[list[EmbeddingBagCollection],
+                                                                           list[EmbeddingBagCollection]]:
+    """(the collections to shard, the ones to replicate): a collection is sharded when fbgemm's fused
+    kernels can step every table of it (dims that are multiples of 4) and it shares no table with
+    another collection (sharding would untie them); DMP shards a collection whole or not at all."""
+    holders = Counter(id(bag.weight) for ebc in collections for bag in ebc.embedding_bags.values())
+    shardable = [all(bag.weight.shape[1] % 4 == 0 and holders[id(bag.weight)] == 1
+                     for bag in ebc.embedding_bags.values()) for ebc in collections]
+    return ([ebc for ebc, ok in zip(collections, shardable, strict=True) if ok],
+            [ebc for ebc, ok in zip(collections, shardable, strict=True) if not ok])
+
+
+class _CollectionsSharder(EmbeddingBagCollectionSharder):
+    """torchrec's sharder, offering the planner the tables of the collections in ``ids`` only: the
+    others get no plan, so DMP leaves them whole on every rank, under DDP with the dense layers."""
+
+    def __init__(self, ids: set[int]) -> None:
+        super().__init__()
+        self.ids = ids
+
+    def shardable_parameters(self, module: EmbeddingBagCollection) -> dict[str, nn.Parameter]:
+        return super().shardable_parameters(module) if id(module) in self.ids else {}
 
 
 def table_placement(model: DistributedModelParallel) -> dict[str, dict]:
-    """Table (module path.table) -> its sharding type and the ranks holding it, from the model's plan."""
-    return {
+    """Table (module path.table) -> its sharding type and the ranks holding it, from the model's plan;
+    the tables of collections left whole (`split_collections`) are "replicated" on every rank."""
+    placement = {
         f"{path}.{table}": {"sharding_type": sharding.sharding_type, "ranks": sharding.ranks}
         for path, module_plan in model.plan.plan.items()
         for table, sharding in module_plan.items()
     }
+    everywhere = list(range(dist.get_world_size()))
+    for path, ebc in model.module.named_modules():
+        if isinstance(ebc, EmbeddingBagCollection):
+            placement.update({f"{path}.{table}": {"sharding_type": "replicated", "ranks": everywhere}
+                              for table in ebc.embedding_bags})
+    return placement
 
 
 def gather_unsharded(state: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torchrec import KeyedJaggedTensor
 
 from data.encoders import Batch
 from evaluation import metrics
@@ -120,22 +122,45 @@ class RetrievalModule(FullCorpusEvaluation):
     def training_step(self, step: tuple, _: int) -> torch.Tensor:
         query, items, _rows = step
         item_ids = items.sparse[self.item_id].values()  # (B,) encoded ids, one per row
-        log_q = self._log_q()[item_ids] if self.loss.logq else None
-        extra, extra_log_q = None, None
+        extra_log_q = None
         if self.loss.negatives:
             data = self.trainer.datamodule
-            # a function of (seed, step, rank), not of the global RNG, so a resumed run draws what
-            # an uninterrupted one would
-            rng = np.random.default_rng([data.seed, self.global_step, self.global_rank])
+            # a function of (seed, step), not of the global RNG, so a resumed run draws what an
+            # uninterrupted one would; every rank draws the same ones, as one process would
+            rng = np.random.default_rng([data.seed, self.global_step])
             drawn = rng.integers(len(data.corpus), size=self.loss.negatives).tolist()
-            extra = self.embed_items(data.corpus.__getitems__(drawn)[0].to(self.device))
+            # one pass through the item tower: torchrec's fused kernels step a table once per pass
+            items = join_rows(items, data.corpus.__getitems__(drawn)[0].to(self.device))
             # uniform draws: q = 1 / corpus size for each
             extra_log_q = torch.full((self.loss.negatives,), -np.log(len(data.corpus)), device=self.device) \
                 if self.loss.logq else None
-        loss = sampled_softmax_loss(self(query), self.embed_items(items), log_q, self.loss.temperature,
-                                    extra, extra_log_q, item_ids)
+        embedded = self.embed_items(items)  # (B + negatives, D)
+        item_emb, extra = embedded[:len(item_ids)], embedded[len(item_ids):] if self.loss.negatives else None
+        first, share = 0, 1.0
+        if self.trainer.world_size > 1:
+            item_emb, item_ids, first, share = self._gather_items(item_emb, item_ids)
+        log_q = self._log_q()[item_ids] if self.loss.logq else None
+        loss = sampled_softmax_loss(self(query), item_emb, log_q, self.loss.temperature, extra, extra_log_q,
+                                    item_ids, first)
         self.log_train_loss(loss, len(query))
-        return loss
+        return loss * share
+
+    def _gather_items(self, item_emb: torch.Tensor,
+                      item_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """Every rank's items of the global batch, in rank order (as one process's batch holds its
+        workers' rows), so that each query meets the in-batch negatives it would meet in one process:
+        (embeddings (N, D), with their gradients; ids (N,); the row of this rank's first item; this
+        rank's share of the loss). The last batch of an epoch may give the ranks a row more or less;
+        DDP averages the ranks' gradients equally, so a rank holding n of the N rows weighs its mean
+        loss by W n / N to make that average the mean over the N rows."""
+        rows = len(item_ids)
+        sizes = self.all_gather(torch.tensor(rows, device=self.device)).tolist()  # (W,)
+        pad = max(sizes) - rows  # all_gather takes tensors of one shape
+        gathered = self.all_gather(F.pad(item_emb, (0, 0, 0, pad)), sync_grads=True)  # (W, max, D)
+        ids = self.all_gather(F.pad(item_ids, (0, pad)))  # (W, max)
+        item_emb = torch.cat([emb[:n] for emb, n in zip(gathered, sizes, strict=True)])
+        item_ids = torch.cat([i[:n] for i, n in zip(ids, sizes, strict=True)])
+        return item_emb, item_ids, sum(sizes[:self.global_rank]), len(sizes) * rows / sum(sizes)
 
     def _log_q(self) -> torch.Tensor:
         log_q = self.trainer.datamodule.item_log_q
@@ -159,6 +184,19 @@ class RetrievalModule(FullCorpusEvaluation):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return build_optimizer(self.model, self.lr, self.weight_decay, self.embedding_optimizer)
+
+
+def join_rows(first: Batch, second: Batch) -> Batch:
+    """The rows of ``first``, then those of ``second`` (batches of the same features), as one batch
+    without labels."""
+    parts = first.sparse.to_dict(), second.sparse.to_dict()
+    keys = first.sparse.keys()
+    sparse = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.cat([part[k].values() for k in keys for part in parts]),
+        lengths=torch.cat([part[k].lengths() for k in keys for part in parts]),
+    )
+    return Batch(sparse, torch.cat([first.dense, second.dense]), None)
 
 
 def rank_queries(scores: torch.Tensor | np.ndarray, queries: EvalQueries, rows: list[int],

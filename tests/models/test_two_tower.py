@@ -46,6 +46,13 @@ def test_recent_items_read_the_item_id_table(config):
     assert history_table.mode == "mean"
 
 
+def test_embedding_dim_sets_every_tables_dim(query_features, item_features):
+    model = TwoTower(TwoTowerConfig(query_features, item_features, embedding_dim=8))
+    tables = [*model.query_tower.ebc.embedding_bags.values(), *model.item_tower.ebc.embedding_bags.values()]
+    assert {t.weight.shape[1] for t in tables} == {8}
+    assert model.query_tower.ebc.embedding_bags["item_id"].weight is model.item_tower.ebc.embedding_bags["item_id"].weight
+
+
 def test_an_unknown_item_is_placed_by_its_features(config, dense, make_sparse):
     model = TwoTower(config)
     item_dense = torch.zeros(3, 1)
@@ -63,6 +70,7 @@ def test_an_unknown_item_is_placed_by_its_features(config, dense, make_sparse):
         ({"item_id": "sku"}, r"item_id = 'sku'; expected a categorical item feature, one of \['category', 'item_id'\]"),
         ({"item_id": "tags"}, "item_id = 'tags'; expected a categorical item feature"),
         ({"output_dim": 0}, "TwoTowerConfig.output_dim = 0; expected values >= 1"),
+        ({"embedding_dim": 0}, "TwoTowerConfig.embedding_dim = 0; expected values >= 1"),
         ({"query_dense_dim": -1}, "TwoTowerConfig.query_dense_dim = -1; expected values >= 0"),
         ({"item_features": ()}, "TwoTowerConfig.item_features is empty"),
     ],
@@ -120,6 +128,15 @@ def test_an_item_repeated_in_the_batch_is_not_a_negative_of_its_own_rows():
     torch.testing.assert_close(loss, diagonal_cross_entropy(logits))
 
 
+def test_a_share_of_the_queries_over_all_the_items_is_that_shares_part_of_the_loss():
+    """Each of two ranks holds half the queries and every item: the mean of their losses is the loss."""
+    query, item, ids = embeddings(4, 0), embeddings(4, 1), torch.tensor([7, 3, 7, 5])
+    log_q = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1]))
+    whole = sampled_softmax_loss(query, item, log_q, 0.5, item_ids=ids)
+    halves = [sampled_softmax_loss(query[r:r + 2], item, log_q, 0.5, item_ids=ids, first=r) for r in (0, 2)]
+    torch.testing.assert_close((halves[0] + halves[1]) / 2, whole)
+
+
 def test_temperature_divides_the_logits():
     query, item = embeddings(4, 0), embeddings(4, 1)
     loss = sampled_softmax_loss(query, item, None, temperature=0.5)
@@ -141,5 +158,7 @@ def test_bad_loss_inputs_raise():
         sampled_softmax_loss(query, item, None, temperature=0)
     with pytest.raises(ValueError, match=r"query_emb \(3, 4\) and item_emb \(2, 4\)"):
         sampled_softmax_loss(query, item[:2], None, temperature=1.0)
+    with pytest.raises(ValueError, match=r"with first = 1; expected one dim and the queries' items at rows"):
+        sampled_softmax_loss(query, item, None, temperature=1.0, first=1)
     with pytest.raises(ValueError, match="expected both or neither"):
         sampled_softmax_loss(query, item, torch.zeros(3), 1.0, extra_negatives=embeddings(2, 2))
