@@ -117,23 +117,25 @@ def test_two_ranks_split_each_batch_of_two_workers(tiny_dataset):
 
 
 @pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed has no gloo backend")
-def test_two_cpu_processes_match_one_with_two_workers(tiny_dataset, tmp_path):
-    """Two ranks stream the batches that one process with two DataLoader workers streams."""
-    (tmp_path / "workers.yaml").write_text(yaml.safe_dump({**CONFIGS["ranker"], "train": {
-        **CONFIGS["ranker"]["train"], "num_workers": 2}}))
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(CONFIGS["ranker"]))
-    one = Run("ranker", tmp_path / "one", *main_here(train_args("ranker", tiny_dataset, tmp_path / "one",
-                                                                 tmp_path / "workers.yaml")))
+@pytest.mark.parametrize("task", ["ranker", "retrieval"])
+def test_two_cpu_processes_match_one_with_two_workers(task, tiny_dataset, tmp_path):
+    """Two ranks stream the batches that one process with two DataLoader workers streams (retrieval
+    gathers the items of both halves, so that each query meets the in-batch negatives of the batch)."""
+    (tmp_path / "workers.yaml").write_text(yaml.safe_dump({**CONFIGS[task], "train": {
+        **CONFIGS[task]["train"], "num_workers": 2}}))
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(CONFIGS[task]))
+    one = Run(task, tmp_path / "one", *main_here(train_args(task, tiny_dataset, tmp_path / "one",
+                                                           tmp_path / "workers.yaml")))
     out = tmp_path / "ddp"
-    args = train_args("ranker", tiny_dataset, out, tmp_path / "ddp.yaml", "--devices", "2", "--strategy", "ddp")
+    args = train_args(task, tiny_dataset, out, tmp_path / "ddp.yaml", "--devices", "2", "--strategy", "ddp")
     done = subprocess.run([sys.executable, "-m", "recstack", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     assert sum(line.startswith("{") for line in done.stdout.splitlines()) == 1  # rank 0 alone prints
-    two = Run("ranker", out, done.returncode, done.stdout)
+    two = Run(task, out, done.returncode, done.stdout)
     assert (two.metrics["best_epoch"], two.metrics["epochs"]) == (one.metrics["best_epoch"], one.metrics["epochs"])
-    for name in METRICS["ranker"]:
+    for name in METRICS[task]:
         assert two.metrics[name] == pytest.approx(one.metrics[name], abs=DDP_TOLERANCE), name
     # it really ran on two ranks: rank 0 logs the loss of its own half of each batch
     losses = [pd.read_csv(r.out / "logs" / "version_0" / "metrics.csv")["train_loss"].dropna() for r in (one, two)]
