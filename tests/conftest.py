@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny prepared synthetic dataset, and small models trained on it."""
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,17 +38,25 @@ def tiny_dataset(tmp_path_factory) -> Path:
 def trained_runs(tiny_dataset, tmp_path_factory) -> dict[str, Path]:
     """Run directories of the two-tower model and the three rankers, trained on ``tiny_dataset``."""
     root = tmp_path_factory.mktemp("runs")
-    environ, deterministic, rng = dict(os.environ), torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
-    try:
+    with training_state_restored():
         for name, raw in RUN_CONFIGS.items():
             config = RunConfig.model_validate(raw)
             if name == "two_tower":
                 train_retrieval(tiny_dataset, root / name, config)
             else:
                 train_ranker(name, tiny_dataset, root / name, config)
-    finally:  # training sets seeds, deterministic algorithms and PL_* variables process-wide
+    return {name: root / name for name in RUN_CONFIGS}
+
+
+@contextmanager
+def training_state_restored() -> Iterator[None]:
+    """Training in the block sets seeds, deterministic algorithms and PL_* variables process-wide;
+    they are as before once it ends."""
+    environ, deterministic, rng = dict(os.environ), torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
+    try:
+        yield
+    finally:
         os.environ.clear()
         os.environ.update(environ)
         torch.use_deterministic_algorithms(deterministic)
         torch.set_rng_state(rng)
-    return {name: root / name for name in RUN_CONFIGS}

@@ -2,6 +2,7 @@
 or time out are counted and skipped, fail-closed ones fail the request; blending keeps the first
 source; filters' reasons reach the response; scores align; the stats add up."""
 
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
+from data.candidates import CandidatesConfig, build_candidates
+from data.dataset import write_dataset
+from inference.export import export_models
 from inference.pipeline.config import PipelineConfig, load_pipeline_config
 from inference.pipeline.executor import (
     Hydrator,
@@ -26,6 +30,9 @@ from inference.pipeline.orderers import TopKOrderer
 from inference.pipeline.scorers import ModelInputs, TorchScriptScorer
 from inference.pipeline.types import Candidates, Query
 from inference.store import EmbeddedStore, StoreError, load_snapshot_into_redis
+from inference.version import open_version
+from tests.conftest import RUN_CONFIGS, training_state_restored
+from training.train import RunConfig, train_ranker
 
 EXAMPLE = Path(__file__).parents[3] / "configs" / "pipeline.yaml"
 UNKNOWN_ITEM = 10**6
@@ -335,3 +342,92 @@ def strategies(chains: dict) -> dict:
 def test_bad_orderer_configs_name_the_field(version, orderers, message):
     with pytest.raises(ValueError, match=message):
         build_pipeline(example_config(orderers=orderers), version).close()
+
+
+def test_a_strategy_bandit_serves_the_chain_of_the_strategy_it_drew(version):
+    first = {"kind": "max_per_source", "cap": 60}
+    diverse = [{"kind": "mmr", "column": "category", "lambda": 0.0}]
+    config = example_config(orderers=[first, strategies({"diverse": diverse, "plain": []})])
+    pipelines = {"bandit": build_pipeline(config, version),
+                 "diverse": build_pipeline(example_config(orderers=[first, *diverse, {"kind": "top_k"}]), version),
+                 "plain": build_pipeline(example_config(orderers=[first, {"kind": "top_k"}]), version)}
+    drawn = []
+    try:
+        for user in range(1, 21):
+            response = pipelines["bandit"](Query(user_id=user, k=5))
+            drawn.append(response.strategy.name)
+            alone = pipelines[response.strategy.name](Query(user_id=user, k=5))
+            assert response.item_ids.tolist() == alone.item_ids.tolist()
+            assert response.strategy.propensity == pytest.approx(0.5, abs=0.15)  # no counts yet: a coin toss
+            assert response.propensities[0] == 1.0  # MMR keeps the best item first: both strategies agree
+            assert ((response.propensities > 0) & (response.propensities <= 1)).all()
+    finally:
+        for pipeline in pipelines.values():
+            pipeline.close()
+    assert set(drawn) == {"diverse", "plain"}
+
+
+@pytest.fixture(scope="module")
+def blend_version(version, tiny_dataset, trained_runs, tmp_path_factory):
+    """A copy of ``version`` whose models also hold ``linear_blend``: the linear ranker trained on the
+    tiny dataset's candidate table, reading each row's source and retrieval score."""
+    root = tmp_path_factory.mktemp("blend")
+    table = write_dataset(build_candidates(tiny_dataset, trained_runs["two_tower"].parent,
+                                           CandidatesConfig(pool=20, popular_k=10, negatives=2)), root / "table")
+    config = RunConfig.model_validate({**RUN_CONFIGS["linear"], "features": ["user_id", "item_id", "source",
+                                                                             "retrieval_score"]})
+    with training_state_restored():
+        train_ranker("linear", table, root / "run", config)
+    shutil.copytree(version.directory, root / "version")
+    export_models({"linear_blend": root / "run"}, root / "version" / "models")
+    return open_version(root / "version")
+
+
+BLEND_RANKER = [{"kind": "torchscript", "model": "linear_blend"}]
+
+
+def test_blend_scoring_passes_each_candidates_source_and_score_to_the_ranker(blend_version, monkeypatch):
+    scored = []
+    original = TorchScriptScorer.__call__
+
+    def score_and_record(self, query, candidates):
+        scored.append((candidates, original(self, query, candidates)))
+        return scored[-1][1]
+
+    monkeypatch.setattr(TorchScriptScorer, "__call__", score_and_record)
+    sources = [{"kind": "ann", "quota": 20, "timeout_s": 5.0},
+               {"kind": "list", "list_name": "popular", "timeout_s": 5.0}]
+    pipeline = build_pipeline(example_config(blend="scoring", scorer=BLEND_RANKER, sources=sources), blend_version)
+    try:
+        response = pipeline(Query(user_id=7, k=10))
+    finally:
+        pipeline.close()
+    (candidates, scores), = scored
+    rows = candidates.features
+    assert set(candidates.sources) >= {"ann", "popular"} and len(response.item_ids) == 10
+    assert rows["source"].tolist() == candidates.sources.tolist()
+    np.testing.assert_array_equal(rows["retrieval_score"], candidates.scores)  # each source's own score
+    ranker = TorchScriptScorer(blend_version.directory / "models", "linear_blend")
+    other = candidates.features.assign(source="random", retrieval_score=0.0)
+    moved = ranker(Query(user_id=7), Candidates(candidates.item_ids, candidates.sources, candidates.scores, other))
+    assert not np.allclose(moved, scores)  # the ranker reads them
+
+
+def test_a_ranker_reading_candidate_features_needs_blend_scoring(blend_version):
+    with pytest.raises(ValueError, match=r"'torchscript:linear_blend' reads \['source', 'retrieval_score'\], which "
+                                         r"only `blend: scoring` passes a ranker"):
+        build_pipeline(example_config(scorer=BLEND_RANKER), blend_version).close()
+
+
+def test_blend_scoring_leaves_a_ranker_without_candidate_features_unchanged(version):
+    answers = []
+    for mode in ("retrieval", "scoring"):
+        pipeline = build_pipeline(example_config(blend=mode, scorer=[{"kind": "torchscript", "model": "linear"}]),
+                                  version)
+        try:
+            answers.append([pipeline(Query(user_id=user, k=10)) for user in (3, 7)])
+        finally:
+            pipeline.close()
+    for retrieval, scoring in zip(*answers, strict=True):
+        assert retrieval.item_ids.tolist() == scoring.item_ids.tolist()
+        np.testing.assert_array_equal(retrieval.scores, scoring.scores)
