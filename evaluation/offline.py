@@ -50,7 +50,7 @@ from evaluation import metrics
 from inference.pipeline.executor import Hydrator, Pipeline, SourceSlot, blend
 from inference.pipeline.filters import Filter, ItemFeatureFilter
 from inference.pipeline.sources import AnnSource, query_row
-from inference.pipeline.types import Candidates, Query
+from inference.pipeline.types import CANDIDATE_FEATURES, Candidates, Query
 
 METRICS = ("ndcg", "map", "recall", "precision", "mrr", "hit")
 PARTS = ("valid", "test")
@@ -234,7 +234,7 @@ def run_pipeline(pipeline: Pipeline, held_out: HeldOut, k: int, batch_size: int 
             for u, query, a, b in zip(users, queries, bounds[:-1], bounds[1:], strict=True):
                 mine = Candidates(scored.item_ids[a:b], scored.sources[a:b], scored.scores[a:b],
                                   scored.features.iloc[a:b].reset_index(drop=True))
-                ranked, _ = pipeline._order(query, mine)  # the serving ranking and orderers
+                ranked = pipeline._order(query, mine)[0]  # the serving ranking and orderers
                 lists.final[u, :len(ranked)] = ranked.item_ids
                 lists.final_sources[u, :len(ranked)] = ranked.sources
     return lists
@@ -262,15 +262,20 @@ def filter_batch(stage: Filter, queries: list[Query], candidates: list[Candidate
 
 def hydrate_batch(hydrator: Hydrator, queries: list[Query], candidates: list[Candidates]) -> Candidates:
     """Every request's candidates in turn, with the feature rows the `Hydrator` gives each (the
-    request's row, ``item_id``, the store's item columns); the store is read once for the batch."""
+    request's row, ``item_id``, with ``by_source`` each candidate's `CANDIDATE_FEATURES`, the store's
+    item columns); the store is read once for the batch."""
     requests = pd.concat([query_row(query, hydrator.store, hydrator.schema) for query in queries], ignore_index=True)
     batch = _concatenate(candidates)
     items = hydrator.store.item_features(batch.item_ids).features
-    clash = sorted(set(requests.columns) & {KEYS["items"], *items.columns})
+    own = {KEYS["items"]: batch.item_ids}
+    if hydrator.by_source:
+        own |= dict(zip(CANDIDATE_FEATURES, (batch.sources, batch.scores), strict=True))
+    clash = sorted(set(requests.columns) & {*own, *items.columns})
     if clash:
-        raise ValueError(f"request features {clash} are also item columns; expected each column from one place")
+        raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "
+                         "from one place")
     rows = requests.iloc[np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])].reset_index(drop=True)
-    features = pd.concat([rows, pd.DataFrame({KEYS["items"]: batch.item_ids}), items], axis=1)
+    features = pd.concat([rows, pd.DataFrame(own), items], axis=1)
     return Candidates(batch.item_ids, batch.sources, batch.scores, features)
 
 

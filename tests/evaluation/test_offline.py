@@ -18,13 +18,14 @@ from evaluation.offline import (
     evaluate_offline,
     expected_clicks,
     format_table,
+    hydrate_batch,
     read_held_out,
     run_pipeline,
 )
 from evaluation.plots import FIGURES, build_figures, figure_series, write_report
 from inference.artifacts import ArtifactRoot
 from inference.pipeline.config import load_pipeline_config
-from inference.pipeline.executor import open_pipeline
+from inference.pipeline.executor import Hydrator, open_pipeline
 from inference.pipeline.types import Query
 from inference.refresh.job import RefreshConfig, refresh
 from recstack.cli import main
@@ -81,6 +82,21 @@ def test_batched_run_answers_as_the_serving_pipeline(pipeline, tiny_dataset):
             assert lists.source_hits[name][u] == len(hits)
             assert lists.alone_hits[name][u] == len(hits - others)
     assert held_out.user_ids.tolist() == sorted(held_out.user_ids.tolist())
+
+
+@pytest.mark.parametrize("by_source", [False, True])
+def test_batch_hydration_gives_the_hydrators_rows(pipeline, tiny_dataset, by_source):
+    hydrator = Hydrator(pipeline.stages.hydrator.store, pipeline.stages.hydrator.schema, by_source)
+    held_out = read_held_out(tiny_dataset, "valid", [], users=3, seed=2)
+    queries = [Query(int(user), {}, tuple(history.tolist()), K)
+               for user, history in zip(held_out.user_ids, held_out.history, strict=True)]
+    candidates = [pipeline.stages.sources[0].source(query, 20) for query in queries]
+    expected = pd.concat([hydrator(q, c).features for q, c in zip(queries, candidates, strict=True)],
+                         ignore_index=True)
+    batch = hydrate_batch(hydrator, queries, candidates)
+    pd.testing.assert_frame_equal(batch.features, expected)
+    assert ("retrieval_score" in batch.features) == by_source
+    np.testing.assert_array_equal(batch.item_ids, np.concatenate([c.item_ids for c in candidates]))
 
 
 def test_held_out_users_history_and_relevant_items(tiny_dataset):
