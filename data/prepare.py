@@ -38,7 +38,7 @@ def prepare(ds: Dataset, out: Path, split: str = "random", seed: int = 2020, ove
             chunks = _rating_labels(chunks, positive_rating, ds.schema.name)
         write_tables(ds, tmp, chunks)
         write_parts(tmp, split_interactions(tmp / "interactions.parquet", split, seed))
-        encoder = fit_on_train(ds.schema, tmp / "split" / "train.parquet", ds.users, ds.items)
+        encoder = _fit_on_train(ds.schema, tmp / "split" / "train.parquet", ds.users, ds.items)
         ds.schema = replace(encoder.schema, split={"method": split, "seed": seed})
         ds.schema.save(tmp / "schema.json")
         encoder.save(tmp / "encoders.json")
@@ -46,7 +46,7 @@ def prepare(ds: Dataset, out: Path, split: str = "random", seed: int = 2020, ove
     return Path(out)
 
 
-def fit_on_train(schema: Schema, train: Path, users: pd.DataFrame, items: pd.DataFrame) -> FeatureEncoder:
+def _fit_on_train(schema: Schema, train: Path, users: pd.DataFrame, items: pd.DataFrame) -> FeatureEncoder:
     """`FeatureEncoder.fit` on the train part's file: its distinct user and item ids come from
     DuckDB, and only the columns of interaction features are read."""
     columns = pq.read_schema(train).names
