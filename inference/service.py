@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evaluation.shadow import ShadowRunner
-from inference.artifacts import ArtifactRoot, LiveArtifacts
+from inference.artifacts import LiveArtifacts
 from inference.impressions import Feedback, Impression, ImpressionLog
 from inference.pipeline.bandits import SharedSourceBandit, SourceBandit, strategy_arm
 from inference.pipeline.config import PipelineConfig
@@ -351,7 +351,7 @@ class Recommender:
         self._served = RecentAnswers(MAX_REMEMBERED_BYTES)
         self.degraded_requests = 0  # answered without Redis
         self._lock = threading.Lock()
-        self._latest: Serving | None = None  # what the last successful load built
+        self._latest: Serving | None = None  # what the last successful load built: it serves, or is about to
         self._readers: Counter[Serving] = Counter()  # requests reading each version
         self._retired: set[Serving] = set()  # replaced by a newer load; closed once nothing reads them
         try:
@@ -449,14 +449,14 @@ class Recommender:
     def _open(self, directory: Path) -> ServingVersion:
         """The version in ``directory``; with a Redis store in the config, a `DegradingStore` over
         the version's keys there and its embedded snapshot, which loads the version into Redis
-        again while it is published and Redis lacks it."""
+        again while it is the one served (or being loaded first) and Redis lacks it."""
         if self.config.redis is None:
             return open_version(directory)
         host, port = redis_address(self.config.redis)
 
         def open_store(version: str) -> Store:
-            def restore() -> None:  # only while published: a retired version is not brought back
-                if ArtifactRoot(directory.parent).current() == directory.name:
+            def restore() -> None:  # only the version this server answers with, not one it retired
+                if self._latest is None or self._latest.version == directory.name:
                     restore_version(directory / "store", host, port, version)
 
             return DegradingStore(version, lambda: RedisStore(host, port, version, self.config.redis_timeout_s),
