@@ -36,6 +36,7 @@ from torchrec import KeyedJaggedTensor
 
 from data.encoders import FeatureEncoder
 from training.data import EncodedRows, as_is
+from training.model_parallel import read_weights
 from training.train import RunConfig, build_ranking_module, build_retrieval_module
 
 
@@ -74,16 +75,20 @@ class TrainedRun:
 
 
 def run_version(run_dir: Path) -> str:
-    """``<run name>@<first 12 hex digits of the best checkpoint's sha256>``."""
-    digest = hashlib.sha256((Path(run_dir) / "checkpoints" / "best.ckpt").read_bytes()).hexdigest()
-    return f"{Path(run_dir).name}@{digest[:12]}"
+    """``<run name>@<first 12 hex digits of the best checkpoint's sha256>`` (a sharded checkpoint's:
+    of its files' bytes in name order)."""
+    checkpoint = Path(run_dir) / "checkpoints" / "best.ckpt"
+    digest = hashlib.sha256()
+    for file in sorted(checkpoint.iterdir()) if checkpoint.is_dir() else [checkpoint]:
+        digest.update(file.read_bytes())
+    return f"{Path(run_dir).name}@{digest.hexdigest()[:12]}"
 
 
 def load_run(run_dir: Path) -> TrainedRun:
     """The best checkpoint of the training run in ``run_dir``."""
     run_dir = Path(run_dir)
     checkpoint = run_dir / "checkpoints" / "best.ckpt"
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise ValueError(f"{run_dir}: no checkpoints/best.ckpt; expected a finished training run")
     run = json.loads((run_dir / "run.json").read_text())
     encoders = Path(run["data"]) / "encoders.json"
@@ -98,8 +103,7 @@ def load_run(run_dir: Path) -> TrainedRun:
     else:
         module, names = build_ranking_module(run["model"], encoder.schema, config)
         features = {"features": names}
-    # weights_only: a checkpoint holds tensors and plain values; nothing under --models is unpickled as code
-    module.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"])
+    module.load_state_dict(read_weights(checkpoint))  # a sharded checkpoint's tables put together whole
     return TrainedRun(run_dir, module.eval(), run, encoder, features, run_version(run_dir))
 
 

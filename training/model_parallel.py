@@ -36,10 +36,13 @@ one float per row of each shard, so where the planner does split a table's colum
 shard scales its rows by the mean square of its own columns: close to, not equal to, one
 process.
 
-Checkpoints hold the unsharded state, gathered on rank 0: the model's ``state_dict`` under the
-same keys as a one-process run (so `inference.export` reads it unchanged), and per optimizer its
-dense part and the fused table optimizer's state. Every rank reads a checkpoint whole and copies
-its own shards from it, so a table must fit one host's memory, not one device.
+Checkpoints are sharded, written by ``torch.distributed.checkpoint`` (DCP): ``best.ckpt`` and
+``last.ckpt`` are links to directories where every rank wrote its own shards of the tables and of
+their fused optimizer's state (the replicated tensors once), and rank 0 the rest of Lightning's
+checkpoint (`META`: epoch, loops, callbacks, the module's own optimizer). No rank gathers a whole
+table. A new checkpoint goes to a directory of its own and the link then moves in one rename, so a
+crash while saving leaves the previous checkpoint. Each rank of a resumed run reads its own shards;
+`read_weights` puts whole tables together on one process, for `inference.export`.
 
 On GPUs the same command runs one process per GPU (``--accelerator gpu``, nccl); on several
 nodes start it under torchrun as the DDP strategy is (training/README.md). Replicated tables
@@ -49,18 +52,23 @@ need a sparse all-reduce from the process group, which gloo has; on nccl this pa
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint import FileSystemReader
 from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.comm import get_local_size
@@ -75,6 +83,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 SHARDINGS = ("auto", "table_wise", "row_wise", "column_wise")
 # fbgemm's fused table optimizers that run on the CPU (fbgemm-gpu-cpu); the rest are CUDA-only
 CPU_KERNELS = (EmbOptimType.EXACT_ROWWISE_ADAGRAD, EmbOptimType.EXACT_ADAGRAD, EmbOptimType.EXACT_SGD)
+META = "meta.pt"  # in a sharded checkpoint's directory: what is not a tensor of the model or the tables' optimizer
 
 
 def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer], dict], sharding: str,
@@ -169,65 +178,9 @@ def table_placement(model: DistributedModelParallel) -> dict[str, dict]:
     return placement
 
 
-def gather_unsharded(state: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``state`` (nested dicts) whole on rank 0, each `ShardedTensor` put together from every rank's
-    shards on the CPU; None on the other ranks. Every rank must call it.
-
-    The ranks' states may hold different keys: a table-wise shard's optimizer state exists on its
-    owner only. Rank 0 gets the union; a value that is not sharded comes from the lowest rank that
-    has it.
-    """
-    flat = {}
-    for path, value in _flatten(state):
-        if isinstance(value, ShardedTensor):
-            blocks = [(shard.metadata.shard_offsets, shard.tensor.detach().cpu()) for shard in value.local_shards()]
-            value = _Blocks(tuple(value.size()), value.dtype, blocks)
-        elif isinstance(value, torch.Tensor):
-            value = value.detach().cpu()
-        flat[path] = value
-    ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(flat, ranks, dst=0)
-    if ranks is None:
-        return None
-    whole: dict[str, Any] = {}
-    for flat in ranks:
-        for path, value in flat.items():
-            *parents, key = path
-            node = whole
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            if isinstance(value, _Blocks):
-                tensor = node.setdefault(key, torch.zeros(value.size, dtype=value.dtype))
-                for offsets, block in value.blocks:
-                    tensor[tuple(slice(o, o + n) for o, n in zip(offsets, block.shape, strict=True))] = block
-            else:
-                node.setdefault(key, value)
-    return whole
-
-
-@dataclass(frozen=True)
-class _Blocks:
-    """One rank's shards of a `ShardedTensor` of ``size``: (offsets, block) pairs."""
-
-    size: tuple[int, ...]
-    dtype: torch.dtype
-    blocks: list[tuple[list[int], torch.Tensor]]
-
-
-def _flatten(state: Mapping[str, Any], path: tuple = ()) -> list[tuple[tuple, Any]]:
-    """(key path, value) of every leaf of nested dicts."""
-    leaves = []
-    for key, value in state.items():
-        if isinstance(value, Mapping):
-            leaves.extend(_flatten(value, (*path, key)))
-        else:
-            leaves.append(((*path, key), value))
-    return leaves
-
-
 @torch.no_grad()
 def load_unsharded(state: Mapping[str, Any], whole: Mapping[str, Any]) -> None:
-    """Copies ``whole`` (the unsharded state, e.g. from a checkpoint) into the tensors of ``state``:
+    """Copies ``whole`` (an unsharded state: the module's before sharding) into the tensors of ``state``:
     each `ShardedTensor` takes its local shards' rows and columns, a plain tensor all of it."""
     for key, value in state.items():
         if isinstance(value, Mapping):
@@ -241,16 +194,12 @@ def load_unsharded(state: Mapping[str, Any], whole: Mapping[str, Any]) -> None:
             value.copy_(whole[key])
 
 
-def _is_sharded(module: nn.Module) -> bool:
-    return any(isinstance(v, ShardedTensor) for v in module.state_dict().values())
-
-
 class ModelParallelStrategy(DDPStrategy):
     """Lightning's DDP strategy with the module's embedding tables sharded by DMP (``sharding`` is one
     of `SHARDINGS`) and stepped in the backward by ``table_optimizer`` (class, arguments; see
     `training.optimizers.fused_optimizer`). The module's own optimizer then steps the rest: its
     `configure_optimizers` runs on the sharded module, where the tables already have theirs.
-    Checkpoints hold the unsharded state (see the module docstring).
+    Checkpoints are sharded directories (see the module docstring).
     """
 
     def __init__(self, sharding: str, table_optimizer: tuple[type[torch.optim.Optimizer], dict],
@@ -261,6 +210,10 @@ class ModelParallelStrategy(DDPStrategy):
         self.sharding = sharding
         self.table_optimizer = table_optimizer
 
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # a checkpoint's shards load into the sharded tables
+
     def configure_ddp(self) -> None:
         self.model = shard_tables(self.lightning_module, self.table_optimizer, self.sharding, self.root_device)
         rank_zero_info(f"model_parallel tables: {json.dumps(table_placement(self.model))}")
@@ -270,29 +223,73 @@ class ModelParallelStrategy(DDPStrategy):
             self.model = self.lightning_module  # sharded in place: validate and test run it as it is
         super().teardown()
 
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        return gather_unsharded(self.lightning_module.state_dict())
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
+                        storage_options: Any = None) -> None:
+        """Every rank writes its shards of the weights and of the tables' optimizer state, rank 0 the rest
+        (`META`), into a new directory; ``filepath`` then links to it (`_swap_in`)."""
+        sharded = {"state_dict": checkpoint["state_dict"]}
+        if "optimizer_states" in checkpoint:
+            sharded["tables"] = self._fused_optimizer().state_dict()
+        path = Path(filepath)
+        target = path.with_name(f".{path.name}.{self.broadcast(uuid.uuid4().hex)}")  # one name on every rank
+        dcp.save(sharded, checkpoint_id=target)
+        if self.is_global_zero:
+            rest = {key: value for key, value in checkpoint.items() if key != "state_dict"}
+            self.checkpoint_io.save_checkpoint(rest, target / META, storage_options=storage_options)
+            _swap_in(path, target)
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        tables = self._fused_optimizer().state_dict()
-        return {"dense": super().optimizer_state(optimizer), "tables": gather_unsharded(tables)}
-
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        if not _is_sharded(self.lightning_module):  # resuming: `shard_tables` copies the weights into shards
-            super().load_model_state_dict(checkpoint, strict)
-            return
-        load_unsharded(self.lightning_module.state_dict(), checkpoint["state_dict"])
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        """The checkpoint ``save_checkpoint`` wrote, each rank reading its own shards into the sharded
+        module's state (and, while fitting, the tables' optimizer state under "tables")."""
+        path = Path(checkpoint_path)
+        checkpoint = self.checkpoint_io.load_checkpoint(path / META, weights_only=weights_only)
+        sharded = {"state_dict": self.lightning_module.state_dict()}
+        if isinstance(self.model, DistributedModelParallel):  # fitting: the tables' optimizer resumes too
+            sharded["tables"] = self.model.fused_optimizer.state_dict()
+        dcp.load(sharded, checkpoint_id=path)
+        return {**checkpoint, **sharded}
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        (state,) = checkpoint["optimizer_states"]  # the module's one optimizer; the tables' is torchrec's
-        super().load_optimizer_state_dict({"optimizer_states": [state["dense"]]})
-        fused = self._fused_optimizer()
-        tables = fused.state_dict()
-        load_unsharded(tables, state["tables"])
-        fused.load_state_dict(tables)
+        super().load_optimizer_state_dict(checkpoint)  # the module's own optimizer
+        self._fused_optimizer().load_state_dict(checkpoint["tables"])
 
     def _fused_optimizer(self) -> torch.optim.Optimizer:
         if not isinstance(self.model, DistributedModelParallel):
             raise ValueError(f"{type(self).__name__}: the optimizer state exists while fitting, after the tables "
                              "are sharded")
         return self.model.fused_optimizer
+
+
+def _swap_in(path: Path, target: Path) -> None:
+    """Makes ``path`` a link to the checkpoint directory ``target`` in one rename, so ``path`` is the
+    previous checkpoint or the new one, whole, whenever a crash comes; then deletes the directories it
+    linked to before and any a crash left half written."""
+    link = path.with_name(f"{path.name}.link")
+    link.unlink(missing_ok=True)
+    link.symlink_to(target.name)
+    os.replace(link, path)
+    for stale in path.parent.glob(f".{path.name}.*"):
+        if stale != target:
+            shutil.rmtree(stale)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The file of checkpoint ``path`` holding its epoch, step and loop state: ``path`` itself when a
+    single process wrote it, its `META` when it is the directory of a sharded one."""
+    path = Path(path)
+    return path / META if path.is_dir() else path
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of checkpoint ``path`` (its ``state_dict``), each tensor whole on this process: a
+    sharded checkpoint's tables are put together from the shards every rank wrote."""
+    path = Path(path)
+    if not path.is_dir():  # weights_only: nothing a checkpoint holds is unpickled as code
+        return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    prefix = "state_dict."  # DCP's key for state["state_dict"][key]
+    weights = {key.removeprefix(prefix): torch.empty(item.size, dtype=item.properties.dtype)
+               for key, item in FileSystemReader(path).read_metadata().state_dict_metadata.items()
+               if key.startswith(prefix)}
+    state = {"state_dict": weights}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return state["state_dict"]

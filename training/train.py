@@ -1,7 +1,8 @@
 """The train entry point behind `recstack train retrieval|ranker`.
 
 A run directory holds `run.json` (the resolved config, enough to rebuild the model),
-`checkpoints/` (`best.ckpt` on the validation metric, `last.ckpt` for resuming), CSV and
+`checkpoints/` (`best.ckpt` on the validation metric, `last.ckpt` for resuming; each a link to a
+directory of shards under `--strategy model_parallel`), CSV and
 TensorBoard logs, and `metrics.json` (validation and test metrics of the best checkpoint).
 Starting a run in a directory with `checkpoints/last.ckpt` resumes it: the data order is a
 function of (seed, epoch) and sampled negatives of (seed, step), so a resumed run ends where an
@@ -25,7 +26,7 @@ from data.encoders import FeatureEncoder
 from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
 from training.data import RankingDataModule, RetrievalDataModule
-from training.model_parallel import SHARDINGS, ModelParallelStrategy
+from training.model_parallel import SHARDINGS, ModelParallelStrategy, checkpoint_file
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, fused_optimizer
 from training.ranking import RANKERS, RankingModule, build_ranker
 from training.retrieval import RetrievalModule, SampledSoftmax
@@ -202,10 +203,10 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
         (out / "run.json").write_text(json.dumps({**run, "data": str(Path(data.data_dir).resolve()),
                                                   "config": config.model_dump()}, indent=2))
     last = out / "checkpoints" / "last.ckpt"
-    trainer.fit(module, datamodule=data, ckpt_path=last if last.is_file() else None)
+    trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
     results = {**trainer.validate(module, datamodule=data, ckpt_path=best.best_model_path, verbose=False)[0],
                **trainer.test(module, datamodule=data, ckpt_path=best.best_model_path, verbose=False)[0],
-               "best_epoch": torch.load(best.best_model_path, weights_only=True)["epoch"],
+               "best_epoch": torch.load(checkpoint_file(best.best_model_path), weights_only=True)["epoch"],
                "epochs": trainer.current_epoch}
     if not trainer.is_global_zero:
         return None  # every rank computed the same metrics; rank 0 reports them

@@ -1,6 +1,6 @@
 """`recstack train --strategy model_parallel` on 2 CPU ranks (gloo) against one process on the tiny
 dataset, for DLRM, DeepFM and the two-tower model: the same weights and metrics, a SIGKILLed run
-resumed, the serving export, and bad runs.
+resumed, the serving export, checkpoints written shard by shard, and bad runs.
 
 Every training run is a `recstack` process of its own, as the sharded ones must be.
 """
@@ -17,7 +17,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import yaml
+from torch.distributed.checkpoint import FileSystemReader
 
 from data.dataset import read_dataset, read_part
 from data.encoders import FeatureEncoder, join_features
@@ -25,7 +27,13 @@ from evaluation import metrics
 from inference.export import PaddedInput, export_models, load_run
 from inference.pipeline.scorers import pad_batch
 from models.layers import SparseArch, embedding_configs
-from training.model_parallel import shard_tables, split_collections
+from training.model_parallel import (
+    ModelParallelStrategy,
+    checkpoint_file,
+    read_weights,
+    shard_tables,
+    split_collections,
+)
 from training.optimizers import EmbeddingOptimizer, fused_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,7 +95,7 @@ def placement(log: str) -> dict[str, dict]:
 
 
 def best_state(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    return read_weights(run / "checkpoints" / "best.ckpt")
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +164,13 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(name, tiny_dataset, c
     with open(tmp_path / "killed.log", "w") as log:
         killed = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 300
-        while not last.is_file():
+        while not last.exists():  # a link to a whole checkpoint, or nothing
             assert killed.poll() is None, f"exit {killed.returncode} before a checkpoint"
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.02)
         os.killpg(killed.pid, signal.SIGKILL)  # rank 0 and the rank it launched
     assert killed.wait() == -signal.SIGKILL
-    killed_epoch = torch.load(last, weights_only=True)["epoch"]
+    killed_epoch = torch.load(checkpoint_file(last), weights_only=True)["epoch"]
     assert killed_epoch < EPOCHS - 1 and not (out / "metrics.json").exists()
     uninterrupted = runs[name]["sharded"]
     assert json.loads((uninterrupted / "metrics.json").read_text())["best_epoch"] > killed_epoch
@@ -182,10 +190,15 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(name, tiny_dataset, c
 @needs_gloo
 @pytest.mark.parametrize("name", list(RUNS))
 def test_export_is_the_single_process_export_of_the_sharded_weights(name, runs, tiny_dataset, tmp_path):
-    sharded = runs[name]["sharded"]
-    export_models({name: sharded}, tmp_path)
-    exported = torch.jit.load(str(tmp_path / f"{name}.pt"))
-    interface = json.loads((tmp_path / f"{name}.json").read_text())
+    check_export(runs[name]["sharded"], tiny_dataset, tmp_path)
+
+
+def check_export(sharded: Path, tiny_dataset: Path, out: Path) -> None:
+    """The export of run ``sharded`` equals the one-process model loaded with its weights, and a ranker's
+    scores the test rows as the sharded model did on its two ranks."""
+    export_models({"model": sharded}, out)
+    exported = torch.jit.load(str(out / "model.pt"))
+    interface = json.loads((out / "model.json").read_text())
 
     # one process, from the same weights: the module the run's config builds, loaded unsharded
     trained = load_run(sharded)
@@ -201,10 +214,66 @@ def test_export_is_the_single_process_export_of_the_sharded_weights(name, runs, 
     with torch.no_grad():
         outputs = exported(*padded)
         assert torch.equal(outputs, single(*padded))
-    if ranker:  # and it scores the test rows as the sharded model did on its two ranks
+    if ranker:
         written = json.loads((sharded / "metrics.json").read_text())
         assert metrics.auc(batch.labels, outputs) == pytest.approx(written["test_auc"], abs=1e-6)
         assert metrics.log_loss(batch.labels, outputs) == pytest.approx(written["test_logloss"], abs=1e-6)
+
+
+@needs_gloo
+def test_each_rank_writes_only_its_own_columns_of_a_split_table(tiny_dataset, tmp_path):
+    """At dim 256 the planner splits every table's columns over the two ranks (128 each); each rank's
+    shard file holds its own columns of the weights and its own rows of their optimizer state, and the
+    export puts the tables together whole."""
+    dlrm = MODELS["dlrm"][0]
+    config = tmp_path / "wide.yaml"
+    config.write_text(yaml.safe_dump({**dlrm, "model": {**dlrm["model"], "embedding_dim": 256}}))
+    out = tmp_path / "run"
+    args = train_args("dlrm", tiny_dataset, out, config, "--devices", "2", "--strategy", "model_parallel",
+                      "--sharding", "column_wise")
+    done = recstack([sys.executable, "-m", "recstack", *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+    tables = placement(done.stdout + done.stderr)
+    assert tables and all(t == {"sharding_type": "column_wise", "ranks": [0, 1]} for t in tables.values())
+
+    metadata = FileSystemReader(out / "checkpoints" / "best.ckpt").read_metadata()
+    files = {}  # checkpoint key -> {file: offsets of the chunks it holds}
+    for index, stored in metadata.storage_data.items():
+        files.setdefault(index.fqn, {}).setdefault(stored.relative_path, []).append(list(index.offset))
+    for table in tables:
+        path, _, bag = table.rpartition(".")
+        weight = f"{path}.embedding_bags.{bag}.weight"
+        rows = metadata.state_dict_metadata[f"state_dict.{weight}"].size[0]
+        assert files[f"state_dict.{weight}"] == {"__0_0.distcp": [[0, 0]], "__1_0.distcp": [[0, 128]]}, table
+        # row-wise Adagrad: one float per row of each column shard
+        assert files[f"tables.state.{weight}.{bag}.momentum1"] == {"__0_0.distcp": [[0]],
+                                                                  "__1_0.distcp": [[rows]]}, table
+    check_export(out, tiny_dataset, tmp_path / "export")
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    rowwise = fused_optimizer(EmbeddingOptimizer(kind="rowwise_adagrad"), 0.01, 0.0)
+    strategy = ModelParallelStrategy("table_wise", rowwise)  # one process: rank 0 of one
+    last = tmp_path / "last.ckpt"
+    strategy.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 0}, last)
+    save = dcp.save
+
+    def crash(state, checkpoint_id):  # the shards are written, then the process dies
+        save(state, checkpoint_id=checkpoint_id)
+        raise SystemExit(-9)
+
+    monkeypatch.setattr(dcp, "save", crash)
+    with pytest.raises(SystemExit):
+        strategy.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 1}, last)
+    assert len(list(tmp_path.glob(".last.ckpt.*"))) == 2  # the previous checkpoint and the half-written one
+    assert torch.load(checkpoint_file(last), weights_only=True)["epoch"] == 0
+    assert torch.equal(read_weights(last)["w"], torch.zeros(3))
+
+    monkeypatch.setattr(dcp, "save", save)
+    strategy.save_checkpoint({"state_dict": {"w": torch.full((3,), 2.0)}, "epoch": 2}, last)
+    assert torch.load(checkpoint_file(last), weights_only=True)["epoch"] == 2
+    assert torch.equal(read_weights(last)["w"], torch.full((3,), 2.0))
+    assert [p.name for p in tmp_path.glob(".last.ckpt.*")] == [last.readlink().name]  # the others deleted
 
 
 @pytest.mark.parametrize(("config", "extra", "named"), [
