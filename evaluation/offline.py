@@ -149,13 +149,14 @@ def ann_slot(pipeline: Pipeline) -> SourceSlot:
 
 def request_context(pipeline: Pipeline) -> list[str]:
     """The request-time features the pipeline's models read: the interaction features, other than
-    sequences, of the ANN source's query tower and of each scorer's ranker."""
+    sequences and the candidates' own `CANDIDATE_FEATURES`, of the ANN source's query tower and of
+    each scorer's ranker."""
     scorer = pipeline.stages.scorer
     models = [ann_slot(pipeline).source.inputs,
               *(s.inputs for s in getattr(scorer, "scorers", [scorer]) if hasattr(s, "inputs"))]
     names = {name for inputs in models for name in inputs.features
              if inputs.encoder.schema.feature(name).table == "interactions"
-             and inputs.encoder.schema.feature(name).kind != "sequence"}
+             and inputs.encoder.schema.feature(name).kind != "sequence" and name not in CANDIDATE_FEATURES}
     return sorted(names)
 
 
