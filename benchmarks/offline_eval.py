@@ -24,7 +24,6 @@ least 0.9x the oracle's (the best available unseen items) and above retrieval al
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from contextlib import ExitStack
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from pipeline import CONFIG, pipeline_config
 from refresh import untrained_run
-from report import describe_machine, finish
+from report import arguments, describe_machine, finish
 
 from data.dataset import Dataset, read_dataset, read_part, write_dataset
 from data.prepare import prepare
@@ -104,11 +103,9 @@ def format_table(result: dict) -> str:
 
 def synthetic_pipeline(root: Path) -> Pipeline:
     """The benchmark pipeline (configs/pipeline.yaml, timeouts 5 s) over the version under ``root``;
-    the synthetic models read no request-time features, so none is derived from the clock, and the
-    synthetic items have no display column (title)."""
+    the synthetic models read no request-time features, so none is derived from the clock."""
     config = pipeline_config().model_dump()
     config.pop("time_features", None)
-    config.pop("display", None)
     return build_pipeline(PipelineConfig.model_validate(config), open_version(ArtifactRoot(root).path("v0001")))
 
 
@@ -179,11 +176,8 @@ def format_truth(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true")
+    parser = arguments(__doc__, "offline_eval")
     parser.add_argument("--truth", action="store_true", help="expected clicks with trained models, not time")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "offline_eval.json")
     parser.add_argument("--work", type=Path,
                         help="keep the dataset, runs and version here and reuse them (default: a temp dir)")
     args = parser.parse_args()

@@ -15,7 +15,6 @@ each stage's mean. There is no target: these are the reference figures.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 from refresh import FULL, SMALL, untrained_run
-from report import describe_machine, finish
+from report import arguments, describe_machine, finish
 
 from data.dataset import read_dataset
 from data.prepare import prepare
@@ -120,11 +119,8 @@ def format_table(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true")
+    parser = arguments(__doc__, "pipeline")
     parser.add_argument("--requests", type=int, default=500)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pipeline.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = SMALL if args.small else FULL

@@ -20,7 +20,6 @@ similar-item and user lists, whose last bits follow the vectors').
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import pandas as pd
 import ray
 from refresh import CONFIG, change_catalogue, untrained_run
-from report import describe_machine, finish
+from report import arguments, describe_machine, finish
 
 from data.prepare import prepare
 from data.synthetic import SyntheticConfig, generate
@@ -97,12 +96,9 @@ def format_table(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = arguments(__doc__, "refresh_engines")
     parser.add_argument("--data", type=Path, help="a prepared dataset instead of the synthetic one (copied)")
     parser.add_argument("--models", type=Path, help="with --data: the directory holding its two_tower run")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refresh_engines.json")
     args = parser.parse_args()
     if (args.data is None) != (args.models is None):
         parser.error("--data and --models go together")
