@@ -23,7 +23,6 @@ that it loads into an empty server as the first one did.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -34,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 from redis_load import redis_server
-from report import describe_machine, finish
+from report import arguments, describe_machine, finish
 
 from data.encoders import FeatureEncoder
 from data.prepare import prepare
@@ -168,11 +167,8 @@ def format_table(result: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true")
+    parser = arguments(__doc__, "refresh")
     parser.add_argument("--redis", action="store_true", help="load every version into a local redis-server too")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refresh.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = SMALL if args.small else FULL

@@ -31,7 +31,7 @@ def dataset_stats(path: Path) -> dict:
         con.read_parquet(str(log)).create_view("log")
         n, active_users, label_mean, start, end = con.execute(
             "SELECT count(*), count(DISTINCT user_id), avg(label), min(timestamp), max(timestamp) FROM log"
-        ).fetchone()
+        ).fetchall()[0]  # fetchall: DuckDB leaves a fetchone result open on the connection
         counts = con.execute("SELECT item_id, count(*) AS n FROM log GROUP BY item_id").df()
     n_users, n_items = len(ds.users), len(ds.items)
     item_counts = counts.set_index("item_id")["n"].reindex(ds.items["item_id"], fill_value=0).to_numpy()
