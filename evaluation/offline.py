@@ -47,7 +47,7 @@ from data.dataset import read_dataset, read_part
 from data.synthetic import load_ground_truth
 from data.tables import KEYS
 from evaluation import metrics
-from inference.pipeline.executor import Hydrator, Pipeline, SourceSlot, blend
+from inference.pipeline.executor import Hydrator, Pipeline, SourceSlot, blend, candidate_columns
 from inference.pipeline.filters import Filter, ItemFeatureFilter
 from inference.pipeline.sources import AnnSource, query_row
 from inference.pipeline.types import CANDIDATE_FEATURES, Candidates, Query
@@ -270,7 +270,7 @@ def hydrate_batch(hydrator: Hydrator, queries: list[Query], candidates: list[Can
     items = hydrator.store.item_features(batch.item_ids).features
     own = {KEYS["items"]: batch.item_ids}
     if hydrator.by_source:
-        own |= dict(zip(CANDIDATE_FEATURES, (batch.sources, batch.scores), strict=True))
+        own |= candidate_columns(batch)
     clash = sorted(set(requests.columns) & {*own, *items.columns})
     if clash:
         raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "

@@ -59,7 +59,7 @@ class PipelineConfig(_Strict):
     workers: int = Field(8, ge=1)  # threads running sources, shared by concurrent requests
     sources: list[Annotated[Union[SOURCE_SPECS], Field(discriminator="kind")]] = Field(min_length=1)  # noqa: UP007
     # retrieval: the scorer sees each candidate's item and request features; scoring: also its
-    # source and that source's score (`CANDIDATE_FEATURES`), for a ranker that learns the blend
+    # source and retrieval score (`CANDIDATE_FEATURES`), for a ranker that learns the blend
     blend: Literal["retrieval", "scoring"] = "retrieval"
     filters: list[Annotated[Union[FILTER_SPECS], Field(discriminator="kind")]] = []  # noqa: UP007  cheapest first
     # exported rankers of the version, each the next one's fallback: {kind: torchscript, model: deepfm}

@@ -3,7 +3,7 @@
     Query -> sources (concurrently, each with a quota, a timeout and a fail-open flag)
           -> blend (each item once; the first source in config order keeps it)
           -> filters (in config order) -> hydrate (request + item features; with `blend: scoring`,
-             each candidate's source and its source's score) -> scorer -> orderers
+             each candidate's source and retrieval score) -> scorer -> orderers
           -> Response (items, scores, source of each item, propensity of each slot, removal reasons,
              the strategy a bandit orderer drew)
 
@@ -41,7 +41,7 @@ from inference.pipeline.config import TIME_FIELDS, PipelineConfig, time_zone
 from inference.pipeline.filters import Filter
 from inference.pipeline.orderers import Orderer, Strategy, StrategyBanditOrderer, by_score
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer
-from inference.pipeline.sources import QUERY_TOWER, CandidateSource, query_row
+from inference.pipeline.sources import QUERY_TOWER, AnnSource, CandidateSource, query_row
 from inference.pipeline.stats import PipelineStats
 from inference.pipeline.types import CANDIDATE_FEATURES, Candidates, Query
 from inference.store import RedisStore, Store, redis_address
@@ -111,8 +111,8 @@ class ContextCompleter:
 class Hydrator:
     """Candidates -> the same candidates with feature rows: the request's (`query_row`), the
     item's from the store (``item_id`` and every item column), so any scorer finds its columns;
-    with ``by_source``, also each candidate's `CANDIDATE_FEATURES`: the name of the source that
-    proposed it and that source's score (`blend: scoring`)."""
+    with ``by_source``, also each candidate's `CANDIDATE_FEATURES` (`candidate_columns`, for
+    `blend: scoring`)."""
 
     name = "hydrate"
 
@@ -124,7 +124,7 @@ class Hydrator:
         items = self.store.item_features(candidates.item_ids).features
         own = {KEYS["items"]: candidates.item_ids}
         if self.by_source:
-            own |= dict(zip(CANDIDATE_FEATURES, (candidates.sources, candidates.scores), strict=True))
+            own |= candidate_columns(candidates)
         clash = sorted(set(request.columns) & {*own, *items.columns})
         if clash:
             raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "
@@ -132,6 +132,15 @@ class Hydrator:
         rows = request.iloc[np.zeros(len(candidates), np.intp)].reset_index(drop=True)  # the request's row N times
         features = pd.concat([rows, pd.DataFrame(own), items], axis=1)
         return Candidates(candidates.item_ids, candidates.sources, candidates.scores, features)
+
+
+def candidate_columns(candidates: Candidates) -> dict[str, np.ndarray]:
+    """Each candidate's `CANDIDATE_FEATURES`, as `blend: scoring` passes them a ranker: the name of
+    the source that proposed it, and its retrieval score, the two-tower score of user and item,
+    which is the ANN source's own score; NaN (a missing number) for the other sources' candidates,
+    whose scores measure something else (popularity, similarity)."""
+    retrieval = np.where(candidates.sources == AnnSource.name, candidates.scores, np.nan)
+    return dict(zip(CANDIDATE_FEATURES, (candidates.sources, retrieval), strict=True))
 
 
 @dataclass(frozen=True)

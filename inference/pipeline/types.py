@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 # a candidate's own features, which `blend: scoring` passes a ranker (data/candidates.py's table has
-# them): the name of the source that proposed it and that source's score
+# them): the name of the source that proposed it and its two-tower score (`candidate_columns`)
 CANDIDATE_FEATURES = ("source", "retrieval_score")
 
 
