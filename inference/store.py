@@ -112,7 +112,7 @@ class Store(ABC):
 
 
 def write_snapshot(directory: Path, users: pd.DataFrame, items: pd.DataFrame,
-                   lists: pd.DataFrame | Mapping[str, pd.DataFrame]) -> None:
+                   lists: pd.DataFrame | Mapping[str, pd.DataFrame]) -> tuple[pa.Table, pa.Table]:
     """Writes ``users.parquet``, ``items.parquet`` and ``lists/<group>.parquet`` into an existing directory.
 
     ``users`` and ``items`` hold one row per ``user_id`` / ``item_id`` and at least one feature
@@ -121,7 +121,9 @@ def write_snapshot(directory: Path, users: pd.DataFrame, items: pd.DataFrame,
     ``score`` (stored as float32), in rank order within each list; other columns are not kept.
     A mapping of group names to such frames writes one file per group (a refresh keeps the
     file of a group it did not rebuild); a frame is the one group "all". A list name belongs to
-    one group. Everything is checked before any file is written.
+    one group. Everything is checked before any file is written. Returns the users and items
+    tables as reading the files gives them back (`load_snapshot_into_redis` takes them, so as not
+    to read the files again).
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -135,6 +137,9 @@ def write_snapshot(directory: Path, users: pd.DataFrame, items: pd.DataFrame,
     (directory / LISTS).mkdir(exist_ok=True)
     for name, table in tables.items():
         pq.write_table(table, directory / f"{name}.parquet")
+    # the files' schemas: parquet names a list's value field "element" where Arrow names it "item"
+    users, items = (tables[name].cast(pq.read_schema(directory / f"{name}.parquet")) for name in ("users", "items"))
+    return users, items
 
 
 def read_lists(directory: Path) -> pa.Table:
@@ -266,7 +271,8 @@ def redis_address(address: str) -> tuple[str, int]:
 
 
 def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str, timeout_s: float = 5.0,
-                             base: Snapshot | None = None) -> str | None:
+                             base: Snapshot | None = None,
+                             tables: tuple[pa.Table, pa.Table] | None = None) -> str | None:
     """Copies the snapshot in ``directory`` into Redis as ``version``, marking it complete last;
     returns the version its reads fall back to (None: it was loaded in full).
 
@@ -276,11 +282,12 @@ def load_snapshot_into_redis(directory: Path, host: str, port: int, version: str
     full instead when its feature schemas differ from the base's, or when the delta would write
     more keys than `REBASE_SHARE` of its users and items (the version becomes a new base).
     Leftovers of an earlier load that never completed are removed first; a version that is
-    already complete is refused (`delete_version` it to load it again).
+    already complete is refused (`delete_version` it to load it again). ``tables``, the users
+    and items tables `write_snapshot` returned for ``directory``, spares reading them back.
     """
     version = _check_version(version)
     directory = Path(directory)
-    users, items = (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items"))
+    users, items = tables or (pq.read_table(directory / f"{name}.parquet") for name in ("users", "items"))
     where = f"{host}:{port}"
     with connect(host, port, timeout_s) as client, _failures(where, "load_snapshot_into_redis", version):
         if client.exists(_key(version, "complete")):

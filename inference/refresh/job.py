@@ -461,8 +461,8 @@ def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | No
     through (`load_snapshot_into_redis`), unless that version is not in Redis or its directory
     is gone; retention keeps a base while a kept version reads through it (`ArtifactRoot.prune`)."""
     (staging / "store").mkdir()
-    write_snapshot(staging / "store", inputs.users, inputs.items,
-                   {kind: frame for kind, frame in lists.items() if frame is not None})
+    tables = write_snapshot(staging / "store", inputs.users, inputs.items,
+                            {kind: frame for kind, frame in lists.items() if frame is not None})
     for kind in (kind for kind, frame in lists.items() if frame is None):
         link_or_copy(inputs.parent / "store" / LISTS / f"{kind}.parquet", staging / "store" / LISTS / f"{kind}.parquet")
     if not inputs.config.redis:
@@ -475,7 +475,7 @@ def store_step(inputs: Inputs, staging: Path, lists: dict[str, pd.DataFrame | No
         log.warning("%s reads through %s in redis, whose directory is gone: loading the store in full",
                     inputs.parent.name, base)
         over = None
-    return load_snapshot_into_redis(staging / "store", host, port, version, base=over)
+    return load_snapshot_into_redis(staging / "store", host, port, version, base=over, tables=tables)
 
 
 def publish_step(artifacts: ArtifactRoot, version: str, parent: Path | None, redis: str | None) -> None:

@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import redis
 
@@ -554,6 +555,32 @@ def test_redis_deltas_write_only_their_changes_and_answer_as_their_snapshots(red
     load_snapshot_into_redis(same, host, port, "same", base=Snapshot("v1", snapshots["v1"]))
     assert len(redis_keys(redis_server, "same")) == len(metadata)  # nothing differs from v1
     assert_answers_as_snapshot(redis_server, "same", same)
+
+
+def test_redis_delta_from_the_tables_write_snapshot_returns_equals_one_from_its_files(redis_server, tmp_path):
+    """`write_snapshot` returns the tables as its files read back (a list column's value field
+    named as parquet names it), so loading from them writes the keys and values the files give."""
+    host, port = redis_server.host, redis_server.port
+    snapshots = delta_versions(tmp_path / "snapshots")
+    load_snapshot_into_redis(snapshots["v1"], host, port, "v1")
+    items = with_filler(make_items().assign(price=np.float32([9.99, 0.1, 3.5, 0, 1, 7])))
+    items.at[0, "genres"] = [1, 5]
+    items.loc[1, "title"] = "Aliens"
+    directory = tmp_path / "next"
+    directory.mkdir()
+    tables = write_snapshot(directory, make_users(), items, {"hot": list_frame({"popular": [(10, 0.9)]})})
+    for table, name in zip(tables, ("users", "items"), strict=True):
+        read = pq.read_table(directory / f"{name}.parquet")
+        assert table.equals(read)
+        assert table.schema.serialize().to_pybytes() == read.schema.serialize().to_pybytes()
+    base = Snapshot("v1", snapshots["v1"])
+    assert load_snapshot_into_redis(directory, host, port, "files", base=base) == "v1"
+    assert load_snapshot_into_redis(directory, host, port, "tables", base=base, tables=tables) == "v1"
+    with redis.Redis(host, port) as client:
+        stored = [{key.decode().removeprefix(f"recstack:{version}:"): client.get(key)
+                   for key in redis_keys(redis_server, version)} for version in ("files", "tables")]
+    assert stored[0] == stored[1]
+    assert {"item:10", "item:3", "list:popular"} <= stored[0].keys()
 
 
 def test_redis_retention_keeps_a_base_while_a_delta_reads_through_it(redis_server, tmp_path):
