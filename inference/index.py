@@ -150,7 +150,7 @@ class ItemIndex:
 
     An index `load_index` read remembers its base, the files it came from: the first ``_base``
     labels are theirs, and the vectors added since (``_added``, one array per `add`) are kept,
-    so `save_index` can write the change alone.
+    with their IVF lists for IVF kinds (``_assigned``), so `save_index` can write the change alone.
     """
 
     def __init__(self, params: IndexParams, dim: int, backend: str, store: faiss.Index | torch.Tensor,
@@ -160,6 +160,7 @@ class ItemIndex:
         self._ids, self._live = ids, live  # (labels,) int64 item ids, (labels,) bool
         self._base: tuple[Path, int, np.ndarray] | None = None  # (directory, labels, their live flags)
         self._added: list[np.ndarray] = []
+        self._assigned: list[np.ndarray] = []
         self._changed()
 
     def __len__(self) -> int:
@@ -193,8 +194,9 @@ class ItemIndex:
                 scores[short], labels[short] = self._search_every_item(queries[short], k)
         return self._ids[labels], scores
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Adds items: ``ids`` (N,) int64 not live in the index, ``vectors`` (N, D)."""
+    def add(self, ids: np.ndarray, vectors: np.ndarray, lists: np.ndarray | None = None) -> None:
+        """Adds items: ``ids`` (N,) int64 not live in the index, ``vectors`` (N, D); for IVF kinds,
+        ``lists`` (N,) is each vector's IVF list as the index's quantizer assigns it (None: assign here)."""
         ids = _check_ids(ids)
         vectors = self._prepare(vectors, "vectors")
         if len(ids) != len(vectors):
@@ -206,7 +208,15 @@ class ItemIndex:
         if isinstance(self._store, torch.Tensor):
             self._store = torch.cat([self._store, torch.from_numpy(vectors).to(self._store.device)])
         elif self.params.kind in ("ivf_flat", "ivf_pq"):
-            self._store.add_with_ids(vectors, labels)
+            if lists is None:
+                lists = self._store.quantizer.assign(vectors, 1)[:, 0]
+            lists = np.ascontiguousarray(lists, dtype=np.int64)
+            if lists.shape != ids.shape or ((lists < 0) | (lists >= self._store.nlist)).any():
+                raise ValueError(f"lists has shape {lists.shape} or values outside [0, {self._store.nlist}); "
+                                 "expected one IVF list per vector")
+            self._store.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(labels), faiss.swig_ptr(lists))
+            if self._base is not None:
+                self._assigned.append(lists)
         else:
             self._store.add(vectors)  # flat and HNSW number rows in order, so each row's label is its row
         self._ids = np.concatenate([self._ids, ids])
@@ -454,8 +464,8 @@ def save_index(index: ItemIndex, directory: str | Path) -> None:
     An IVF or HNSW index `load_index` read, changed since by at most `MAX_DELTA` of its base's
     items, is written as its change alone: the base's index and label files hard-linked (they
     are immutable) and ``delta.npz``, the ids to remove from the base and the ids and vectors
-    to add, which `load_index` applies. So an incremental refresh neither rewrites nor rehashes
-    a large index.
+    to add (with their IVF lists, so that loading does not assign them again), which
+    `load_index` applies. So an incremental refresh neither rewrites nor rehashes a large index.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -481,7 +491,10 @@ def _delta(index: ItemIndex) -> dict[str, np.ndarray] | None:
     if len(removed) + int(new.sum()) > MAX_DELTA * max(int(was_live.sum()), 1):
         return None
     vectors = np.concatenate(index._added) if index._added else np.zeros((0, index.dim), np.float32)
-    return {"removed": removed, "added": index._ids[n:][new], "vectors": vectors[new]}
+    delta = {"removed": removed, "added": index._ids[n:][new], "vectors": vectors[new]}
+    if index.params.kind != "hnsw":
+        delta["lists"] = np.concatenate([np.zeros(0, np.int64), *index._assigned])[new]
+    return delta
 
 
 def load_index(directory: str | Path, backend: str = "auto") -> ItemIndex:
@@ -529,8 +542,9 @@ def load_index(directory: str | Path, backend: str = "auto") -> ItemIndex:
         try:
             with np.load(path) as delta:
                 removed, added, vectors = delta["removed"], delta["added"], delta["vectors"]
+                lists = delta["lists"] if "lists" in delta else None  # absent: written before lists were kept
             index.remove(removed)
-            index.add(added, vectors)
+            index.add(added, vectors, lists)
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
             raise ValueError(f"{path} is not a delta of the index beside it: {err}") from err
     index.recall = info.get("recall")

@@ -366,10 +366,19 @@ def test_a_small_change_is_saved_as_a_delta_over_the_hard_linked_base(data, tmp_
         save_index(index, tmp_path / step)
         assert (tmp_path / step / "delta.npz").is_file()
         assert os.path.samefile(tmp_path / "a" / "index.faiss", tmp_path / step / "index.faiss")
+        if kind == "ivf_flat":  # the added vectors' lists are kept: loading does not assign them again
+            with np.load(tmp_path / step / "delta.npz") as delta:
+                expected = index._store.quantizer.assign(np.ascontiguousarray(delta["vectors"]), 1)[:, 0]
+                np.testing.assert_array_equal(delta["lists"], expected)
         loaded = load_index(tmp_path / step)
         assert len(loaded) == len(index) == len(live)
         np.testing.assert_array_equal(loaded.search(queries, 50)[0], index.search(queries, 50)[0])
         previous = tmp_path / step
+    if kind == "ivf_flat":
+        with np.load(tmp_path / "c" / "delta.npz") as delta:
+            np.savez(tmp_path / "c" / "delta.npz", **{**delta, "lists": delta["lists"] + index.params.nlist})
+        with pytest.raises(ValueError, match="one IVF list per vector"):
+            load_index(tmp_path / "c")
     index.remove(live[:600])  # beyond MAX_DELTA: written whole
     save_index(index, tmp_path / "d")
     assert not (tmp_path / "d" / "delta.npz").exists()
