@@ -542,7 +542,7 @@ def load_index(directory: str | Path, backend: str = "auto") -> ItemIndex:
         try:
             with np.load(path) as delta:
                 removed, added, vectors = delta["removed"], delta["added"], delta["vectors"]
-                lists = delta["lists"] if "lists" in delta else None  # absent: written before lists were kept
+                lists = delta.get("lists")  # None in a delta written before lists were kept
             index.remove(removed)
             index.add(added, vectors, lists)
         except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as err:
