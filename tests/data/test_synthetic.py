@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -159,7 +161,7 @@ def test_log_is_drawn_slice_by_slice_in_time_order(monkeypatch):
     ds = generate(SMALL)
     slices = list(ds.interaction_chunks())
     assert len(slices) == 5 and sum(map(len, slices)) == SMALL.interactions
-    assert all(a["timestamp"].max() <= b["timestamp"].min() for a, b in zip(slices, slices[1:]))
+    assert all(a["timestamp"].max() <= b["timestamp"].min() for a, b in itertools.pairwise(slices))
     assert ds.interactions["timestamp"].is_monotonic_increasing
-    for again, first in zip(generate(SMALL).interaction_chunks(), slices):  # each read draws the same slices
+    for again, first in zip(generate(SMALL).interaction_chunks(), slices, strict=True):  # each read: the same slices
         pd.testing.assert_frame_equal(again, first)

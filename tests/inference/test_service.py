@@ -349,7 +349,7 @@ def test_an_exploring_pipeline_logs_answers_and_feedback_for_off_policy_evaluati
     try:
         served = [recommender.recommend(Query(user_id=user, k=10)) for user in range(1, 21)]
         clicked = served[0].response.item_ids[3]
-        assert recommender.feedback(served[0].request_id, int(clicked), 1.0) == served[0].response.sources[3]
+        assert recommender.feedback(served[0].request_id, int(clicked), 1.0) == (served[0].response.sources[3], None)
     finally:
         recommender.close()
         log.close()

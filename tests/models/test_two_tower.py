@@ -50,7 +50,8 @@ def test_embedding_dim_sets_every_tables_dim(query_features, item_features):
     model = TwoTower(TwoTowerConfig(query_features, item_features, embedding_dim=8))
     tables = [*model.query_tower.ebc.embedding_bags.values(), *model.item_tower.ebc.embedding_bags.values()]
     assert {t.weight.shape[1] for t in tables} == {8}
-    assert model.query_tower.ebc.embedding_bags["item_id"].weight is model.item_tower.ebc.embedding_bags["item_id"].weight
+    query_items, item_items = (tower.ebc.embedding_bags["item_id"] for tower in (model.query_tower, model.item_tower))
+    assert query_items.weight is item_items.weight
 
 
 def test_an_unknown_item_is_placed_by_its_features(config, dense, make_sparse):
