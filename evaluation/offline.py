@@ -47,7 +47,7 @@ from data.dataset import read_dataset, read_part
 from data.synthetic import load_ground_truth
 from data.tables import KEYS
 from evaluation import metrics
-from inference.pipeline.executor import Hydrator, Pipeline, SourceSlot, blend, candidate_columns
+from inference.pipeline.executor import Hydrator, Pipeline, SourceSlot, blend
 from inference.pipeline.filters import Filter, ItemFeatureFilter
 from inference.pipeline.sources import AnnSource, query_row
 from inference.pipeline.types import CANDIDATE_FEATURES, Candidates, Query
@@ -266,18 +266,7 @@ def hydrate_batch(hydrator: Hydrator, queries: list[Query], candidates: list[Can
     request's row, ``item_id``, with ``by_source`` each candidate's `CANDIDATE_FEATURES`, the store's
     item columns); the store is read once for the batch."""
     requests = pd.concat([query_row(query, hydrator.store, hydrator.schema) for query in queries], ignore_index=True)
-    batch = _concatenate(candidates)
-    items = hydrator.store.item_features(batch.item_ids).features
-    own = {KEYS["items"]: batch.item_ids}
-    if hydrator.by_source:
-        own |= candidate_columns(batch)
-    clash = sorted(set(requests.columns) & {*own, *items.columns})
-    if clash:
-        raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "
-                         "from one place")
-    rows = requests.iloc[np.repeat(np.arange(len(candidates)), [len(c) for c in candidates])].reset_index(drop=True)
-    features = pd.concat([rows, pd.DataFrame(own), items], axis=1)
-    return Candidates(batch.item_ids, batch.sources, batch.scores, features)
+    return hydrator.hydrate(requests, [len(c) for c in candidates], _concatenate(candidates))
 
 
 def _concatenate(candidates: list[Candidates], features: pd.DataFrame | None = None) -> Candidates:

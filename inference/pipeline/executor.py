@@ -120,16 +120,20 @@ class Hydrator:
         self.store, self.schema, self.by_source = store, schema, by_source
 
     def __call__(self, query: Query, candidates: Candidates) -> Candidates:
-        request = query_row(query, self.store, self.schema)
+        return self.hydrate(query_row(query, self.store, self.schema), [len(candidates)], candidates)
+
+    def hydrate(self, requests: pd.DataFrame, counts: list[int], candidates: Candidates) -> Candidates:
+        """``candidates`` of several requests in turn, request i's ``counts[i]`` of them with row i of
+        ``requests``; the store is read once for them all."""
         items = self.store.item_features(candidates.item_ids).features
         own = {KEYS["items"]: candidates.item_ids}
         if self.by_source:
             own |= candidate_columns(candidates)
-        clash = sorted(set(request.columns) & {*own, *items.columns})
+        clash = sorted(set(requests.columns) & {*own, *items.columns})
         if clash:
             raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "
                              "from one place")
-        rows = request.iloc[np.zeros(len(candidates), np.intp)].reset_index(drop=True)  # the request's row N times
+        rows = requests.iloc[np.repeat(np.arange(len(requests)), counts)].reset_index(drop=True)
         features = pd.concat([rows, pd.DataFrame(own), items], axis=1)
         return Candidates(candidates.item_ids, candidates.sources, candidates.scores, features)
 
