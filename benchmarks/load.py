@@ -4,7 +4,7 @@ at a multiple of it, a steady load below it, and optional faults injected during
     python benchmarks/load.py --artifacts out/artifacts --config configs/pipeline.yaml
     python benchmarks/load.py --repo /tmp/before --server-arg=--probe-context --server-arg=hour=12 ...
     python benchmarks/load.py ... --fault "recstack artifacts rollback --artifacts out/artifacts@60"
-    python benchmarks/load.py ... --rates "" --capacity 20 --overload 0 --swaps 10 --swap-every 20 --steady-s 230
+    python benchmarks/load.py ... --rates "" --capacity 20 --overload 0 --steady 0.5 --steady-s 90 --kill redis
 
 The server runs as a subprocess (`python -m recstack serve` in ``--repo``, so an older checkout
 is measured with the same client). The client is open-loop: requests start at the offered rate
@@ -20,6 +20,13 @@ A fault is a shell command run once during the steady phase, at the given second
 the artefact root's two newest versions in turn during the steady phase (`recstack artifacts
 rollback`), one every ``--swap-every`` seconds: the server's RSS after the first swap and after
 the last one (each read just before the next swap would come) show what old versions leave behind.
+
+``--kill redis`` (or ``triton``) starts that dependency for the published version (Redis loaded
+with it; Triton on its repository, DeepFM scored there first) and serves with a copy of the config
+that uses it; during the steady phase it is killed (SIGKILL) at ``--kill-at`` seconds and started
+again, empty, ``--down-s`` later. The steady phase is then also counted in three windows (before
+the kill, while down, after the restart), each with how many /healthz samples (one a second) said
+the server was degraded, and the last one's reason.
 """
 
 from __future__ import annotations
@@ -35,14 +42,19 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import numpy as np
 import psutil
+import redis
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from report import describe_machine, finish, free_port
+
+from inference.store import load_snapshot_into_redis
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,10 +70,26 @@ class Phase:
     rss_mb: list[float] = field(default_factory=list)  # the server's, sampled each second
     rss_at_s: list[float] = field(default_factory=list)  # when each sample was taken, from the phase's start
     swap_every_s: float | None = None  # with swaps: one every so many seconds, from then on
+    requests: list[tuple[float, int | str, float]] = field(default_factory=list)  # (started at s, status, ms)
+    degraded: list[str | None] = field(default_factory=list)  # /healthz's, sampled with the RSS
 
-    def record(self, status: int | str, ms: float) -> None:
+    def record(self, status: int | str, ms: float, at_s: float) -> None:
         self.statuses[status] += 1
         self.latency_ms.setdefault(str(status), []).append(ms)
+        self.requests.append((at_s, status, ms))
+
+    def window(self, start_s: float, end_s: float) -> Phase:
+        """The requests started from ``start_s`` to ``end_s`` into the phase, and the samples taken then."""
+        part = Phase(self.rate, end_s - start_s)
+        for at_s, status, ms in self.requests:
+            if start_s <= at_s < end_s:
+                part.record(status, ms, at_s)
+        for mb, at_s, degraded in zip(self.rss_mb, self.rss_at_s, self.degraded, strict=True):
+            if start_s <= at_s < end_s:
+                part.rss_mb.append(mb)
+                part.rss_at_s.append(at_s)
+                part.degraded.append(degraded)
+        return part
 
     def rss_before(self, at_s: float) -> float | None:
         """The last RSS sample taken before ``at_s`` seconds into the phase."""
@@ -86,6 +114,8 @@ class Phase:
             "shed_max_ms": None if not len(shed) else round(float(shed.max()), 1),
             "rss_mb_first": self.rss_mb[0] if self.rss_mb else None,
             "rss_mb_last": self.rss_mb[-1] if self.rss_mb else None,
+            "degraded_samples": sum(d is not None for d in self.degraded),
+            "degraded_last": self.degraded[-1] if self.degraded else None,
             **({} if self.swap_every_s is None else {  # the second swap would come at 2 x swap_every_s
                 "rss_mb_after_first_swap": self.rss_before(2 * self.swap_every_s),
                 "rss_mb_after_last_swap": self.rss_mb[-1] if self.rss_mb else None}),
@@ -105,6 +135,7 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
         async def one(body: bytes) -> None:
             nonlocal outstanding
             started = time.perf_counter()
+            at_s = started - start
             try:
                 async with session.post(url + "/recommend", data=body,
                                         headers={"Content-Type": "application/json"}) as reply:
@@ -116,12 +147,17 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
                 status = "error"
             finally:
                 outstanding -= 1
-            phase.record(status, (time.perf_counter() - started) * 1000)
+            phase.record(status, (time.perf_counter() - started) * 1000, at_s)
 
-        async def sample_rss() -> None:
+        async def sample() -> None:
             while True:
                 phase.rss_mb.append(round(server.memory_info().rss / 2**20, 1))
                 phase.rss_at_s.append(time.perf_counter() - start)
+                try:
+                    async with session.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=1.0)) as reply:
+                        phase.degraded.append((await reply.json())["degraded"])
+                except (TimeoutError, aiohttp.ClientError):
+                    phase.degraded.append("/healthz did not answer")
                 await asyncio.sleep(1.0)
 
         async def inject(command: str, at_s: float) -> None:
@@ -132,7 +168,7 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
             print(f"fault {command!r} at {at_s} s: exit {process.returncode} {err.decode()[-300:]}", file=sys.stderr)
 
         start = time.perf_counter()
-        sampler = asyncio.create_task(sample_rss())
+        sampler = asyncio.create_task(sample())
         injected = [asyncio.create_task(inject(command, at_s)) for command, at_s in faults]
         tasks = []
         for n in range(int(rate * seconds)):
@@ -140,7 +176,7 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
             if delay > 0:
                 await asyncio.sleep(delay)
             if outstanding >= max_outstanding:
-                phase.record("dropped", 0.0)
+                phase.record("dropped", 0.0, n / rate)
                 continue
             outstanding += 1
             tasks.append(asyncio.create_task(one(bodies[n % len(bodies)])))
@@ -197,6 +233,58 @@ def swap_commands(artifacts: Path, swaps: int, every_s: float) -> list[tuple[str
                          "--version", turns[n % 2]]), (n + 1) * every_s) for n in range(swaps)]
 
 
+@dataclass(frozen=True)
+class Dependency:
+    """A server ``recstack serve`` uses, started in the background by a shell command (its pid in
+    ``directory``), so that a fault can kill it and start it again."""
+
+    command: list[str]
+    directory: Path
+
+    @property
+    def start(self) -> str:
+        return f"{shlex.join(self.command)} >>{self.directory / 'log'} 2>&1 & echo $! >{self.directory / 'pid'}"
+
+    @property
+    def kill(self) -> str:
+        return f"kill -9 $(cat {self.directory / 'pid'})"
+
+
+def start_dependency(kind: str, artifacts: Path, config: Path, directory: Path) -> tuple[Dependency, Path]:
+    """Starts Redis or Triton for the version published under ``artifacts`` (Redis loaded with it);
+    returns it and a copy of ``config`` that uses it."""
+    version = (artifacts / "CURRENT").read_text().strip()
+    settings = yaml.safe_load(config.read_text())
+    port, http_port = free_port(), free_port()
+    if kind == "redis":
+        dependency = Dependency(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(directory)], directory)
+        settings["redis"] = f"127.0.0.1:{port}"
+        ready: Callable[[], object] = redis.Redis("127.0.0.1", port, socket_connect_timeout=1.0).ping
+    else:
+        dependency = Dependency([sys.executable, "-m", "recstack", "triton", "serve", "--repo",
+                                 str(artifacts.resolve() / version / "triton"), "--http-port", str(http_port),
+                                 "--grpc-port", str(port)], directory)
+        settings["triton"] = f"127.0.0.1:{port}"
+        settings["scorer"] = [{"kind": "triton", "model": "deepfm_py"}, *settings["scorer"]]
+        ready = lambda: urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1)  # noqa: E731
+    subprocess.run(dependency.start, shell=True, check=True)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            ready()
+            break
+        except (OSError, redis.RedisError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{kind} was not ready within 300 s; see {directory / 'log'}") from None
+            time.sleep(0.5)
+    if kind == "redis":
+        load_snapshot_into_redis(artifacts / version / "store", "127.0.0.1", port, version)
+    used = directory / "pipeline.yaml"
+    used.write_text(yaml.safe_dump(settings, sort_keys=False))
+    return dependency, used
+
+
 def capacity_of(steps: list[dict], p99_ms: float) -> float:
     """The highest offered rate whose replies were all 200 with p99 under ``p99_ms`` (0: none)."""
     held = [s["offered_per_s"] for s in steps
@@ -213,15 +301,17 @@ def format_table(result: dict) -> str:
              f"{result['scaled_from_per_s']} requests/s", *[f"Fault: {fault}" for fault in result["faults"]],
              *([f"Swaps: {result['swaps']}, one every {result['swap_every_s']} s"] if result["swaps"] else []), "",
              "| phase | offered /s | sent | goodput /s | 200 | 503 | errors | p50 ms | p95 ms | p99 ms | "
-             "shed p50 ms | shed p99 ms | shed max ms | shed by reason | RSS MB first -> last |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+             "shed p50 ms | shed p99 ms | shed max ms | shed by reason | RSS MB first -> last | "
+             "degraded samples (last) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for name, row in result["phases"]:
         lines.append(f"| {name} | {row['offered_per_s']:g} | {row['sent']} | {row['goodput_per_s']} | "
                      f"{row['statuses'].get('200', 0)} | {row['statuses'].get('503', 0)} | {row['errors']} | "
                      f"{row['p50_ms']} | {row['p95_ms']} | {row['p99_ms']} | {row['shed_p50_ms']} | "
                      f"{row['shed_p99_ms']} | "
                      f"{row['shed_max_ms']} | {', '.join(f'{k} {v:g}' for k, v in row['shed_reasons'].items())} | "
-                     f"{row['rss_mb_first']} -> {row['rss_mb_last']} |")
+                     f"{row['rss_mb_first']} -> {row['rss_mb_last']} | "
+                     f"{row['degraded_samples']} ({row['degraded_last']}) |")
     for name, row in result["phases"]:
         if "rss_mb_after_first_swap" in row:
             lines.append(f"\n{name}: RSS {row['rss_mb_after_first_swap']} MB after the first swap, "
@@ -251,6 +341,10 @@ def main() -> int:
     parser.add_argument("--swaps", type=int, default=0,
                         help="versions published during the steady phase (the root's two newest, in turn)")
     parser.add_argument("--swap-every", type=float, default=20.0, metavar="SECONDS")
+    parser.add_argument("--kill", choices=("redis", "triton"), default=None,
+                        help="start this dependency, kill it (SIGKILL) during the steady phase, start it again")
+    parser.add_argument("--kill-at", type=float, default=30.0, metavar="SECONDS")
+    parser.add_argument("--down-s", type=float, default=5.0, help="seconds between the kill and the restart")
     parser.add_argument("--timeout-s", type=float, default=5.0, help="client timeout per request")
     parser.add_argument("--max-outstanding", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
@@ -260,17 +354,31 @@ def main() -> int:
     swaps = swap_commands(args.artifacts, args.swaps, args.swap_every) if args.swaps else []
     bodies = make_bodies(args.users, json.loads(args.context), args.seed)
     machine = describe_machine()
-    server, url = start_server(args.repo, args.artifacts, args.config, args.server_arg)
+    config, windows, dependency = args.config, [], None
+    if args.kill:
+        directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"load-{args.kill}-{os.getpid()}"
+        directory.mkdir()
+        dependency, config = start_dependency(args.kill, args.artifacts, args.config, directory)
+        restart_at = args.kill_at + args.down_s
+        faults += [(dependency.kill, args.kill_at), (dependency.start, restart_at)]
+        args.fault += [f"{args.kill} killed (SIGKILL) at {args.kill_at:g} s, started again empty at {restart_at:g} s"]
+        windows = [("before the kill", 0.0, args.kill_at), (f"{args.kill} down", args.kill_at, restart_at),
+                   ("after the restart", restart_at, args.steady_s)]
+    server, url = start_server(args.repo, args.artifacts, config, args.server_arg)
     process = psutil.Process(server.pid)
     phases = []
     try:
-        def run(name: str, rate: float, seconds: float, faults=(), swap_every_s: float | None = None) -> dict:
+        def run(name: str, rate: float, seconds: float, faults=(), swap_every_s: float | None = None,
+                windows=()) -> dict:
             shed_before = shed_counts(url)
-            row = asyncio.run(offer(url, rate, seconds, bodies, process, args.timeout_s, args.max_outstanding,
-                                    faults, swap_every_s)).summary()
+            phase = asyncio.run(offer(url, rate, seconds, bodies, process, args.timeout_s, args.max_outstanding,
+                                      faults, swap_every_s))
+            row = phase.summary()
             row["shed_reasons"] = dict(shed_counts(url) - shed_before)  # what the server says it shed, and why
             print(name, json.dumps(row), file=sys.stderr)
             phases.append((name, row))
+            for label, start_s, end_s in windows:  # the server's shed counts are not split
+                phases.append((f"{name}: {label}", {**phase.window(start_s, end_s).summary(), "shed_reasons": {}}))
             time.sleep(2.0)  # let the server drain between phases
             return row
 
@@ -286,12 +394,14 @@ def main() -> int:
             run(f"overload {args.overload:g}x", args.overload * capacity, args.overload_s)
         if capacity and args.steady:
             run(f"steady {args.steady:g}x" + (" + faults" if faults else "") + (" + swaps" if swaps else ""),
-                args.steady * capacity, args.steady_s, faults + swaps, args.swap_every if swaps else None)
+                args.steady * capacity, args.steady_s, faults + swaps, args.swap_every if swaps else None, windows)
         rev = subprocess.run(["git", "-C", str(args.repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True).stdout.strip()
     finally:
         server.terminate()
         server.wait(30)
+        if dependency is not None:
+            subprocess.run(dependency.kill, shell=True)
     result = {"machine": machine, "server": f"{shlex.join(['recstack', 'serve', *args.server_arg])} at {rev}",
               "capacity_per_s": measured, "scaled_from_per_s": capacity, "p99_ms": args.p99_ms, "phases": phases,
               "faults": args.fault, "swaps": args.swaps, "swap_every_s": args.swap_every,
