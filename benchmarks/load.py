@@ -72,6 +72,7 @@ class Phase:
     swap_every_s: float | None = None  # with swaps: one every so many seconds, from then on
     requests: list[tuple[float, int | str, float]] = field(default_factory=list)  # (started at s, status, ms)
     degraded: list[str | None] = field(default_factory=list)  # /healthz's, sampled with the RSS
+    fallbacks: list[Counter] = field(default_factory=list)  # the scorer fallbacks so far, by scorer, sampled too
 
     def record(self, status: int | str, ms: float, at_s: float) -> None:
         self.statuses[status] += 1
@@ -84,11 +85,13 @@ class Phase:
         for at_s, status, ms in self.requests:
             if start_s <= at_s < end_s:
                 part.record(status, ms, at_s)
-        for mb, at_s, degraded in zip(self.rss_mb, self.rss_at_s, self.degraded, strict=True):
+        for mb, at_s, degraded, fallbacks in zip(self.rss_mb, self.rss_at_s, self.degraded, self.fallbacks,
+                                                  strict=True):
             if start_s <= at_s < end_s:
                 part.rss_mb.append(mb)
                 part.rss_at_s.append(at_s)
                 part.degraded.append(degraded)
+                part.fallbacks.append(fallbacks)
         return part
 
     def rss_before(self, at_s: float) -> float | None:
@@ -158,6 +161,11 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
                         phase.degraded.append((await reply.json())["degraded"])
                 except (TimeoutError, aiohttp.ClientError):
                     phase.degraded.append("/healthz did not answer")
+                try:
+                    async with session.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=1.0)) as reply:
+                        phase.fallbacks.append(parse_counts(await reply.text())["scorer_fallbacks"])
+                except (TimeoutError, aiohttp.ClientError):
+                    phase.fallbacks.append(phase.fallbacks[-1] if phase.fallbacks else Counter())
                 await asyncio.sleep(1.0)
 
         async def inject(command: str, at_s: float) -> None:
@@ -206,12 +214,20 @@ def start_server(repo: Path, artifacts: Path, config: Path, extra: list[str]) ->
     raise RuntimeError(f"the server did not answer /healthz within 300 s; see {log.name}")
 
 
-def shed_counts(url: str) -> Counter:
-    """The server's shed requests so far, by reason (its /metrics)."""
+def metric_counts(url: str) -> dict[str, Counter]:
+    """The server's shed requests so far, by reason, and its scorer fallbacks, by scorer (its /metrics)."""
     with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
-        text = reply.read().decode()
-    return Counter({sample.labels["reason"]: sample.value for family in text_string_to_metric_families(text)
-                    if family.name == "recstack_shed_requests" for sample in family.samples})
+        return parse_counts(reply.read().decode())
+
+
+def parse_counts(text: str) -> dict[str, Counter]:
+    counts = {"shed_reasons": Counter(), "scorer_fallbacks": Counter()}
+    for family in text_string_to_metric_families(text):
+        key, label = {"recstack_shed_requests": ("shed_reasons", "reason"),
+                      "recstack_scorer_fallbacks": ("scorer_fallbacks", "scorer")}.get(family.name, (None, None))
+        for sample in family.samples if key else ():
+            counts[key][sample.labels[label]] += sample.value
+    return counts
 
 
 def make_bodies(users: int, context: dict, seed: int, n: int = 1000) -> list[bytes]:
@@ -302,8 +318,8 @@ def format_table(result: dict) -> str:
              *([f"Swaps: {result['swaps']}, one every {result['swap_every_s']} s"] if result["swaps"] else []), "",
              "| phase | offered /s | sent | goodput /s | 200 | 503 | errors | p50 ms | p95 ms | p99 ms | "
              "shed p50 ms | shed p99 ms | shed max ms | shed by reason | RSS MB first -> last | "
-             "degraded samples (last) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "degraded samples (last) | scorer fallbacks |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for name, row in result["phases"]:
         lines.append(f"| {name} | {row['offered_per_s']:g} | {row['sent']} | {row['goodput_per_s']} | "
                      f"{row['statuses'].get('200', 0)} | {row['statuses'].get('503', 0)} | {row['errors']} | "
@@ -311,7 +327,8 @@ def format_table(result: dict) -> str:
                      f"{row['shed_p99_ms']} | "
                      f"{row['shed_max_ms']} | {', '.join(f'{k} {v:g}' for k, v in row['shed_reasons'].items())} | "
                      f"{row['rss_mb_first']} -> {row['rss_mb_last']} | "
-                     f"{row['degraded_samples']} ({row['degraded_last']}) |")
+                     f"{row['degraded_samples']} ({row['degraded_last']}) | "
+                     f"{', '.join(f'{k} {v:g}' for k, v in row['scorer_fallbacks'].items())} |")
     for name, row in result["phases"]:
         if "rss_mb_after_first_swap" in row:
             lines.append(f"\n{name}: RSS {row['rss_mb_after_first_swap']} MB after the first swap, "
@@ -370,15 +387,18 @@ def main() -> int:
     try:
         def run(name: str, rate: float, seconds: float, faults=(), swap_every_s: float | None = None,
                 windows=()) -> dict:
-            shed_before = shed_counts(url)
+            before = metric_counts(url)
             phase = asyncio.run(offer(url, rate, seconds, bodies, process, args.timeout_s, args.max_outstanding,
                                       faults, swap_every_s))
             row = phase.summary()
-            row["shed_reasons"] = dict(shed_counts(url) - shed_before)  # what the server says it shed, and why
+            after = metric_counts(url)  # what the server says it shed, and why; which scorers failed over
+            row.update({key: dict(after[key] - before[key]) for key in after})
             print(name, json.dumps(row), file=sys.stderr)
             phases.append((name, row))
-            for label, start_s, end_s in windows:  # the server's shed counts are not split
-                phases.append((f"{name}: {label}", {**phase.window(start_s, end_s).summary(), "shed_reasons": {}}))
+            for label, start_s, end_s in windows:  # shed counts not split; fallbacks from the samples (each second)
+                part = phase.window(start_s, end_s)
+                phases.append((f"{name}: {label}", {**part.summary(), "shed_reasons": {},
+                                                    "scorer_fallbacks": dict(part.fallbacks[-1] - part.fallbacks[0])}))
             time.sleep(2.0)  # let the server drain between phases
             return row
 
