@@ -26,8 +26,10 @@ weights, dim 1; two-tower tables at the schema's own dims), or one sharing a tab
 collection (a query tower's history sequence reading the item tower's id table), is replicated
 instead (`split_collections`): whole on every rank under DDP with the dense layers, its tables
 emitting sparse gradients that DDP averages, stepped by the module's own row-sparse optimizer,
-exactly as in one process. A replicated table must fit every device; give large tables dims
-that are multiples of 4 (``model.embedding_dim``).
+exactly as in one process. A model's collections are all sharded or all replicated: with both
+(DeepFM), gloo's sparse all-reduce beside torchrec's all-to-all aborted a rank now and then, so it
+is refused. A replicated table must fit every device; give large tables dims that are multiples
+of 4 (``model.embedding_dim``).
 
 Sharding (``--sharding``): ``table_wise`` puts each table whole on one rank, ``row_wise`` splits
 its rows over the ranks (torchrec offers it on CUDA only), ``column_wise`` its columns; ``auto``
@@ -112,6 +114,12 @@ def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer]
                          f"{[k.name for k in CPU_KERNELS]} only (embedding_optimizer.kind rowwise_adagrad); "
                          "the others need fbgemm-gpu's CUDA kernels")
     sharded, replicated = split_collections(collections)
+    if sharded and replicated:  # DeepFM: sharded second-order tables, replicated first-order ones (dim 1)
+        raise ValueError(f"{type(module).__name__}: tables replicated beside sharded ones "
+                         f"({[name for ebc in replicated for name in ebc.embedding_bags]}); expected all sharded "
+                         "(dims that are multiples of 4, no shared table) or none: on gloo, DDP's sparse all-reduce "
+                         "of the replicated tables beside torchrec's all-to-all in the same backward aborted a rank "
+                         "now and then")
     for ebc in replicated:  # stepped by the module's own optimizer, after DDP averages their sparse gradients
         for bag in ebc.embedding_bags.values():
             bag.sparse = True

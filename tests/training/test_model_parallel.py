@@ -1,5 +1,5 @@
 """`recstack train --strategy model_parallel` on 2 CPU ranks (gloo) against one process on the tiny
-dataset, for DLRM, DeepFM and the two-tower model: the same weights and metrics, a SIGKILLed run
+dataset, for DLRM and the two-tower model: the same weights and metrics, a SIGKILLed run
 resumed, the serving export, checkpoints written shard by shard, and bad runs.
 
 Every training run is a `recstack` process of its own, as the sharded ones must be.
@@ -39,14 +39,12 @@ from training.optimizers import EmbeddingOptimizer, fused_optimizer
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, BATCH = 2, 512
 ROWWISE = {"kind": "rowwise_adagrad", "lr": 0.05}
-# (YAML run config, train command) per model. DeepFM's first-order tables (dim 1) stay whole on
-# every rank, its second-order ones are sharded; the two-tower model's drawn negatives are the one
-# random thing in training, which every rank must draw as one process does.
+# (YAML run config, train command) per model. The two-tower model's drawn negatives are the one
+# random thing in training, which every rank must draw as one process does. DeepFM (sharded and
+# replicated tables together) is refused: test_shard_tables_refuses_what_it_cannot_shard.
 MODELS = {
     "dlrm": ({"train": {"lr": 0.03}, "model": {"embedding_dim": 8, "dense_sizes": [16], "over_sizes": [16]},
               "embedding_optimizer": ROWWISE}, ["ranker", "--model", "dlrm"]),
-    "deepfm": ({"train": {"lr": 0.03}, "model": {"embedding_dim": 8, "hidden_sizes": [16]},
-                "embedding_optimizer": ROWWISE}, ["ranker", "--model", "deepfm"]),
     "retrieval": ({"train": {"lr": 0.01}, "loss": {"negatives": 16},
                    "model": {"embedding_dim": 8, "hidden_sizes": [32], "output_dim": 16},
                    "embedding_optimizer": ROWWISE}, ["retrieval"]),
@@ -55,7 +53,6 @@ MODELS = {
 RUNS = {
     "dlrm_table_wise": ("dlrm", "table_wise"),
     "dlrm_column_wise": ("dlrm", "column_wise"),
-    "deepfm": ("deepfm", "table_wise"),
     "retrieval": ("retrieval", "table_wise"),
 }
 METRICS = {
@@ -155,7 +152,7 @@ def test_two_ranks_match_one_process(name, runs):
 
 
 @needs_gloo
-@pytest.mark.parametrize("name", ["deepfm", "retrieval"])  # DeepFM has sharded and replicated tables
+@pytest.mark.parametrize("name", ["dlrm_table_wise", "retrieval"])
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(name, tiny_dataset, configs, runs, tmp_path):
     """Every rank dies at once, as when a job's node fails; the same command then resumes."""
     out = tmp_path / "run"
@@ -309,6 +306,9 @@ def test_shard_tables_refuses_what_it_cannot_shard(tiny_dataset, one_rank_group)
         shard_tables(SparseArch(embedding_configs(features, 8)), adam, "table_wise", torch.device("cpu"))
     with pytest.raises(ValueError, match=r"Linear has no EmbeddingBagCollection"):
         shard_tables(torch.nn.Linear(2, 1), rowwise, "table_wise", torch.device("cpu"))
+    mixed = torch.nn.ModuleList([SparseArch(embedding_configs(features, dim)) for dim in (8, 6)])
+    with pytest.raises(ValueError, match=r"ModuleList: tables replicated beside sharded ones"):
+        shard_tables(mixed, rowwise, "table_wise", torch.device("cpu"))
 
 
 def test_collections_that_fused_kernels_cannot_step_or_that_share_a_table_are_replicated(tiny_dataset):
