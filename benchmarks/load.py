@@ -251,19 +251,18 @@ def swap_commands(artifacts: Path, swaps: int, every_s: float) -> list[tuple[str
 
 @dataclass(frozen=True)
 class Dependency:
-    """A server ``recstack serve`` uses, started in the background by a shell command (its pid in
-    ``directory``), so that a fault can kill it and start it again."""
+    """A server ``recstack serve`` uses, started in the background by a shell command that writes its
+    pid to a file, so that a fault can kill it and start it again."""
 
-    command: list[str]
-    directory: Path
+    start: str  # the shell command that starts it
+    kill: str  # the shell command that SIGKILLs it
 
-    @property
-    def start(self) -> str:
-        return f"{shlex.join(self.command)} >>{self.directory / 'log'} 2>&1 & echo $! >{self.directory / 'pid'}"
 
-    @property
-    def kill(self) -> str:
-        return f"kill -9 $(cat {self.directory / 'pid'})"
+def background(command: list[str], directory: Path) -> Dependency:
+    """``command`` run in the background, its output appended to ``directory``/log."""
+    pid = directory / "pid"
+    return Dependency(start=f"{shlex.join(command)} >>{directory / 'log'} 2>&1 & echo $! >{pid}",
+                      kill=f"kill -9 $(cat {pid})")
 
 
 def start_dependency(kind: str, artifacts: Path, config: Path, directory: Path) -> tuple[Dependency, Path]:
@@ -273,12 +272,12 @@ def start_dependency(kind: str, artifacts: Path, config: Path, directory: Path) 
     settings = yaml.safe_load(config.read_text())
     port, http_port = free_port(), free_port()
     if kind == "redis":
-        dependency = Dependency(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        dependency = background(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                  "--appendonly", "no", "--dir", str(directory)], directory)
         settings["redis"] = f"127.0.0.1:{port}"
         ready: Callable[[], object] = redis.Redis("127.0.0.1", port, socket_connect_timeout=1.0).ping
     else:
-        dependency = Dependency([sys.executable, "-m", "recstack", "triton", "serve", "--repo",
+        dependency = background([sys.executable, "-m", "recstack", "triton", "serve", "--repo",
                                  str(artifacts.resolve() / version / "triton"), "--http-port", str(http_port),
                                  "--grpc-port", str(port)], directory)
         settings["triton"] = f"127.0.0.1:{port}"
