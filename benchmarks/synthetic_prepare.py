@@ -52,10 +52,10 @@ def time_prepare(sizes: dict, seed: int, out: Path, root: Path = ROOT) -> dict:
     return {"prepare_s": run["s"], "prepare_cpu_s": run["cpu_s"], "peak_rss_gib": run["peak_rss_gib"]}
 
 
-def time_epoch(data: Path, out: Path, batch_size: int) -> dict:
+def time_epoch(data: Path, out: Path, config: Path, batch_size: int) -> dict:
     """Wall and CPU seconds and peak RSS (GiB) of one DLRM epoch, as a child process."""
     cmd = [sys.executable, "-m", "recstack.cli", "train", "ranker", "--model", "dlrm", "--data", str(data),
-           "--out", str(out), "--config", str(ROOT / "configs" / "synthetic_ctr_dlrm.yaml"), "--max-epochs", "1",
+           "--out", str(out), "--config", str(config.resolve()), "--max-epochs", "1",
            "--batch-size", str(batch_size), "--accelerator", "cpu"]
     run = time_child(cmd)
     return {"epoch_s": run["s"], "epoch_cpu_s": run["cpu_s"], "epoch_peak_rss_gib": run["peak_rss_gib"]}
@@ -118,7 +118,8 @@ def format_table(result: dict) -> str:
         f"| parquet write floor (s) | {result['floor_s']:.1f} | | |",
         f"| ratio prepare / floor | {result['ratio']:.1f} | | |",
         *(baseline_rows(result) if "baseline" in result else []),
-        *([f"| DLRM epoch, batch {result['epoch_batch_size']:,}: wall time (s) | {result['epoch_s']:.1f} | | |",
+        *([f"| DLRM epoch ({result['epoch_config']}), batch {result['epoch_batch_size']:,}: wall time (s) | "
+           f"{result['epoch_s']:.1f} | | |",
            f"| DLRM epoch: CPU time, user + sys (s) | {result['epoch_cpu_s']:.1f} | | |",
            f"| DLRM epoch: peak RSS (GiB) | {result['epoch_peak_rss_gib']:.2f} | < {TARGET_EPOCH_GIB} | "
            f"{verdict(result['epoch_peak_rss_gib'] < TARGET_EPOCH_GIB)} |"] if "epoch_s" in result else []),
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-epoch", action="store_true", help="also time one DLRM epoch over the data")
     parser.add_argument("--epoch-batch-size", type=int, default=4096)
+    parser.add_argument("--epoch-config", type=Path, default=ROOT / "configs" / "synthetic_ctr_dlrm.yaml",
+                        help="the DLRM run config of the epoch (its batch size is --epoch-batch-size's)")
     parser.add_argument("--baseline", metavar="REV", help="also time the prepare of this git revision")
     parser.add_argument("--tmp", type=Path, help="folder for the dataset and run (default: the system's)")
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "synthetic_prepare.json")
@@ -154,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         prepare = time_prepare(sizes, args.seed, Path(tmp) / "synthetic")
         floor_s = time_parquet_floor(sizes["interactions"], Path(tmp) / "floor.parquet")
         if args.train_epoch:
-            epoch = time_epoch(Path(tmp) / "synthetic", Path(tmp) / "dlrm", args.epoch_batch_size)
-            prepare.update(epoch, epoch_batch_size=args.epoch_batch_size)
+            epoch = time_epoch(Path(tmp) / "synthetic", Path(tmp) / "dlrm", args.epoch_config, args.epoch_batch_size)
+            prepare.update(epoch, epoch_batch_size=args.epoch_batch_size, epoch_config=args.epoch_config.name)
         if args.baseline:
             shutil.rmtree(Path(tmp) / "synthetic")  # its disk, before the baseline writes its own
             tree = export_revision(args.baseline, Path(tmp) / "baseline-tree")
