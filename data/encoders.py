@@ -1,7 +1,8 @@
 """Feature encoders: raw feature columns -> embedding ids and dense floats for a model.
 
 `FeatureEncoder.fit` learns one small encoder per schema feature from the training rows;
-`encode` turns a joined frame (see `join_features`) into a `Batch`:
+`encode` turns a joined frame (see `join_features`), or the same rows as `FeatureColumns`
+(aligned arrays, which the request path builds without a frame), into a `Batch`:
 
     categorical                 vocabulary: ids 1..V, most frequent in train first, 0 = OOV
     categorical + hash_buckets  stable hash of the value as a string, modulo hash_buckets
@@ -25,6 +26,7 @@ import pandas as pd
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from data.columns import FeatureColumns
 from data.schema import Schema, default_embedding_dim
 from data.tables import KEYS
 
@@ -266,17 +268,17 @@ class FeatureEncoder:
         encoders = {n: _encoder_from_dict(e) for n, e in d["encoders"].items()}
         return cls(Schema.from_dict(d["schema"]), encoders)
 
-    def encode(self, frame: pd.DataFrame, names: list[str] | None = None) -> Batch:
-        """A joined frame of B rows (sequences as lists) -> a `Batch` of the features ``names``
-        (default: all), keyed and ordered as in the schema."""
+    def encode(self, frame: pd.DataFrame | FeatureColumns, names: list[str] | None = None) -> Batch:
+        """A joined frame of B rows (sequences as lists), or its `FeatureColumns`, -> a `Batch` of
+        the features ``names`` (default: all), keyed and ordered as in the schema."""
         wanted = self._schema.names if names is None else names
         unknown = sorted(set(wanted) - set(self._schema.names))
         if unknown:
             raise ValueError(f"features {unknown} are not in schema {self._schema.name!r}; it has {self._schema.names}")
         features = [f for f in self._schema.features if f.name in wanted]
-        missing = [f.name for f in features if f.name not in frame.columns]
+        missing = [f.name for f in features if f.name not in frame]
         if missing:
-            raise ValueError(f"frame lacks feature columns {missing}; it has {list(frame.columns)}")
+            raise ValueError(f"frame lacks feature columns {missing}; it has {list(frame)}")
         n_rows = len(frame)
         ids, lengths, dense = [], [], []
         for f in features:
@@ -300,8 +302,8 @@ class FeatureEncoder:
         )
         dense_array = np.stack(dense, axis=1) if dense else np.zeros((n_rows, 0), np.float32)
         labels = None
-        if self._schema.label in frame.columns:
-            labels = torch.from_numpy(frame[self._schema.label].to_numpy(np.float32))
+        if self._schema.label in frame:
+            labels = torch.from_numpy(np.asarray(frame[self._schema.label], np.float32))
         return Batch(sparse, torch.from_numpy(dense_array), labels)  # dense (B, n_dense)
 
 
@@ -392,6 +394,8 @@ def _fitted_schema(schema: Schema, encoders: dict[str, Encoder]) -> Schema:
 
 
 def _floats(values: pd.Series | np.ndarray) -> np.ndarray:
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":  # no missing value but NaN
+        return values.astype(np.float64)
     return pd.Series(values).to_numpy(dtype=np.float64, na_value=np.nan)
 
 

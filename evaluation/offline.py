@@ -43,13 +43,14 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from data.columns import FeatureColumns
 from data.dataset import read_dataset, read_part
 from data.synthetic import load_ground_truth
 from data.tables import KEYS
 from evaluation import metrics
 from inference.pipeline.executor import Hydrator, Pipeline, SourceSlot, blend
 from inference.pipeline.filters import Filter, ItemFeatureFilter
-from inference.pipeline.sources import AnnSource, query_row
+from inference.pipeline.sources import AnnSource, query_row, request_features
 from inference.pipeline.types import CANDIDATE_FEATURES, Candidates, Query
 
 METRICS = ("ndcg", "map", "recall", "precision", "mrr", "hit")
@@ -229,12 +230,11 @@ def run_pipeline(pipeline: Pipeline, held_out: HeldOut, k: int, batch_size: int 
         with _timed(seconds, "hydrate"):
             batch = hydrate_batch(pipeline.stages.hydrator, queries, candidates)
         with _timed(seconds, "scorer"):
-            scored = Candidates(batch.item_ids, batch.sources, _score(pipeline, queries[0], batch), batch.features)
+            scored = Candidates(batch.item_ids, batch.sources, _score(pipeline, queries[0], batch), batch.columns)
         with _timed(seconds, "orderers"):
             bounds = np.cumsum([0, *(len(c) for c in candidates)])
             for u, query, a, b in zip(users, queries, bounds[:-1], bounds[1:], strict=True):
-                mine = Candidates(scored.item_ids[a:b], scored.sources[a:b], scored.scores[a:b],
-                                  scored.features.iloc[a:b].reset_index(drop=True))
+                mine = scored.take(np.arange(a, b))
                 ranked = pipeline._order(query, mine)[0]  # the serving ranking and orderers
                 lists.final[u, :len(ranked)] = ranked.item_ids
                 lists.final_sources[u, :len(ranked)] = ranked.sources
@@ -256,7 +256,7 @@ def filter_batch(stage: Filter, queries: list[Query], candidates: list[Candidate
     sizes = [len(c) for c in candidates]
     request = pd.DataFrame({"request": np.repeat(np.arange(len(candidates)), sizes)})  # follows the kept rows
     kept = stage(queries[0], _concatenate(candidates, request)).kept
-    bounds = np.searchsorted(kept.features["request"].to_numpy(), np.arange(len(candidates) + 1))
+    bounds = np.searchsorted(kept.columns["request"], np.arange(len(candidates) + 1))
     return [Candidates(kept.item_ids[a:b], kept.sources[a:b], kept.scores[a:b])
             for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
@@ -265,7 +265,8 @@ def hydrate_batch(hydrator: Hydrator, queries: list[Query], candidates: list[Can
     """Every request's candidates in turn, with the feature rows the `Hydrator` gives each (the
     request's row, ``item_id``, with ``by_source`` each candidate's `CANDIDATE_FEATURES`, the store's
     item columns); the store is read once for the batch."""
-    requests = pd.concat([query_row(query, hydrator.store, hydrator.schema) for query in queries], ignore_index=True)
+    requests = FeatureColumns.from_values([request_features(query, hydrator.store, hydrator.schema)
+                                           for query in queries])
     return hydrator.hydrate(requests, [len(c) for c in candidates], _concatenate(candidates))
 
 

@@ -43,6 +43,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from data.columns import FeatureColumns
+
 ID_COLUMNS = {"users": "user_id", "items": "item_id"}
 LISTS = "lists"  # the snapshot's folder of list groups
 LIST_COLUMNS = ("list", "item_id", "score")
@@ -64,14 +66,19 @@ class StoreUnavailable(StoreError):
 class ItemRows:
     """Features of N requested items; row i belongs to ``item_ids[i]``.
 
-    ``item_ids`` (N,) int64 as requested, duplicates kept; ``found`` (N,) bool; ``features``
-    N rows, one column per item feature. Rows where ``found`` is False hold missing values
+    ``item_ids`` (N,) int64 as requested, duplicates kept; ``found`` (N,) bool; ``columns``
+    N rows, one column per item feature read. Rows where ``found`` is False hold missing values
     (NA, NaN or None).
     """
 
     item_ids: np.ndarray
     found: np.ndarray
-    features: pd.DataFrame
+    columns: FeatureColumns
+
+    @property
+    def features(self) -> pd.DataFrame:
+        """``columns`` as a frame, index 0..N-1."""
+        return self.columns.to_frame()
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ class Store(ABC):
 
     def item_columns(self) -> list[str]:
         """The names of the item feature columns `item_features` returns."""
-        return self.item_features(np.zeros(0, np.int64)).features.columns.tolist()
+        return list(self.item_features(np.zeros(0, np.int64)).columns)
 
     @abstractmethod
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +192,7 @@ class EmbeddedStore(Store):
         found = pos < len(self._item_ids)
         found[found] = self._item_ids[pos[found]] == ids[found]
         rows = self._items.take(pa.array(np.where(found, pos, 0), mask=~found))  # null index -> null row
-        return ItemRows(ids, found, _to_frame(rows))
+        return ItemRows(ids, found, _to_columns(rows))
 
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self._lists.get(name, _EMPTY_LIST)
@@ -235,7 +242,7 @@ class RedisStore(Store):
         arrays = [pa.array(column, type=field.type) for column, field in zip(columns, self._item_schema, strict=True)]
         table = pa.Table.from_arrays(arrays, schema=self._item_schema)
         found = np.array([value is not None for value in values], dtype=bool)
-        return ItemRows(ids, found, _to_frame(table))
+        return ItemRows(ids, found, _to_columns(table))
 
     def get_list(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         value = self._lookup("get_list", "list", name)
@@ -485,8 +492,9 @@ def _packed_lists(lists: pa.Table) -> tuple[list[str], pa.Array]:
     return names, pa.Array.from_buffers(pa.large_binary(), len(names), [None, offsets, pa.py_buffer(words)])
 
 
-def _to_frame(table: pa.Table) -> pd.DataFrame:
-    """Arrow rows -> pandas, column by column: `pa.Table.to_pandas` costs ~0.3 ms per call on its own.
+def _to_columns(table: pa.Table) -> FeatureColumns:
+    """Arrow rows -> arrays, column by column, with no frame (`pa.Table.to_pandas` costs ~0.3 ms per
+    call on its own).
 
     Int and bool columns become nullable pandas arrays, so null rows do not turn them into floats.
     """
@@ -499,7 +507,7 @@ def _to_frame(table: pa.Table) -> pd.DataFrame:
             columns[name] = array_type(values, column.is_null().to_numpy())
         else:
             columns[name] = column.to_numpy(zero_copy_only=False)  # null -> NaN for floats, None otherwise
-    return pd.DataFrame(columns, copy=False)
+    return FeatureColumns(columns, len(table))
 
 
 def _read_only(array: np.ndarray) -> np.ndarray:

@@ -34,6 +34,7 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import pandas as pd
 
+from data.columns import FeatureColumns
 from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.bandits import SourceBandit
@@ -41,7 +42,7 @@ from inference.pipeline.config import TIME_FIELDS, PipelineConfig, time_zone
 from inference.pipeline.filters import Filter
 from inference.pipeline.orderers import Orderer, Strategy, StrategyBanditOrderer, by_score
 from inference.pipeline.scorers import FallbackScorer, ModelInputs, Scorer
-from inference.pipeline.sources import QUERY_TOWER, AnnSource, CandidateSource, query_row
+from inference.pipeline.sources import QUERY_TOWER, AnnSource, CandidateSource, request_features
 from inference.pipeline.stats import PipelineStats
 from inference.pipeline.types import CANDIDATE_FEATURES, Candidates, Query
 from inference.store import RedisStore, Store, redis_address
@@ -109,33 +110,40 @@ class ContextCompleter:
 
 
 class Hydrator:
-    """Candidates -> the same candidates with feature rows: the request's (`query_row`), the
-    item's from the store (``item_id`` and every item column), so any scorer finds its columns;
-    with ``by_source``, also each candidate's `CANDIDATE_FEATURES` (`candidate_columns`, for
-    `blend: scoring`)."""
+    """Candidates -> the same candidates with feature columns: the request's (`request_features`),
+    ``item_id``, with ``by_source`` each candidate's `CANDIDATE_FEATURES` (`candidate_columns`,
+    for `blend: scoring`), and every item column of the store, so any scorer finds its columns.
+    The item columns are read from the store unless the candidates carry them all (an
+    `ItemFeatureFilter` read them)."""
 
     name = "hydrate"
 
     def __init__(self, store: Store, schema: Schema, by_source: bool = False) -> None:
         self.store, self.schema, self.by_source = store, schema, by_source
+        self.item_columns = store.item_columns()
 
     def __call__(self, query: Query, candidates: Candidates) -> Candidates:
-        return self.hydrate(query_row(query, self.store, self.schema), [len(candidates)], candidates)
+        requests = FeatureColumns.from_values([request_features(query, self.store, self.schema)])
+        return self.hydrate(requests, [len(candidates)], candidates)
 
-    def hydrate(self, requests: pd.DataFrame, counts: list[int], candidates: Candidates) -> Candidates:
+    def hydrate(self, requests: FeatureColumns, counts: list[int], candidates: Candidates) -> Candidates:
         """``candidates`` of several requests in turn, request i's ``counts[i]`` of them with row i of
         ``requests``; the store is read once for them all."""
-        items = self.store.item_features(candidates.item_ids).features
+        carried = candidates.columns
+        if carried is not None and all(name in carried for name in self.item_columns):
+            items = carried.select(self.item_columns)
+        else:
+            items = self.store.item_features(candidates.item_ids).columns
         own = {KEYS["items"]: candidates.item_ids}
         if self.by_source:
             own |= candidate_columns(candidates)
-        clash = sorted(set(requests.columns) & {*own, *items.columns})
+        clash = sorted(set(requests) & {*own, *items})
         if clash:
             raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "
                              "from one place")
-        rows = requests.iloc[np.repeat(np.arange(len(requests)), counts)].reset_index(drop=True)
-        features = pd.concat([rows, pd.DataFrame(own), items], axis=1)
-        return Candidates(candidates.item_ids, candidates.sources, candidates.scores, features)
+        rows = requests.take(np.repeat(np.arange(len(requests)), counts))
+        columns = FeatureColumns(rows.columns | own | items.columns, len(candidates))
+        return Candidates(candidates.item_ids, candidates.sources, candidates.scores, columns)
 
 
 def candidate_columns(candidates: Candidates) -> dict[str, np.ndarray]:
@@ -183,15 +191,15 @@ class Response:
     propensities: np.ndarray
     removed: np.ndarray
     reasons: np.ndarray
-    display: pd.DataFrame | None = field(default=None, kw_only=True)  # (M, D) display columns; None: none
+    display: FeatureColumns | None = field(default=None, kw_only=True)  # (M,) display columns; None: none
 
     def display_rows(self) -> list[dict[str, object]]:
         """One dict per item: its ``display`` values by column, as JSON values (None where missing,
         a list for a list column); empty dicts when the pipeline shows no columns."""
         if self.display is None:
             return [{} for _ in self.item_ids]
-        return [{column: _json_value(value) for column, value in zip(self.display.columns, row, strict=True)}
-                for row in self.display.itertuples(index=False, name=None)]
+        return [{name: _json_value(self.display[name][row]) for name in self.display}
+                for row in range(len(self.display))]
     strategy: Strategy | None = None
 
 
@@ -233,7 +241,7 @@ class Pipeline:
             _check_budget(budget, "scorer")
             candidates = self._score(query, candidates)
             candidates, propensities, strategy = self._order(query, candidates)
-        display = candidates.features[list(self.display)] if self.display else None
+        display = candidates.columns.select(list(self.display)) if self.display else None
         return Response(candidates.item_ids, candidates.scores, candidates.sources, propensities,
                         np.concatenate(removed), np.concatenate(reasons), strategy, display=display)
 
@@ -326,7 +334,7 @@ class Pipeline:
             raise RuntimeError(f"scorer {scorer.name!r} returned scores of shape {scores.shape}; "
                                f"expected ({len(candidates)},)")
         self.stats.record("scorer", started, len(candidates), len(candidates))
-        return Candidates(candidates.item_ids, candidates.sources, scores, candidates.features)
+        return Candidates(candidates.item_ids, candidates.sources, scores, candidates.columns)
 
     def _order(self, query: Query, candidates: Candidates) -> tuple[Candidates, np.ndarray, Strategy | None]:
         """The orderers in turn over the candidates ranked by score (ties in blend order); a slot's

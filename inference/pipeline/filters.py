@@ -1,7 +1,9 @@
 """Filters: ``(query, candidates) -> FilterResult``, what they kept and what they removed, with reasons.
 
     SeenItemsFilter     removes the query's recent items
-    ItemFeatureFilter   keeps items whose store feature ``column`` equals a value (e.g. available)
+    ItemFeatureFilter   keeps items whose store feature ``column`` equals a value (e.g. available);
+                        the items it keeps carry the store's item columns, which hydration then
+                        does not read again
 
 A filter keeps the candidates' order; the pipeline config lists filters cheapest first. Each
 filter's config spec (its ``kind:`` in the pipeline's ``filters:``) is defined beside it, and
@@ -15,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
+from data.columns import equal_to
 from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
 from inference.store import Store
@@ -61,7 +64,8 @@ class SeenItemsFilter:
 
 class ItemFeatureFilter:
     """Keeps items whose store feature ``column`` equals ``equals``; removes the others (a missing
-    value counts as different) and items the store does not know, reason "unknown item"."""
+    value counts as different) and items the store does not know, reason "unknown item". The
+    kept candidates carry every item column of the store (`Candidates.with_columns`)."""
 
     def __init__(self, store: Store, column: str, equals: bool | int | float | str) -> None:
         columns = store.item_columns()
@@ -71,9 +75,9 @@ class ItemFeatureFilter:
 
     def __call__(self, query: Query, candidates: Candidates) -> FilterResult:
         rows = self.store.item_features(candidates.item_ids)
-        equal = (rows.features[self.column] == self.equals).fillna(False).to_numpy(bool)
+        equal = equal_to(rows.columns[self.column], self.equals)
         reasons = np.where(rows.found, f"{self.column} != {self.equals!r}", "unknown item")
-        return FilterResult.split(candidates, rows.found & equal, reasons)
+        return FilterResult.split(candidates.with_columns(rows.columns), rows.found & equal, reasons)
 
 
 class SeenSpec(StageSpec):

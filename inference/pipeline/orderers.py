@@ -58,10 +58,10 @@ def by_score(scored: Candidates) -> np.ndarray:
 
 def item_column(scored: Candidates, column: str) -> list:
     """The hydrated item ``column`` of the N candidates, one value each."""
-    if scored.features is None or column not in scored.features:
+    if scored.columns is None or column not in scored.columns:
         raise ValueError(f"orderers read item column {column!r}, but the candidates carry "
-                         f"{[] if scored.features is None else sorted(scored.features.columns)}")
-    return list(scored.features[column])
+                         f"{[] if scored.columns is None else sorted(scored.columns)}")
+    return list(scored.columns[column])
 
 
 class TopKOrderer:
@@ -135,8 +135,11 @@ class MaxPerSourceOrderer:
         self.cap = cap
 
     def __call__(self, query: Query, scored: Candidates) -> tuple[Candidates, np.ndarray]:
-        sources = pd.Series(scored.sources)
-        rank_in_source = sources.groupby(sources).cumcount().to_numpy()  # 0 = the source's best
+        _, source_of = np.unique(scored.sources, return_inverse=True)
+        by_source = np.argsort(source_of, kind="stable")  # each source's candidates in turn, in their order
+        sizes = np.bincount(source_of)
+        rank_in_source = np.empty(len(scored), np.intp)  # 0 = the source's best
+        rank_in_source[by_source] = np.arange(len(scored)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         kept = np.flatnonzero(rank_in_source < self.cap)
         return scored.take(kept), np.ones(len(kept))
 
@@ -232,7 +235,7 @@ class BoostOrderer:
         boosted = np.flatnonzero(self.matches(scored))[:self.cap]
         scores = scored.scores.copy()
         scores[boosted] = scores[boosted] * self.multiply + self.add
-        ranked = Candidates(scored.item_ids, scored.sources, scores, scored.features)
+        ranked = Candidates(scored.item_ids, scored.sources, scores, scored.columns)
         return ranked.take(by_score(ranked)), np.ones(len(scored))
 
 

@@ -6,7 +6,7 @@ A scorer never drops or reorders candidates; sorting and truncation belong to or
     FallbackScorer      tries scorers in turn (e.g. Triton, then TorchScript, then the linear
                         ranker) and counts how often each one failed over to the next
 
-`ModelInputs` turns candidate feature rows into the padded tensors every exported model takes
+`ModelInputs` turns candidate feature columns into the padded tensors every exported model takes
 (`pad_batch`); the Triton scorer (``inference.triton.scorer``) sends the same tensors over the wire.
 
 Each scorer's config spec (an entry of the pipeline's ``scorer:`` list, ``{kind: torchscript,
@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from data.columns import FeatureColumns
 from data.encoders import Batch, FeatureEncoder
 from inference.pipeline.spec import StageSpec
 from inference.pipeline.types import Candidates, Query
@@ -64,7 +65,7 @@ def pad_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 class ModelInputs:
-    """Feature rows -> the padded tensors of one exported model (see ``inference.export``).
+    """Feature rows (columns or a frame) -> the padded tensors of one exported model (see ``inference.export``).
 
     ``features`` are the model's feature names (its ``<name>.json``); ``output`` is
     "probability" for a ranker, "embedding" for the query tower. ``digest`` is the SHA-256 of the
@@ -88,9 +89,9 @@ class ModelInputs:
         digest = hashlib.sha256(interface_path.read_bytes() + encoder_path.read_bytes()).hexdigest()
         return cls(FeatureEncoder.load(encoder_path), interface["features"], interface["output"], digest)
 
-    def __call__(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, rows: FeatureColumns | pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """B feature rows -> dense (B, n) float32, ids (B, F, L) int64, lengths (B, F) int64."""
-        return pad_batch(self.encoder.encode(frame, self.features))
+        return pad_batch(self.encoder.encode(rows, self.features))
 
 
 def check_ranker_inputs(inputs: ModelInputs, name: str) -> None:
@@ -99,11 +100,11 @@ def check_ranker_inputs(inputs: ModelInputs, name: str) -> None:
         raise ValueError(f"model {name!r} outputs {inputs.output!r}; a scorer needs a ranker (output 'probability')")
 
 
-def candidate_rows(candidates: Candidates) -> pd.DataFrame:
-    """The hydrated feature rows of ``candidates``; ValueError when they were not hydrated."""
-    if candidates.features is None:
-        raise ValueError("candidates.features is None; expected hydrated feature rows before scoring")
-    return candidates.features
+def candidate_rows(candidates: Candidates) -> FeatureColumns:
+    """The hydrated feature columns of ``candidates``; ValueError when they were not hydrated."""
+    if candidates.columns is None:
+        raise ValueError("the candidates' features is None; expected hydrated feature columns before scoring")
+    return candidates.columns
 
 
 class TorchScriptScorer:

@@ -8,7 +8,7 @@
 Each source's config spec (its ``kind:`` in the pipeline's ``sources:``) is defined beside it,
 and `SOURCE_SPECS` lists them: a new source is its class, its spec, and an entry there.
 
-`query_row` builds the request's own feature columns (the user's, the recent items', the
+`request_features` gathers the request's own features (the user's, the recent items', the
 context's); the query tower reads them here, and the executor joins them to item features.
 """
 
@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from pydantic import Field
 
+from data.columns import FeatureColumns, equal_to
 from data.schema import Schema
 from data.tables import KEYS
 from inference.pipeline.scorers import ModelInputs
@@ -44,8 +45,8 @@ class CandidateSource(Protocol):
         ...
 
 
-def query_row(query: Query, store: Store, schema: Schema) -> pd.DataFrame:
-    """The request's own features as one row: ``user_id``, the user's features (missing for an
+def request_features(query: Query, store: Store, schema: Schema) -> dict[str, object]:
+    """The request's own features by name: ``user_id``, the user's features (missing for an
     anonymous or unknown user, which the encoders read as out-of-vocabulary ids and missing
     numbers), each sequence feature as the query's recent items, and ``query.context``."""
     user = {} if query.user_id is None else store.user_features(query.user_id) or {}
@@ -56,7 +57,12 @@ def query_row(query: Query, store: Store, schema: Schema) -> pd.DataFrame:
     if clash:
         raise ValueError(f"query.context holds {clash}, which are user or sequence features; "
                          "expected request-time features only")
-    return pd.DataFrame([row | query.context])
+    return row | query.context
+
+
+def query_row(query: Query, store: Store, schema: Schema) -> pd.DataFrame:
+    """`request_features` as a one-row frame."""
+    return FeatureColumns.from_values([request_features(query, store, schema)]).to_frame()
 
 
 class AnnSource:
@@ -75,8 +81,8 @@ class AnnSource:
         self.tower, self.index, self.store = version.query_tower, version.index, version.store
 
     def __call__(self, query: Query, k: int) -> Candidates:
-        row = query_row(query, self.store, self.inputs.encoder.schema)
-        missing = [name for name in self.inputs.features if name not in row.columns]
+        row = FeatureColumns.from_values([request_features(query, self.store, self.inputs.encoder.schema)])
+        missing = [name for name in self.inputs.features if name not in row]
         if missing:
             raise ValueError(f"the query tower reads {missing}, which are neither user nor sequence features; "
                              "expected them in query.context")
@@ -146,7 +152,8 @@ class FavouriteCategorySource:
         liked = np.asarray(query.recent_items[::-1], np.int64)  # most recent first
         if len(liked) == 0 and query.user_id is not None:
             liked = self.store.get_list(f"user:{query.user_id}")[0]
-        values = self.store.item_features(liked).features[self.column].dropna()
+        values = self.store.item_features(liked).columns[self.column]
+        values = values[~pd.isna(values)]
         return Counter(values).most_common(1)[0][0] if len(values) else None
 
     def __call__(self, query: Query, k: int) -> Candidates:
@@ -154,7 +161,7 @@ class FavouriteCategorySource:
         if favourite is None:
             return Candidates(np.zeros(0, np.int64), np.zeros(0, str), np.zeros(0, np.float32))
         ids, scores = self.store.get_list(self.list_name)
-        keep = np.flatnonzero((self.store.item_features(ids).features[self.column] == favourite).to_numpy(bool))[:k]
+        keep = np.flatnonzero(equal_to(self.store.item_features(ids).columns[self.column], favourite))[:k]
         return Candidates(ids[keep], np.full(len(keep), self.name), scores[keep])
 
 

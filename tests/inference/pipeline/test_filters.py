@@ -1,9 +1,13 @@
 """Filters on a hand-made store: what each keeps, in order, and the reason for each removal."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
 
+from data.schema import FeatureSpec, Schema
+from inference.pipeline.executor import Hydrator
 from inference.pipeline.filters import FilterResult, ItemFeatureFilter, SeenItemsFilter
 from inference.pipeline.types import Candidates, Query
 from inference.store import EmbeddedStore, write_snapshot
@@ -53,3 +57,18 @@ def test_filter_result_split_keeps_one_reason_per_removed_item():
     result = FilterResult.split(candidates([1, 2, 3]), np.array([True, False, False]), np.array(["x", "y", "z"]))
     assert result.kept.item_ids.tolist() == [1]
     assert result.removed.tolist() == [2, 3] and result.reasons.tolist() == ["y", "z"]
+
+
+def test_item_feature_filter_hands_the_store_rows_it_read_to_hydration(store):
+    schema = Schema("s", (FeatureSpec("user_id", "users", "categorical"), FeatureSpec("age", "users", "numerical"),
+                          FeatureSpec("item_id", "items", "categorical")))
+    kept = ItemFeatureFilter(store, "available", True)(Query(user_id=1), candidates([12, 99, 10])).kept
+    assert list(kept.columns) == ["available", "category"] and kept.columns["category"].tolist() == ["a", "a"]
+    reads = []
+    counting = SimpleNamespace(item_columns=store.item_columns, user_features=store.user_features,
+                               item_features=lambda ids: reads.append(ids) or store.item_features(ids))
+    hydrated = Hydrator(counting, schema)(Query(user_id=1), kept)
+    fresh = Hydrator(counting, schema)(Query(user_id=1), candidates([12, 10]))
+    assert len(reads) == 1  # only the candidates that carry no item columns are read
+    pd.testing.assert_frame_equal(hydrated.features, fresh.features)
+    assert list(hydrated.columns) == ["user_id", "age", "item_id", "available", "category"]
