@@ -5,6 +5,7 @@ at a multiple of it, a steady load below it, and optional faults injected during
     python benchmarks/load.py --repo /tmp/before --server-arg=--probe-context --server-arg=hour=12 ...
     python benchmarks/load.py ... --fault "recstack artifacts rollback --artifacts out/artifacts@60"
     python benchmarks/load.py ... --rates "" --capacity 20 --overload 0 --steady 0.5 --steady-s 90 --kill redis
+    python benchmarks/load.py ... --server-arg=--workers --server-arg=2
 
 The server runs as a subprocess (`python -m recstack serve` in ``--repo``, so an older checkout
 is measured with the same client). The client is open-loop: requests start at the offered rate
@@ -20,6 +21,7 @@ A fault is a shell command run once during the steady phase, at the given second
 the artefact root's two newest versions in turn during the steady phase (`recstack artifacts
 rollback`), one every ``--swap-every`` seconds: the server's RSS after the first swap and after
 the last one (each read just before the next swap would come) show what old versions leave behind.
+RSS is the server's with all its processes (``--workers N``: the supervisor and its workers).
 
 ``--kill redis`` (or ``triton``) starts that dependency for the published version (Redis loaded
 with it; Triton on its repository, DeepFM scored there first) and serves with a copy of the config
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -154,7 +157,7 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
 
         async def sample() -> None:
             while True:
-                phase.rss_mb.append(round(server.memory_info().rss / 2**20, 1))
+                phase.rss_mb.append(round(rss(server) / 2**20, 1))
                 phase.rss_at_s.append(time.perf_counter() - start)
                 try:
                     async with session.get(url + "/healthz", timeout=aiohttp.ClientTimeout(total=1.0)) as reply:
@@ -193,25 +196,47 @@ async def offer(url: str, rate: float, seconds: float, bodies: list[bytes], serv
     return phase
 
 
+def rss(server: psutil.Process) -> int:
+    """The resident bytes of ``server`` and its processes (``--workers N``: the workers)."""
+    processes = [server, *server.children(recursive=True)]
+    total = 0
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):  # a worker that exited meanwhile
+            total += process.memory_info().rss
+    return total
+
+
+def wait_ready(what: str, ready: Callable[[], object], log: Path, exited: Callable[[], int | None] = lambda: None,
+               timeout_s: float = 300.0) -> None:
+    """Calls ``ready`` every 0.5 s until it returns without an OSError (or a Redis error) or
+    ``exited()`` returns an exit status; RuntimeError naming ``log`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if exited() is not None:
+            raise RuntimeError(f"{what} exited with {exited()}; see {log}")
+        try:
+            ready()
+            return
+        except (OSError, redis.RedisError):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} was not ready within {timeout_s:g} s; see {log}") from None
+            time.sleep(0.5)
+
+
 def start_server(repo: Path, artifacts: Path, config: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts.resolve()), "--config",
                str(config.resolve()), "--host", "127.0.0.1", "--port", str(port), *extra]
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"load-server-{port}.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(command, cwd=repo, stdout=log, stderr=subprocess.STDOUT)
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"load-server-{port}.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(command, cwd=repo, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with {server.returncode}; see {log.name}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as reply:
-                if reply.status == 200:
-                    return server, url
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError(f"the server did not answer /healthz within 300 s; see {log.name}")
+    try:
+        wait_ready("the server", lambda: urllib.request.urlopen(url + "/healthz", timeout=2).close(), log, server.poll)
+    except RuntimeError:
+        server.kill()
+        raise
+    return server, url
 
 
 def metric_counts(url: str) -> dict[str, Counter]:
@@ -284,15 +309,7 @@ def start_dependency(kind: str, artifacts: Path, config: Path, directory: Path) 
         settings["scorer"] = [{"kind": "triton", "model": "deepfm_py"}, *settings["scorer"]]
         ready = lambda: urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=1)  # noqa: E731
     subprocess.run(dependency.start, shell=True, check=True)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            ready()
-            break
-        except (OSError, redis.RedisError):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{kind} was not ready within 300 s; see {directory / 'log'}") from None
-            time.sleep(0.5)
+    wait_ready(kind, ready, directory / "log")
     if kind == "redis":
         load_snapshot_into_redis(artifacts / version / "store", "127.0.0.1", port, version)
     used = directory / "pipeline.yaml"

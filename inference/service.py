@@ -24,15 +24,14 @@ import logging
 import math
 import re
 import socket
-import sys
+import sqlite3
 import threading
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import Annotated
 
@@ -42,20 +41,17 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi import Query as QueryParameter
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.registry import Collector
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from evaluation.shadow import ShadowRunner
 from inference.artifacts import LiveArtifacts
 from inference.impressions import Feedback, Impression, ImpressionLog
+from inference.metrics import ServiceMetrics, StageMetrics
 from inference.pipeline.bandits import SharedSourceBandit, SourceBandit, strategy_arm
 from inference.pipeline.config import PipelineConfig
 from inference.pipeline.executor import Budget, BudgetSpent, Pipeline, Response, build_pipeline, within
-from inference.pipeline.stats import LATENCY_BUCKETS_MS, PipelineStats
 from inference.pipeline.types import Query
 from inference.store import (
     EmbeddedStore,
@@ -76,8 +72,7 @@ MAX_RECENT_ITEMS = 1000  # the most recent items one request may send
 MAX_CONTEXT_KEYS = 64  # the most context features one request may send
 MAX_CONTEXT_TEXT = 256  # the longest context name or text value
 MAX_SHADOW_K = 1000
-MAX_REMEMBERED_BYTES = 64 * 2**20  # answered requests feedback can name: the newest that fit (`RecentAnswers`)
-REMEMBERED_ENTRY_BYTES = 128  # what the map itself spends on one entry, beyond its key and value (measured)
+MAX_REMEMBERED_ANSWERS = 100_000  # answered requests feedback can name: the newest (`AnswerStore`)
 MAX_REPORTED_ERRORS = 10  # validation errors a 422 body lists
 EXCERPT_CHARS = 100  # the most of an input an error body quotes
 CONTROL = "control"  # the arm of the live config in an experiment, and of every request outside one
@@ -105,6 +100,13 @@ class Serving:
         if arm != CONTROL:
             return self.treatment(query)
         return self.shadow(query) if self.shadow is not None else self.pipeline(query)
+
+    def pipelines(self, experiment: Experiment | None) -> dict[str, Pipeline]:
+        """The live pipeline (`CONTROL`) and, in ``experiment``, its arm's, by arm."""
+        pipelines = {CONTROL: self.pipeline}
+        if self.treatment is not None:
+            pipelines[experiment.name] = self.treatment
+        return pipelines
 
     @property
     def degraded(self) -> str | None:
@@ -278,41 +280,46 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-class RecentAnswers:
-    """What feedback needs of each answered request, by request id, in answer order: the oldest
-    are forgotten once the entries' sizes (`deep_size`, and `REMEMBERED_ENTRY_BYTES` each) add up
-    to more than ``max_bytes``. Callers hold a lock around it."""
+class AnswerStore:
+    """What feedback needs of each answered request (each item's source, the strategy drawn), by
+    request id, in SQLite: the newest ``max_rows`` answers, each one deleting the oldest past that.
+    A row holds the request id and its k items and sources as JSON (about 200 bytes at k = 10, at
+    most ``max_k`` items), so the bound in bytes is ``max_rows`` such rows. In a file (WAL mode),
+    the workers of one server share it, so feedback finds an answer whichever worker gave it;
+    ``":memory:"`` keeps it in this process. Thread-safe."""
 
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.nbytes = max_bytes, 0
-        self._entries: OrderedDict[str, tuple[object, int]] = OrderedDict()  # request id -> (entry, its size)
+    def __init__(self, path: str | Path = ":memory:", max_rows: int = MAX_REMEMBERED_ANSWERS) -> None:
+        self.max_rows = max_rows
+        self._lock = threading.Lock()  # one connection, shared by the request threads
+        self._db = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=OFF")  # the server's scratch file: it does not outlive the server
+        self._db.execute("CREATE TABLE IF NOT EXISTS answers (n INTEGER PRIMARY KEY, request_id TEXT NOT NULL UNIQUE, "
+                         "slots TEXT NOT NULL, strategy TEXT)")
 
-    def __setitem__(self, request_id: str, entry: object) -> None:
-        size = deep_size(request_id) + deep_size(entry) + REMEMBERED_ENTRY_BYTES
-        if request_id in self._entries:
-            self.nbytes -= self._entries.pop(request_id)[1]
-        self._entries[request_id] = (entry, size)
-        self.nbytes += size
-        while self.nbytes > self.max_bytes:
-            self.nbytes -= self._entries.popitem(last=False)[1][1]
+    def put(self, request_id: str, item_ids: list[int], sources: list[str], strategy: str | None) -> None:
+        slots = json.dumps([item_ids, sources])
+        with self._lock, self._db:  # one transaction
+            n = self._db.execute("INSERT INTO answers (request_id, slots, strategy) VALUES (?, ?, ?)",
+                                 (request_id, slots, strategy)).lastrowid
+            self._db.execute("DELETE FROM answers WHERE n <= ?", (n - self.max_rows,))
 
-    def get(self, request_id: str, default: object = None) -> object:
-        found = self._entries.get(request_id)
-        return default if found is None else found[0]
+    def get(self, request_id: str) -> tuple[dict[int, str], str | None] | None:
+        """({item: source}, the strategy drawn or None) of ``request_id``, or None when not remembered."""
+        with self._lock:
+            row = self._db.execute("SELECT slots, strategy FROM answers WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        items, sources = json.loads(row[0])
+        return dict(zip(items, sources, strict=True)), row[1]
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM answers").fetchone()[0]
 
-
-def deep_size(value: object) -> int:
-    """Bytes ``value`` takes, with everything its tuples, lists and dicts hold (shared objects
-    such as small ints counted each time: an upper bound)."""
-    size = sys.getsizeof(value)
-    if isinstance(value, dict):
-        size += sum(deep_size(key) + deep_size(item) for key, item in value.items())
-    elif isinstance(value, tuple | list):
-        size += sum(map(deep_size, value))
-    return size
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
 
 
 class UnknownRequest(KeyError):
@@ -331,7 +338,9 @@ class Recommender:
     ``bandit`` counts every served slot by source, and by strategy (`strategy_arm`) when a bandit
     orderer drew one for the request, and the rewards `feedback` reports to both, across
     versions (and across servers, through Redis, when the config names a Redis store); feedback
-    can name the items of the newest answered requests that fit in `MAX_REMEMBERED_BYTES`. With
+    can name the items of the newest `MAX_REMEMBERED_ANSWERS` answered requests, kept in the
+    `AnswerStore` at ``answers`` (a SQLite file the workers of one server share; None: in this
+    process). Its `ServiceMetrics` count what it serves and how (``metrics``). With
     ``experiment``, each version also builds its arm's pipeline, which must answer the probe too.
     With ``shadow``, each version also builds the shadow pipeline; one that fails to build or warm
     up leaves the version serving without a shadow.
@@ -339,7 +348,7 @@ class Recommender:
 
     def __init__(self, root: Path, config: PipelineConfig, probe: Query | None = None, poll_s: float = 5.0,
                  log: ImpressionLog | None = None, shadow: Shadow | None = None,
-                 experiment: Experiment | None = None) -> None:
+                 experiment: Experiment | None = None, answers: Path | None = None) -> None:
         probe = probe or Query(user_id=None, k=min(10, config.max_k))
         if probe.user_id is None and not config.allow_anonymous:
             raise ValueError("the pipeline config has allow_anonymous: false, so it would refuse an anonymous "
@@ -347,9 +356,8 @@ class Recommender:
         self.config, self.probe, self.log, self.shadow, self.experiment = config, probe, log, shadow, experiment
         # with a Redis store, every server behind the load balancer learns from all the traffic
         self.bandit = SharedSourceBandit(*redis_address(config.redis)) if config.redis else SourceBandit()
-        # request id -> ({item: source}, the strategy drawn or None)
-        self._served = RecentAnswers(MAX_REMEMBERED_BYTES)
-        self.degraded_requests = 0  # answered without Redis
+        self.metrics = ServiceMetrics()
+        self._answers = AnswerStore(answers or ":memory:")
         self._lock = threading.Lock()
         self._latest: Serving | None = None  # what the last successful load built: it serves, or is about to
         self._readers: Counter[Serving] = Counter()  # requests reading each version
@@ -358,6 +366,7 @@ class Recommender:
             self.live: LiveArtifacts[Serving] = LiveArtifacts(root, self._load, poll_s)  # loads the current version
         except BaseException:
             self.bandit.close()
+            self._answers.close()
             raise
 
     def start(self) -> Recommender:
@@ -376,22 +385,25 @@ class Recommender:
             self._release(serving)
         served = Served(request_id, serving.version, arm, response, serving.degraded is not None)
         if served.degraded:
-            with self._lock:
-                self.degraded_requests += 1
+            self.metrics.degraded_requests.inc()
         items, sources = response.item_ids.tolist(), response.sources.tolist()
         strategy = response.strategy  # drawn by a bandit orderer among strategies, or None
         drawn = None if strategy is None else strategy.name
         self.bandit.served(sources)
+        slots = Counter(sources)
         if strategy is not None:
             self.bandit.served([strategy_arm(drawn)] * len(items))  # its reward per slot, as a source's
-        with self._lock:
-            self._served[served.request_id] = (dict(zip(items, sources, strict=True)), drawn)
+            slots[strategy_arm(drawn)] = len(items)
+        for source, n in slots.items():
+            self.metrics.source_served.labels(source).inc(n)
+        self._answers.put(served.request_id, items, sources, drawn)
         if self.log is not None:
             self.log.write(Impression(
                 served.request_id, time.time(), serving.version, arm, query.user_id, query.context, query.recent_items,
                 query.k, tuple(items), tuple(sources), tuple(response.scores.tolist()),
                 tuple(response.propensities.tolist()), drawn, None if strategy is None else strategy.propensity,
             ))
+        self.update_metrics(serving)
         return served
 
     def feedback(self, request_id: str, item_id: int, reward: float) -> tuple[str, str | None]:
@@ -399,16 +411,16 @@ class Recommender:
         source that proposed it and to the strategy drawn for the request (None: none), which it
         returns; logs it. `UnknownRequest` for a request id not among those remembered,
         ValueError for an item that request did not serve."""
-        with self._lock:
-            slots, strategy = self._served.get(request_id, (None, None))
+        slots, strategy = self._answers.get(request_id) or (None, None)
         if slots is None:
             raise UnknownRequest(f"request_id {request_id!r} is not among the recently answered requests")
         if item_id not in slots:
             raise ValueError(f"item_id {item_id} was not served in request {request_id!r}; "
                              f"it served {list(slots)[:20]}")
-        self.bandit.rewarded(slots[item_id], reward)
-        if strategy is not None:
-            self.bandit.rewarded(strategy_arm(strategy), reward)
+        credited = [slots[item_id]] + ([] if strategy is None else [strategy_arm(strategy)])
+        for arm in credited:
+            self.bandit.rewarded(arm, reward)
+            self.metrics.source_rewards.labels(arm).inc(reward)
         if self.log is not None:
             self.log.write(Feedback(request_id, item_id, reward, time.time()))
         return slots[item_id], strategy
@@ -422,6 +434,24 @@ class Recommender:
             serving.close()
         self.live.state.close()
         self.bandit.close()
+        self._answers.close()
+
+    def update_metrics(self, serving: Serving | None = None) -> None:
+        """Copies into `metrics` what other parts count in this process for ``serving`` (default:
+        the serving version): its scorers' fallbacks, its shadow's calls, whether it is degraded;
+        and the impression log's losses. Called after each request and before each scrape."""
+        serving = serving or self.live.state
+        metrics = self.metrics
+        for arm, pipeline in serving.pipelines(self.experiment).items():
+            for scorer, n in list(getattr(pipeline.stages.scorer, "fallbacks", {}).items()):
+                metrics.copy(metrics.scorer_fallbacks, (scorer, serving.version, arm), n)
+        if serving.shadow is not None:
+            counts = serving.shadow.counts
+            for outcome in ("shadowed", "failed", "skipped"):
+                metrics.copy(metrics.shadow_calls, (serving.version, outcome), counts[outcome])
+        if self.log is not None:
+            metrics.copy(metrics.impressions_dropped, (), self.log.dropped)
+        metrics.store_degraded.set(float(serving.degraded is not None))
 
     def _load(self, directory: Path) -> Serving:
         """`LiveArtifacts`' loader: raises unless the version's pipeline answers the probe query."""
@@ -440,6 +470,8 @@ class Recommender:
             version.store.close()  # a Redis connection
             raise
         serving = self._with_shadow(Serving(directory.name, pipeline, treatment), version)
+        for arm, built in serving.pipelines(self.experiment).items():  # counted from here on: the probe is not traffic
+            built.stats = StageMetrics(self.metrics, serving.version, arm)
         # LiveArtifacts swaps in what a load returns, so what the previous load built retires
         previous, self._latest = self._latest, serving
         if previous is not None:
@@ -471,7 +503,6 @@ class Recommender:
         response = pipeline(probe)  # warm_up only logs failures; this call raises them
         if len(response.item_ids) == 0:
             raise ValueError(f"{directory}: {what}the probe query {probe} answered no items; expected some")
-        pipeline.stats = PipelineStats()  # the probe is not traffic
 
     def _with_shadow(self, serving: Serving, version: ServingVersion) -> Serving:
         """``serving`` with the shadow pipeline over the same version, when one is configured and
@@ -629,33 +660,16 @@ class Limits:
                              "expected 0 < queue_timeout_s < request_timeout_s")
 
 
-class Turned(Counter):
-    """Requests turned away, by reason: a thread-safe `Counter`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._lock = threading.Lock()
-
-    def count(self, reason: str) -> None:
-        with self._lock:
-            self[reason] += 1
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self)
-
-
 class Guard:
     """Pure ASGI middleware in front of the API: the API key, the body size and admission
-    (`Limits`), before any request is parsed. Counts in ``refused`` (401, 413) and ``shed`` (503)
-    by reason; ``in_flight`` requests hold a turn, ``turn_s`` long on average (a running mean).
-    Each admitted request's `Budget` is in its ``state``; its ``abandoned`` event is set when the
-    client goes away."""
+    (`Limits`), before any request is parsed. Counts in ``metrics`` the requests refused (401,
+    413) and shed (503) by reason, and those in flight (holding a turn, ``turn_s`` long on
+    average: a running mean). Each admitted request's `Budget` is in its ``state``; its
+    ``abandoned`` event is set when the client goes away."""
 
-    def __init__(self, app: ASGIApp, limits: Limits, api_key: str | None) -> None:
-        self.app, self.limits, self.api_key = app, limits, api_key
-        self.refused, self.shed = Turned(), Turned()
-        self.in_flight = self._waiting = 0
+    def __init__(self, app: ASGIApp, limits: Limits, api_key: str | None, metrics: ServiceMetrics) -> None:
+        self.app, self.limits, self.api_key, self.metrics = app, limits, api_key, metrics
+        self._waiting = 0
         self.turn_s = 0.0
         self._turns = asyncio.Semaphore(limits.max_in_flight)
 
@@ -666,7 +680,7 @@ class Guard:
         budget = Budget(time.monotonic() + self.limits.request_timeout_s)
         path = scope["path"]
         if self.api_key is not None and path not in OPEN_PATHS and not self._authorised(scope):
-            self.refused.count("unauthorized")
+            self.metrics.refused.labels("unauthorized").inc()
             await reply(send, 401, "a valid API key is required (Authorization: Bearer <key>, or X-API-Key)",
                         [(b"www-authenticate", b"Bearer")])
             return
@@ -675,7 +689,7 @@ class Guard:
         except _ClientGone:
             return
         if body is None:
-            self.refused.count("body_too_large")
+            self.metrics.refused.labels("body_too_large").inc()
             await reply(send, 413, f"the request body exceeds {self.limits.max_body_bytes} bytes")
             return
         if path in UNQUEUED_PATHS:
@@ -683,15 +697,15 @@ class Guard:
             return
         shed = await self._admit()
         if shed is not None:
-            self.shed.count(shed)
+            self.metrics.shed.labels(shed).inc()
             await reply(send, 503, "the server is at capacity; retry later", RETRY_AFTER)
             return
-        self.in_flight += 1
+        self.metrics.in_flight.inc()
         started = time.monotonic()
         try:
             await self._run(scope, receive, send, body, budget)
         finally:
-            self.in_flight -= 1
+            self.metrics.in_flight.dec()
             turn_s = time.monotonic() - started
             self.turn_s = turn_s if not self.turn_s else self.turn_s + TURN_WEIGHT * (turn_s - self.turn_s)
             self._turns.release()
@@ -793,8 +807,10 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
     /feedback`` answers 404 for a request id it does not remember and 400 for an item that request
     did not serve. A body that fails validation is 422, naming the fields, with short excerpts of
     the values. Error bodies name no internals (addresses, columns); the log has the details.
-    ``GET /metrics`` exposes the serving pipeline's `PipelineStats`, the bandit's counts per
-    source, the impression log's losses and the requests the `Guard` turned away.
+    ``GET /metrics`` exposes the recommender's `ServiceMetrics`: per version and arm its pipelines'
+    requests and stages, the slots served and rewarded per source, the impression log's losses
+    and the requests the `Guard` turned away (summed over the workers of ``recstack serve
+    --workers N``).
     """
     app = FastAPI(title="recstack")
 
@@ -814,7 +830,7 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
         except ValueError as e:
             raise HTTPException(400, excerpt(str(e))) from e
         except BudgetSpent as e:
-            guard.shed.count("abandoned" if budget.abandoned.is_set() else "deadline")
+            recommender.metrics.shed.labels("abandoned" if budget.abandoned.is_set() else "deadline").inc()
             raise HTTPException(503, "the request could not be answered in time; retry later",
                                 RETRY_AFTER_HEADER) from e
         except (RuntimeError, StoreError) as e:  # a SourceError, every scorer failed, or Redis is down
@@ -856,63 +872,12 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
         return Health(version=recommender.live.version, refused=dict(recommender.live.refused),
                       degraded=recommender.live.state.degraded)
 
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ServiceCollector(recommender, lambda: guard))
-
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_PLAIN_0_0_4)
+        recommender.update_metrics()
+        return PlainTextResponse(recommender.metrics.exposition(), media_type=CONTENT_TYPE_PLAIN_0_0_4)
 
-    guard = Guard(app, limits, api_key)
-    return guard
-
-
-class ServiceCollector(Collector):
-    """The server's metrics for prometheus-client: the serving version's `PipelineStats` per
-    experiment arm (``variant``), its scorers' fallbacks, the bandit's counts per source, the
-    impression log's losses, the shadow's calls and the requests the `Guard` turned away."""
-
-    def __init__(self, recommender: Recommender, guard: Callable[[], Guard]) -> None:
-        self.recommender, self.guard = recommender, guard
-
-    def collect(self) -> Iterator[Metric]:
-        recommender = self.recommender
-        serving = recommender.live.state
-        pipelines = {CONTROL: serving.pipeline}
-        if serving.treatment is not None:
-            pipelines[recommender.experiment.name] = serving.treatment
-        yield from pipeline_metrics(serving.version, {arm: p.stats.snapshot() for arm, p in pipelines.items()})
-        fallbacks = CounterMetricFamily("recstack_scorer_fallbacks", "Scorer calls that failed over to the next "
-                                        "scorer, by scorer.", labels=["scorer", "version", "variant"])
-        for arm, pipeline in pipelines.items():
-            for scorer, n in sorted(getattr(pipeline.stages.scorer, "fallbacks", {}).items()):
-                fallbacks.add_metric([scorer, serving.version, arm], n)
-        yield fallbacks
-        dropped = None if recommender.log is None else recommender.log.dropped
-        yield from bandit_metrics(recommender.bandit.snapshot(), dropped)
-        if serving.shadow is not None:
-            calls = CounterMetricFamily("recstack_shadow_calls", "Requests mirrored to the shadow pipeline, by "
-                                        "outcome.", labels=["version", "outcome"])
-            for outcome in ("shadowed", "failed", "skipped"):
-                calls.add_metric([serving.version, outcome], serving.shadow.counts[outcome])
-            yield calls
-        guard = self.guard()
-        for name, help_text, counts in (
-                ("recstack_shed_requests", "Requests answered 503 at once: no turn free in time (queue_full, "
-                 "queue_wait: expected to wait too long, queue_timeout), or their budget spent or client gone "
-                 "before a stage (deadline, abandoned).",
-                 guard.shed.snapshot()),
-                ("recstack_refused_requests", "Requests refused before parsing (unauthorized, body_too_large).",
-                 guard.refused.snapshot())):
-            family = CounterMetricFamily(name, help_text, labels=["reason"])
-            for reason, n in sorted(counts.items()):
-                family.add_metric([reason], n)
-            yield family
-        yield GaugeMetricFamily("recstack_in_flight_requests", "Requests holding a turn.", value=guard.in_flight)
-        yield CounterMetricFamily("recstack_degraded_requests", "Requests answered without the Redis store, from "
-                                  "the version's embedded snapshot.", value=recommender.degraded_requests)
-        yield GaugeMetricFamily("recstack_store_degraded", "1 while the serving version answers without Redis.",
-                                value=float(serving.degraded is not None))
+    return Guard(app, limits, api_key, recommender.metrics)
 
 
 @contextmanager
@@ -939,44 +904,3 @@ def serve_in_thread(recommender: Recommender, start_timeout_s: float = 10.0, lim
     finally:
         server.should_exit = True
         thread.join(start_timeout_s)
-
-
-def pipeline_metrics(version: str, snapshots: dict[str, dict]) -> Iterator[Metric]:
-    """`PipelineStats.snapshot()`s of ``version``'s pipelines by experiment arm (``variant``): the
-    request counters, and per stage the calls, failures, timeouts and a latency histogram in seconds."""
-    for key, help_text in (("requests", "Requests the pipeline ran (not those refused before, e.g. k > max_k)."),
-                           ("failed_requests", "Requests the pipeline ran that failed.")):
-        family = CounterMetricFamily(f"recstack_{key}", help_text, labels=["version", "variant"])
-        for arm, snapshot in snapshots.items():
-            family.add_metric([version, arm], snapshot[key])
-        yield family
-    stages = [(arm, stage, counts)
-              for arm, snapshot in snapshots.items() for stage, counts in snapshot["stages"].items()]
-    for key, help_text in (("calls", "Completed calls of a pipeline stage."),
-                           ("failures", "Calls of a candidate source that raised."),
-                           ("timeouts", "Calls of a candidate source that timed out.")):
-        family = CounterMetricFamily(f"recstack_stage_{key}", help_text, labels=["stage", "version", "variant"])
-        for arm, stage, counts in stages:
-            family.add_metric([stage, version, arm], counts[key])
-        yield family
-    latency = HistogramMetricFamily("recstack_stage_latency_seconds", "Latency of completed calls of a pipeline "
-                                    "stage.", labels=["stage", "version", "variant"])
-    bounds = [f"{ms / 1000:g}" for ms in LATENCY_BUCKETS_MS] + ["+Inf"]
-    for arm, stage, counts in stages:
-        cumulative = accumulate(counts["latency_ms"].values())  # per-bucket counts, in bound order
-        latency.add_metric([stage, version, arm], list(zip(bounds, cumulative, strict=True)), counts["total_ms"] / 1000)
-    yield latency
-
-
-def bandit_metrics(sources: dict[str, dict[str, float]], dropped: int | None) -> Iterator[Metric]:
-    """A `SourceBandit.snapshot()` (served slots and rewards per source) and the impression log's
-    dropped records (None: no log)."""
-    for key, help_text in (("served", "Slots served from a candidate source."),
-                           ("rewards", "Rewards (clicks) credited to a candidate source's slots.")):
-        family = CounterMetricFamily(f"recstack_source_{key}", help_text, labels=["source"])
-        for source, counts in sources.items():
-            family.add_metric([source], counts[key])
-        yield family
-    if dropped is not None:
-        yield CounterMetricFamily("recstack_impressions_dropped", "Impressions and feedback the log could not write.",
-                                  value=dropped)

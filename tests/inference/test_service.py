@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -44,16 +45,14 @@ from inference.refresh.job import RefreshConfig, refresh
 from inference.service import (
     CONTROL,
     MAX_RECENT_ITEMS,
-    REMEMBERED_ENTRY_BYTES,
     RETIRE_CHECK_S,
+    AnswerStore,
     Experiment,
     Limits,
-    RecentAnswers,
     Recommender,
     Serving,
     Shadow,
     create_app,
-    deep_size,
     serve_in_thread,
 )
 from inference.store import EmbeddedStore, load_snapshot_into_redis
@@ -67,11 +66,15 @@ LINEAR = [TorchScriptSpec(kind="torchscript", model="linear")]
 NO_SUCH_RANKER = [TorchScriptSpec(kind="torchscript", model="no_such_ranker")]
 
 
-def pipeline_config() -> PipelineConfig:
+def example_config() -> dict:
     raw = yaml.safe_load(EXAMPLE.read_text())
     for source in raw["sources"]:
         source["timeout_s"] = 5.0  # the example's tens of milliseconds are for an idle server, not a busy test machine
-    return PipelineConfig.model_validate(raw)
+    return raw
+
+
+def pipeline_config() -> PipelineConfig:
+    return PipelineConfig.model_validate(example_config())
 
 
 @pytest.fixture(scope="module")
@@ -293,15 +296,17 @@ def test_a_swapped_out_version_is_closed_once_the_last_request_reading_it_is_don
     assert [s.version for s in closed if s in (first, second)] == ["v0001", "v0002"]
 
 
-def test_feedback_remembers_the_newest_answers_that_fit_in_its_bytes():
-    assert deep_size(("ab", {1: "x"})) == sum(map(sys.getsizeof, [("ab", {}), "ab", {1: "x"}, 1, "x"]))
-    entry = ({item: "ann" for item in range(10)}, None)
-    size = deep_size("r000") + deep_size(entry) + REMEMBERED_ENTRY_BYTES
-    answers = RecentAnswers(max_bytes=10 * size + size // 2)
-    for n in range(100):
-        answers[f"r{n:03d}"] = entry
-    assert len(answers) == 10 and answers.nbytes == 10 * size
-    assert answers.get("r090") is entry and answers.get("r089") is None and answers.get("r089", "gone") == "gone"
+def test_feedback_remembers_the_newest_answers_in_a_file_two_workers_share(tmp_path):
+    first, second = (AnswerStore(tmp_path / "answers.sqlite", max_rows=10) for _ in range(2))  # as two workers do
+    try:
+        for n in range(100):
+            (first if n % 2 else second).put(f"r{n:03d}", [n, 1000 + n], ["ann", "popular"], "plain" if n % 3 else None)
+        assert len(first) == len(second) == 10
+        assert second.get("r091") == ({91: "ann", 1091: "popular"}, "plain") and first.get("r090")[1] is None
+        assert first.get("r089") is None and second.get("r089") is None
+    finally:
+        first.close()
+        second.close()
 
 
 def wait_for(condition, timeout_s: float = 20.0) -> None:
@@ -744,6 +749,57 @@ def test_with_redis_down_requests_are_answered_degraded_and_redis_back_empty_get
         recommender.close()
         server.kill()
         server.wait()
+
+
+def test_two_workers_take_feedback_on_each_others_answers_sum_their_metrics_and_follow_a_publish(
+        root, tmp_path, tiny_dataset, trained_runs):
+    copy, log = tmp_path / "artifacts", tmp_path / "log"
+    shutil.copytree(root / "v0001", copy / "v0001")
+    (copy / "CURRENT").write_text("v0001\n")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(example_config()))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    output = tmp_path / "server.log"
+    with output.open("w") as written:
+        server = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(copy), "--config",
+                                   str(config), "--port", str(port), "--workers", "2", "--poll-s", "0.2", "--log",
+                                   str(log), "--queue-timeout-s", "5", "--request-timeout-s", "10"],
+                                  cwd=EXAMPLE.parents[1], stdout=written, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+
+    def answer_and_click(user: int) -> tuple[int, str | None, int | None, bool]:
+        status, reply = recommend(base, user_id=user, k=5)
+        if status != 200:
+            return status, None, None, False
+        item = reply["items"][user % 5]
+        clicked, _, text = call(base, "/feedback", {"request_id": reply["request_id"], "item_id": item["item_id"]})
+        return status, reply["version"], clicked, json.loads(text)["source"] == item["source"]
+
+    try:
+        wait_for(lambda: output.read_text().count("Application startup complete") == 2, timeout_s=600)
+        with ThreadPoolExecutor(4) as clients:
+            pairs = list(clients.map(answer_and_click, range(1, 201)))
+        assert pairs == [(200, "v0001", 200, True)] * 200  # every feedback found its answer
+        samples = metrics(base)  # one worker answers, for both
+        assert samples["recstack_requests_total", frozenset({("version", "v0001"), ("variant", "control")})] == 200
+        assert sum(n for (name, _), n in samples.items() if name == "recstack_source_rewards_total") == 200
+
+        refresh(tiny_dataset, trained_runs["two_tower"].parent, copy, CONFIG, incremental=True)
+        wait_for(lambda: {recommend(base, user_id=7)[1]["version"] for _ in range(20)} == {"v0002"}, timeout_s=600)
+        with ThreadPoolExecutor(4) as clients:
+            assert set(clients.map(answer_and_click, range(1, 41))) == {(200, "v0002", 200, True)}
+    finally:
+        server.terminate()  # the workers close their logs
+        server.wait(120)
+    assert server.returncode == 0, output.read_text()[-2000:]
+    answered = {record["request_id"]: (path.name.split("-")[1], record["version"])  # by the pid in the file name
+                for path in (log / "impressions").glob("*.jsonl") for record in map(json.loads, path.open())}
+    clicked = [(path.name.split("-")[1], record["request_id"])
+               for path in (log / "feedback").glob("*.jsonl") for record in map(json.loads, path.open())]
+    assert len(clicked) == 240 and sum(pid != answered[request][0] for pid, request in clicked) > 0
+    assert len({pid for pid, version in answered.values() if version == "v0002"}) == 2  # both followed the publish
 
 
 def _answers(port: int) -> bool:
