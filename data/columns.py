@@ -57,8 +57,9 @@ class FeatureColumns:
     def take(self, positions: np.ndarray) -> FeatureColumns:
         """The rows at ``positions`` (an int array or a boolean mask), in that order."""
         positions = np.asarray(positions)
-        rows = int(np.count_nonzero(positions)) if positions.dtype == bool else len(positions)
-        return FeatureColumns({name: column[positions] for name, column in self.columns.items()}, rows)
+        if positions.dtype == bool:
+            positions = np.flatnonzero(positions)
+        return FeatureColumns({name: column.take(positions) for name, column in self.columns.items()}, len(positions))
 
     def select(self, names: list[str]) -> FeatureColumns:
         """Only the columns ``names``, in that order."""

@@ -502,9 +502,10 @@ def _to_columns(table: pa.Table) -> FeatureColumns:
     for name, column in zip(table.column_names, table.columns, strict=True):
         if pa.types.is_integer(column.type) or pa.types.is_boolean(column.type):
             is_bool = pa.types.is_boolean(column.type)
-            values = column.fill_null(False if is_bool else 0).to_numpy()
+            values = column.fill_null(False if is_bool else 0) if column.null_count else column
+            missing = column.is_null().to_numpy() if column.null_count else np.zeros(len(column), bool)
             array_type = pd.arrays.BooleanArray if is_bool else pd.arrays.IntegerArray
-            columns[name] = array_type(values, column.is_null().to_numpy())
+            columns[name] = array_type(values.to_numpy(), missing)
         else:
             columns[name] = column.to_numpy(zero_copy_only=False)  # null -> NaN for floats, None otherwise
     return FeatureColumns(columns, len(table))

@@ -51,17 +51,19 @@ class Scorer(Protocol):
 
 
 def pad_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``batch`` as (dense (B, n), ids (B, F, L), lengths (B, F)); L is the longest feature, at least 1."""
+    """``batch`` as (dense (B, n), ids (B, F, L), lengths (B, F)); L is the longest feature, at least 1.
+
+    Padded in numpy: a request's batch is small, and numpy's calls cost less than torch's."""
     sparse, n = batch.sparse, len(batch)
-    lengths = sparse.lengths().long()  # (F * B,) key-major
+    lengths = sparse.lengths().numpy().astype(np.int64)  # (F * B,) key-major
     f = len(sparse.keys())
-    width = max(int(lengths.max()) if lengths.numel() else 0, 1)
-    rows = torch.repeat_interleave(torch.arange(f * n), lengths)
-    starts = torch.cumsum(lengths, 0) - lengths
-    positions = torch.arange(len(rows)) - starts[rows]
-    ids = torch.zeros(f * n, width, dtype=torch.int64)
-    ids[rows, positions] = sparse.values().long()
-    return batch.dense, ids.view(f, n, width).transpose(0, 1).contiguous(), lengths.view(f, n).T.contiguous()
+    width = max(int(lengths.max()) if len(lengths) else 0, 1)
+    rows = np.repeat(np.arange(f * n), lengths)
+    positions = np.arange(len(rows)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    ids = np.zeros((f * n, width), np.int64)
+    ids[rows, positions] = sparse.values().numpy()
+    return (batch.dense, torch.from_numpy(np.ascontiguousarray(ids.reshape(f, n, width).transpose(1, 0, 2))),
+            torch.from_numpy(np.ascontiguousarray(lengths.reshape(f, n).T)))
 
 
 class ModelInputs:
