@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline.py            # 1M items, 20k users, 2M interactions
     python benchmarks/pipeline.py --small    # 50k items: a quick run
+    python benchmarks/pipeline.py --baseline 1d4bccd --repeats 3   # also that commit, in turn
 
 Steps: the synthetic dataset of benchmarks/refresh.py; untrained two-tower, DeepFM and linear
 runs (latency does not depend on what the weights learnt); a full refresh (`rankers: [deepfm,
@@ -10,12 +11,21 @@ the work, not the deadlines), warmed up; then the same requests (random known us
 their 5 latest items as the session, k = 20) answered one at a time in process, the baseline,
 and over HTTP through the app `recstack serve` runs (uvicorn on loopback; the client runs in this
 process). It reports p50 / p99 / mean per path, the HTTP overhead as a ratio to the baseline, and
-each stage's mean. There is no target: these are the reference figures.
+each stage's mean, and the process CPU time per request (every thread's), which a busy machine
+changes less than the wall times.
+
+With ``--baseline COMMIT``, that commit (extracted with ``git archive``) and this tree answer the
+same requests over the same catalogue in process, each in a fresh interpreter, in turn
+``--repeats`` times; the in-process row is then this tree's median p50 run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -67,16 +77,28 @@ def time_in_process(root: Path, queries: list[Query]) -> tuple[dict, dict]:
     pipeline = build_pipeline(pipeline_config(), open_version(ArtifactRoot(root).path("v0001")))
     try:
         pipeline.warm_up(queries[0])
-        seconds = []
+        seconds, cpu = [], 0.0
+        load = os.getloadavg()[0]
         for query in queries:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             pipeline(query)
             seconds.append(time.perf_counter() - start)
+            cpu += time.process_time() - cpu_start
         snapshot = pipeline.stats.snapshot()["stages"]
         stages = {name: counts["total_ms"] / counts["calls"] for name, counts in snapshot.items()}
     finally:
         pipeline.close()
-    return percentiles(seconds), stages
+    return percentiles(seconds) | {"cpu_ms": 1e3 * cpu / len(queries), "load_average_1min": load}, stages
+
+
+def time_tree(tree: Path, root: Path, args) -> dict:
+    """`time_in_process` over the catalogue in ``root`` with the code of the checkout ``tree``, in a
+    fresh interpreter; ``{"latency": ..., "stages_ms": ...}``."""
+    command = [sys.executable, __file__, "--time-in-process", str(root), "--requests", str(args.requests),
+               "--seed", str(args.seed)]
+    out = subprocess.run(command, cwd=tree, env=os.environ | {"PYTHONPATH": str(tree)}, capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def time_http(root: Path, queries: list[Query]) -> dict:
@@ -115,14 +137,46 @@ def format_table(result: dict) -> str:
         "|---|---:|",
         *[f"| {name} | {ms:.2f} |" for name, ms in result["stages_ms"].items()],
     ]
+    if result["runs"]:
+        lines += ["", "| run | tree | p50 ms | p99 ms | mean ms | CPU ms / request | load average |",
+                  "|---:|---|---:|---:|---:|---:|---:|",
+                  *[f"| {i} | {tree} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['mean_ms']:.2f} | "
+                    f"{row['cpu_ms']:.2f} | {row['load_average_1min']:.1f} |"
+                    for i, run in enumerate(result["runs"], 1) for tree, row in run.items()],
+                  "", f"This tree / baseline, medians over the runs: p50 {result['ratio']['p50']:.2f}, "
+                      f"CPU per request {result['ratio']['cpu']:.2f}"]
     return "\n".join(lines)
+
+
+def compare(root: Path, args) -> tuple[list[dict], dict, dict]:
+    """``args.repeats`` runs of ``args.baseline`` then this tree (`time_tree`) over the catalogue in
+    ``root``: each run's latency by tree, this tree's median-p50 run (latency, stages), and the
+    ratios of the medians."""
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", scratch], input=archive.stdout, check=True)
+        timed = [(time_tree(Path(scratch), root, args), time_tree(ROOT, root, args)) for _ in range(args.repeats)]
+    baseline, mine = ([run[i]["latency"] for run in timed] for i in (0, 1))
+    median = sorted(range(len(mine)), key=lambda i: mine[i]["p50_ms"])[len(mine) // 2]
+    ratio = {key: float(np.median([m[f"{key}_ms"] for m in mine]) / np.median([b[f"{key}_ms"] for b in baseline]))
+             for key in ("p50", "cpu")}
+    runs = [{f"baseline {args.baseline}": b, "this tree": m} for b, m in zip(baseline, mine, strict=True)]
+    return runs, timed[median][1], ratio
 
 
 def main() -> int:
     parser = arguments(__doc__, "pipeline")
     parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--baseline", help="a commit whose pipeline answers the same requests in turn with this tree's")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tree with --baseline")
+    parser.add_argument("--time-in-process", type=Path, help=argparse.SUPPRESS)  # time_tree's child: one run
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.time_in_process:
+        latency, stages = time_in_process(args.time_in_process / "artifacts",
+                                          make_queries(args.time_in_process / "data", args.requests, args.seed))
+        print(json.dumps({"latency": latency, "stages_ms": stages}))
+        return 0
     sizes = SMALL if args.small else FULL
     machine = describe_machine()
     with tempfile.TemporaryDirectory() as tmp:
@@ -133,12 +187,18 @@ def main() -> int:
             untrained_run(data, tmp / "models" / model, model)
         manifest = refresh(data, tmp / "models", tmp / "artifacts", CONFIG)
         queries = make_queries(data, args.requests, args.seed)
-        in_process, stages = time_in_process(tmp / "artifacts", queries)
+        runs, ratio = [], None
+        if args.baseline:
+            runs, median, ratio = compare(tmp, args)
+            in_process, stages = median["latency"], median["stages_ms"]
+        else:
+            in_process, stages = time_in_process(tmp / "artifacts", queries)
         http = time_http(tmp / "artifacts", queries)
     index = manifest["index"]
     result = {"machine": machine, "sizes": sizes, "requests": args.requests, "seed": args.seed,
               "index": f"{index['kind']} {json.dumps({k: v for k, v in index['params'].items() if v and k != 'kind'})}",
-              "latency": {"in_process": in_process, "over_http": http}, "stages_ms": stages, "passed": True}
+              "latency": {"in_process": in_process, "over_http": http}, "stages_ms": stages, "runs": runs,
+              "ratio": ratio, "passed": True}
     return finish(result, format_table(result), args.out)
 
 
