@@ -33,6 +33,8 @@ BACKENDS = ("auto", "faiss", "torch")
 EXACT_BELOW = 20_000  # catalogues smaller than this are searched exactly: a flat scan is already fast
 RECALL_K = 100  # choose_params aims at recall@100
 MIN_NPROBE = 16
+MAX_NLIST = 4096  # k-means costs nlist^2 x points per list, assigning N items N x nlist: past ~1M items
+                  # more lists cost more to build (and to pick among per query) than they save in scanning
 TUNING_FIELDS = {
     "flat": (),
     "ivf_flat": ("nlist", "nprobe"),
@@ -91,9 +93,10 @@ def choose_params(num_items: int, dim: int, target_recall: float = 0.95, kind: s
     """The index for ``num_items`` vectors of ``dim`` dims that should reach ``target_recall`` at k = 100.
 
     Without ``kind``: ``flat`` below `EXACT_BELOW` items or for a target of 1, else ``ivf_flat``
-    (it supports removal and addition). IVF: nlist the power of two nearest 4 sqrt(N), at most N / 39
-    (39 training points per list); nprobe scans 1.6 / (1 - target) times the lists the top 100 would
-    fill (32x at 0.95), and at least `MIN_NPROBE` lists. HNSW: M 32, ef_search 8 / (1 - target).
+    (it supports removal and addition). IVF: nlist the power of two nearest 4 sqrt(N), at most
+    `MAX_NLIST` and N / 39 (39 training points per list); nprobe scans 1.6 / (1 - target) times
+    the lists the top 100 would fill (32x at 0.95), and at least `MIN_NPROBE` lists. HNSW: M 32,
+    ef_search 8 / (1 - target).
     IVF-PQ: as IVF, with 8-bit codes of 2-dim sub-vectors where dim allows; the compression caps
     its recall whatever nprobe. These rules were calibrated with `benchmarks/index.py` (clustered
     unit vectors, 100k and 1M items); where neighbourhoods are sparser (there, at 20k-50k items)
@@ -112,7 +115,7 @@ def choose_params(num_items: int, dim: int, target_recall: float = 0.95, kind: s
         raise ValueError(f"target_recall = 1 needs exact search; kind {kind!r} is approximate, expected 'flat'")
     misses = max(1 - target_recall, 1e-3)  # the work to find the top 100 grows about as 1 / miss rate
     if kind in ("ivf_flat", "ivf_pq"):
-        nlist = min(2 ** round(math.log2(4 * math.sqrt(num_items))), max(1, num_items // 39))
+        nlist = min(2 ** round(math.log2(4 * math.sqrt(num_items))), MAX_NLIST, max(1, num_items // 39))
         lists_for_top_k = RECALL_K * nlist / num_items  # lists the top 100 would fill, packed together
         nprobe = min(nlist, max(MIN_NPROBE, math.ceil(1.6 * lists_for_top_k / misses)))
         if kind == "ivf_flat":

@@ -8,6 +8,7 @@ import pytest
 
 from inference.index import (
     EXACT_BELOW,
+    MAX_NLIST,
     IndexParams,
     Probe,
     build_index,
@@ -244,6 +245,7 @@ def test_choose_params_picks_flat_small_and_ivf_flat_large():
     assert choose_params(10**7, 64, target_recall=1.0).kind == "flat"
     large = choose_params(1_000_000, 64)
     assert large.kind == "ivf_flat" and large.nlist == 4096
+    assert choose_params(10**7, 64).nlist == MAX_NLIST  # 4 sqrt(N) would be 16,384: too slow to train and fill
     assert choose_params(100_000, 64, 0.99).nprobe > choose_params(100_000, 64, 0.95).nprobe
     assert choose_params(100_000, 64, kind="hnsw").ef_search < choose_params(100_000, 64, 0.99, kind="hnsw").ef_search
     pq = choose_params(100_000, 48, kind="ivf_pq", metric="cosine")
