@@ -12,16 +12,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data.tables import parquet_batches
+from data.tables import duckdb_connection, parquet_batches
 
 TRAIN, VALID, TEST = 0, 1, 2
 METHODS = ("random", "temporal", "user-temporal", "leave-last")
-MEMORY_LIMIT = "2GB"
+MEMORY_LIMIT_GB = 2
 BATCH_ROWS = 1 << 20
 
 
@@ -47,8 +46,7 @@ def split_interactions(path: Path, method: str, seed: int, **kwargs) -> np.ndarr
     with tempfile.TemporaryDirectory(prefix="split-", dir=Path(path).parent) as tmp:
         keys = Path(tmp) / "keys.parquet"
         _write_keys(path, seed, keys)
-        with duckdb.connect(config={"memory_limit": MEMORY_LIMIT, "temp_directory": tmp,
-                                    "preserve_insertion_order": False}) as con:
+        with duckdb_connection(MEMORY_LIMIT_GB, Path(tmp)) as con:
             con.read_parquet(str(keys)).create_view("keys")
             for batch in con.sql(sql, params=params).to_arrow_reader(BATCH_ROWS):
                 codes[batch["row"].to_numpy()] = batch["code"].to_numpy()

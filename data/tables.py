@@ -7,10 +7,12 @@ and the first offending rows, so a user can open the file and find them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -81,6 +83,15 @@ def parquet_batches(path: Path, rows: int, columns: list[str] | None = None) -> 
     """The record batches of a parquet file, ``rows`` rows at a time, in bounded memory."""
     # with pre_buffer on (the default), pyarrow 25 keeps every row group it has read until the end
     return pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=rows, columns=columns)
+
+
+def duckdb_connection(memory_limit_gb: float, temp_directory: Path,
+                      threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection for out-of-core queries: it spills to ``temp_directory`` past
+    ``memory_limit_gb``, runs on ``threads`` (one per CPU when None) and does not keep rows in
+    insertion order (queries that need an order say ORDER BY)."""
+    return duckdb.connect(config={"memory_limit": f"{memory_limit_gb}GB", "threads": threads or os.cpu_count() or 1,
+                                  "temp_directory": str(temp_directory), "preserve_insertion_order": False})
 
 
 def read_chunks(path: Path, rows: int, sep: str | None = None) -> Iterator[pd.DataFrame]:

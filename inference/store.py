@@ -417,7 +417,7 @@ def _list_table(lists: pd.DataFrame) -> pa.Table:
             rows = np.flatnonzero(lists[column].isna())[:5].tolist()
             raise ValueError(f"lists: column {column!r} has null values at rows {rows}")
     try:
-        names = pa.array(lists["list"], pa.string()).dictionary_encode()
+        names = _list_names(lists["list"])
     except pa.ArrowException:
         raise ValueError(f"lists: column 'list' holds {pd.api.types.infer_dtype(lists['list'])}; "
                          "expected str names") from None
@@ -436,6 +436,20 @@ def _list_table(lists: pd.DataFrame) -> pa.Table:
     if (codes[1:] < codes[:-1]).any():  # interleaved: group each list's rows, keeping their order
         table = table.take(np.argsort(codes, kind="stable"))
     return table
+
+
+def _list_names(values: pd.Series) -> pa.DictionaryArray:
+    """The ``list`` column dictionary-encoded, names in the order they first appear. A
+    categorical column whose lists come in its categories' order (as the refresh's pools build
+    them) is encoded from its codes, without a string per row."""
+    if isinstance(values.dtype, pd.CategoricalDtype):
+        codes = values.cat.codes.to_numpy()
+        if (codes[1:] >= codes[:-1]).all():
+            used = np.bincount(codes, minlength=len(values.cat.categories)) > 0
+            codes = codes if used.all() else (np.cumsum(used) - 1)[codes]
+            return pa.DictionaryArray.from_arrays(codes.astype(np.int32, copy=False),
+                                                  pa.array(values.cat.categories[used], pa.string()))
+    return pa.array(values, pa.string()).dictionary_encode()
 
 
 def _sort_by_id(table: pa.Table, id_column: str) -> tuple[np.ndarray, pa.Table]:

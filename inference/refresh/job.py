@@ -302,6 +302,10 @@ class Catalogue:
             self._embeddings = (ids, vectors) if keep.all() else (ids[keep], vectors[keep])  # no copy of GiBs
         return self._embeddings
 
+    def release(self) -> None:
+        """Frees the vectors `embeddings` read (GiBs at scale); a later call reads them again."""
+        self._embeddings = None
+
 
 def embedding_layers(directory: Path) -> list[Path]:
     """The embedding layers of a version directory, oldest first: ``embeddings/<version>/``, each
@@ -511,8 +515,9 @@ def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemInde
         hot = pools.build_popular(events, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
         ids, vectors = catalogue.embeddings()
         chosen = np.isin(ids, hot)
-        return pools.build_similar_items(ids[chosen], vectors[chosen], index.search,
-                                         opts.similar_k, eligible)
+        ids, vectors = ids[chosen], vectors[chosen]
+        catalogue.release()  # the lists after these search the index alone: free every item's vector
+        return pools.build_similar_items(ids, vectors, index.search, opts.similar_k, eligible)
     users = inputs.users["user_id"].to_numpy()
     return pools.build_user_lists(users, _user_vectors(inputs, users), index.search, events, opts.user_n, eligible)
 

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import shutil
 import tempfile
 import weakref
@@ -55,6 +54,7 @@ import pandas as pd
 import pyarrow as pa
 
 from data.schema import Schema
+from data.tables import duckdb_connection
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
@@ -95,9 +95,7 @@ class Events:
             raise ValueError(f"{path}: no such interactions file")
         self.spill = Path(tempfile.mkdtemp(prefix="recstack-duckdb-", dir=options.temp_directory))
         try:
-            self.con = duckdb.connect(config={
-                "memory_limit": f"{options.memory_limit_gb}GB", "threads": options.threads or os.cpu_count() or 1,
-                "temp_directory": str(self.spill), "preserve_insertion_order": False})
+            self.con = duckdb_connection(options.memory_limit_gb, self.spill, options.threads)
         except BaseException:
             shutil.rmtree(self.spill, ignore_errors=True)
             raise
@@ -319,7 +317,7 @@ def build_similar_items(item_ids: np.ndarray, item_vectors: np.ndarray, search: 
     batches = ((rows, rows, ids[rows]) for rows in np.array_split(np.arange(len(ids)), range(batch_size, len(ids),
                                                                                             batch_size)))
     rows, found, scores = _search_batches(search, vectors, k, batches, eligible)
-    return _pool(_names("similar:", ids)[rows], found, scores)
+    return _pool(_row_names("similar:", ids, rows), found, scores)
 
 
 def build_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HISTORY,
@@ -389,7 +387,7 @@ def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Sea
         pairs = stream.sql("SELECT batch, users.row, item_id FROM events JOIN users USING (user_id) ORDER BY batch")
         rows, found, scores = _search_batches(search, vectors, n, _by_batch(pairs.to_arrow_reader(STREAM_ROWS),
                                                                             batches), eligible)
-    return _pool(_names("user:", ids)[rows], found, scores)
+    return _pool(_row_names("user:", ids, rows), found, scores)
 
 
 def _by_batch(reader: pa.RecordBatchReader, batches: list[np.ndarray]) -> Iterator[tuple[np.ndarray, ...]]:
@@ -418,9 +416,13 @@ def _search_batches(search: Search, queries: np.ndarray, n: int, batches: Iterat
     exclusions in one row``; a row still short of n after filtering (ineligible results) is
     searched again with k doubled until it has n or the index returns fewer than k (it has no
     more). Returns rows, ids, scores: long arrays, rows ascending, each row's results in rank order.
+    The results go straight to their row's n slots, so a million users' lists are never copied
+    to be sorted; the long arrays are views of the slots when every row has n results.
     """
     eligible_ids = None if eligible is None else pd.Index(np.unique(eligible))
-    parts = []
+    found = np.full((len(queries), n), -1, dtype=np.int64)
+    scores = np.zeros((len(queries), n), dtype=np.float32)
+    counts = np.zeros(len(queries), dtype=np.int64)
     for rows, excluded_rows, excluded_items in batches:
         # hash lookups (pd.Index): ~10x faster than binary search over a million ids
         excluded_ids = pd.Index(np.unique(excluded_items))
@@ -431,7 +433,7 @@ def _search_batches(search: Search, queries: np.ndarray, n: int, batches: Iterat
         keys = pd.Index(keys)  # one key per distinct (row, excluded item) pair
         place = np.arange(len(rows))
         while len(rows):
-            ids, scores = _call_search(search, queries[rows], k)
+            ids, got = _call_search(search, queries[rows], k)
             code = _lookup(excluded_ids, ids)  # -1 where no row excludes the id
             excluded = (code >= 0) & (_lookup(keys, place[:, None] * width + code) >= 0)
             valid = (ids >= 0) & ~excluded
@@ -440,14 +442,15 @@ def _search_batches(search: Search, queries: np.ndarray, n: int, batches: Iterat
             taken = valid & (np.cumsum(valid, axis=1) <= n)
             done = (taken.sum(axis=1) == n) | (ids.shape[1] < k) | (ids < 0).any(axis=1)
             r, c = np.nonzero(taken[done])
-            parts.append((rows[done][r], ids[done][r, c], scores[done][r, c]))
+            slot = np.cumsum(taken[done], axis=1)[r, c] - 1  # each result's rank in its row
+            found[rows[done][r], slot], scores[rows[done][r], slot] = ids[done][r, c], got[done][r, c]
+            counts[rows[done]] = taken[done].sum(axis=1)
             rows, place, k = rows[~done], place[~done], 2 * k
-    if not parts:
-        return np.array([], dtype=np.int64), np.array([], dtype=np.int64), np.array([], dtype=np.float32)
-    rows, ids, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
-    parts.clear()  # every list's pieces: GiBs with a million users
-    by_row = np.argsort(rows, kind="stable")
-    return rows[by_row], ids[by_row], scores[by_row]
+    rows = np.repeat(np.arange(len(queries)), counts)
+    if (counts == n).all():
+        return rows, found.reshape(-1), scores.reshape(-1)
+    kept = np.arange(n) < counts[:, None]  # (rows, n): the filled slots, each row's first counts
+    return rows, found[kept], scores[kept]
 
 
 def _call_search(search: Search, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -493,13 +496,19 @@ def _top(name: str, ids: np.ndarray, scores: np.ndarray, k: int, eligible: np.nd
     return _pool(np.full(len(order), name, dtype=object), ids[order], scores[order])
 
 
-def _pool(lists: np.ndarray, item_ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+def _pool(lists: np.ndarray | pd.Categorical, item_ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"list": lists, "item_id": np.asarray(item_ids, dtype=np.int64),
                          "score": np.asarray(scores, dtype=np.float32)})
 
 
 def _names(prefix: str, ids: np.ndarray) -> np.ndarray:
     return (prefix + pd.Series(ids).astype(str)).to_numpy(dtype=object)
+
+
+def _row_names(prefix: str, ids: np.ndarray, rows: np.ndarray) -> pd.Categorical:
+    """The list name "{prefix}{ids[row]}" of each of ``rows`` as codes into the names of the
+    distinct ``ids``: a million users' hundred million rows hold a 4-byte code each, not a string."""
+    return pd.Categorical.from_codes(rows, _names(prefix, ids))
 
 
 def _is_eligible(ids: np.ndarray, eligible: np.ndarray | None) -> np.ndarray:

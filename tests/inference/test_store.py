@@ -433,6 +433,22 @@ def test_lists_spanning_read_chunks_or_split_between_groups_read_whole(tmp_path,
     assert store.get_list("y")[0].tolist() == [4]
 
 
+def test_categorical_list_names_write_the_files_their_strings_do(tmp_path):
+    """A ``list`` column of codes into names (as the refresh's pools build large groups), with
+    names no row uses, writes the same files as the names as strings, in order or interleaved."""
+    names = ["user:9", "user:1", "unused", "user:5"]
+    for codes in ([0, 0, 1, 3, 3], [3, 0, 3, 1, 0]):
+        strings = pd.DataFrame({"list": [names[c] for c in codes], "item_id": np.arange(5), "score": np.ones(5)})
+        coded = strings.assign(list=pd.Categorical.from_codes(codes, names))
+        for name, frame in (("strings", strings), ("coded", coded)):
+            (tmp_path / name).mkdir(exist_ok=True)
+            write_snapshot(tmp_path / name, make_users(), make_items(), frame)
+        read = [pq.read_table(tmp_path / name / LISTS / "all.parquet", read_dictionary=["list"])
+                for name in ("strings", "coded")]
+        assert read[0].equals(read[1]) and read[1]["list"].chunk(0).dictionary.to_pylist() == list(
+            dict.fromkeys(strings["list"]))
+
+
 def test_redis_reads_integral_floats_back_as_floats(redis_server, snapshot_dir):
     load_snapshot_into_redis(snapshot_dir, redis_server.host, redis_server.port, "integral")
     store = RedisStore(redis_server.host, redis_server.port, "integral", timeout_s=2.0)

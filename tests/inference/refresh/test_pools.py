@@ -51,7 +51,7 @@ class BruteForce:
 
 
 def _lists(pool: pd.DataFrame) -> dict[str, list[int]]:
-    return {name: group["item_id"].tolist() for name, group in pool.groupby("list", sort=False)}
+    return {name: group["item_id"].tolist() for name, group in pool.groupby("list", sort=False, observed=True)}
 
 
 def _check_pool(pool: pd.DataFrame) -> None:
