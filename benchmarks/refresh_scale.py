@@ -2,20 +2,27 @@
 
     python benchmarks/refresh_scale.py                       # 1M items, 100k users, 10M interactions
     python benchmarks/refresh_scale.py --items 10000000 --users 1000000 --interactions 100000000
+    python benchmarks/refresh_scale.py --prepared /tmp/scale/1m      # prepares once, then reuses
 
 Steps: prepare the synthetic dataset (`data.synthetic.generate`, `data.prepare.prepare`, seed 0,
 temporal split) and an untrained two-tower run, as `benchmarks/refresh.py` does (not timed);
 then one full refresh with `benchmarks/refresh.py`'s config (no rankers, no Redis) in a child
 process on one torch thread, DuckDB limited to ``--duckdb-gb``. The child's peak RSS comes from
 wait4; the parent also samples its RSS every 0.2 s, and a step's peak is the largest sample
-taken while it ran (the steps' times are the manifest's). Passes when the peak RSS stays within
+taken while it ran (the steps' times are the manifest's; their CPU times come from the same
+samples). Passes when the peak RSS stays within
 ``--max-rss-gib`` (12 GiB, the target at 10M items) and the index reaches its recall target.
+With ``--prepared DIR`` the dataset and the untrained run are kept in DIR and reused by later
+runs of the same sizes (``--prepare-only`` stops there); the refresh's versions still go to a
+temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -36,6 +43,24 @@ STEPS = ("export", "embeddings", "index", "pools", "store")
 SAMPLE_S = 0.2
 
 
+def prepared(sizes: dict, where: Path) -> tuple[Path, Path]:
+    """The dataset and models directories of ``sizes`` under ``where``, prepared unless a
+    previous run of the same sizes left them there (``sizes.json`` is written last)."""
+    data, models, done = where / "data", where / "models", where / "sizes.json"
+    if done.exists():
+        if json.loads(done.read_text()) != sizes:
+            raise SystemExit(f"{where} holds data of other sizes: {done.read_text()}")
+        return data, models
+    start = time.perf_counter()
+    prepare(generate(SyntheticConfig(**sizes, seed=0)), data, split="temporal", seed=0, overwrite=True)
+    if (models / "two_tower").exists():
+        shutil.rmtree(models / "two_tower")
+    untrained_run(data, models / "two_tower")
+    done.write_text(json.dumps(sizes))
+    print(f"prepared {sizes} in {time.perf_counter() - start:.0f} s", flush=True)
+    return data, models
+
+
 def child_main(data: Path, models: Path, root: Path, duckdb_gb: float) -> int:
     import torch
 
@@ -48,17 +73,20 @@ def child_main(data: Path, models: Path, root: Path, duckdb_gb: float) -> int:
     return 0
 
 
-def rss_gib(pid: int) -> float | None:
+def usage(pid: int) -> tuple[float, float] | None:
+    """(RSS GiB, CPU seconds: user + system) of process ``pid`` now; None once it is gone."""
     try:
-        status = Path(f"/proc/{pid}/status").read_text()
+        status, stat = Path(f"/proc/{pid}/status").read_text(), Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     kib = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")), None)
-    return None if kib is None else kib / 2**20
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return None if kib is None else (kib / 2**20, cpu_s)
 
 
 def run_refresh(data: Path, models: Path, root: Path, duckdb_gb: float) -> dict:
-    """Wall and CPU seconds, peak RSS and (time, RSS GiB) samples of a full refresh in a child process."""
+    """Wall and CPU seconds, peak RSS and (time, RSS GiB, CPU s) samples of a full refresh in a child process."""
     root.mkdir(parents=True)
     cmd = [sys.executable, __file__, "--child", "--data", str(data), "--models", str(models), "--root", str(root),
            "--duckdb-gb", str(duckdb_gb)]
@@ -68,33 +96,41 @@ def run_refresh(data: Path, models: Path, root: Path, duckdb_gb: float) -> dict:
 
     def sample() -> None:
         while not done.is_set():
-            if (rss := rss_gib(child.pid)) is not None:
-                samples.append((time.time(), rss))
+            if (now := usage(child.pid)) is not None:
+                samples.append((time.time(), *now))
             time.sleep(SAMPLE_S)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    _, status, usage = os.wait4(child.pid, 0)
+    _, status, rusage = os.wait4(child.pid, 0)
     ended = time.time()
     done.set()
     sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {os.waitstatus_to_exitcode(status)}")
-    return {"wall_s": time.perf_counter() - start, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "peak_rss_gib": usage.ru_maxrss / 2**20, "spawned": spawned, "ended": ended, "samples": samples}
+    return {"wall_s": time.perf_counter() - start, "cpu_s": rusage.ru_utime + rusage.ru_stime,
+            "peak_rss_gib": rusage.ru_maxrss / 2**20, "spawned": spawned, "ended": ended, "samples": samples}
 
 
 def per_step(run: dict, manifest: dict, started: float) -> dict[str, dict]:
-    """Seconds and peak sampled RSS of each step: the child's start (imports), reading the inputs,
-    the manifest's steps, then manifest and publish (until the child exits)."""
+    """Seconds, CPU seconds and peak sampled RSS of each step: the child's start (imports),
+    reading the inputs, the manifest's steps, then manifest and publish (until the child exits).
+    A step's CPU time is the child's between the last samples before its start and its end
+    (the last step's ends with the child's total)."""
     bounds = [("process start, imports", run["spawned"], started), ("inputs", started, manifest["created_at"])]
     t = manifest["created_at"]
     for step in STEPS:
         bounds.append((step, t, t + manifest["step_seconds"][step]))
         t += manifest["step_seconds"][step]
     bounds.append(("manifest, publish", t, run["ended"]))
-    return {name: {"seconds": end - begin,
-                   "peak_rss_gib": max((rss for at, rss in run["samples"] if begin <= at <= end), default=0.0)}
+
+    def cpu_at(moment: float) -> float:
+        if moment >= run["ended"]:
+            return run["cpu_s"]
+        return max((cpu for at, _, cpu in run["samples"] if at <= moment), default=0.0)
+
+    return {name: {"seconds": end - begin, "cpu_s": cpu_at(end) - cpu_at(begin),
+                   "peak_rss_gib": max((rss for at, rss, _ in run["samples"] if begin <= at <= end), default=0.0)}
             for name, begin, end in bounds}
 
 
@@ -111,9 +147,10 @@ def format_table(result: dict) -> str:
         f"(target <= {result['max_rss_gib']}); index recall@100 {result['recall']:.4f} "
         f"(target {CONFIG.target_recall})",
         "",
-        "| step | seconds | peak RSS sampled (GiB) |",
-        "|---|---:|---:|",
-        *[f"| {name} | {step['seconds']:.1f} | {step['peak_rss_gib']:.2f} |" for name, step in result["steps"].items()],
+        "| step | seconds | CPU seconds | peak RSS sampled (GiB) |",
+        "|---|---:|---:|---:|",
+        *[f"| {name} | {step['seconds']:.1f} | {step['cpu_s']:.1f} | {step['peak_rss_gib']:.2f} |"
+          for name, step in result["steps"].items()],
         "",
         f"Result: {'pass' if result['passed'] else 'FAIL'}",
     ])
@@ -126,6 +163,8 @@ def main() -> int:
     parser.add_argument("--duckdb-gb", type=float, default=2.0, help="DuckDB's memory limit in the refresh")
     parser.add_argument("--max-rss-gib", type=float, default=12.0)
     parser.add_argument("--workdir", type=Path, help="where the data and versions go (default: a temporary directory)")
+    parser.add_argument("--prepared", type=Path, help="keep the prepared data and run here and reuse them")
+    parser.add_argument("--prepare-only", action="store_true", help="stop once the data and run are prepared")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "refresh_scale.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for hidden in ("data", "models", "root"):
@@ -137,11 +176,10 @@ def main() -> int:
     machine = describe_machine()
     with tempfile.TemporaryDirectory(prefix="refresh-scale-", dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        start = time.perf_counter()
-        data = prepare(generate(SyntheticConfig(**sizes, seed=0)), tmp / "data", split="temporal", seed=0)
-        untrained_run(data, tmp / "models" / "two_tower")
-        print(f"prepared {sizes} in {time.perf_counter() - start:.0f} s", flush=True)
-        run = run_refresh(data, tmp / "models", tmp / "artifacts", args.duckdb_gb)
+        data, models = prepared(sizes, args.prepared or tmp)
+        if args.prepare_only:
+            return 0
+        run = run_refresh(data, models, tmp / "artifacts", args.duckdb_gb)
         manifest = read_manifest(ArtifactRoot(tmp / "artifacts").path("v0001"))
         started = float((tmp / "started").read_text())
     recall = manifest["index"]["recall"]["recall@100"]
