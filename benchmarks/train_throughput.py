@@ -6,11 +6,11 @@
 Both loops train `models.dlrm.DLRM` (the project's default sizes) with Adam on one list of batches
 built in memory up front: one Zipf-like id per row and table, 13 dense columns and random labels.
 No CSV or encoder runs, so the comparison measures the training loop alone. The plain loop is
-`RankingModule.training_step`'s math written out; the other is `training.ranking.RankingModule`
-under a `Trainer`. Every run starts from the same initial weights, so the last losses of the two
-should agree. Timing starts at the end of the warm-up steps and stops at the end of the last step
-(for Lightning, a callback takes both timestamps): Trainer start-up is excluded, and everything
-Lightning does between steps is included. After one untimed run of each, the pair runs
+`RankingModule.training_loss` and `LeanModule.training_step` written out; the other is
+`training.ranking.RankingModule` under a `Trainer`. Every run starts from the same initial
+weights, so the last losses of the two should agree. Timing starts at the end of the warm-up
+steps and stops at the end of the last step (for Lightning, a callback takes both timestamps):
+Trainer start-up is excluded, and everything Lightning does between steps is included. After one untimed run of each, the pair runs
 ``--repeats`` times in alternating order; the table shows the median samples/s of each loop and
 the median of the repeats' ratios, since the machine may be shared. On CPU the run passes when
 Lightning reaches 0.9x the plain loop's samples per second, and when Lightning's extra CPU time
@@ -56,6 +56,7 @@ from torchrec import KeyedJaggedTensor
 from data.encoders import Batch
 from data.schema import FeatureSpec
 from models.dlrm import DLRM, DLRMConfig
+from training.lean_module import NullProfiler
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
 from training.ranking import RankingModule
 
@@ -182,6 +183,7 @@ def train_lightning(model: DLRM, batches: list[Batch], bf16: bool) -> Timing:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        profiler=NullProfiler(),  # as `recstack train`'s
     )
     # each item is one whole batch, a 1-tuple as RankingDataModule's loaders yield it
     loader = DataLoader([(batch,) for batch in batches], batch_size=None, collate_fn=lambda item: item)

@@ -72,7 +72,7 @@ class BPRModule(FullCorpusEvaluation):
         """Scores (B, I) of each query's user for every corpus item, in corpus order."""
         return self.model(query.sparse["user_id"].values(), self.corpus_ids.to(self.device))
 
-    def training_step(self, step: tuple, _: int) -> torch.Tensor:
+    def training_loss(self, step: tuple) -> torch.Tensor:
         query, items, _rows = step
         users, positives = query.sparse["user_id"].values(), items.sparse["item_id"].values()
         negatives = self._unseen_items(users.cpu()).to(self.device)

@@ -2,31 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.profilers import PassThroughProfiler
 
 
 class LeanModule(L.LightningModule):
-    """Cuts two costs Lightning adds to every training step (measured by
-    benchmarks/train_throughput.py, which reports Lightning's extra time per step):
+    """Cuts costs Lightning adds to every training step (measured by benchmarks/train_throughput.py,
+    which reports Lightning's extra time per step). A subclass defines `training_loss` and
+    `configure_optimizers` (one optimizer); `training_step` is this class's.
 
-    - Logging the training loss. ``self.log`` each step runs Lightning's result bookkeeping,
-      and on a GPU it makes the step wait: after each step the progress bar turns every logged
-      tensor into a number. `log_train_loss` only adds the loss to a sum on the device; once
-      every ``trainer.log_every_n_steps`` steps (when the loggers write) it logs the mean since
-      the last log, copied to the CPU once, so what the bar converts afterwards is a CPU tensor.
-    - Naming the running hook. Lightning sets ``_current_fx_name`` before and after each of the
-      two dozen hook calls of a step, and ``nn.Module.__setattr__`` first searches the module's
-      parameters, buffers and submodules for the name. The value is a plain string (or None),
-      so it is stored directly.
+    - Stepping. Under automatic optimization Lightning wraps each step in closures and five more
+      hook calls (zero-grad, optimizer-step and gradient-clipping hooks); `training_step` steps the
+      optimizer itself (manual optimization), in the order those would: the loss, zero_grad,
+      backward, step. ``global_step`` still counts optimizer steps. Trainer options that need
+      automatic optimization (``gradient_clip_val``, ``accumulate_grad_batches``) are refused by
+      Lightning.
+    - Logging the training loss. ``self.log`` each step runs Lightning's result bookkeeping, and
+      on a GPU it makes the step wait: after each step the progress bar turns every logged tensor
+      into a number. The loss is kept on the device and, once every ``trainer.log_every_n_steps``
+      steps (when the loggers write), the mean since the last log is logged, copied to the CPU
+      once, so what the bar converts afterwards is a CPU tensor.
+    - Naming the running hook. Lightning sets ``_current_fx_name`` before and after each hook call
+      of a step, and ``nn.Module.__setattr__`` first searches the module's parameters, buffers and
+      submodules for the name. The value is a plain string (or None), so it is stored directly.
+    - Moving the batch. On the CPU the loaders' batches are already where they go; Lightning would
+      still rebuild each one (every KeyedJaggedTensor) through ``Batch.to``.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._loss_sum: torch.Tensor | None = None  # on the device, since the last log
-        self._loss_steps = 0
+        self.automatic_optimization = False  # training_step steps the optimizer
+        self._losses: list[torch.Tensor] = []  # detached, on the device, since the last log
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_current_fx_name":
@@ -34,12 +45,44 @@ class LeanModule(L.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    def training_loss(self, step: Any) -> torch.Tensor:
+        """The loss to minimize on one training batch (``step``, as the train loader yields it); it
+        calls `log_train_loss` with the loss to report."""
+        raise NotImplementedError(f"{type(self).__name__} defines no training_loss")
+
+    def training_step(self, step: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(step)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        if device.type == "cpu":  # the loaders yield CPU tensors
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
-        detached = loss.detach()
-        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
-        self._loss_steps += 1
+        self._losses.append(loss.detach())
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:  # as Lightning's own should_update_logs
-            mean = (self._loss_sum / self._loss_steps).cpu()
+            mean = torch.stack(self._losses).mean().cpu()
             self.log("train_loss", mean, batch_size=batch_size, prog_bar=True)
-            self._loss_sum, self._loss_steps = None, 0
+            self._losses.clear()
+
+
+# Lightning reads training_step's signature every step (inspect.getfullargspec, to see whether it
+# takes batch_idx); inspect returns a function's __signature__ instead of building it again.
+LeanModule.training_step.__signature__ = inspect.signature(LeanModule.training_step)
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+class NullProfiler(PassThroughProfiler):
+    """Lightning's do-nothing profiler without its cost: the Trainer enters ``profile(name)`` around
+    every hook call, about twenty a step, and PassThroughProfiler's is a generator-based context."""
+
+    def profile(self, action_name: str) -> contextlib.nullcontext:
+        return _NOTHING

@@ -50,7 +50,7 @@ class RankingModule(LeanModule):
         """Click probabilities (B,)."""
         return torch.sigmoid(self.model(batch.dense, batch.sparse))
 
-    def training_step(self, step: tuple, _: int) -> torch.Tensor:
+    def training_loss(self, step: tuple) -> torch.Tensor:
         batch = step[0]
         loss = F.binary_cross_entropy_with_logits(self.model(batch.dense, batch.sparse), batch.labels)
         self.log_train_loss(loss, len(batch))

@@ -119,7 +119,7 @@ class RetrievalModule(FullCorpusEvaluation):
         items, rows = step
         return self.embed_items(items), rows
 
-    def training_step(self, step: tuple, _: int) -> torch.Tensor:
+    def training_loss(self, step: tuple) -> torch.Tensor:
         query, items, _rows = step
         item_ids = items.sparse[self.item_id].values()  # (B,) encoded ids, one per row
         extra_log_q = None

@@ -26,6 +26,7 @@ from data.encoders import FeatureEncoder
 from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
 from training.data import RankingDataModule, RetrievalDataModule
+from training.lean_module import NullProfiler
 from training.model_parallel import SHARDINGS, ModelParallelStrategy, checkpoint_file
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, fused_optimizer
 from training.ranking import RANKERS, RankingModule, build_ranker
@@ -195,6 +196,7 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
                    TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)],
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")],
         log_every_n_steps=LOG_EVERY_N_STEPS,
+        profiler=NullProfiler(),
         deterministic=not gpu,
     )
     if trainer.is_global_zero:

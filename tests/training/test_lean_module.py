@@ -1,4 +1,5 @@
-"""LeanModule: the logged training loss is the mean of the steps since the last log."""
+"""LeanModule: the logged training loss is the mean of the steps since the last log, and its own
+optimizer step is a plain loop's."""
 
 import pandas as pd
 import pytest
@@ -8,7 +9,7 @@ from lightning import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from training.lean_module import LeanModule
+from training.lean_module import LeanModule, NullProfiler
 
 
 class Regression(LeanModule):
@@ -17,7 +18,7 @@ class Regression(LeanModule):
         self.linear = nn.Linear(2, 1)
         self.losses: list[float] = []
 
-    def training_step(self, batch: tuple, _: int) -> torch.Tensor:
+    def training_loss(self, batch: tuple) -> torch.Tensor:
         x, y = batch
         loss = F.mse_loss(self.linear(x).squeeze(1), y)
         self.losses.append(loss.item())
@@ -41,3 +42,22 @@ def test_train_loss_is_the_mean_since_the_last_log(tmp_path):
     assert logged["train_loss"].tolist() == pytest.approx(expected, rel=1e-6)
     assert module.losses[0] != pytest.approx(expected[0])  # a mean, not one step's loss
     assert "_current_fx_name" not in module._modules and module._current_fx_name is None
+
+
+def test_training_step_steps_as_a_plain_loop_does():
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 2), torch.randn(8)) for _ in range(5)]
+    module = Regression()
+    plain = nn.Linear(2, 1)
+    plain.load_state_dict(module.linear.state_dict())
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for x, y in batches:
+        loss = F.mse_loss(plain(x).squeeze(1), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    trainer = Trainer(max_steps=5, logger=False, profiler=NullProfiler(), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    assert trainer.global_step == 5  # one per optimizer step
+    assert torch.equal(module.linear.weight, plain.weight) and torch.equal(module.linear.bias, plain.bias)
