@@ -14,16 +14,16 @@ import pandas as pd
 
 
 class FeatureColumns:
-    """N rows of named columns, each an (N,) array: a numpy array (objects for text, lists and
-    missing values; NaN for a missing float) or a pandas masked array (integers and booleans
-    with missing values). The columnar twin of a frame: `FeatureEncoder.encode` takes either,
-    and ``to_frame`` gives the frame of the same rows."""
+    """``rows`` (N) rows of named columns: ``arrays`` maps each name to an (N,) array, a numpy
+    array (objects for text, lists and missing values; NaN for a missing float) or a pandas
+    masked array (integers and booleans with missing values). The columnar twin of a frame:
+    `FeatureEncoder.encode` takes either, and ``to_frame`` gives the frame of the same rows."""
 
     def __init__(self, columns: Mapping[str, np.ndarray | pd.api.extensions.ExtensionArray], rows: int) -> None:
         wrong = {name: len(column) for name, column in columns.items() if len(column) != rows}
         if wrong:
             raise ValueError(f"columns {wrong} differ in length from the {rows} rows")
-        self.columns, self.rows = dict(columns), rows
+        self.arrays, self.rows = dict(columns), rows
 
     @classmethod
     def from_frame(cls, frame: pd.DataFrame) -> FeatureColumns:
@@ -46,28 +46,28 @@ class FeatureColumns:
         return self.rows
 
     def __contains__(self, name: object) -> bool:
-        return name in self.columns
+        return name in self.arrays
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.columns)
+        return iter(self.arrays)
 
     def __getitem__(self, name: str) -> np.ndarray | pd.api.extensions.ExtensionArray:
-        return self.columns[name]
+        return self.arrays[name]
 
     def take(self, positions: np.ndarray) -> FeatureColumns:
         """The rows at ``positions`` (an int array or a boolean mask), in that order."""
         positions = np.asarray(positions)
         if positions.dtype == bool:
             positions = np.flatnonzero(positions)
-        return FeatureColumns({name: column.take(positions) for name, column in self.columns.items()}, len(positions))
+        return FeatureColumns({name: column.take(positions) for name, column in self.arrays.items()}, len(positions))
 
     def select(self, names: list[str]) -> FeatureColumns:
         """Only the columns ``names``, in that order."""
-        return FeatureColumns({name: self.columns[name] for name in names}, self.rows)
+        return FeatureColumns({name: self.arrays[name] for name in names}, self.rows)
 
     def to_frame(self) -> pd.DataFrame:
         """The rows as a frame, index 0..N-1."""
-        return pd.DataFrame(self.columns, index=pd.RangeIndex(self.rows), copy=False)
+        return pd.DataFrame(self.arrays, index=pd.RangeIndex(self.rows), copy=False)
 
 
 def _column(values: list) -> np.ndarray:

@@ -142,7 +142,7 @@ class Hydrator:
             raise ValueError(f"request features {clash} are also item or candidate columns; expected each column "
                              "from one place")
         rows = requests.take(np.repeat(np.arange(len(requests)), counts))
-        columns = FeatureColumns(rows.columns | own | items.columns, len(candidates))
+        columns = FeatureColumns(rows.arrays | own | items.arrays, len(candidates))
         return Candidates(candidates.item_ids, candidates.sources, candidates.scores, columns)
 
 

@@ -105,7 +105,7 @@ def check_ranker_inputs(inputs: ModelInputs, name: str) -> None:
 def candidate_rows(candidates: Candidates) -> FeatureColumns:
     """The hydrated feature columns of ``candidates``; ValueError when they were not hydrated."""
     if candidates.columns is None:
-        raise ValueError("the candidates' features is None; expected hydrated feature columns before scoring")
+        raise ValueError("candidates.features is None; expected hydrated feature columns before scoring")
     return candidates.columns
 
 

@@ -75,5 +75,5 @@ class Candidates:
 
     def with_columns(self, columns: FeatureColumns) -> Candidates:
         """The same candidates with ``columns`` (N rows) added to theirs, replacing those of the same name."""
-        merged = columns if self.columns is None else FeatureColumns(self.columns.columns | columns.columns, len(self))
+        merged = columns if self.columns is None else FeatureColumns(self.columns.arrays | columns.arrays, len(self))
         return Candidates(self.item_ids, self.sources, self.scores, merged)
