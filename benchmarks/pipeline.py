@@ -16,12 +16,14 @@ changes less than the wall times.
 
 With ``--baseline COMMIT``, that commit (extracted with ``git archive``) and this tree answer the
 same requests over the same catalogue in process, each in a fresh interpreter, in turn
-``--repeats`` times; the in-process row is then this tree's median p50 run.
+``--repeats`` times; the in-process row is then this tree's median p50 run, and the run passes
+when every run gave the same answers (a digest of each response's items, scores and propensities).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -77,18 +79,21 @@ def time_in_process(root: Path, queries: list[Query]) -> tuple[dict, dict]:
     pipeline = build_pipeline(pipeline_config(), open_version(ArtifactRoot(root).path("v0001")))
     try:
         pipeline.warm_up(queries[0])
-        seconds, cpu = [], 0.0
+        seconds, cpu, answers = [], 0.0, hashlib.sha256()
         load = os.getloadavg()[0]
         for query in queries:
             start, cpu_start = time.perf_counter(), time.process_time()
-            pipeline(query)
+            response = pipeline(query)
             seconds.append(time.perf_counter() - start)
             cpu += time.process_time() - cpu_start
+            for column in (response.item_ids, response.scores, response.propensities):
+                answers.update(column.tobytes())
         snapshot = pipeline.stats.snapshot()["stages"]
         stages = {name: counts["total_ms"] / counts["calls"] for name, counts in snapshot.items()}
     finally:
         pipeline.close()
-    return percentiles(seconds) | {"cpu_ms": 1e3 * cpu / len(queries), "load_average_1min": load}, stages
+    return percentiles(seconds) | {"cpu_ms": 1e3 * cpu / len(queries), "load_average_1min": load,
+                                   "answers_sha256": answers.hexdigest()}, stages
 
 
 def time_tree(tree: Path, root: Path, args) -> dict:
@@ -144,7 +149,8 @@ def format_table(result: dict) -> str:
                     f"{row['cpu_ms']:.2f} | {row['load_average_1min']:.1f} |"
                     for i, run in enumerate(result["runs"], 1) for tree, row in run.items()],
                   "", f"This tree / baseline, medians over the runs: p50 {result['ratio']['p50']:.2f}, "
-                      f"CPU per request {result['ratio']['cpu']:.2f}"]
+                      f"CPU per request {result['ratio']['cpu']:.2f}; the same answers (items, scores, "
+                      f"propensities) in every run: {result['passed']}"]
     return "\n".join(lines)
 
 
@@ -198,7 +204,8 @@ def main() -> int:
     result = {"machine": machine, "sizes": sizes, "requests": args.requests, "seed": args.seed,
               "index": f"{index['kind']} {json.dumps({k: v for k, v in index['params'].items() if v and k != 'kind'})}",
               "latency": {"in_process": in_process, "over_http": http}, "stages_ms": stages, "runs": runs,
-              "ratio": ratio, "passed": True}
+              "ratio": ratio,
+              "passed": len({row["answers_sha256"] for run in runs for row in run.values()}) <= 1}
     return finish(result, format_table(result), args.out)
 
 
