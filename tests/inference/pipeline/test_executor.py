@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -285,6 +286,19 @@ def test_each_item_shows_the_display_columns_the_store_holds_for_it(version):
     assert bare.display_rows() == [{}] * 10
     with pytest.raises(ValueError, match=r"display column 'colour' is not an item column; expected one of \[.*'title'"):
         build_pipeline(example_config(display=["title", "colour"]), version)
+
+
+def test_a_request_builds_no_pandas_frame(version, monkeypatch):
+    pipeline = build_pipeline(example_config(display=["title"]), version)
+    frames, init = [], pd.DataFrame.__init__
+    monkeypatch.setattr(pd.DataFrame, "__init__", lambda self, *args, **kwargs: frames.append(args) or init(self, *args,
+                                                                                                             **kwargs))
+    try:
+        response = pipeline(Query(user_id=7, recent_items=(1, 2), k=10))
+    finally:
+        pipeline.close()
+    assert len(response.item_ids) == 10 and len(response.display_rows()) == 10
+    assert frames == []  # store rows, request features and model inputs travel as arrays
 
 
 def test_a_pipeline_that_fails_to_build_closes_the_store_it_opened(version, monkeypatch):
