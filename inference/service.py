@@ -283,8 +283,8 @@ def release_freed_memory() -> None:
 class AnswerStore:
     """What feedback needs of each answered request (each item's source, the strategy drawn), by
     request id, in SQLite: the newest ``max_rows`` answers, each one deleting the oldest past that.
-    A row holds the request id and its k items and sources as JSON (about 200 bytes at k = 10, at
-    most ``max_k`` items), so the bound in bytes is ``max_rows`` such rows. In a file (WAL mode),
+    A row holds the request id and its k items and sources as JSON (at most ``max_k`` items;
+    about 300 bytes on disk at k = 10, so 30 MB for `MAX_REMEMBERED_ANSWERS`). In a file (WAL mode),
     the workers of one server share it, so feedback finds an answer whichever worker gave it;
     ``":memory:"`` keeps it in this process. Thread-safe."""
 
