@@ -24,12 +24,13 @@ DMP shards a collection whole or not at all, and fbgemm's kernels step tables wh
 multiple of 4 only. A collection with another dim (DeepFM's and the linear model's first-order
 weights, dim 1; two-tower tables at the schema's own dims), or one sharing a table with another
 collection (a query tower's history sequence reading the item tower's id table), is replicated
-instead (`split_collections`): whole on every rank under DDP with the dense layers, its tables
-emitting sparse gradients that DDP averages, stepped by the module's own row-sparse optimizer,
-exactly as in one process. A model's collections are all sharded or all replicated: with both
-(DeepFM), gloo's sparse all-reduce beside torchrec's all-to-all aborted a rank now and then, so it
-is refused. A replicated table must fit every device; give large tables dims that are multiples
-of 4 (``model.embedding_dim``).
+instead (`split_collections`): whole on every rank, its tables emitting sparse gradients, stepped by
+the module's own row-sparse optimizer. DDP leaves them out: once the backward has ended,
+`average_sparse_gradients` gathers every rank's rows and row gradients (dense all-gathers, one after
+another) and averages them, so they step as in one process. A model may hold both kinds (DeepFM:
+sharded second-order tables, replicated first-order ones) or replicated ones only (the linear model).
+A replicated table must fit every device; give large tables dims that are multiples of 4
+(``model.embedding_dim``).
 
 Sharding (``--sharding``): ``table_wise`` puts each table whole on one rank, ``row_wise`` splits
 its rows over the ranks (torchrec offers it on CUDA only), ``column_wise`` its columns; ``auto``
@@ -47,8 +48,8 @@ crash while saving leaves the previous checkpoint. Each rank of a resumed run re
 `read_weights` puts whole tables together on one process, for `inference.export`.
 
 On GPUs the same command runs one process per GPU (``--accelerator gpu``, nccl); on several
-nodes start it under torchrun as the DDP strategy is (training/README.md). Replicated tables
-need a sparse all-reduce from the process group, which gloo has; on nccl this path is untested.
+nodes start it under torchrun as the DDP strategy is (training/README.md). Replicated tables are
+averaged with all-gathers, which nccl has too; on nccl this path is untested.
 """
 
 from __future__ import annotations
@@ -62,21 +63,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from lightning.pytorch.overrides.distributed import prepare_for_backward
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.ddp import _DDPForwardRedirection
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint import FileSystemReader
+from torch.nn.parallel import DistributedDataParallel
 from torchrec import EmbeddingBagCollection
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.comm import get_local_size
 from torchrec.distributed.comm_ops import set_gradient_division
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.utils import optimizer_type_to_emb_opt_type
@@ -114,15 +120,12 @@ def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer]
                          f"{[k.name for k in CPU_KERNELS]} only (embedding_optimizer.kind rowwise_adagrad); "
                          "the others need fbgemm-gpu's CUDA kernels")
     sharded, replicated = split_collections(collections)
-    if sharded and replicated:  # DeepFM: sharded second-order tables, replicated first-order ones (dim 1)
-        raise ValueError(f"{type(module).__name__}: tables replicated beside sharded ones "
-                         f"({[name for ebc in replicated for name in ebc.embedding_bags]}); expected all sharded "
-                         "(dims that are multiples of 4, no shared table) or none: on gloo, DDP's sparse all-reduce "
-                         "of the replicated tables beside torchrec's all-to-all in the same backward aborted a rank "
-                         "now and then")
-    for ebc in replicated:  # stepped by the module's own optimizer, after DDP averages their sparse gradients
+    for ebc in replicated:  # stepped by the module's own optimizer, after `average_sparse_gradients`
         for bag in ebc.embedding_bags.values():
             bag.sparse = True
+    replicated_ids = {id(bag.weight) for ebc in replicated for bag in ebc.embedding_bags.values()}
+    left_to_strategy = [name for name, param in module.named_parameters(remove_duplicate=False)
+                        if id(param) in replicated_ids]  # DDP never reduces them
     initial = module.state_dict()
     apply_optimizer_in_backward(cls, [bag.weight for ebc in sharded for bag in ebc.embedding_bags.values()],
                                 kwargs)
@@ -141,7 +144,9 @@ def shard_tables(module: nn.Module, optimizer: tuple[type[torch.optim.Optimizer]
     sharders = [_CollectionsSharder({id(ebc) for ebc in sharded})]
     plan = EmbeddingShardingPlanner(topology, constraints=constraints).collective_plan(module, sharders,
                                                                                        dist.GroupMember.WORLD)
-    model = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders)
+    model = DistributedModelParallel(module, device=device, plan=plan, sharders=sharders,
+                                     data_parallel_wrapper=DefaultDataParallelWrapper(  # the graph: as Lightning's DDP
+                                         static_graph=False, params_to_ignore=left_to_strategy))
     load_unsharded(module.state_dict(), initial)  # the sharders give the tables fresh random weights
     return model
 
@@ -171,10 +176,13 @@ class _CollectionsSharder(EmbeddingBagCollectionSharder):
 
 
 def table_placement(model: DistributedModelParallel) -> dict[str, dict]:
-    """Table (module path.table) -> its sharding type and the ranks holding it, from the model's plan;
-    the tables of collections left whole (`split_collections`) are "replicated" on every rank."""
+    """Table (module path.table) -> its sharding type, the ranks holding it and its shards from the
+    model's plan (each shard's rank, row and column offsets, rows and columns); the tables of
+    collections left whole (`split_collections`) are "replicated" on every rank."""
     placement = {
-        f"{path}.{table}": {"sharding_type": sharding.sharding_type, "ranks": sharding.ranks}
+        f"{path}.{table}": {"sharding_type": sharding.sharding_type, "ranks": sharding.ranks,
+                            "shards": [{"rank": shard.placement.rank(), "offsets": shard.shard_offsets,
+                                        "sizes": shard.shard_sizes} for shard in sharding.sharding_spec.shards]}
         for path, module_plan in model.plan.plan.items()
         for table, sharding in module_plan.items()
     }
@@ -184,6 +192,45 @@ def table_placement(model: DistributedModelParallel) -> dict[str, dict]:
             placement.update({f"{path}.{table}": {"sharding_type": "replicated", "ranks": everywhere}
                               for table in ebc.embedding_bags})
     return placement
+
+
+def replicated_tables(model: DistributedModelParallel) -> list[nn.Parameter]:
+    """The weights of the tables DMP left whole on every rank (`split_collections`), each once."""
+    weights = {id(bag.weight): bag.weight for ebc in model.module.modules() if isinstance(ebc, EmbeddingBagCollection)
+               for bag in ebc.embedding_bags.values()}
+    return list(weights.values())
+
+
+@torch.no_grad()
+def average_sparse_gradients(tables: list[nn.Parameter]) -> None:
+    """Replaces each table's sparse gradient (the rows this rank's batch read) with its mean over the
+    ranks, as DDP averages a dense one: every rank's rows and row gradients are gathered, padded to the
+    longest. ``tables`` are the same on every rank; a table without a gradient counts as no rows.
+
+    Run after the backward, one collective after another, so no collective ever runs beside torchrec's
+    all-to-alls (see the module docstring), and with dense collectives only, which nccl has too.
+    """
+    if not tables:
+        return
+    world, device = dist.get_world_size(), tables[0].device
+    read = []  # per table: the rows this rank read (R,) and their gradients (R, dim)
+    for table in tables:
+        grad = table.grad.coalesce() if table.grad is not None else None
+        read.append((grad.indices()[0], grad.values()) if grad is not None else
+                    (torch.empty(0, dtype=torch.long, device=device), table.new_empty(0, table.shape[1])))
+    counts = torch.empty(world * len(tables), dtype=torch.long, device=device)
+    dist.all_gather_single(counts, torch.tensor([len(rows) for rows, _ in read], device=device))
+    for table, (rows, values), per_rank in zip(tables, read, counts.view(world, -1).T, strict=True):
+        longest = int(per_rank.max())
+        if longest == 0:  # no rank read the table (gloo gathers nothing empty)
+            continue
+        every_rows = rows.new_empty(world * longest)
+        every_values = values.new_empty(world * longest, table.shape[1])
+        dist.all_gather_single(every_rows, nn.functional.pad(rows, (0, longest - len(rows))))
+        dist.all_gather_single(every_values, nn.functional.pad(values, (0, 0, 0, longest - len(rows))))
+        kept = (torch.arange(longest, device=device) < per_rank.unsqueeze(1)).flatten()  # (W * longest,)
+        table.grad = torch.sparse_coo_tensor(every_rows[kept].unsqueeze(0), every_values[kept] / world,
+                                             table.shape, check_invariants=False)  # rows from torch's own gradients
 
 
 @torch.no_grad()
@@ -217,6 +264,8 @@ class ModelParallelStrategy(DDPStrategy):
         super().__init__(**kwargs)
         self.sharding = sharding
         self.table_optimizer = table_optimizer
+        self._replicated: list[nn.Parameter] = []  # `replicated_tables`, once the tables are sharded
+        self._forward_redirection = _DenseForwardRedirection()
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -224,7 +273,19 @@ class ModelParallelStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         self.model = shard_tables(self.lightning_module, self.table_optimizer, self.sharding, self.root_device)
+        self._replicated = replicated_tables(self.model)
         rank_zero_info(f"model_parallel tables: {json.dumps(table_placement(self.model))}")
+
+    def pre_backward(self, closure_loss: torch.Tensor) -> None:
+        """Under manual optimization (`training.lean_module.LeanModule`) the backward runs inside the
+        forward of DMP's DDP over the dense layers, where `DDPStrategy` does not look; its reducer is
+        prepared here, as DDPStrategy prepares its own."""
+        dense = _dense_ddp(self.model)
+        if dense is not None and not self.lightning_module.automatic_optimization:
+            prepare_for_backward(dense, closure_loss)
+
+    def post_backward(self, closure_loss: torch.Tensor) -> None:
+        average_sparse_gradients(self._replicated)
 
     def teardown(self) -> None:
         if isinstance(self.model, DistributedModelParallel):
@@ -266,6 +327,23 @@ class ModelParallelStrategy(DDPStrategy):
             raise ValueError(f"{type(self).__name__}: the optimizer state exists while fitting, after the tables "
                              "are sharded")
         return self.model.fused_optimizer
+
+
+def _dense_ddp(model: nn.Module | None) -> DistributedDataParallel | None:
+    """DMP's DDP over the dense layers; None before sharding or when the module has no dense layer."""
+    inner = getattr(model, "_dmp_wrapped_module", None)
+    return inner if isinstance(inner, DistributedDataParallel) else None
+
+
+class _DenseForwardRedirection(_DDPForwardRedirection):
+    """Lightning's DDP redirection of ``training_step`` through the model's forward, applied to the DDP
+    inside DMP: under manual optimization that DDP leaves the backward to `pre_backward`."""
+
+    def on_after_inner_forward(self, wrapper_module: nn.Module, original_module: L.LightningModule) -> None:
+        super().on_after_inner_forward(_dense_ddp(wrapper_module), original_module)
+
+    def on_after_outer_forward(self, wrapper_module: nn.Module, original_module: L.LightningModule) -> None:
+        super().on_after_outer_forward(_dense_ddp(wrapper_module), original_module)
 
 
 def _swap_in(path: Path, target: Path) -> None:

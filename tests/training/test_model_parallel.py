@@ -1,6 +1,6 @@
 """`recstack train --strategy model_parallel` on 2 CPU ranks (gloo) against one process on the tiny
-dataset, for DLRM and the two-tower model: the same weights and metrics, a SIGKILLed run
-resumed, the serving export, checkpoints written shard by shard, and bad runs.
+dataset, for DLRM, DeepFM, the linear model and the two-tower model: the same weights and metrics,
+a SIGKILLed run resumed, the serving export, checkpoints written shard by shard, and bad runs.
 
 Every training run is a `recstack` process of its own, as the sharded ones must be.
 """
@@ -29,6 +29,7 @@ from inference.pipeline.scorers import pad_batch
 from models.layers import SparseArch, embedding_configs
 from training.model_parallel import (
     ModelParallelStrategy,
+    average_sparse_gradients,
     checkpoint_file,
     read_weights,
     shard_tables,
@@ -39,20 +40,26 @@ from training.optimizers import EmbeddingOptimizer, fused_optimizer
 ROOT = Path(__file__).resolve().parents[2]
 EPOCHS, BATCH = 2, 512
 ROWWISE = {"kind": "rowwise_adagrad", "lr": 0.05}
-# (YAML run config, train command) per model. The two-tower model's drawn negatives are the one
-# random thing in training, which every rank must draw as one process does. DeepFM (sharded and
-# replicated tables together) is refused: test_shard_tables_refuses_what_it_cannot_shard.
+# (YAML run config, train command) per model. DLRM's tables are all sharded, the linear model's
+# (dim 1) all replicated, DeepFM has both: sharded second-order tables and replicated first-order
+# ones. The two-tower model's drawn negatives are the one random thing in training, which every rank
+# must draw as one process does.
 MODELS = {
     "dlrm": ({"train": {"lr": 0.03}, "model": {"embedding_dim": 8, "dense_sizes": [16], "over_sizes": [16]},
               "embedding_optimizer": ROWWISE}, ["ranker", "--model", "dlrm"]),
+    "deepfm": ({"train": {"lr": 0.03}, "model": {"embedding_dim": 8, "hidden_sizes": [16]},
+                "embedding_optimizer": ROWWISE}, ["ranker", "--model", "deepfm"]),
+    "linear": ({"train": {"lr": 0.03}, "embedding_optimizer": ROWWISE}, ["ranker", "--model", "linear"]),
     "retrieval": ({"train": {"lr": 0.01}, "loss": {"negatives": 16},
                    "model": {"embedding_dim": 8, "hidden_sizes": [32], "output_dim": 16},
                    "embedding_optimizer": ROWWISE}, ["retrieval"]),
 }
-# sharded run -> (model, --sharding): the two sharding types torchrec offers on the CPU
+# sharded run -> (model, --sharding); column_wise splits only wide tables (the planner's columns are
+# 128 wide at least): test_each_rank_writes_only_its_own_columns_of_a_split_table
 RUNS = {
-    "dlrm_table_wise": ("dlrm", "table_wise"),
-    "dlrm_column_wise": ("dlrm", "column_wise"),
+    "dlrm": ("dlrm", "table_wise"),
+    "deepfm": ("deepfm", "table_wise"),
+    "linear": ("linear", "table_wise"),
     "retrieval": ("retrieval", "table_wise"),
 }
 METRICS = {
@@ -69,9 +76,9 @@ TOLERANCE = 1e-5
 needs_gloo = pytest.mark.skipif(not dist.is_gloo_available(), reason="torch.distributed has no gloo backend")
 
 
-def train_args(model: str, data: Path, out: Path, config: Path, *extra: str) -> list[str]:
+def train_args(model: str, data: Path, out: Path, config: Path, *extra: str, epochs: int = EPOCHS) -> list[str]:
     return ["train", *MODELS[model][1], "--data", str(data), "--out", str(out), "--config", str(config),
-            "--max-epochs", str(EPOCHS), "--batch-size", str(BATCH), "--accelerator", "cpu", *extra]
+            "--max-epochs", str(epochs), "--batch-size", str(BATCH), "--accelerator", "cpu", *extra]
 
 
 def sharded_command(name: str, data: Path, out: Path, config: Path) -> list[str]:
@@ -83,6 +90,13 @@ def sharded_command(name: str, data: Path, out: Path, config: Path) -> list[str]
 
 def recstack(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def failure(done: subprocess.CompletedProcess) -> str:
+    """Why a run failed: every rank's error lines (a rank that dies first is seen by the others as a
+    closed connection, and its own traceback sits far above theirs), then the end of the output."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("[rank") and "Error" in line]
+    return "\n".join([*errors, done.stderr[-2000:]])
 
 
 def placement(log: str) -> dict[str, dict]:
@@ -117,12 +131,12 @@ def runs(tiny_dataset, configs, tmp_path_factory) -> dict[str, dict]:
         single[model] = root / f"{model}_single"
         done = recstack([sys.executable, "-m", "recstack",
                          *train_args(model, tiny_dataset, single[model], configs[f"{model}_one"])])
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, failure(done)
     result = {}
     for name, (model, _) in RUNS.items():
         sharded = root / name
         done = recstack(sharded_command(name, tiny_dataset, sharded, configs[model]))
-        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.returncode == 0, failure(done)
         result[name] = {"sharded": sharded, "log": done.stdout + done.stderr, "single": single[model]}
     return result
 
@@ -138,7 +152,6 @@ def test_two_ranks_match_one_process(name, runs):
         dim = weights[f"{path}.embedding_bags.{bag}.weight"].shape[1]
         assert where["sharding_type"] == ("replicated" if dim % 4 else RUNS[name][1]), table
     assert {rank for t in tables.values() for rank in t["ranks"]} == {0, 1}  # both ranks hold tables
-    assert any(t["sharding_type"] != "replicated" for t in tables.values())
 
     sharded, single = (json.loads((run[k] / "metrics.json").read_text()) for k in ("sharded", "single"))
     assert (sharded["best_epoch"], sharded["epochs"]) == (single["best_epoch"], single["epochs"])
@@ -152,7 +165,7 @@ def test_two_ranks_match_one_process(name, runs):
 
 
 @needs_gloo
-@pytest.mark.parametrize("name", ["dlrm_table_wise", "retrieval"])
+@pytest.mark.parametrize("name", ["deepfm", "retrieval"])  # DeepFM has sharded and replicated tables
 def test_sigkilled_run_resumes_to_the_uninterrupted_result(name, tiny_dataset, configs, runs, tmp_path):
     """Every rank dies at once, as when a job's node fails; the same command then resumes."""
     out = tmp_path / "run"
@@ -173,7 +186,7 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_result(name, tiny_dataset, c
     assert json.loads((uninterrupted / "metrics.json").read_text())["best_epoch"] > killed_epoch
 
     resumed = recstack(command)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure(resumed)
 
     logs = sorted(out.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
     assert pd.read_csv(logs[-1])["epoch"].min() == killed_epoch + 1
@@ -219,28 +232,32 @@ def check_export(sharded: Path, tiny_dataset: Path, out: Path) -> None:
 
 @needs_gloo
 def test_each_rank_writes_only_its_own_columns_of_a_split_table(tiny_dataset, tmp_path):
-    """At dim 256 the planner splits every table's columns over the two ranks (128 each); each rank's
-    shard file holds its own columns of the weights and its own rows of their optimizer state, and the
-    export puts the tables together whole."""
+    """At dim 256 the planner splits every table's columns over the two ranks (128 each, the narrowest
+    column shard it makes); each rank's shard file holds its own columns of the weights and its own rows
+    of their optimizer state, and the export puts the tables together whole. The tables have a few
+    hundred rows and one epoch runs."""
     dlrm = MODELS["dlrm"][0]
     config = tmp_path / "wide.yaml"
     config.write_text(yaml.safe_dump({**dlrm, "model": {**dlrm["model"], "embedding_dim": 256}}))
     out = tmp_path / "run"
     args = train_args("dlrm", tiny_dataset, out, config, "--devices", "2", "--strategy", "model_parallel",
-                      "--sharding", "column_wise")
+                      "--sharding", "column_wise", epochs=1)
     done = recstack([sys.executable, "-m", "recstack", *args])
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, failure(done)
     tables = placement(done.stdout + done.stderr)
-    assert tables and all(t == {"sharding_type": "column_wise", "ranks": [0, 1]} for t in tables.values())
+    assert tables
 
     metadata = FileSystemReader(out / "checkpoints" / "best.ckpt").read_metadata()
     files = {}  # checkpoint key -> {file: offsets of the chunks it holds}
     for index, stored in metadata.storage_data.items():
         files.setdefault(index.fqn, {}).setdefault(stored.relative_path, []).append(list(index.offset))
-    for table in tables:
+    for table, where in tables.items():
         path, _, bag = table.rpartition(".")
         weight = f"{path}.embedding_bags.{bag}.weight"
         rows = metadata.state_dict_metadata[f"state_dict.{weight}"].size[0]
+        assert where == {"sharding_type": "column_wise", "ranks": [0, 1],
+                         "shards": [{"rank": 0, "offsets": [0, 0], "sizes": [rows, 128]},
+                                    {"rank": 1, "offsets": [0, 128], "sizes": [rows, 128]}]}, table
         assert files[f"state_dict.{weight}"] == {"__0_0.distcp": [[0, 0]], "__1_0.distcp": [[0, 128]]}, table
         # row-wise Adagrad: one float per row of each column shard
         assert files[f"tables.state.{weight}.{bag}.momentum1"] == {"__0_0.distcp": [[0]],
@@ -306,9 +323,17 @@ def test_shard_tables_refuses_what_it_cannot_shard(tiny_dataset, one_rank_group)
         shard_tables(SparseArch(embedding_configs(features, 8)), adam, "table_wise", torch.device("cpu"))
     with pytest.raises(ValueError, match=r"Linear has no EmbeddingBagCollection"):
         shard_tables(torch.nn.Linear(2, 1), rowwise, "table_wise", torch.device("cpu"))
-    mixed = torch.nn.ModuleList([SparseArch(embedding_configs(features, dim)) for dim in (8, 6)])
-    with pytest.raises(ValueError, match=r"ModuleList: tables replicated beside sharded ones"):
-        shard_tables(mixed, rowwise, "table_wise", torch.device("cpu"))
+
+
+@needs_gloo
+def test_replicated_tables_gradients_are_gathered_after_the_backward(one_rank_group):
+    """On one rank, the mean over the ranks is the rank's own gradient, its repeated rows summed; a
+    table no batch read keeps no gradient. (Two ranks: test_two_ranks_match_one_process, DeepFM.)"""
+    read, unread = (torch.nn.EmbeddingBag(5, 2, mode="sum", sparse=True) for _ in range(2))
+    read(torch.tensor([3, 1, 3]), torch.tensor([0])).sum().backward()
+    average_sparse_gradients([read.weight, unread.weight])
+    assert read.weight.grad.is_sparse and unread.weight.grad is None
+    torch.testing.assert_close(read.weight.grad.to_dense(), torch.tensor([[0, 0], [1, 1], [0, 0], [2, 2], [0, 0.]]))
 
 
 def test_collections_that_fused_kernels_cannot_step_or_that_share_a_table_are_replicated(tiny_dataset):
