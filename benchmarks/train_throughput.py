@@ -7,16 +7,16 @@ Both loops train `models.dlrm.DLRM` (the project's default sizes) with Adam on o
 built in memory up front: one Zipf-like id per row and table, 13 dense columns and random labels.
 No CSV or encoder runs, so the comparison measures the training loop alone. The plain loop is
 `RankingModule.training_loss` and `LeanModule.training_step` written out; the other is
-`training.ranking.RankingModule` under a `Trainer`. Every run starts from the same initial
-weights, so the last losses of the two should agree. Timing starts at the end of the warm-up
-steps and stops at the end of the last step (for Lightning, a callback takes both timestamps):
-Trainer start-up is excluded, and everything Lightning does between steps is included. After one untimed run of each, the pair runs
-``--repeats`` times in alternating order; the table shows the median samples/s of each loop and
-the median of the repeats' ratios, since the machine may be shared. On CPU the run passes when
-Lightning reaches 0.9x the plain loop's samples per second, and when Lightning's extra CPU time
-per step on a tiny DLRM (whose own step is a few milliseconds, so Lightning's share shows; timed
-over ``--tiny-steps`` steps) stays under 0.3 ms. CPU time, this process's alone, is steadier than
-wall time on a shared machine.
+`training.ranking.RankingModule` under a `Trainer`. Every run starts from the same initial weights,
+so the last losses of the two should agree. Timing starts at the end of the warm-up steps and stops
+at the end of the last step (for Lightning, a callback takes both timestamps): Trainer start-up is
+excluded, and everything Lightning does between steps is included. After one untimed run of each,
+the pair runs ``--repeats`` times in alternating order; the table shows the median samples/s of
+each loop and the median of the repeats' ratios, since the machine may be shared. On CPU the run
+passes when Lightning reaches 0.9x the plain loop's samples per second, and when Lightning's extra
+CPU time per step on a tiny DLRM (whose own step is a few milliseconds, so Lightning's share shows;
+timed over ``--tiny-steps`` steps) stays under 0.3 ms. CPU time, this process's alone, is steadier
+than wall time on a shared machine.
 
 On a busy machine, OMP_NUM_THREADS=1 steadies the numbers: on 2 cores shared with other jobs,
 torch's 2 threads kept waiting for each other and steps took up to 10x longer. So does
