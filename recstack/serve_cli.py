@@ -43,6 +43,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--workers", type=int, default=1, metavar="N",
                        help="worker processes answering on the same port, each with the version loaded (default 1); "
                             "/metrics and /feedback span them all")
+    serve.add_argument("--torch-threads", type=int, default=1, metavar="N",
+                       help="torch's intra-op threads in each worker (default 1: a request's tensors are small and "
+                            "requests already run side by side; more threads spin for a core the others need)")
     serve.add_argument("--probe-user", type=int, default=None, metavar="ID",
                        help="user of the query each version must answer before it serves (default: anonymous; "
                             "required when the config has allow_anonymous: false)")
@@ -85,8 +88,9 @@ def read_api_key(path: Path | None) -> str | None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}; expected at least 1")
+    for flag in ("workers", "torch_threads"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}; expected at least 1")
     # swaps and refusals log at INFO and ERROR; force: importing torchrec already added a WARNING root handler
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
                         force=True)
@@ -98,6 +102,7 @@ def _run(args: argparse.Namespace, listening: socket.socket | None = None, answe
     """Serves in this process: on ``listening`` (a worker's share of the supervisor's socket)
     or on --host:--port, with the `AnswerStore` at ``answers`` (None: in memory); sets ``ready``
     once the version is loaded."""
+    import torch
     import uvicorn
 
     from inference.impressions import ImpressionLog
@@ -105,6 +110,7 @@ def _run(args: argparse.Namespace, listening: socket.socket | None = None, answe
     from inference.pipeline.types import Query
     from inference.service import Experiment, Limits, Recommender, Shadow, create_app
 
+    torch.set_num_threads(args.torch_threads)
     if listening is not None:  # a spawned worker: its logging is not the supervisor's
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
                             force=True)

@@ -89,6 +89,8 @@ def test_a_usage_error_prints_usage_and_one_error_line(args, message, capsys):
     (["data", "stats", "{tmp}"], "not a recstack dataset"),
     (["recommend", "--artifacts", "{tmp}", "--config", "{tmp}/none.yaml"], "none.yaml"),
     (["evaluate", "replay", "--log", "{tmp}", "--artifacts", "{tmp}", "--config", "c", "--last", "0"], "--last 0"),
+    (["serve", "--artifacts", "{tmp}", "--config", "c", "--workers", "0"], "--workers 0"),
+    (["serve", "--artifacts", "{tmp}", "--config", "c", "--torch-threads", "0"], "--torch-threads 0"),
 ])
 def test_bad_input_prints_one_error_line_and_exits_2(args, message, tmp_path, capsys):
     assert main([a.format(tmp=tmp_path) for a in args]) == 2
