@@ -191,9 +191,12 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
             del catalogue, index  # the store step needs neither: free the vectors and the index (GiBs at scale)
             with timer("store"):
                 manifest["redis_base"] = store_step(inputs, staging, lists, version)
+            del lists
             manifest["seconds"] = round(time.time() - started, 3)
             manifest = write_manifest(staging, manifest, inputs.parent)
-    publish_step(artifacts, version, inputs.parent, config.redis)
+    parent = inputs.parent
+    del inputs  # the smoke check opens the whole version: free the items, users and runs first (GiBs at scale)
+    publish_step(artifacts, version, parent, config.redis)
     artifacts.prune(config.retention, (lambda old: delete_version(*redis_address(config.redis), old))
                     if config.redis else None)
     return manifest
