@@ -39,7 +39,7 @@ from inference.artifacts import ArtifactRoot, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"items": 1_000_000, "users": 100_000, "interactions": 10_000_000}
-STEPS = ("export", "embeddings", "index", "pools", "store")
+STEPS = ("export", "embeddings", "lists", "index", "pools", "store")
 SAMPLE_S = 0.2
 
 

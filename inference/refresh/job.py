@@ -10,9 +10,12 @@ A version holds, under its directory (see `artifacts`):
     store/        the store snapshot: users, items, and the candidate lists, one file per kind
     manifest.json lineage, counts, index recall, when each part was built, checksums
 
-`refresh` runs the steps in order: `export_step`, `embeddings_step`, `index_step`,
-`pools_step`, `store_step`, then `publish_step`, which verifies checksums and smoke-tests the
-version before the pointer switch. A failure or a kill at any step leaves the previous version published.
+`refresh` runs the steps in order: `export_step`, `embeddings_step`, `pools_step` for the lists
+counted from the interactions alone, `index_step`, `pools_step` for the lists searched in the
+index, `store_step`, then `publish_step`, which verifies checksums and smoke-tests the
+version before the pointer switch. A full refresh also computes, before the index exists, what
+the later steps need of the two-tower run and of DuckDB (`_compute_ahead`), then frees the run:
+at 10M items, the run, DuckDB's memory, the vectors and the index would otherwise be held at once. A failure or a kill at any step leaves the previous version published.
 
 An items table may carry ``created_at`` (the "new" list ranks by it; otherwise by first
 interaction) and ``removed_at`` (an item removed at or before ``now`` leaves the index and
@@ -31,10 +34,11 @@ of the change rather than of the catalogue.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,6 +94,7 @@ from models import RANKERS
 log = logging.getLogger(__name__)
 
 LIST_KINDS = ("popular", "trending", "new", "editorial", "similar", "user")
+INDEX_KINDS = ("similar", "user")  # lists searched in the index; the others come from the interactions
 SHARD_ROWS = 262_144  # rows per embedding shard when an incremental refresh compacts the layers
 MAX_STORED, MAX_LAYERS = 1.25, 8  # compact the embedding layers beyond these (stored / live vectors, layers)
 CATALOGUE, PROBE = "catalogue.parquet", "probe.npz"
@@ -153,7 +158,7 @@ class Inputs:
     events: pools.Events  # the dataset's positive interactions, queried on disk (`pools.open_events`)
     users: pd.DataFrame
     items: pd.DataFrame
-    retrieval: TrainedRun
+    retrieval: TrainedRun | None  # None once a full refresh computed all it needs of it (`_compute_ahead`)
     rankers: dict[str, Path]
     versions: dict[str, str]  # each run's `run_version`, by run name
     config: RefreshConfig
@@ -161,6 +166,7 @@ class Inputs:
     now: int
     parent: Path | None  # the published version an incremental refresh starts from
     parent_manifest: dict | None  # its manifest
+    computed: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # by `_once`
 
 
 def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig, incremental: bool = False,
@@ -183,11 +189,17 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
             with timer("embeddings"):
                 catalogue = embeddings_step(inputs, staging, version)
                 manifest["catalogue"] = catalogue.counts
+            with timer("lists"):  # DuckDB's memory is spent before the vectors and the index are held
+                built, lists = pools_step(inputs, catalogue, None, started,
+                                          [kind for kind in LIST_KINDS if kind not in INDEX_KINDS])
+                if inputs.parent is None:
+                    _compute_ahead(inputs, catalogue.ids)
             with timer("index"):
                 index = index_step(inputs, staging, catalogue)
                 manifest["index"] = index.info()
             with timer("pools"):
-                manifest["lists"], lists = pools_step(inputs, catalogue, index, started)
+                searched, more = pools_step(inputs, catalogue, index, started, INDEX_KINDS)
+                manifest["lists"], lists = {**built, **searched}, {**lists, **more}
             del catalogue, index  # the store step needs neither: free the vectors and the index (GiBs at scale)
             with timer("store"):
                 manifest["redis_base"] = store_step(inputs, staging, lists, version)
@@ -340,9 +352,7 @@ def embeddings_step(inputs: Inputs, staging: Path, version: str) -> Catalogue:
     if inputs.parent is None:
         export(inputs.retrieval, items, out / version)
         hashes.to_parquet(out / CATALOGUE, index=False)
-        catalogue = Catalogue(ids, [out / version], {**counts, "stored": len(items)}, None)
-        catalogue.embeddings()  # the full refresh builds its index from all of them
-        return catalogue
+        return Catalogue(ids, [out / version], {**counts, "stored": len(items)}, None)
     old = pd.read_parquet(inputs.parent / "embeddings" / CATALOGUE)
     stale = _changed(hashes, old)  # new, or features changed
     old_ids = old["item_id"].to_numpy()
@@ -422,8 +432,7 @@ def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex
         probe = Probe.load(path).updated(delta.removed, delta.added, delta.vectors) if path.is_file() else None
     if probe is None:
         ids, vectors = catalogue.embeddings()
-        queries = _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES])
-        probe = exact_probe(ids, vectors, queries, index.params.metric)
+        probe = exact_probe(ids, vectors, _probe_queries(inputs), index.params.metric)
     if set(SEARCH_FIELD.values()) & set(inputs.config.index):  # the config fixed the breadth: only measure
         index.recall = measure_recall(index, probe)
     else:
@@ -436,14 +445,15 @@ def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex
     return index
 
 
-def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex,
-               started: float) -> tuple[dict, dict[str, pd.DataFrame | None]]:
-    """Every candidate list kind, rebuilt when its cadence is due (always in a full refresh) and
-    otherwise carried over from the parent without items that are no longer eligible;
+def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex | None, started: float,
+               kinds: Sequence[str] = LIST_KINDS) -> tuple[dict, dict[str, pd.DataFrame | None]]:
+    """The candidate list ``kinds`` (`INDEX_KINDS` need the ``index``), each rebuilt when its
+    cadence is due (always in a full refresh) and otherwise carried over from the parent without
+    items that are no longer eligible;
     ({kind: built_at, rows, rebuilt}, {kind: its lists, or None to keep the parent's file as it is})."""
     built, lists = {}, {}
     parent_built = inputs.parent_manifest["lists"] if inputs.parent is not None else None
-    for kind in LIST_KINDS:
+    for kind in kinds:
         parent_file = inputs.parent / "store" / LISTS / f"{kind}.parquet" if inputs.parent is not None else None
         due = (parent_file is None or not parent_file.is_file()
                or started - parent_built[kind]["built_at"] >= inputs.config.cadence_s.get(kind, 0))
@@ -515,14 +525,48 @@ def _build_list(kind: str, inputs: Inputs, catalogue: Catalogue, index: ItemInde
                                  "score": pd.Series(dtype=np.float32)})
         return pools.read_editorial(opts.editorial, inputs.items["item_id"].to_numpy(), eligible)
     if kind == "similar":
-        hot = pools.build_popular(events, now, opts.half_life_s, opts.similar_items, eligible)["item_id"]
         ids, vectors = catalogue.embeddings()
-        chosen = np.isin(ids, hot)
+        chosen = np.isin(ids, _similar_seeds(inputs, eligible))
         ids, vectors = ids[chosen], vectors[chosen]
         catalogue.release()  # the lists after these search the index alone: free every item's vector
         return pools.build_similar_items(ids, vectors, index.search, opts.similar_k, eligible)
-    users = inputs.users["user_id"].to_numpy()
-    return pools.build_user_lists(users, _user_vectors(inputs, users), index.search, events, opts.user_n, eligible)
+    return pools.build_user_lists(inputs.users["user_id"].to_numpy(), _user_queries(inputs), index.search, events,
+                                  opts.user_n, eligible)
+
+
+def _compute_ahead(inputs: Inputs, eligible: np.ndarray) -> None:
+    """A full refresh's query vectors (the recall probe's and every user's) and similar-list seeds,
+    computed before the index is built; then the two-tower run, which nothing later needs, is freed
+    (its item table and the encoders' item vocabulary are GiBs at 10M items)."""
+    _probe_queries(inputs)
+    _user_queries(inputs)
+    _similar_seeds(inputs, eligible)
+    inputs.retrieval = None
+    gc.collect()  # the Lightning module's reference cycles hold the tensors until a full collection
+
+
+def _once(inputs: Inputs, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``, computed once per refresh and kept in ``inputs.computed``."""
+    if key not in inputs.computed:
+        inputs.computed[key] = compute()
+    return inputs.computed[key]
+
+
+def _probe_queries(inputs: Inputs) -> np.ndarray:
+    """The recall probe's queries: the first `RECALL_QUERIES` users' query vectors."""
+    return _once(inputs, "probe", lambda: _user_vectors(inputs, inputs.users["user_id"].to_numpy()[:RECALL_QUERIES]))
+
+
+def _user_queries(inputs: Inputs) -> np.ndarray:
+    """Every user's query vector, for the user lists."""
+    return _once(inputs, "users", lambda: _user_vectors(inputs, inputs.users["user_id"].to_numpy()))
+
+
+def _similar_seeds(inputs: Inputs, eligible: np.ndarray) -> np.ndarray:
+    """The items that get similar lists: the `PoolOptions.similar_items` most popular eligible ones."""
+    opts = inputs.config.pools
+    return _once(inputs, "seeds", lambda: pools.build_popular(inputs.events, inputs.now, opts.half_life_s,
+                                                              opts.similar_items, eligible)["item_id"].to_numpy())
 
 
 def _live_items(inputs: Inputs) -> pd.DataFrame:
