@@ -12,6 +12,7 @@ start), every worker writes its values there and `exposition` sums them over the
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
 import time
@@ -32,14 +33,31 @@ def multiprocess_mode() -> bool:
     return bool(os.environ.get(MULTIPROCESS_DIR))
 
 
+class WorkerFiles(multiprocess.MultiProcessCollector):
+    """The workers' metric files, summed, skipping any still empty: prometheus-client creates a
+    worker's file before it sizes it, and one read in between (a scrape while a worker starts, or
+    a worker killed then) made every scrape fail (prometheus/client_python#1199). Its values count
+    from the next scrape on."""
+
+    def collect(self) -> Iterator:
+        return self.merge([f for f in glob.glob(os.path.join(self._path, "*.db")) if _sized(f)], accumulate=True)
+
+
+def _sized(path: str) -> bool:
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:  # removed since the listing: a dead worker's live gauges
+        return False
+
+
 class ServiceMetrics:
     """Every metric of one server: in its own registry in a single process (so each app counts
     from zero), in the shared files with several workers."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry = CollectorRegistry()  # no auto_describe: registering reads no worker's file
         if multiprocess_mode():
-            multiprocess.MultiProcessCollector(self.registry)
+            WorkerFiles(self.registry)
         own = None if multiprocess_mode() else self.registry
         self.requests = Counter("recstack_requests", "Requests the pipeline ran (not those refused before, e.g. "
                                 "k > max_k).", PIPELINE_LABELS, registry=own)
