@@ -15,7 +15,8 @@ counted from the interactions alone, `index_step`, `pools_step` for the lists se
 index, `store_step`, then `publish_step`, which verifies checksums and smoke-tests the
 version before the pointer switch. A full refresh also computes, before the index exists, what
 the later steps need of the two-tower run and of DuckDB (`_compute_ahead`), then frees the run:
-at 10M items, the run, DuckDB's memory, the vectors and the index would otherwise be held at once. A failure or a kill at any step leaves the previous version published.
+at 10M items, the run, DuckDB's memory, the vectors and the index would otherwise be held at once.
+A failure or a kill at any step leaves the previous version published.
 
 An items table may carry ``created_at`` (the "new" list ranks by it; otherwise by first
 interaction) and ``removed_at`` (an item removed at or before ``now`` leaves the index and
@@ -446,7 +447,7 @@ def index_step(inputs: Inputs, staging: Path, catalogue: Catalogue) -> ItemIndex
 
 
 def pools_step(inputs: Inputs, catalogue: Catalogue, index: ItemIndex | None, started: float,
-               kinds: Sequence[str] = LIST_KINDS) -> tuple[dict, dict[str, pd.DataFrame | None]]:
+               kinds: Sequence[str]) -> tuple[dict, dict[str, pd.DataFrame | None]]:
     """The candidate list ``kinds`` (`INDEX_KINDS` need the ``index``), each rebuilt when its
     cadence is due (always in a full refresh) and otherwise carried over from the parent without
     items that are no longer eligible;
