@@ -446,7 +446,7 @@ def _search_batches(search: Search, queries: np.ndarray, n: int, batches: Iterat
             found[rows[done][r], slot], scores[rows[done][r], slot] = ids[done][r, c], got[done][r, c]
             counts[rows[done]] = taken[done].sum(axis=1)
             rows, place, k = rows[~done], place[~done], 2 * k
-    rows = np.repeat(np.arange(len(queries)), counts)
+    rows = np.repeat(np.arange(len(queries), dtype=np.int32), counts)  # the list names' codes, not copied
     if (counts == n).all():
         return rows, found.reshape(-1), scores.reshape(-1)
     kept = np.arange(n) < counts[:, None]  # (rows, n): the filled slots, each row's first counts
@@ -497,8 +497,9 @@ def _top(name: str, ids: np.ndarray, scores: np.ndarray, k: int, eligible: np.nd
 
 
 def _pool(lists: np.ndarray | pd.Categorical, item_ids: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    # copy=False: the frame holds the arrays themselves (a hundred million user-list rows are 1.2 GB)
     return pd.DataFrame({"list": lists, "item_id": np.asarray(item_ids, dtype=np.int64),
-                         "score": np.asarray(scores, dtype=np.float32)})
+                         "score": np.asarray(scores, dtype=np.float32)}, copy=False)
 
 
 def _names(prefix: str, ids: np.ndarray) -> np.ndarray:
