@@ -61,6 +61,7 @@ Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 POOL_COLUMNS = ("list", "item_id", "score")
 MAX_HISTORY = 100  # most recent distinct items per user in co-occurrence counts
 STREAM_ROWS = 1 << 20  # rows per record batch when user lists stream their seen items from DuckDB
+BATCH_RESULTS = 1 << 21  # results searched for at once in a batch of user lists: ~25 MB of ids, a few times that while filtering
 
 
 @dataclass(frozen=True)
@@ -359,16 +360,20 @@ def build_cooccurrence_similar(events: Events, k: int, max_history: int = MAX_HI
 
 
 def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Search, events: Events, n: int,
-                     eligible: np.ndarray | None = None, batch_size: int = 1024) -> pd.DataFrame:
+                     eligible: np.ndarray | None = None, batch_size: int = 32768,
+                     batch_results: int = BATCH_RESULTS) -> pd.DataFrame:
     """Lists "user:{id}": each user's n best unseen items from ``search``'s index.
 
     ``user_vectors`` (U, D) are the query-tower embeddings of ``user_ids`` (U,); a user has seen
     the items of their ``events`` rows, which stream from DuckDB one batch of users at a time.
     Every list holds n items unless the index runs out of unseen eligible ones (see
-    `_search_batches` for how it over-fetches).
+    `_search_batches` for how it over-fetches). A batch holds at most ``batch_size`` users, and
+    at most ``batch_results`` results searched for at once (users x their batch's k): large
+    batches let an IVF index search list by list, the cap bounds their memory.
     """
     _check_count("n", n)
     _check_count("batch_size", batch_size)
+    _check_count("batch_results", batch_results)
     ids = _check_ids("user_ids", user_ids)
     vectors = _check_vectors("user_vectors", user_vectors, len(ids))
     users = pa.table({"user_id": ids, "row": np.arange(len(ids))})
@@ -378,7 +383,13 @@ def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Sea
     need = np.full(len(ids), n, dtype=np.int64)  # results to ask for: n past each user's seen items
     need[seen["row"]] += seen["items"]
     order = np.argsort(need, kind="stable")
-    batches = [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+    batches, lo = [], 0
+    while lo < len(order):  # needs ascend along order, so a batch's k is its last user's need
+        hi = min(lo + batch_size, len(order))
+        if (hi - lo) * need[order[hi - 1]] > batch_results:
+            hi = lo + max(1, batch_results // int(need[order[hi - 1]]))
+        batches.append(order[lo:hi])
+        lo = hi
     batch_of = np.empty(len(ids), dtype=np.int64)
     for b, rows in enumerate(batches):
         batch_of[rows] = b

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from inference.index import (
+    BY_LIST_FROM,
     EXACT_BELOW,
     MAX_NLIST,
     IndexParams,
@@ -123,6 +124,36 @@ def test_sparse_ivf_rows_are_completed_exactly(data, k):
     rows, expected = _numpy_top_k(vectors, queries, found.shape[1])
     short = (raw < 0).any(axis=1)
     np.testing.assert_allclose(scores[short], expected[short], rtol=1e-4, atol=1e-4)
+
+
+def test_many_queries_go_list_by_list_and_find_what_one_at_a_time_finds(data, monkeypatch):
+    ids, vectors, _ = data
+    rng = np.random.default_rng(3)
+    index = build_index(ids, vectors, _params("ivf_flat"))
+    gone = rng.choice(N, 500, replace=False)
+    index.remove(ids[gone])
+    fresh = _clusters(200, rng)
+    index.add(ids[gone[:200]], fresh)
+    queries = _clusters(1000, rng)
+    assert len(queries) * index.params.nprobe >= BY_LIST_FROM * index.params.nlist
+    calls = []
+    by_list = index._search_by_list
+    monkeypatch.setattr(index, "_search_by_list", lambda *args: calls.append(1) or by_list(*args))
+
+    found, scores = index.search(queries, 50)
+    assert calls, "1,000 queries should search list by list"
+    one_scores = np.stack([index.search(q[None], 50)[1][0] for q in queries[:100]])  # below the threshold
+    np.testing.assert_allclose(scores[:100], one_scores, rtol=1e-5, atol=1e-6)
+    expected_scores, expected = index._store.search(queries, 50)  # FAISS's own IVF search, query by query
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5, atol=1e-6)
+    assert (found == index._ids[expected]).mean() > 0.999  # only near-ties may swap
+    assert not np.isin(found, ids[gone[200:]]).any()
+
+    k = N - 600  # more than a query's lists hold: each row is completed over every list
+    found, scores = index.search(queries[:200], k)
+    assert found.shape == (200, k) and np.isin(found, index._ids[index._live]).all()
+    _, expected_scores = _numpy_top_k(np.concatenate([np.delete(vectors, gone, axis=0), fresh]), queries[:200], k)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(("kind", "backend"), [("flat", "faiss"), ("flat", "torch"), ("ivf_flat", "faiss"),

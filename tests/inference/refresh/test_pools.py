@@ -206,6 +206,10 @@ def test_user_lists_exclude_seen_items_and_still_hold_n(events_of):
         assert lists[f"user:{u}"] == reference
     assert max(b for b, _ in search.calls) <= 16
 
+    search.calls.clear()  # a cap on the results a batch searches for cuts batches by their users' k
+    assert _lists(build_user_lists(user_ids, users, search, seen_events, n=10, batch_results=120)) == lists
+    assert len(search.calls) > 50 / 12 and all(b * k <= 120 for b, k in search.calls)
+
 
 @pytest.mark.parametrize("pad", [False, True])
 def test_user_lists_refetch_past_ineligible_items_and_stop_when_the_index_runs_out(pad, events_of):
