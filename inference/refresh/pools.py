@@ -61,8 +61,6 @@ Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 POOL_COLUMNS = ("list", "item_id", "score")
 MAX_HISTORY = 100  # most recent distinct items per user in co-occurrence counts
 STREAM_ROWS = 1 << 20  # rows per record batch when user lists stream their seen items from DuckDB
-SORT_ROWS = 1 << 24  # seen-item rows DuckDB sorts at once for user lists (~400 MB): a sort of every row may
-                    # hold DuckDB's whole memory limit while the lists are searched
 BATCH_RESULTS = 1 << 21  # results a batch of user lists searches for at once: ~25 MB of ids, a few times it to filter
 
 
@@ -380,12 +378,10 @@ def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Sea
     vectors = _check_vectors("user_vectors", user_vectors, len(ids))
     users = pa.table({"user_id": ids, "row": np.arange(len(ids))})
     with _registered(events.con, "users", users):
-        seen = events.con.execute("SELECT users.row, count(DISTINCT item_id) AS items, count(*) AS events "
-                                  "FROM events JOIN users USING (user_id) GROUP BY users.row").fetchnumpy()
+        seen = events.con.execute("SELECT users.row, count(DISTINCT item_id) AS items FROM events "
+                                  "JOIN users USING (user_id) GROUP BY users.row").fetchnumpy()
     need = np.full(len(ids), n, dtype=np.int64)  # results to ask for: n past each user's seen items
     need[seen["row"]] += seen["items"]
-    event_rows = np.zeros(len(ids), dtype=np.int64)
-    event_rows[seen["row"]] = seen["events"]
     order = np.argsort(need, kind="stable")
     batches, lo = [], 0
     while lo < len(order):  # needs ascend along order, so a batch's k is its last user's need
@@ -397,24 +393,11 @@ def build_user_lists(user_ids: np.ndarray, user_vectors: np.ndarray, search: Sea
     batch_of = np.empty(len(ids), dtype=np.int64)
     for b, rows in enumerate(batches):
         batch_of[rows] = b
-    passes, first, rows_in_pass = [], 0, 0  # consecutive batches whose seen items DuckDB sorts at once
-    for b, rows in enumerate(batches):
-        size = int(event_rows[rows].sum())
-        if b > first and rows_in_pass + size > SORT_ROWS:
-            passes.append((first, b - 1))
-            first, rows_in_pass = b, 0
-        rows_in_pass += size
-    passes.append((first, len(batches) - 1))
     with events.con.cursor() as stream:  # its own connection: closing it ends the stream however the loop ends
         stream.register("users", users.append_column("batch", pa.array(batch_of)))
-
-        def pairs() -> Iterator[pa.RecordBatch]:
-            for first, last in passes:
-                query = (f"SELECT batch, users.row, item_id FROM events JOIN users USING (user_id) "
-                         f"WHERE batch BETWEEN {first} AND {last} ORDER BY batch")
-                yield from stream.sql(query).to_arrow_reader(STREAM_ROWS)
-
-        rows, found, scores = _search_batches(search, vectors, n, _by_batch(pairs(), batches), eligible)
+        pairs = stream.sql("SELECT batch, users.row, item_id FROM events JOIN users USING (user_id) ORDER BY batch")
+        rows, found, scores = _search_batches(search, vectors, n, _by_batch(pairs.to_arrow_reader(STREAM_ROWS),
+                                                                            batches), eligible)
     return _pool(_row_names("user:", ids, rows), found, scores)
 
 

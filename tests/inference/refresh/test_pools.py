@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 
 from data.encoders import recent_items
-from inference.refresh import pools
 from inference.refresh.pools import (
     POOL_COLUMNS,
     DuckDBOptions,
@@ -182,7 +181,7 @@ def test_similar_items_exclude_self_and_match_brute_force():
     assert max(b for b, _ in search.calls) <= 64
 
 
-def test_user_lists_exclude_seen_items_and_still_hold_n(events_of, monkeypatch):
+def test_user_lists_exclude_seen_items_and_still_hold_n(events_of):
     rng = np.random.default_rng(3)
     item_ids = np.arange(100, 400, dtype=np.int64)
     items = rng.standard_normal((300, 8)).astype(np.float32)
@@ -210,9 +209,6 @@ def test_user_lists_exclude_seen_items_and_still_hold_n(events_of, monkeypatch):
     search.calls.clear()  # a cap on the results a batch searches for cuts batches by their users' k
     assert _lists(build_user_lists(user_ids, users, search, seen_events, n=10, batch_results=120)) == lists
     assert len(search.calls) > 50 / 12 and all(b * k <= 120 for b, k in search.calls)
-
-    monkeypatch.setattr(pools, "SORT_ROWS", 30)  # the seen items sorted in passes of a batch or a few
-    assert _lists(build_user_lists(user_ids, users, search, seen_events, n=10, batch_results=120)) == lists
 
 
 @pytest.mark.parametrize("pad", [False, True])
