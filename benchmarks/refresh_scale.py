@@ -10,11 +10,11 @@ then one full refresh with `benchmarks/refresh.py`'s config (no rankers, no Redi
 process on one torch thread, DuckDB limited to ``--duckdb-gb``. The child's peak RSS comes from
 wait4; the parent also samples its RSS every 0.2 s, and a step's peak is the largest sample
 taken while it ran (the steps' times are the manifest's; their CPU times come from the same
-samples). Passes when the peak RSS stays within
-``--max-rss-gib`` (12 GiB, the target at 10M items) and the index reaches its recall target.
-With ``--prepared DIR`` the dataset and the untrained run are kept in DIR and reused by later
-runs of the same sizes (``--prepare-only`` stops there); the refresh's versions still go to a
-temporary directory.
+samples). The JSON also holds the RSS once a second (``rss_trace``: seconds since the start,
+GiB). Passes when the peak RSS stays within ``--max-rss-gib`` (12 GiB, the target at 10M items)
+and the index reaches its recall target. With ``--prepared DIR`` the dataset and the untrained
+run are kept in DIR and reused by later runs of the same sizes (``--prepare-only`` stops there);
+the refresh's versions still go to a temporary directory.
 """
 
 from __future__ import annotations
@@ -187,6 +187,8 @@ def main() -> int:
               "catalogue": manifest["catalogue"], "index": manifest["index"]["params"], "recall": recall,
               "refresh": {k: v for k, v in run.items() if k not in ("samples", "spawned", "ended")},
               "steps": per_step(run, manifest, started),
+              "rss_trace": [[round(at - run["spawned"], 1), round(rss, 3)]  # (s since the start, GiB), 1 a second
+                            for at, rss, _ in run["samples"][::round(1 / SAMPLE_S)]],
               "passed": run["peak_rss_gib"] <= args.max_rss_gib and recall >= CONFIG.target_recall}
     return finish(result, format_table(result), args.out)
 

@@ -48,6 +48,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -177,6 +178,7 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
     with pools.open_events(data_dir, pools.DuckDBOptions(opts.memory_limit_gb, opts.threads,
                                                          opts.temp_directory)) as events:
         inputs = read_inputs(data_dir, events, models_dir, root, config, incremental, now)
+        release_arrow_memory()  # the tables the frames were read through
         artifacts = ArtifactRoot(root)
         started = time.time()
         with artifacts.build() as (version, staging):
@@ -209,14 +211,24 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
             manifest = write_manifest(staging, manifest, inputs.parent)
     parent = inputs.parent
     del inputs  # the smoke check opens the whole version: free the items, users and runs first (GiBs at scale)
+    release_arrow_memory()
     publish_step(artifacts, version, parent, config.redis)
     artifacts.prune(config.retention, (lambda old: delete_version(*redis_address(config.redis), old))
                     if config.redis else None)
     return manifest
 
 
+def release_arrow_memory() -> None:
+    """Hands the memory pyarrow's allocator holds free back to the system. pyarrow allocates with
+    mimalloc, which keeps freed buffers for reuse until asked: GiBs at 10M items (the item
+    vectors, the tables the frames were read from). Whether later allocations reused them varied
+    from run to run, and a 10M refresh's peak RSS with it, by 1.5 GiB with the same inputs."""
+    pa.default_memory_pool().release_unused()
+
+
 class _StepTimer:
-    """``with timer(name):`` records the block's wall seconds under ``name``."""
+    """``with timer(name):`` records the block's wall seconds under ``name``; what pyarrow freed in
+    the block goes back to the system before the next step."""
 
     def __init__(self, seconds: dict[str, float]) -> None:
         self.seconds = seconds
@@ -225,6 +237,7 @@ class _StepTimer:
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
+        release_arrow_memory()
         self.seconds[name] = round(time.perf_counter() - start, 3)
 
 
@@ -321,6 +334,7 @@ class Catalogue:
     def release(self) -> None:
         """Frees the vectors `embeddings` read (GiBs at scale); a later call reads them again."""
         self._embeddings = None
+        release_arrow_memory()  # they are pyarrow's buffers
 
 
 def embedding_layers(directory: Path) -> list[Path]:
