@@ -7,7 +7,8 @@
 Steps: prepare the synthetic dataset (`data.synthetic.generate`, `data.prepare.prepare`, seed 0,
 temporal split) and an untrained two-tower run, as `benchmarks/refresh.py` does (not timed);
 then one full refresh with `benchmarks/refresh.py`'s config (no rankers, no Redis) in a child
-process on one torch thread, DuckDB limited to ``--duckdb-gb``. The child's peak RSS comes from
+process on one torch thread (FAISS's OpenMP and OpenBLAS threads, and DuckDB's, still use every
+core), DuckDB limited to ``--duckdb-gb``. The child's peak RSS comes from
 wait4; the parent also samples its RSS every 0.2 s, and a step's peak is the largest sample
 taken while it ran (the steps' times are the manifest's; their CPU times come from the same
 samples). The JSON also holds the RSS once a second (``rss_trace``: seconds since the start,
