@@ -361,7 +361,9 @@ def main() -> int:
     parser.add_argument("--users", type=int, default=943, help="user ids drawn in 1..USERS")
     parser.add_argument("--context", default='{"hour": 20, "weekday": 5}', help="JSON context of every request")
     parser.add_argument("--rates", default="10,20,40,60,80,100,130,160", help="stepped rates, requests/s")
-    parser.add_argument("--step-s", type=float, default=15.0)
+    parser.add_argument("--step-s", type=float, default=60.0,
+                        help="seconds per stepped rate: with two workers on 2 cores 15 s steps read 160/s and 60 s "
+                        "ones 130/s; a 5-minute steady load at 0.8x shed 1.8%% of the first, 0.02%% of the second")
     parser.add_argument("--p99-ms", type=float, default=100.0)
     parser.add_argument("--capacity", type=float, default=None,
                         help="requests/s the overload and steady phases scale (default: the one measured)")
