@@ -5,7 +5,8 @@
 
 Both loops train `models.dlrm.DLRM` (the project's default sizes) with Adam on one list of batches
 built in memory up front: one Zipf-like id per row and table, 13 dense columns and random labels.
-No CSV or encoder runs, so the comparison measures the training loop alone. The plain loop is
+No CSV or encoder runs, so the comparison measures the training loop alone. Both read the batches
+through the same DataLoader, whose cost is not Lightning's. The plain loop is
 `RankingModule.training_loss` and `LeanModule.training_step` written out; the other is
 `training.ranking.RankingModule` under a `Trainer`. Every run starts from the same initial weights,
 so the last losses of the two should agree. Timing starts at the end of the warm-up steps and stops
@@ -140,11 +141,17 @@ class Timing(NamedTuple):
         return cls(end.wall_s - start.wall_s, end.cpu_s - start.cpu_s, last_loss)
 
 
+def batch_loader(batches: list[Batch]) -> DataLoader:
+    """``batches`` through a DataLoader, as both loops read them: each item one whole batch, a
+    1-tuple as RankingDataModule's loaders yield it."""
+    return DataLoader([(batch,) for batch in batches], batch_size=None, collate_fn=lambda item: item)
+
+
 def train_plain(model: DLRM, batches: list[Batch], bf16: bool, tables: EmbeddingOptimizer = DENSE_ADAM) -> Timing:
     device = batches[0].dense.device
     optimizer = build_optimizer(model, LR, 0.0, tables)  # as RankingModule.configure_optimizers
     start = None
-    for step, batch in enumerate(batches):
+    for step, (batch,) in enumerate(batch_loader(batches)):
         if step == WARMUP_STEPS:
             start = Clock.read(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -185,9 +192,7 @@ def train_lightning(model: DLRM, batches: list[Batch], bf16: bool) -> Timing:
         enable_model_summary=False,
         profiler=NullProfiler(),  # as `recstack train`'s
     )
-    # each item is one whole batch, a 1-tuple as RankingDataModule's loaders yield it
-    loader = DataLoader([(batch,) for batch in batches], batch_size=None, collate_fn=lambda item: item)
-    trainer.fit(RankingModule(model, lr=LR), train_dataloaders=loader)
+    trainer.fit(RankingModule(model, lr=LR), train_dataloaders=batch_loader(batches))
     return timer.timing
 
 
