@@ -61,7 +61,7 @@ Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 POOL_COLUMNS = ("list", "item_id", "score")
 MAX_HISTORY = 100  # most recent distinct items per user in co-occurrence counts
 STREAM_ROWS = 1 << 20  # rows per record batch when user lists stream their seen items from DuckDB
-BATCH_RESULTS = 1 << 21  # results a batch of user lists searches for at once: ~25 MB of ids, a few times it to filter
+BATCH_RESULTS = 1 << 21  # results a batch of user lists searches for at once: ~25 MB of ids, a few times that to filter
 
 
 @dataclass(frozen=True)
