@@ -19,6 +19,12 @@ CPU time per step on a tiny DLRM (whose own step is a few milliseconds, so Light
 timed over ``--tiny-steps`` steps) stays under 0.3 ms. CPU time, this process's alone, is steadier
 than wall time on a shared machine.
 
+The tiny DLRM's step still varies by a few percent from run to run, which is as much as Lightning's
+whole share. So on CPU the script also times Lightning's bookkeeping alone: both loops train one
+weight on one-number batches (``--bare-steps`` steps), whose step is a few tens of microseconds, and
+the table reports Lightning's extra CPU time per step there too. It reads the same to a few
+microseconds from run to run, so it shows changes to Lightning's cost that the DLRM rows cannot.
+
 On a busy machine, OMP_NUM_THREADS=1 steadies the numbers: on 2 cores shared with other jobs,
 torch's 2 threads kept waiting for each other and steps took up to 10x longer. So does
 MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736: by default glibc hands the
@@ -51,13 +57,14 @@ import torch.nn.functional as F
 import torchrec
 from lightning.fabric.utilities.warnings import PossibleUserWarning
 from report import finish
+from torch import nn
 from torch.utils.data import DataLoader
 from torchrec import KeyedJaggedTensor
 
 from data.encoders import Batch
 from data.schema import FeatureSpec
 from models.dlrm import DLRM, DLRMConfig
-from training.lean_module import NullProfiler
+from training.lean_module import LeanModule, NullProfiler
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, build_optimizer
 from training.ranking import RankingModule
 
@@ -141,7 +148,7 @@ class Timing(NamedTuple):
         return cls(end.wall_s - start.wall_s, end.cpu_s - start.cpu_s, last_loss)
 
 
-def batch_loader(batches: list[Batch]) -> DataLoader:
+def batch_loader(batches: list) -> DataLoader:
     """``batches`` through a DataLoader, as both loops read them: each item one whole batch, a
     1-tuple as RankingDataModule's loaders yield it."""
     return DataLoader([(batch,) for batch in batches], batch_size=None, collate_fn=lambda item: item)
@@ -177,8 +184,9 @@ class StepTimer(L.Callback):
             self.timing = Timing.between(self.start, Clock.read(module.device), outputs["loss"].item())
 
 
-def train_lightning(model: DLRM, batches: list[Batch], bf16: bool) -> Timing:
-    device = batches[0].dense.device
+def fit_lightning(module: L.LightningModule, batches: list, device: torch.device, bf16: bool) -> Timing:
+    """Trains ``module`` on ``batches`` under a Trainer set up as `recstack train`'s, less its
+    checkpoints, loggers and progress bar."""
     timer = StepTimer(len(batches))
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -192,8 +200,12 @@ def train_lightning(model: DLRM, batches: list[Batch], bf16: bool) -> Timing:
         enable_model_summary=False,
         profiler=NullProfiler(),  # as `recstack train`'s
     )
-    trainer.fit(RankingModule(model, lr=LR), train_dataloaders=batch_loader(batches))
+    trainer.fit(module, train_dataloaders=batch_loader(batches))
     return timer.timing
+
+
+def train_lightning(model: DLRM, batches: list[Batch], bf16: bool) -> Timing:
+    return fit_lightning(RankingModule(model, lr=LR), batches, batches[0].dense.device, bf16)
 
 
 LOOPS = {"plain": train_plain, "lightning": train_lightning}
@@ -247,6 +259,58 @@ def compare(work: Workload, device: torch.device, steps: int, repeats: int, seed
     return result
 
 
+class OneWeight(LeanModule):
+    """A model whose step is one multiply, so what a step costs beyond it is the loop's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def training_loss(self, step: tuple[torch.Tensor]) -> torch.Tensor:
+        loss = (self.weight * step[0]).sum()
+        self.log_train_loss(loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+def bare_plain(batches: list[torch.Tensor]) -> Timing:
+    model = OneWeight()
+    optimizer = model.configure_optimizers()
+    start = None
+    for step, (x,) in enumerate(batch_loader(batches)):
+        if step == WARMUP_STEPS:
+            start = Clock.read(x.device)
+        loss = (model.weight * x).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return Timing.between(start, Clock.read(x.device), loss.item())
+
+
+def bare_lightning(batches: list[torch.Tensor]) -> Timing:
+    return fit_lightning(OneWeight(), batches, batches[0].device, bf16=False)
+
+
+def bookkeeping(steps: int, repeats: int) -> dict:
+    """Lightning's extra CPU microseconds per step on `OneWeight`: the median over ``repeats``
+    alternating pairs of runs."""
+    batches = [torch.full((1,), 1.0 + i % 7) for i in range(WARMUP_STEPS + steps)]
+    loops = {"plain": bare_plain, "lightning": bare_lightning}
+    for train in loops.values():  # untimed, as in `compare`
+        train(batches[: WARMUP_STEPS + 1])
+    runs: dict[str, list[float]] = {name: [] for name in loops}
+    for repeat in range(repeats):
+        for name in (list(loops) if repeat % 2 == 0 else list(loops)[::-1]):
+            gc.collect()
+            runs[name].append(loops[name](batches).cpu_s * 1e6 / steps)
+    return {"steps": steps, "repeats": repeats, "runs_cpu_us": runs,
+            **{f"{name}_cpu_us": statistics.median(rs) for name, rs in runs.items()},
+            "extra_cpu_us": statistics.median(light - plain for plain, light in
+                                              zip(runs["plain"], runs["lightning"], strict=True))}
+
+
 def describe_machine(device: torch.device) -> dict:
     """`report.describe_machine` with the torch stack and the GPU."""
     return {
@@ -292,6 +356,12 @@ def format_table(result: dict) -> str:
         )
         losses.append(f"{work}: plain {plain['last_loss']:.6f}, Lightning {light['last_loss']:.6f}")
     lines += ["", "Last loss, the same math in both loops: " + "; ".join(losses) + "."]
+    if "bookkeeping" in result:
+        bare = result["bookkeeping"]
+        lines.append(f"Lightning's bookkeeping alone (one weight, one-number batches, {bare['steps']:,} timed steps, "
+                     f"{bare['repeats']} alternating pairs): plain {bare['plain_cpu_us']:.0f} CPU us per step, "
+                     f"Lightning {bare['lightning_cpu_us']:.0f}; Lightning's extra {bare['extra_cpu_us']:.0f} us "
+                     f"(median of the pairs).")
     if result["device"] != "cuda":
         lines.append(f"Large config ({LARGE}, bf16): skipped, it needs a CUDA device (ran on {result['device']}).")
     return "\n".join(lines)
@@ -303,13 +373,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="auto: cuda when torch sees one, else cpu")
     parser.add_argument("--steps", type=int, default=20, help=f"timed steps per run, after {WARMUP_STEPS} warm-up")
     parser.add_argument("--tiny-steps", type=int, default=500, help=f"timed steps per run on CPU of {TINY}")
+    parser.add_argument("--bare-steps", type=int, default=5000,
+                        help="timed steps per run of Lightning's bookkeeping alone (CPU only)")
     parser.add_argument("--repeats", type=int, default=5, help="runs of each loop")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
     args = parser.parse_args(argv)
-    if min(args.steps, args.tiny_steps, args.repeats) < 1:
-        raise ValueError(f"--steps {args.steps}, --tiny-steps {args.tiny_steps}, --repeats {args.repeats}; "
-                         "expected all >= 1")
+    if min(args.steps, args.tiny_steps, args.bare_steps, args.repeats) < 1:
+        raise ValueError(f"--steps {args.steps}, --tiny-steps {args.tiny_steps}, --bare-steps {args.bare_steps}, "
+                         f"--repeats {args.repeats}; expected all >= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device; expected one, or --device cpu")
     if args.device == "auto":
@@ -327,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                    compare(TINY, device, args.tiny_steps, args.repeats, args.seed, target_extra_ms=TARGET_EXTRA_MS)]
     result = {"machine": machine, "device": device.type, "steps": args.steps, "repeats": args.repeats,
               "configs": configs, "passed": all(c["passed"] for c in configs)}
+    if device.type == "cpu":
+        result["bookkeeping"] = bookkeeping(args.bare_steps, args.repeats)
     return finish(result, format_table(result), args.json)
 
 

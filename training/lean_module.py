@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.profilers import PassThroughProfiler
 
 
@@ -22,11 +23,14 @@ class LeanModule(L.LightningModule):
       backward, step. ``global_step`` still counts optimizer steps. Trainer options that need
       automatic optimization (``gradient_clip_val``, ``accumulate_grad_batches``) are refused by
       Lightning.
-    - Logging the training loss. ``self.log`` each step runs Lightning's result bookkeeping, and
-      on a GPU it makes the step wait: after each step the progress bar turns every logged tensor
-      into a number. The loss is kept on the device and, once every ``trainer.log_every_n_steps``
-      steps (when the loggers write), the mean since the last log is logged, copied to the CPU
-      once, so what the bar converts afterwards is a CPU tensor.
+    - Logging the training loss. ``self.log`` costs about 0.2 ms a call on a 2-core CPU (its
+      result bookkeeping runs a torchmetrics update), and once a value is logged Lightning converts
+      it again for the progress bar after every later step of the epoch; on a GPU each conversion
+      makes the step wait. The loss is kept on the device and, once every
+      ``trainer.log_every_n_steps`` steps, the mean since the last log goes to the loggers directly
+      (with the epoch, at the step ``self.log`` would give) and to ``train_loss``, which
+      `TrainLossBar` shows. It is not a callback metric: checkpoints and early stopping monitor the
+      validation metrics.
     - Naming the running hook. Lightning sets ``_current_fx_name`` before and after each hook call
       of a step, and ``nn.Module.__setattr__`` first searches the module's parameters, buffers and
       submodules for the name. The value is a plain string (or None), so it is stored directly.
@@ -38,6 +42,7 @@ class LeanModule(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False  # training_step steps the optimizer
         self._losses: list[torch.Tensor] = []  # detached, on the device, since the last log
+        self.train_loss: float | None = None  # the mean last logged
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "_current_fx_name":
@@ -63,13 +68,14 @@ class LeanModule(L.LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def log_train_loss(self, loss: torch.Tensor, batch_size: int) -> None:
+    def log_train_loss(self, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())
-        every = self.trainer.log_every_n_steps
-        if every and (self.global_step + 1) % every == 0:  # as Lightning's own should_update_logs
-            mean = torch.stack(self._losses).mean().cpu()
-            self.log("train_loss", mean, batch_size=batch_size, prog_bar=True)
+        every, step = self.trainer.log_every_n_steps, self.global_step
+        if every and (step + 1) % every == 0:  # as Lightning's own should_update_logs
+            self.train_loss = torch.stack(self._losses).mean().item()
             self._losses.clear()
+            for logger in self.loggers:
+                logger.log_metrics({"train_loss": self.train_loss, "epoch": self.current_epoch}, step=step)
 
 
 # Lightning reads training_step's signature every step (inspect.getfullargspec, to see whether it
@@ -78,6 +84,16 @@ LeanModule.training_step.__signature__ = inspect.signature(LeanModule.training_s
 
 
 _NOTHING = contextlib.nullcontext()
+
+
+class TrainLossBar(TQDMProgressBar):
+    """Lightning's progress bar, with a LeanModule's last logged ``train_loss``."""
+
+    def get_metrics(self, trainer: L.Trainer, module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, module)
+        if getattr(module, "train_loss", None) is not None:
+            metrics["train_loss"] = module.train_loss
+        return metrics
 
 
 class NullProfiler(PassThroughProfiler):

@@ -53,7 +53,7 @@ class RankingModule(LeanModule):
     def training_loss(self, step: tuple) -> torch.Tensor:
         batch = step[0]
         loss = F.binary_cross_entropy_with_logits(self.model(batch.dense, batch.sparse), batch.labels)
-        self.log_train_loss(loss, len(batch))
+        self.log_train_loss(loss)
         return loss
 
     def validation_step(self, step: tuple, _: int) -> None:

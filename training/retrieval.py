@@ -142,7 +142,7 @@ class RetrievalModule(FullCorpusEvaluation):
         log_q = self._log_q()[item_ids] if self.loss.logq else None
         loss = sampled_softmax_loss(self(query), item_emb, log_q, self.loss.temperature, extra, extra_log_q,
                                     item_ids, first)
-        self.log_train_loss(loss, len(query))
+        self.log_train_loss(loss)
         return loss * share
 
     def _gather_items(self, item_emb: torch.Tensor,

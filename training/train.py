@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,7 +26,7 @@ from data.encoders import FeatureEncoder
 from data.schema import FeatureSpec, Schema
 from models.two_tower import TwoTowerConfig
 from training.data import RankingDataModule, RetrievalDataModule
-from training.lean_module import NullProfiler
+from training.lean_module import NullProfiler, TrainLossBar
 from training.model_parallel import SHARDINGS, ModelParallelStrategy, checkpoint_file
 from training.optimizers import DENSE_ADAM, EmbeddingOptimizer, fused_optimizer
 from training.ranking import RANKERS, RankingModule, build_ranker
@@ -193,7 +193,7 @@ def fit(module: L.LightningModule, data: L.LightningDataModule, out: Path, confi
         precision="bf16-mixed" if gpu else "32-true",
         # the bar redraws when the loss is logged, not after every step
         callbacks=[best, EarlyStopping(monitor, mode="max", patience=opts.patience),
-                   TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)],
+                   TrainLossBar(refresh_rate=LOG_EVERY_N_STEPS)],
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tensorboard")],
         log_every_n_steps=LOG_EVERY_N_STEPS,
         profiler=NullProfiler(),
