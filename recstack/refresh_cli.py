@@ -15,7 +15,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     refresh.add_argument("--config", type=Path, help="YAML refresh config (see configs/refresh.yaml)")
     refresh.add_argument("--incremental", action="store_true",
                          help="start from the published version: re-embed only new and changed items")
-    refresh.add_argument("--now", type=int, help="pool time in epoch seconds (default: the last interaction)")
+    refresh.add_argument("--now", type=int, help="the time to refresh as of, in epoch seconds; later interactions "
+                         "are ignored (default: the last interaction)")
     refresh.add_argument("--engine", choices=["local", "ray"],
                          help="where item embeddings are computed (default: the config's engine, local)")
     refresh.add_argument("--ray-address", help="with --engine ray: host:port or ray://host:port of a Ray cluster "

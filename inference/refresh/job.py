@@ -258,9 +258,12 @@ def read_inputs(data_dir: Path, events: pools.Events, models_dir: Path, root: Pa
 
         check_address(ray_address(config.ray_address))
     parent, parent_manifest = _parent(root, versions, config) if incremental else (None, None)
+    if now is None:
+        now = int(pools.read_last_time(events))
+    else:
+        events.until(now)  # a refresh as of a past time: no later row counts anywhere
     return Inputs(events, dataset.users, dataset.items, retrieval, {n: runs[n] for n in config.rankers}, versions,
-                  config, load_rules({"rules": config.rules}),
-                  int(pools.read_last_time(events)) if now is None else now, parent, parent_manifest)
+                  config, load_rules({"rules": config.rules}), now, parent, parent_manifest)
 
 
 def _parent(root: Path, versions: dict[str, str], config: RefreshConfig) -> tuple[Path | None, dict | None]:

@@ -19,8 +19,8 @@ reads the rest of what it needs from interactions here too (`read_last_time`, `r
 so it never loads the interaction table.
 
 The builders count every interaction row they are given, so the job decides what counts
-(e.g. positive labels only: `Events`' ``label``). Builders that take ``now`` ignore rows after
-it: a refresh as of a past time sees only its past. Every builder takes ``eligible``, the item
+(e.g. positive labels only: `Events`' ``label``; rows up to a time: `Events.until`). Builders
+that take ``now`` also ignore rows after it. Every builder takes ``eligible``, the item
 ids that passed the static rules (`inference.refresh.rules.apply_rules`), or None for every
 item; ineligible items are dropped before the top k is taken, so a list stays full while
 enough eligible items exist.
@@ -113,11 +113,17 @@ class Events:
                     raise ValueError(f"{path}: interactions column {column!r} has type {types[column]}; "
                                      f"expected one of {sorted(kinds)}")
             positive = f'WHERE "{label}" > 0' if label is not None and label in types else ""
-            self.con.execute(f"CREATE VIEW events AS SELECT user_id, item_id, timestamp::DOUBLE AS timestamp, "
+            self.con.execute(f"CREATE VIEW all_events AS SELECT user_id, item_id, timestamp::DOUBLE AS timestamp, "
                              f"file_row_number AS row FROM {source} {positive}")
+            self.con.execute("CREATE VIEW events AS SELECT * FROM all_events")
         except BaseException:
             self.close()
             raise
+
+    def until(self, now: int) -> None:
+        """From here on every query sees only the rows at or before ``now``: a refresh as of a past
+        time (its seen items, latest items and last time too) sees what it would have seen then."""
+        self.con.execute(f"CREATE OR REPLACE VIEW events AS SELECT * FROM all_events WHERE timestamp <= {int(now)}")
 
     def close(self) -> None:
         self._finalizer()

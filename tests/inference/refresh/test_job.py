@@ -67,6 +67,19 @@ def test_full_refresh_publishes_a_version_that_serves(tiny_dataset, models_dir, 
     assert tower is not None and served.store.get_list("popular")[0].size > 0
 
 
+def test_a_refresh_as_of_a_past_time_equals_one_of_the_rows_up_to_it(tiny_dataset, data_copy, models_dir, tmp_path):
+    """`refresh(now=...)` ignores every later row: its lists (user lists' seen and latest items
+    included) are those of the same dataset cut at that time."""
+    rows = pd.read_parquet(tiny_dataset / "interactions.parquet")
+    now = int(rows["timestamp"].quantile(0.6))
+    rows[rows["timestamp"] <= now].to_parquet(data_copy / "interactions.parquet", index=False)
+    refresh(tiny_dataset, models_dir, tmp_path / "past", CONFIG, now=now)
+    refresh(data_copy, models_dir, tmp_path / "cut", CONFIG, now=now)
+    past, cut = (lists_of(ArtifactRoot(tmp_path / name).path("v0001")) for name in ("past", "cut"))
+    assert past["list"].str.startswith("user:").any()
+    pd.testing.assert_frame_equal(past, cut)
+
+
 def test_rules_remove_items_from_the_index_and_every_list(tiny_dataset, models_dir, tmp_path):
     config = CONFIG.model_copy(update={"rules": [{"name": "in_stock", "column": "available", "equals": True}]})
     refresh(tiny_dataset, models_dir, tmp_path, config)

@@ -451,15 +451,22 @@ def test_pools_equal_naive_references_on_the_test_datasets(dataset_dir):
         assert ids.tolist() == first.index.tolist() and first_seen.tolist() == first.tolist()
 
 
-def test_latest_items_and_last_time_equal_the_frame_computation(dataset_dir):
+@pytest.mark.parametrize("until", [None, 0.5])
+def test_latest_items_and_last_time_equal_the_frame_computation(dataset_dir, until):
     """What the refresh computed from the whole interaction frame: each user's latest items as
-    `recent_items` of a probe row after all of theirs, and the last positive time."""
+    `recent_items` of a probe row after all of theirs, and the last positive time; after
+    `Events.until` a time (the median one), those of the rows up to it alone."""
     positives = pd.read_parquet(dataset_dir / "interactions.parquet")
     positives = positives[positives["label"] > 0][["user_id", "item_id", "timestamp"]]
+    if until is not None:
+        cut = int(positives["timestamp"].quantile(until))
+        positives = positives[positives["timestamp"] <= cut]
     users = np.append(np.unique(positives["user_id"])[::-1], 10**9)  # not sorted; the last one has no rows
     probe = pd.DataFrame({"user_id": users, "item_id": -1, "timestamp": np.iinfo(np.int64).max})
     rows = pd.concat([positives, probe], ignore_index=True)
     with open_events(dataset_dir, OPTIONS) as events:
+        if until is not None:
+            events.until(cut)
         assert read_last_time(events) == positives["timestamp"].max()
         for max_len in (1, 3, 50):
             expected = recent_items(rows, max_len).iloc[len(positives):].tolist()
