@@ -8,7 +8,8 @@ so that the orderer drawing from them logs the propensity of what it drew:
                    deterministic, so its propensities are degenerate
     Thompson       the arm whose Beta(1 + rewards, 1 + failures) draw is highest; its probabilities
                    are estimated from ``draws`` posterior draws and the arm is drawn from them, so
-                   the logged propensity is exact given the estimate (draws=1 is plain Thompson)
+                   the logged propensity is exact given the estimate (draws=1 is plain Thompson);
+                   ``explore`` mixes in uniform draws, a floor under every arm's propensity
 
 `SourceBandit` keeps, per source, the slots it served and the rewards they earned, with a
 Beta(1, 1) prior: its estimate of a source's reward per slot is (rewards + 1) / (served + 2).
@@ -209,14 +210,24 @@ class UCB1:
 
 @dataclass(frozen=True)
 class Thompson:
-    """The share of ``draws`` posterior draws (Beta(1 + rewards, 1 + failures) per arm) each arm wins."""
+    """The share of ``draws`` posterior draws (Beta(1 + rewards, 1 + failures) per arm) each arm
+    wins; with probability ``explore``, a uniform available arm instead.
+
+    Without ``explore`` an arm that won none of the draws has propensity 0: it is never shown, so
+    an off-policy estimate (`evaluation.replay`) has no logged slot of it to weight, and a slot
+    drawn from 1 of 200 draws weighs 200. With it, every available arm's propensity is at least
+    explore / arms, which bounds every weight.
+    """
 
     draws: int = 200  # the estimates' standard error is at most 0.5 / sqrt(draws)
+    explore: float = 0.0
     deterministic = False
 
     def __post_init__(self) -> None:
         if self.draws < 1:
             raise ValueError(f"draws = {self.draws}; expected at least 1 posterior draw")
+        if not 0.0 <= self.explore <= 1.0:
+            raise ValueError(f"explore = {self.explore!r}; expected a probability in [0, 1]")
 
     def probabilities(self, served: np.ndarray, rewards: np.ndarray, available: np.ndarray,
                       rng: np.random.Generator) -> np.ndarray:
@@ -224,5 +235,6 @@ class Thompson:
         wins = rng.beta(1.0 + rewards[arms], 1.0 + np.maximum(served[arms] - rewards[arms], 0.0),
                         size=(self.draws, len(arms)))  # (draws, available arms)
         p = np.zeros(len(served))
-        p[arms] = np.bincount(np.argmax(wins, axis=1), minlength=len(arms)) / self.draws
+        p[arms] = ((1.0 - self.explore) * np.bincount(np.argmax(wins, axis=1), minlength=len(arms)) / self.draws
+                   + self.explore / len(arms))
         return p

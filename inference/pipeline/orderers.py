@@ -519,6 +519,7 @@ class BanditSpec(StageSpec):
     policy: Literal["epsilon_greedy", "ucb1", "thompson"]
     epsilon: float = Field(0.1, ge=0, le=1)  # epsilon_greedy's share of uniform draws
     draws: int = Field(200, ge=1)  # thompson's posterior draws per request, which estimate its propensities
+    explore: float = Field(0.0, ge=0, le=1)  # thompson's share of uniform draws: propensities >= explore / arms
     # the arms: by default the sources (per slot); or these named chains of orderers (one per request),
     # e.g. {diverse: [{kind: mmr, column: genres, lambda: 0.7}], plain: []}
     strategies: dict[StrategyName, StrategyChain] | None = Field(None, min_length=2)
@@ -528,7 +529,7 @@ class BanditSpec(StageSpec):
         if self.policy == "epsilon_greedy":
             policy = EpsilonGreedy(self.epsilon)
         else:
-            policy = UCB1() if self.policy == "ucb1" else Thompson(self.draws)
+            policy = UCB1() if self.policy == "ucb1" else Thompson(self.draws, self.explore)
         if self.strategies is None:
             return BanditOrderer(bandit, policy, self.seed)
         return StrategyBanditOrderer({name: _built(name, specs, version, bandit)

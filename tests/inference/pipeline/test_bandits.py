@@ -113,7 +113,7 @@ def test_every_policy_ends_on_the_best_arm(pulls):
             assert np.mean(pulled[-1000:] == len(MEANS) - 1) >= 0.9, name
 
 
-@pytest.mark.parametrize("policy", [EpsilonGreedy(0.3), Thompson(draws=1000)])
+@pytest.mark.parametrize("policy", [EpsilonGreedy(0.3), Thompson(draws=1000), Thompson(draws=1000, explore=0.3)])
 def test_logged_propensities_match_the_frequencies_of_the_arms_drawn(policy):
     rng = np.random.default_rng(4)
     served, rewards = np.array([20.0, 30.0, 10.0, 25.0]), np.array([4.0, 9.0, 3.0, 6.0])
@@ -134,6 +134,18 @@ def test_logged_propensities_match_the_frequencies_of_the_arms_drawn(policy):
     assert np.all(np.abs(frequency - expected) <= 3 * se + 1e-12), (frequency, expected)
     drawn = draws > 0
     assert np.all(np.abs(mean_logged[drawn] - expected[drawn]) < 0.02)
+
+
+def test_thompson_explore_is_a_floor_under_every_available_arm():
+    rng = np.random.default_rng(0)
+    served, rewards = np.array([1000.0, 1000.0, 1000.0, 5.0]), np.array([900.0, 100.0, 50.0, 1.0])
+    available = np.array([True, True, True, False])
+    plain = Thompson(draws=200).probabilities(served, rewards, available, rng)
+    assert plain[1] == plain[2] == 0.0  # arm 0 wins every draw: the others are never shown
+    floored = Thompson(draws=200, explore=0.3).probabilities(served, rewards, available, rng)
+    assert floored == pytest.approx([0.7 + 0.1, 0.1, 0.1, 0.0])
+    with pytest.raises(ValueError, match="explore"):
+        Thompson(explore=1.5)
 
 
 def test_ucb1_tries_every_arm_then_follows_the_bound_and_is_deterministic():
