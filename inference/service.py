@@ -14,8 +14,6 @@ evaluation. `create_app` serves a recommender with FastAPI; `recstack serve` run
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import dataclasses
 import hashlib
 import hmac
@@ -48,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from evaluation.shadow import ShadowRunner
 from inference.artifacts import LiveArtifacts
 from inference.impressions import Feedback, Impression, ImpressionLog
+from inference.memory import release_freed_memory
 from inference.metrics import ServiceMetrics, StageMetrics
 from inference.pipeline.bandits import SharedSourceBandit, SourceBandit, strategy_arm
 from inference.pipeline.config import PipelineConfig
@@ -266,18 +265,6 @@ class DegradingStore(Store):
         except Exception as error:  # noqa: BLE001 -- the next failed read tries again
             log.error("store %s: loading the version into redis failed: %s: %s", self.version,
                       type(error).__name__, error)
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
-
-
-def release_freed_memory() -> None:
-    """Hands the free pages of the C heap back to the system (glibc's ``malloc_trim``; elsewhere
-    nothing): a closed version's models, index and snapshot are freed into the heap, whose pages
-    otherwise stay in the server's RSS after every swap."""
-    trim = getattr(_LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
 
 
 class AnswerStore:

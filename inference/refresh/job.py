@@ -48,7 +48,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -77,6 +76,7 @@ from inference.index import (
     save_index,
     tune_search,
 )
+from inference.memory import release_arrow_memory
 from inference.refresh import pools
 from inference.refresh.rules import Rules, apply_rules, load_rules
 from inference.store import (
@@ -216,14 +216,6 @@ def refresh(data_dir: Path, models_dir: Path, root: Path, config: RefreshConfig,
     artifacts.prune(config.retention, (lambda old: delete_version(*redis_address(config.redis), old))
                     if config.redis else None)
     return manifest
-
-
-def release_arrow_memory() -> None:
-    """Hands the memory pyarrow's allocator holds free back to the system. pyarrow allocates with
-    mimalloc, which keeps freed buffers for reuse until asked: GiBs at 10M items (the item
-    vectors, the tables the frames were read from). Whether later allocations reused them varied
-    from run to run, and a 10M refresh's peak RSS with it, by 1.5 GiB with the same inputs."""
-    pa.default_memory_pool().release_unused()
 
 
 class _StepTimer:

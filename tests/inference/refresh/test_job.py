@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pytest
 import redis
 import torch
@@ -383,17 +382,3 @@ def test_the_index_is_tuned_to_the_target_recall_unless_the_config_fixes_it(tiny
     assert tuned["index"]["recall"]["recall@100"] >= 0.99 and tuned["index"]["params"]["nprobe"] > 1
     fixed = refresh(tiny_dataset, models_dir, tmp_path / "fixed", CONFIG.model_copy(update={"index": narrow}))
     assert fixed["index"]["params"]["nprobe"] == 1
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the RSS from /proc")
-def test_memory_pyarrow_freed_goes_back_to_the_system():
-    def rss_mib():
-        with open(f"/proc/{os.getpid()}/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
-
-    before = rss_mib()
-    buffer = pa.allocate_buffer(512 << 20)
-    np.frombuffer(buffer, dtype=np.uint8)[:] = 1  # every page touched: 512 MiB resident
-    del buffer  # pyarrow's allocator keeps it for reuse; in a 10M-item refresh, GiBs of the peak
-    job.release_arrow_memory()
-    assert rss_mib() < before + 64
