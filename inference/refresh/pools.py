@@ -41,7 +41,6 @@ from __future__ import annotations
 import csv
 import math
 import shutil
-import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +54,7 @@ import pyarrow as pa
 
 from data.schema import Schema
 from data.tables import duckdb_connection
+from inference.scratch import scratch_dir
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
@@ -87,14 +87,15 @@ class Events:
     ``label`` names one of its columns, only rows with ``label > 0`` count. Queries see the view
     ``events(user_id, item_id, timestamp DOUBLE, row)``, ``row`` being the row's place in the file.
     Close it (or use it in a ``with`` block) to remove DuckDB's spill directory; one left open is
-    removed when it is garbage collected or the interpreter exits (a killed process leaves it).
+    removed when it is garbage collected or the interpreter exits. A killed process leaves it: the
+    next `Events` made on the machine removes it (`inference.scratch`).
     """
 
     def __init__(self, path: Path, label: str | None = None, options: DuckDBOptions | None = None) -> None:
         path, options = Path(path), options or DuckDBOptions()
         if not path.is_file():
             raise ValueError(f"{path}: no such interactions file")
-        self.spill = Path(tempfile.mkdtemp(prefix="recstack-duckdb-", dir=options.temp_directory))
+        self.spill = scratch_dir("recstack-duckdb-", options.temp_directory)
         try:
             self.con = duckdb_connection(options.memory_limit_gb, self.spill, options.threads)
         except BaseException:

@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +26,8 @@ from pathlib import Path
 import pytriton
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as pb
+
+from inference.scratch import scratch_dir
 
 TRITON = Path(pytriton.__file__).parent / "tritonserver"
 SITE_PACKAGES = Path(pytriton.__file__).parents[1]
@@ -82,7 +83,7 @@ class TritonServer:
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError(f"tritonserver (pid {self.process.pid}) for {self.repo} is already running")
         self.stop()
-        self._workdir = Path(tempfile.mkdtemp(prefix="recstack-triton-"))
+        self._workdir = scratch_dir("recstack-triton-")
         repo = self.repo
         if self.copy:
             repo = shutil.copytree(self.repo, self._workdir / "repository")
