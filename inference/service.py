@@ -20,6 +20,7 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
 import socket
 import sqlite3
@@ -67,6 +68,7 @@ from inference.version import ServingVersion, open_version
 log = logging.getLogger(__name__)
 
 RETIRE_CHECK_S = 0.5  # how often a swapped-out version is checked for requests still reading it
+HEALTH_WRITE_S = 1.0  # how often each worker of `recstack serve --workers N` writes its health (`HealthBoard`)
 MAX_RECENT_ITEMS = 1000  # the most recent items one request may send
 MAX_CONTEXT_KEYS = 64  # the most context features one request may send
 MAX_CONTEXT_TEXT = 256  # the longest context name or text value
@@ -615,13 +617,74 @@ class ShadowReport(_Strict):
     comparison: dict[str, object] | None
 
 
-class Health(_Strict):
-    """The reply of ``GET /healthz``: the serving version, each refused version's error, and why
-    it answers degraded (without Redis), if it does."""
+class WorkerHealth(_Strict):
+    """One server process's serving version, each refused version's error, and why it answers
+    degraded (without Redis), if it does."""
 
     version: str
     refused: dict[str, str]
     degraded: str | None
+
+
+class Health(WorkerHealth):
+    """The reply of ``GET /healthz``: the answering process's health and, under ``recstack serve
+    --workers N``, every worker's by pid (`HealthBoard`; None for a single process)."""
+
+    workers: dict[str, WorkerHealth] | None = None
+
+
+def worker_health(recommender: Recommender) -> WorkerHealth:
+    live = recommender.live
+    return WorkerHealth(version=live.version, refused=dict(live.refused), degraded=live.state.degraded)
+
+
+class HealthBoard:
+    """The health of every worker of one server, in a directory they share. Each worker writes its
+    own ``<pid>.json`` every `HEALTH_WRITE_S` seconds (replacing it whole) and removes it when
+    closed; a file not rewritten for three times that, a killed or stalled worker's, no longer
+    counts."""
+
+    def __init__(self, directory: Path, recommender: Recommender) -> None:
+        self.directory, self.recommender = Path(directory), recommender
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._write_every, name="health-board", daemon=True)
+
+    def start(self) -> HealthBoard:
+        self._write()
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        (self.directory / f"{os.getpid()}.json").unlink(missing_ok=True)
+
+    def read(self) -> dict[str, WorkerHealth]:
+        """Every worker's health that is fresh, by pid; this process's as it is now."""
+        workers, oldest = {}, time.time() - 3 * HEALTH_WRITE_S
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                if path.stat().st_mtime >= oldest:
+                    workers[path.stem] = WorkerHealth.model_validate_json(path.read_bytes())
+            except (OSError, ValueError):  # removed, or replaced while read: the next read has it
+                continue
+        workers[str(os.getpid())] = worker_health(self.recommender)
+        return workers
+
+    def _write(self) -> None:
+        path = self.directory / f"{os.getpid()}.json"
+        written = path.with_suffix(".tmp")
+        written.write_text(worker_health(self.recommender).model_dump_json())
+        written.replace(path)
+
+    def _write_every(self) -> None:
+        while not self._stop.wait(HEALTH_WRITE_S):
+            try:
+                self._write()
+            except OSError as error:  # a full disk: /healthz reads this worker as stale
+                log.warning("health board %s: %s", self.directory, error)
 
 
 @dataclass(frozen=True)
@@ -784,9 +847,11 @@ def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
+def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str | None = None,
+               board: HealthBoard | None = None) -> FastAPI:
     """The HTTP API over ``recommender``, behind a `Guard` (``limits``, and ``api_key`` when given:
-    every path but ``/healthz`` then needs it).
+    every path but ``/healthz`` then needs it). ``GET /healthz`` also lists every worker's health
+    from ``board`` when given.
 
     ``POST /recommend`` answers 400 for a request the pipeline refuses (``k`` above ``max_k``, a
     user the config does not answer, a bad context) and 503, with ``Retry-After``, when it cannot
@@ -856,8 +921,7 @@ def create_app(recommender: Recommender, limits: Limits = Limits(), api_key: str
 
     @app.get("/healthz")
     async def healthz() -> Health:  # on the event loop: it answers while every worker thread is busy
-        return Health(version=recommender.live.version, refused=dict(recommender.live.refused),
-                      degraded=recommender.live.state.degraded)
+        return Health(**dict(worker_health(recommender)), workers=None if board is None else board.read())
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:

@@ -4,9 +4,10 @@ this process or, with ``--workers N``, in N worker processes on one listening so
 With several workers, this process only supervises: it binds the socket, makes a scratch
 directory for the workers to share (prometheus-client's multiprocess files, so that /metrics
 sums them all; the `AnswerStore` file /feedback reads, so that feedback finds an answer whichever
-worker gave it), starts the workers, marks each one that exits dead for the metrics and starts
-it again, and removes the scratch directory when stopped (SIGTERM or Ctrl-C). Each worker loads
-the published version itself and follows new ones as a single server does.
+worker gave it; the `HealthBoard`, so that /healthz lists every worker's version), starts the
+workers, marks each one that exits dead for the metrics and starts it again, and removes the
+scratch directory when stopped (SIGTERM or Ctrl-C). Each worker loads the published version
+itself and follows new ones as a single server does.
 """
 
 from __future__ import annotations
@@ -97,18 +98,18 @@ def _serve(args: argparse.Namespace) -> int:
     return _run(args) if args.workers == 1 else _supervise(args)
 
 
-def _run(args: argparse.Namespace, listening: socket.socket | None = None, answers: Path | None = None,
+def _run(args: argparse.Namespace, listening: socket.socket | None = None, scratch: Path | None = None,
          ready: multiprocessing.synchronize.Event | None = None) -> int:
     """Serves in this process: on ``listening`` (a worker's share of the supervisor's socket)
-    or on --host:--port, with the `AnswerStore` at ``answers`` (None: in memory); sets ``ready``
-    once the version is loaded."""
+    or on --host:--port; with a ``scratch`` directory, as one of several workers (the `AnswerStore`
+    and the `HealthBoard` there); sets ``ready`` once the version is loaded."""
     import torch
     import uvicorn
 
     from inference.impressions import ImpressionLog
     from inference.pipeline.config import load_pipeline_config
     from inference.pipeline.types import Query
-    from inference.service import Experiment, Limits, Recommender, Shadow, create_app
+    from inference.service import Experiment, HealthBoard, Limits, Recommender, Shadow, create_app
 
     torch.set_num_threads(args.torch_threads)
     if listening is not None:  # a spawned worker: its logging is not the supervisor's
@@ -127,7 +128,9 @@ def _run(args: argparse.Namespace, listening: socket.socket | None = None, answe
                                 args.experiment_share)
     keep_s = None if args.log_keep_days is None else args.log_keep_days * 86400
     log = None if args.log is None else ImpressionLog(args.log, keep_s=keep_s)
+    answers = None if scratch is None else scratch / "answers.sqlite"
     recommender = Recommender(args.artifacts, config, probe, args.poll_s, log, shadow, experiment, answers).start()
+    board = None if scratch is None else HealthBoard(scratch / "health", recommender).start()
     if ready is not None:
         ready.set()
     # the event loop admits, sheds and answers /healthz while request threads compute: a 1 ms GIL
@@ -137,12 +140,14 @@ def _run(args: argparse.Namespace, listening: socket.socket | None = None, answe
     # then ends here, so that the log and the recommender are closed
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        server = uvicorn.Server(uvicorn.Config(create_app(recommender, limits, api_key), host=args.host,
+        server = uvicorn.Server(uvicorn.Config(create_app(recommender, limits, api_key, board), host=args.host,
                                                port=args.port))
         server.run(sockets=None if listening is None else [listening])
     except KeyboardInterrupt:  # how an operator or the supervisor stops it, not an error
         pass
     finally:
+        if board is not None:
+            board.close()
         recommender.close()
         if log is not None:
             log.close()
@@ -164,7 +169,7 @@ def _supervise(args: argparse.Namespace) -> int:
 
     def start() -> None:
         ready = spawn.Event()
-        worker = spawn.Process(target=_run, args=(args, listening, scratch / "answers.sqlite", ready),
+        worker = spawn.Process(target=_run, args=(args, listening, scratch, ready),
                                name="recstack-serve-worker")
         worker.start()
         workers[worker.sentinel] = (worker, ready)

@@ -18,6 +18,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import hypothesis
@@ -44,14 +45,17 @@ from inference.pipeline.types import Query
 from inference.refresh.job import RefreshConfig, refresh
 from inference.service import (
     CONTROL,
+    HEALTH_WRITE_S,
     MAX_RECENT_ITEMS,
     RETIRE_CHECK_S,
     AnswerStore,
     Experiment,
+    HealthBoard,
     Limits,
     Recommender,
     Serving,
     Shadow,
+    WorkerHealth,
     create_app,
     serve_in_thread,
 )
@@ -240,7 +244,8 @@ def test_a_new_version_swaps_in_under_traffic_and_a_broken_one_is_refused(url, r
         client.join()
     statuses, versions = zip(*replies, strict=True)
     assert set(statuses) == {200} and versions[0] == "v0001" and versions[-1] == "v0002"
-    assert json.loads(call(url, "/healthz")[2]) == {"version": "v0002", "refused": {}, "degraded": None}
+    assert json.loads(call(url, "/healthz")[2]) == {"version": "v0002", "refused": {}, "degraded": None,
+                                                     "workers": None}
     assert ("recstack_requests_total", frozenset({("version", "v0002"), ("variant", "control")})) in metrics(url)
 
     artifacts = ArtifactRoot(root)
@@ -777,8 +782,15 @@ def test_two_workers_take_feedback_on_each_others_answers_sum_their_metrics_and_
         clicked, _, text = call(base, "/feedback", {"request_id": reply["request_id"], "item_id": item["item_id"]})
         return status, reply["version"], clicked, json.loads(text)["source"] == item["source"]
 
+    def workers() -> dict[str, str]:
+        """pid: version, from /healthz (whichever worker answers lists both)."""
+        return {pid: health["version"] for pid, health in json.loads(call(base, "/healthz")[2])["workers"].items()}
+
     try:
         wait_for(lambda: output.read_text().count("Application startup complete") == 2, timeout_s=600)
+        wait_for(lambda: len(workers()) == 2)
+        first = workers()
+        assert set(first.values()) == {"v0001"} and os.getpid() not in map(int, first)
         with ThreadPoolExecutor(4) as clients:
             pairs = list(clients.map(answer_and_click, range(1, 201)))
         assert pairs == [(200, "v0001", 200, True)] * 200  # every feedback found its answer
@@ -787,7 +799,8 @@ def test_two_workers_take_feedback_on_each_others_answers_sum_their_metrics_and_
         assert sum(n for (name, _), n in samples.items() if name == "recstack_source_rewards_total") == 200
 
         refresh(tiny_dataset, trained_runs["two_tower"].parent, copy, CONFIG, incremental=True)
-        wait_for(lambda: {recommend(base, user_id=7)[1]["version"] for _ in range(20)} == {"v0002"}, timeout_s=600)
+        wait_for(lambda: workers() == dict.fromkeys(first, "v0002"), timeout_s=600)  # every worker, by /healthz
+        assert {recommend(base, user_id=7)[1]["version"] for _ in range(20)} == {"v0002"}
         with ThreadPoolExecutor(4) as clients:
             assert set(clients.map(answer_and_click, range(1, 41))) == {(200, "v0002", 200, True)}
     finally:
@@ -808,3 +821,20 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_the_health_board_lists_fresh_workers_and_drops_stale_ones(tmp_path):
+    live = SimpleNamespace(version="v0002", refused={"v0003": "no store"}, state=SimpleNamespace(degraded=None))
+    board = HealthBoard(tmp_path / "health", SimpleNamespace(live=live)).start()
+    other = WorkerHealth(version="v0001", refused={}, degraded="redis is unavailable")
+    for pid, age_s in (("101", 0.0), ("102", 10 * HEALTH_WRITE_S)):  # a live worker's file, a killed one's
+        path = tmp_path / "health" / f"{pid}.json"
+        path.write_text(other.model_dump_json())
+        os.utime(path, (time.time() - age_s,) * 2)
+    (tmp_path / "health" / "103.json").write_text("{half a fi")  # caught mid-write: skipped, not fatal
+    mine = WorkerHealth(version="v0002", refused={"v0003": "no store"}, degraded=None)
+    assert board.read() == {"101": other, str(os.getpid()): mine}
+    live.version = "v0003"  # this process's entry is read as it is now
+    assert board.read()[str(os.getpid())].version == "v0003"
+    board.close()
+    assert not (tmp_path / "health" / f"{os.getpid()}.json").exists()
