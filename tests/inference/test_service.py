@@ -200,7 +200,7 @@ def test_a_version_whose_pipeline_fails_to_build_is_refused_and_its_store_closed
 
 def test_health_names_the_serving_version(url):
     status, _, text = call(url, "/healthz")
-    assert status == 200 and json.loads(text) == {"version": "v0001", "refused": {}, "degraded": None}
+    assert status == 200 and json.loads(text) == {"version": "v0001", "refused": {}, "degraded": None, "workers": None}
 
 
 def test_metrics_are_prometheus_text_and_count_requests(url):
