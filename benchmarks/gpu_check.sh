@@ -80,6 +80,9 @@ if gpu is None and sys.argv[1] == "false":
 EOF
 
 if $dry_run; then
+    # CPU time per step as RESULTS.md measures it: with two torch threads, the idle one spins
+    # through Lightning's Python between ops and its CPU time counts as Lightning's
+    export OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
     train_args=(--device cpu --steps 10 --repeats 3)
     paths_args=(--items 100000 --queries 256)
     rows_args=(--device cpu --quick --steps 3)
