@@ -8,7 +8,7 @@ one of 20 items per user) is written once, then loaded into a private redis-serv
 persistence) twice, each time into an empty server: by `load_snapshot_into_redis` (JSON built a
 column at a time with Arrow, lists packed at once, MSET commands packed as Arrow buffers and
 pipelined) and by the per-row encoding it replaced (`json.dumps` per row and `_pack_list` per
-list, redis-py's `mset`; the lists grouped by the store's current `_split_lists`). Both are read
+list, redis-py's `mset`; the lists grouped by the store's current `_list_runs`). Both are read
 back and must answer alike. Then the next version (1% of items with a new price, 0.5% new items;
 users and lists hard-linked, as an incremental refresh carries them) is loaded as a delta over
 the first, as `recstack refresh --incremental` does, and must answer as its snapshot. No pass
@@ -103,7 +103,7 @@ def timed_delta_load(snapshot: Path, following: Path, scratch: Path) -> tuple[fl
 
 def baseline_load(directory: Path, client: redis.Redis, version: str) -> None:
     """The per-row load `load_snapshot_into_redis` replaced: JSON per row, redis-py MSET of 5,000 keys."""
-    from inference.store import _key, _pack_list, _split_lists, read_lists
+    from inference.store import _key, _list_runs, _pack_list, read_lists
 
     def write(pairs) -> None:
         pairs = iter(pairs)
@@ -117,8 +117,9 @@ def baseline_load(directory: Path, client: redis.Redis, version: str) -> None:
         keys = (_key(version, kind, i) for i in ids.to_pylist())
         write((key, json.dumps(row, separators=(",", ":"))) for key, row in zip(keys, rows, strict=True))
         client.set(_key(version, "schema", kind), features.schema.serialize().to_pybytes())
-    lists = _split_lists(read_lists(directory))
-    write((_key(version, "list", name), _pack_list(*pair)) for name, pair in lists.items())
+    names, bounds, ids, scores = _list_runs(read_lists(directory))
+    write((_key(version, "list", name), _pack_list(ids[s:e], scores[s:e]))
+          for name, s, e in zip(names, bounds[:-1], bounds[1:], strict=True))
     client.set(_key(version, "complete"), 1)
 
 

@@ -433,6 +433,26 @@ def test_lists_spanning_read_chunks_or_split_between_groups_read_whole(tmp_path,
     assert store.get_list("y")[0].tolist() == [4]
 
 
+def test_each_list_is_found_by_its_own_name_alone(tmp_path, open_store):
+    """Names that prefix one another, non-ASCII ones and thousands of users' each find their own
+    rows; names of no list (a prefix of one, one longer than any) are empty."""
+    rng = np.random.default_rng(2)
+    names = ["user:1", "user:10", "user:100", "user:1000000", "similar:1", "genre:é", "popular",
+             *(f"user:{u}" for u in rng.choice(10**6, 2_000, replace=False) + 2_000_000)]
+    lengths = rng.integers(1, 6, len(names))
+    frame = pd.DataFrame({"list": np.repeat(names, lengths), "item_id": np.arange(lengths.sum()),
+                          "score": rng.random(lengths.sum()).astype(np.float32)})
+    directory = tmp_path / "named"
+    directory.mkdir()
+    write_snapshot(directory, make_users(), make_items(), {"all": frame})
+    store = open_store(directory, "named")
+    for name, rows in frame.groupby("list", sort=False):
+        ids, scores = store.get_list(name)
+        assert ids.tolist() == rows["item_id"].tolist() and scores.tolist() == rows["score"].tolist(), name
+    for unknown in ("user:", "user:1000", "user:10000000", "genre:e", "", "popular!"):
+        assert store.get_list(unknown)[0].size == 0, unknown
+
+
 def test_categorical_list_names_write_the_files_their_strings_do(tmp_path):
     """A ``list`` column of codes into names (as the refresh's pools build large groups), with
     names no row uses, writes the same files as the names as strings, in order or interleaved."""
