@@ -647,6 +647,7 @@ class HealthBoard:
     def __init__(self, directory: Path, recommender: Recommender) -> None:
         self.directory, self.recommender = Path(directory), recommender
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._path = self.directory / f"{os.getpid()}.json"  # this worker's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._write_every, name="health-board", daemon=True)
 
@@ -659,7 +660,7 @@ class HealthBoard:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
-        (self.directory / f"{os.getpid()}.json").unlink(missing_ok=True)
+        self._path.unlink(missing_ok=True)
 
     def read(self) -> dict[str, WorkerHealth]:
         """Every worker's health that is fresh, by pid; this process's as it is now."""
@@ -670,14 +671,13 @@ class HealthBoard:
                     workers[path.stem] = WorkerHealth.model_validate_json(path.read_bytes())
             except (OSError, ValueError):  # removed, or replaced while read: the next read has it
                 continue
-        workers[str(os.getpid())] = worker_health(self.recommender)
+        workers[self._path.stem] = worker_health(self.recommender)
         return workers
 
     def _write(self) -> None:
-        path = self.directory / f"{os.getpid()}.json"
-        written = path.with_suffix(".tmp")
+        written = self._path.with_suffix(".tmp")
         written.write_text(worker_health(self.recommender).model_dump_json())
-        written.replace(path)
+        written.replace(self._path)
 
     def _write_every(self) -> None:
         while not self._stop.wait(HEALTH_WRITE_S):

@@ -490,7 +490,7 @@ class _Lists:
 
     def __init__(self, lists: pa.Table) -> None:
         names, bounds, ids, scores = _list_runs(lists)
-        encoded = np.array([name.encode() for name in names], dtype=np.bytes_) if names else np.zeros(0, "S1")
+        encoded = np.array([name.encode() for name in names], dtype=np.bytes_)
         order = np.argsort(encoded, kind="stable")
         self._names, self._starts, self._ends = encoded[order], bounds[:-1][order], bounds[1:][order]
         self._ids, self._scores = _read_only(ids), _read_only(scores)
