@@ -49,6 +49,7 @@ import logging
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -157,19 +158,29 @@ def batch_loader(batches: list) -> DataLoader:
     return DataLoader([(batch,) for batch in batches], batch_size=None, collate_fn=lambda item: item)
 
 
-def train_plain(model: DLRM, batches: list[Batch], bf16: bool, tables: EmbeddingOptimizer = DENSE_ADAM) -> Timing:
-    device = batches[0].dense.device
-    optimizer = build_optimizer(model, LR, 0.0, tables)  # as RankingModule.configure_optimizers
+def plain_loop(loss_of: Callable, optimizer: torch.optim.Optimizer, batches: list, device: torch.device) -> Timing:
+    """The plain loop: for each batch as `batch_loader` yields it, ``loss_of(batch)``, zero_grad,
+    backward and step, in `LeanModule.training_step`'s order."""
     start = None
     for step, (batch,) in enumerate(batch_loader(batches)):
         if step == WARMUP_STEPS:
             start = Clock.read(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+        loss = loss_of(batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return Timing.between(start, Clock.read(device), loss.item())
+
+
+def train_plain(model: DLRM, batches: list[Batch], bf16: bool, tables: EmbeddingOptimizer = DENSE_ADAM) -> Timing:
+    device = batches[0].dense.device
+
+    def loss_of(batch: Batch) -> torch.Tensor:  # `RankingModule.training_loss`
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return F.binary_cross_entropy_with_logits(model(batch.dense, batch.sparse), batch.labels)
+
+    # the optimizer as RankingModule.configure_optimizers builds it
+    return plain_loop(loss_of, build_optimizer(model, LR, 0.0, tables), batches, device)
 
 
 class StepTimer(L.Callback):
@@ -214,6 +225,26 @@ def train_lightning(model: DLRM, batches: list[Batch], bf16: bool) -> Timing:
 LOOPS = {"plain": train_plain, "lightning": train_lightning}
 
 
+def alternate(loops: dict[str, Callable[[list], Timing]], schedule: list, repeats: int,
+              device: torch.device) -> dict[str, list[tuple[Timing, float | None]]]:
+    """Each loop once untimed on the warm-up and one step (a process's first runs are slower: heap
+    growth, lazy set-up), then ``repeats`` runs of each on ``schedule`` in alternating order, so
+    that a repeat's two runs are adjacent in time; each timing with its peak GPU GiB (None on CPU)."""
+    for run in loops.values():
+        run(schedule[: WARMUP_STEPS + 1])
+    runs: dict[str, list[tuple[Timing, float | None]]] = {name: [] for name in loops}
+    for repeat in range(repeats):
+        for name in list(loops) if repeat % 2 == 0 else list(loops)[::-1]:
+            gc.collect()  # the last run's Trainer holds its model in reference cycles
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            timing = loops[name](schedule)
+            runs[name].append((timing, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+                               else None))
+    return runs
+
+
 def compare(work: Workload, device: torch.device, steps: int, repeats: int, seed: int,
             target_ratio: float | None = None, target_extra_ms: float | None = None) -> dict:
     """Samples/s of both loops, ``repeats`` runs each in alternating order, from one set of initial
@@ -222,22 +253,13 @@ def compare(work: Workload, device: torch.device, steps: int, repeats: int, seed
     template = build_model(work, seed)
     batches = make_batches(work, seed, device)
     schedule = [batches[i % len(batches)] for i in range(WARMUP_STEPS + steps)]
-    for train in LOOPS.values():  # untimed: a process's first runs are slower (heap growth, lazy set-up)
-        train(copy.deepcopy(template).to(device), schedule[: WARMUP_STEPS + 1], work.bf16)
-    runs: dict[str, list[dict]] = {name: [] for name in LOOPS}
-    for repeat in range(repeats):
-        order = list(LOOPS) if repeat % 2 == 0 else list(LOOPS)[::-1]
-        for name in order:
-            gc.collect()  # the last run's Trainer holds its model in reference cycles
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            timing = LOOPS[name](copy.deepcopy(template).to(device), schedule, work.bf16)
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            runs[name].append({"wall_s": timing.wall_s, "cpu_s": timing.cpu_s,
-                               "samples_per_s": steps * work.batch / timing.wall_s,
-                               "samples_per_cpu_s": steps * work.batch / timing.cpu_s,
-                               "last_loss": timing.last_loss, "peak_gib": peak})
+    loops = {name: (lambda batches, train=train: train(copy.deepcopy(template).to(device), batches, work.bf16))
+             for name, train in LOOPS.items()}
+    runs = {name: [{"wall_s": timing.wall_s, "cpu_s": timing.cpu_s,
+                    "samples_per_s": steps * work.batch / timing.wall_s,
+                    "samples_per_cpu_s": steps * work.batch / timing.cpu_s,
+                    "last_loss": timing.last_loss, "peak_gib": peak} for timing, peak in timed]
+            for name, timed in alternate(loops, schedule, repeats, device).items()}
     result = {"workload": asdict(work), "device": device.type, "steps": steps, "repeats": repeats, "runs": runs}
     for name, rs in runs.items():
         result[name] = {
@@ -269,8 +291,11 @@ class OneWeight(LeanModule):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(1))
 
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.weight * x).sum()
+
     def training_loss(self, step: tuple[torch.Tensor]) -> torch.Tensor:
-        loss = (self.weight * step[0]).sum()
+        loss = self.loss(step[0])
         self.log_train_loss(loss)
         return loss
 
@@ -280,16 +305,7 @@ class OneWeight(LeanModule):
 
 def bare_plain(batches: list[torch.Tensor]) -> Timing:
     model = OneWeight()
-    optimizer = model.configure_optimizers()
-    start = None
-    for step, (x,) in enumerate(batch_loader(batches)):
-        if step == WARMUP_STEPS:
-            start = Clock.read(x.device)
-        loss = (model.weight * x).sum()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return Timing.between(start, Clock.read(x.device), loss.item())
+    return plain_loop(model.loss, model.configure_optimizers(), batches, batches[0].device)
 
 
 def bare_lightning(batches: list[torch.Tensor]) -> Timing:
@@ -300,14 +316,8 @@ def bookkeeping(steps: int, repeats: int) -> dict:
     """Lightning's extra CPU microseconds per step on `OneWeight`: the median over ``repeats``
     alternating pairs of runs."""
     batches = [torch.full((1,), 1.0 + i % 7) for i in range(WARMUP_STEPS + steps)]
-    loops = {"plain": bare_plain, "lightning": bare_lightning}
-    for train in loops.values():  # untimed, as in `compare`
-        train(batches[: WARMUP_STEPS + 1])
-    runs: dict[str, list[float]] = {name: [] for name in loops}
-    for repeat in range(repeats):
-        for name in (list(loops) if repeat % 2 == 0 else list(loops)[::-1]):
-            gc.collect()
-            runs[name].append(loops[name](batches).cpu_s * 1e6 / steps)
+    timed = alternate({"plain": bare_plain, "lightning": bare_lightning}, batches, repeats, torch.device("cpu"))
+    runs = {name: [timing.cpu_s * 1e6 / steps for timing, _ in pairs] for name, pairs in timed.items()}
     return {"steps": steps, "repeats": repeats, "runs_cpu_us": runs,
             **{f"{name}_cpu_us": statistics.median(rs) for name, rs in runs.items()},
             "extra_cpu_us": statistics.median(light - plain for plain, light in
